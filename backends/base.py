@@ -1,0 +1,260 @@
+"""What every backend shares: the launch spec, the reporter it talks back through, the job
+contract's file layout and the Backend protocol.
+
+Backends never touch the store. They are told what to run (`LaunchSpec`), and they report what
+happens through `Reporter`; the engine persists each report before it announces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
+
+
+class HealthSpec(BaseModel):
+    path: str = "/"
+    timeout_s: float = 60
+    interval_s: float = 0.2
+
+
+class LaunchSpec(BaseModel):
+    """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
+
+    entry_id: str
+    event_id: str
+    service: str
+    kind: ServiceKind
+    argv: list[str] = Field(description="command with every placeholder already filled")
+    parameters: dict[str, Any]
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources
+    health: HealthSpec | None = None
+    restart_policy: str = "never"
+    max_restarts: int = 0
+    base_path: str = Field(description="URL prefix the proxy serves this entry under")
+    image: str | None = None
+
+
+class Outcome(BaseModel):
+    """How a finished process ended, as its wrapper recorded it."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    finished_at: float | None = None
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """The engine's side of the conversation. Each call is persisted before it returns."""
+
+    async def transition(
+        self,
+        entry_id: str,
+        state: EntryState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        handle: Mapping[str, Any] | None = None,
+        endpoint: str | None = None,
+        restarts: int | None = None,
+    ) -> None: ...
+
+    async def log_grew(self, entry_id: str, size: int) -> None: ...
+
+    async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None: ...
+
+
+class LogChunk(BaseModel):
+    data: str
+    offset: int
+    next_offset: int
+    size: int
+
+
+class ResultData(BaseModel):
+    result: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = Field(default_factory=list)
+    next_record: int = 0
+    artifacts: list[str] = Field(default_factory=list)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One site's backend. All methods are async and must not block the event loop."""
+
+    name: str
+    kind: str
+
+    async def start(self, reporter: Reporter) -> None:
+        """Connect; called once before anything else."""
+
+    async def close(self) -> None:
+        """Stop watching. Running work is left running (the server may be restarting)."""
+
+    async def capabilities(self) -> Capabilities: ...
+
+    async def status(self) -> tuple[SiteStatus, str | None]: ...
+
+    async def estimate_wait(self, resources: Resources) -> float:
+        """Seconds until an entry with these resources would start, best estimate."""
+
+    async def submit(self, spec: LaunchSpec) -> None:
+        """Queue or start the entry. Transitions arrive through the reporter, beginning with
+        the first one after `pending`. Returns once the backend has taken responsibility."""
+
+    async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
+        """Stop it; the final `cancelled` arrives through the reporter. Idempotent."""
+
+    async def adopt(
+        self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
+    ) -> None:
+        """After a server restart: re-attach to an entry that was active, or report its true
+        final state (reporting `failed` with a reason when the truth cannot be known)."""
+
+    async def read_logs(
+        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
+    ) -> LogChunk: ...
+
+    async def read_results(
+        self, entry_id: str, handle: Mapping[str, Any], since_record: int
+    ) -> ResultData: ...
+
+
+# ----------------------------------------------------------------------------- job contract
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """The job contract's files for one entry, on whatever filesystem the job sees.
+
+    params.json   parameters ($SCIORCH_PARAMS)
+    result.json   final result, a JSON object ($SCIORCH_RESULT)
+    stream.jsonl  intermediate results, one JSON object a line ($SCIORCH_STREAM)
+    output/       files ($SCIORCH_OUTPUT_DIR)
+    log           stdout and stderr together
+    exit.json     written by the wrapper when the command ends
+    """
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def stream(self) -> Path:
+        return self.root / "stream.jsonl"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def exit(self) -> Path:
+        return self.root / "exit.json"
+
+    def prepare(self, parameters: Mapping[str, Any]) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        tmp = self.params.with_suffix(".tmp")
+        tmp.write_text(json.dumps(parameters))
+        os.replace(tmp, self.params)
+
+    def contract_env(self) -> dict[str, str]:
+        return {
+            "SCIORCH_PARAMS": str(self.params),
+            "SCIORCH_RESULT": str(self.result),
+            "SCIORCH_RESULTS": str(self.result),
+            "SCIORCH_STREAM": str(self.stream),
+            "SCIORCH_OUTPUT_DIR": str(self.output),
+            "SCIORCH_WORKDIR": str(self.root),
+        }
+
+    def read_logs(self, offset: int, limit: int) -> LogChunk:
+        try:
+            size = self.log.stat().st_size
+        except FileNotFoundError:
+            return LogChunk(data="", offset=offset, next_offset=offset, size=0)
+        offset = max(0, min(offset, size))
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            raw = f.read(limit)
+        # Never cut a UTF-8 character in two: hand back only whole characters.
+        cut = len(raw)
+        if cut == limit:
+            for back in range(1, min(4, cut) + 1):
+                b = raw[cut - back]
+                if b & 0xC0 == 0xC0:  # a lead byte: is its sequence complete?
+                    need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4
+                    if back < need:
+                        cut -= back
+                    break
+                if b & 0x80 == 0:
+                    break
+        raw = raw[:cut]
+        return LogChunk(
+            data=raw.decode("utf-8", errors="replace"),
+            offset=offset,
+            next_offset=offset + len(raw),
+            size=size,
+        )
+
+    def read_results(self, since_record: int) -> ResultData:
+        result: dict[str, Any] | None = None
+        if self.result.exists():
+            try:
+                loaded = json.loads(self.result.read_text() or "null")
+                result = loaded if isinstance(loaded, dict) else {"value": loaded}
+            except json.JSONDecodeError as exc:
+                result = {"error": f"result file is not valid JSON: {exc}"}
+        records = read_stream(self.stream, since_record)
+        artifacts = (
+            sorted(str(p.relative_to(self.output)) for p in self.output.rglob("*") if p.is_file())
+            if self.output.exists()
+            else []
+        )
+        return ResultData(
+            result=result,
+            records=records,
+            next_record=since_record + len(records),
+            artifacts=artifacts,
+        )
+
+    def read_outcome(self) -> Outcome | None:
+        try:
+            return Outcome.model_validate_json(self.exit.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def read_stream(path: Path, since_record: int) -> list[dict[str, Any]]:
+    """Complete JSON lines from `since_record` on; a half-written last line is left for later,
+    a line that is not a JSON object becomes {"raw": line}."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # the part after the last newline is not complete yet
+    out: list[dict[str, Any]] = []
+    for line in lines[since_record:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = {"raw": line}
+        out.append(rec if isinstance(rec, dict) else {"value": rec})
+    return out

@@ -1,0 +1,61 @@
+"""The event bus: pushes entry transitions, log growth and stream records to subscribers.
+
+In-process today. The engine only calls `publish` and `subscribe`, so a PostgreSQL LISTEN/NOTIFY
+or Redis bus can replace this one when several server replicas share one store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from orchestrator.models import Message
+
+Filter = Callable[[Message], bool]
+
+
+class Subscription:
+    def __init__(self, match: Filter, maxsize: int) -> None:
+        self.match = match
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=maxsize)
+        self.dropped = 0
+
+    async def get(self) -> Message:
+        return await self.queue.get()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.queue.get()
+
+
+class Bus:
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._subs: set[Subscription] = set()
+        self._maxsize = maxsize
+
+    def publish(self, message: Message) -> None:
+        for sub in tuple(self._subs):
+            if sub.match(message):
+                try:
+                    sub.queue.put_nowait(message)
+                except asyncio.QueueFull:
+                    # A stalled subscriber loses messages rather than stalling the engine; it
+                    # can always re-read the store, which is the truth.
+                    sub.dropped += 1
+
+    @asynccontextmanager
+    async def subscribe(self, match: Filter | None = None) -> AsyncIterator[Subscription]:
+        sub = Subscription(match or (lambda _m: True), self._maxsize)
+        self._subs.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subs.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)

@@ -1,0 +1,153 @@
+"""The catalogue: service templates loaded from YAML/TOML files and validated.
+
+Built-in templates ship in `orchestrator/templates/`; extra directories come from configuration.
+Several versions of one name may coexist; the highest version is the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Iterable
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from pydantic import ValidationError
+
+from orchestrator.errors import InvalidInput, InvalidParameters, UnknownService
+from orchestrator.models import Service, ServiceSummary
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order '1.10.0' after '1.9.2'; numeric parts compare as numbers, others as text."""
+    parts: list[tuple[int, int | str]] = []
+    for piece in version.replace("-", ".").replace("+", ".").split("."):
+        parts.append((1, int(piece)) if piece.isdigit() else (0, piece))
+    return tuple(parts)
+
+
+def load_template(path: Path) -> Service:
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"template {path}: cannot be read: {exc}", field=str(path)) from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"template {path}: expected a mapping at top level", field=str(path))
+    try:
+        service = Service.model_validate({**data, "source": str(path)})
+        jsonschema.Draft202012Validator.check_schema(service.parameters)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "template"
+        raise InvalidInput(f"template {path}: {loc}: {err['msg']}", field=loc) from exc
+    except jsonschema.SchemaError as exc:
+        raise InvalidInput(
+            f"template {path}: parameters is not a valid JSON schema: {exc.message}",
+            field="parameters",
+        ) from exc
+    return service
+
+
+def _template_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.suffix in (".yaml", ".yml", ".toml") and p.is_file()
+    )
+
+
+class Catalogue:
+    def __init__(self, services: Iterable[Service]) -> None:
+        self._by_name: dict[str, dict[str, Service]] = {}
+        for svc in services:
+            # A later directory overrides an earlier one for the same name and version.
+            self._by_name.setdefault(svc.name, {})[svc.version] = svc
+
+    @classmethod
+    def load(cls, extra_dirs: Iterable[Path] = ()) -> Catalogue:
+        builtin = importlib_resources.files("orchestrator") / "templates"
+        services = [load_template(Path(str(p))) for p in _template_files(Path(str(builtin)))]
+        for folder in extra_dirs:
+            folder = Path(folder).expanduser()
+            if not folder.is_dir():
+                raise InvalidInput(
+                    f"catalogue directory {folder} does not exist", field="catalogue_dirs"
+                )
+            services += [load_template(p) for p in _template_files(folder)]
+        return cls(services)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def get(self, name: str, version: str | None = None) -> Service:
+        if "@" in name and version is None:
+            name, version = name.split("@", 1)
+        versions = self._by_name.get(name)
+        if not versions:
+            raise UnknownService(
+                f"unknown service {name!r}; known services: {', '.join(self.names())}",
+                field="service",
+                known=self.names(),
+            )
+        if version is None:
+            return versions[max(versions, key=version_key)]
+        if version not in versions:
+            known = sorted(versions, key=version_key)
+            raise UnknownService(
+                f"service {name!r} has no version {version!r}; versions: {', '.join(known)}",
+                field="version",
+                known=known,
+            )
+        return versions[version]
+
+    def summaries(self) -> list[ServiceSummary]:
+        out = []
+        for name in self.names():
+            latest = self.get(name)
+            out.append(
+                ServiceSummary(
+                    name=name,
+                    version=latest.version,
+                    kind=latest.kind,
+                    description=latest.description,
+                    versions=sorted(self._by_name[name], key=version_key),
+                    resources=latest.resources,
+                    parameters=latest.parameters,
+                )
+            )
+        return out
+
+
+def validate_parameters(service: Service, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """Check parameters against the service's schema and fill in top-level defaults.
+
+    Raises InvalidParameters naming the failing field (as `parameters.<path>`)."""
+    params = copy.deepcopy(parameters or {})
+    if not isinstance(params, dict):
+        raise InvalidParameters("parameters must be a JSON object", field="parameters")
+    for key, prop in (service.parameters.get("properties") or {}).items():
+        if key not in params and isinstance(prop, dict) and "default" in prop:
+            params[key] = copy.deepcopy(prop["default"])
+    validator = jsonschema.Draft202012Validator(service.parameters)
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        path = ".".join(str(p) for p in err.absolute_path)
+        if err.validator == "additionalProperties":
+            known = sorted((service.parameters.get("properties") or {}).keys())
+            extra = sorted(set(err.instance) - set(known)) if isinstance(err.instance, dict) else []
+            field = f"parameters.{path + '.' if path else ''}{extra[0] if extra else ''}"
+            msg = (
+                f"{field}: not a parameter of {service.name}; known: {', '.join(known) or '(none)'}"
+            )
+        elif err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else ""
+            field = f"parameters.{path + '.' if path else ''}{missing}"
+            msg = f"{field}: required by {service.name}"
+        else:
+            field = f"parameters.{path}" if path else "parameters"
+            msg = f"{field}: {err.message}"
+        raise InvalidParameters(msg, field=field.rstrip(".").rstrip("."))
+    return params

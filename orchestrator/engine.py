@@ -1,0 +1,726 @@
+"""The engine: one entry state machine for every backend, authorisation by principal, routing,
+reconciliation at start-up, event lifetimes.
+
+Backends report through the `Reporter` methods (`transition`, `log_grew`, `stream_record`); a
+transition is written to the store before it is published on the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from backends import create_backend
+from backends.base import Backend, HealthSpec, LaunchSpec, LogChunk, ResultData
+from orchestrator.bus import Bus
+from orchestrator.catalogue import Catalogue, validate_parameters
+from orchestrator.config import Settings, load_settings
+from orchestrator.errors import (
+    Conflict,
+    InvalidInput,
+    LimitExceeded,
+    NotAllowed,
+    NotFound,
+    SciorchError,
+)
+from orchestrator.models import (
+    ACTIVE_STATES,
+    ROLE_RANK,
+    Entry,
+    EntryState,
+    Event,
+    EventState,
+    Message,
+    Principal,
+    ResourceRequest,
+    Resources,
+    Role,
+    Service,
+    ServiceSummary,
+    Site,
+    SiteStatus,
+    can_transition,
+)
+from orchestrator.routing import choose_site
+from orchestrator.store import Store, now
+
+log = logging.getLogger("sciorch.engine")
+
+OnMessage = Callable[[Message], Awaitable[None]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class _Blank(dict[str, str]):
+    """format_map values: unknown placeholders stay as they are for the backend to fill."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill_command(
+    service: Service, params: Mapping[str, Any], values: Mapping[str, str]
+) -> list[str]:
+    mapping = _Blank({k: str(v) for k, v in params.items()})
+    mapping.update(values)
+    return [arg.format_map(mapping) for arg in service.command]
+
+
+def _signing_key(folder: Path) -> bytes:
+    path = folder / "entry-tokens.key"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(secrets.token_bytes(32))
+        tmp.chmod(0o600)
+        try:
+            tmp.rename(path) if not path.exists() else tmp.unlink()
+        except FileNotFoundError:
+            pass
+    return path.read_bytes()
+
+
+def _own_home(home: Path) -> int:
+    """One engine process drives the backends of a home at a time: two would both adopt (and
+    could both start) the same queued entries. The lock dies with the process, kill -9 included."""
+    path = home / "engine.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Conflict(
+            f"another sciorch process (pid {holder}) is running on {home}; stop it, or talk to "
+            "it through its MCP endpoint, or use another SCIORCH_HOME",
+            field="SCIORCH_HOME",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        catalogue: Catalogue,
+        backends: dict[str, Backend],
+        bus: Bus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalogue = catalogue
+        self.backends = backends
+        self.bus = bus or Bus()
+        self._key = _signing_key(settings.keys_dir)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._finish_as: dict[str, tuple[EntryState, str]] = {}
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._expiry_wake = asyncio.Event()
+        self._started = False
+        self._lock_fd: int | None = None
+
+    # ================================================================ lifecycle
+
+    @classmethod
+    async def open(cls, settings: Settings | None = None) -> Engine:
+        settings = settings or load_settings()
+        lock_fd = _own_home(settings.home)
+        try:
+            catalogue = Catalogue.load(settings.catalogue_dirs)
+            backends = {s.name: create_backend(s, settings) for s in settings.sites}
+            store = await Store.open(settings.db_path)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        engine = cls(settings, store, catalogue, backends)
+        engine._lock_fd = lock_fd
+        await engine.start()
+        return engine
+
+    async def start(self) -> None:
+        for backend in self.backends.values():
+            await backend.start(self)
+        await self.reconcile()
+        self._expiry_task = asyncio.create_task(self._expiry_loop(), name="sciorch-expiry")
+        self._started = True
+
+    async def close(self) -> None:
+        if self._expiry_task:
+            self._expiry_task.cancel()
+            try:
+                await self._expiry_task
+            except asyncio.CancelledError:
+                pass
+        for backend in self.backends.values():
+            await backend.close()
+        await self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def reconcile(self) -> None:
+        """Entries that were active when the server stopped: re-adopt or record the truth."""
+        for entry in await self.store.list_entries(states=ACTIVE_STATES, limit=1_000_000):
+            backend = self.backends.get(entry.site)
+            if backend is None:
+                await self.transition(
+                    entry.id,
+                    EntryState.FAILED,
+                    reason=f"site {entry.site!r} is no longer configured; state unknown",
+                )
+                continue
+            spec = LaunchSpec.model_validate(await self.store.get_spec(entry.id))
+            try:
+                await backend.adopt(entry.id, entry.state, entry.handle, spec)
+            except Exception as exc:
+                log.exception("adopting %s failed", entry.id)
+                await self.transition(
+                    entry.id, EntryState.FAILED, reason=f"could not re-adopt after restart: {exc}"
+                )
+
+    # ================================================================ reporter (backends call)
+
+    def _lock(self, entry_id: str) -> asyncio.Lock:
+        lock = self._locks.get(entry_id)
+        if lock is None:
+            lock = self._locks[entry_id] = asyncio.Lock()
+        return lock
+
+    async def transition(
+        self,
+        entry_id: str,
+        state: EntryState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        handle: Mapping[str, Any] | None = None,
+        endpoint: str | None = None,
+        restarts: int | None = None,
+    ) -> None:
+        async with self._lock(entry_id):
+            entry = await self.store.get_entry(entry_id, transitions=False)
+            if entry is None:
+                log.warning("transition for unknown entry %s ignored", entry_id)
+                return
+            fields: dict[str, Any] = {}
+            if handle is not None:
+                fields["handle"] = {**entry.handle, **handle}
+            if endpoint is not None:
+                fields["endpoint"] = endpoint
+            if restarts is not None:
+                fields["restarts"] = restarts
+            if exit_code is not None:
+                fields["exit_code"] = exit_code
+            if state == entry.state:
+                # Same state, new facts (a new handle, a changed pending reason).
+                if reason is not None:
+                    fields["reason"] = reason
+                await self.store.update_entry_fields(entry_id, fields)
+                return
+            if not can_transition(entry.state, state):
+                log.warning(
+                    "entry %s: %s -> %s is not a transition; ignored", entry_id, entry.state, state
+                )
+                return
+            if state == EntryState.CANCELLED and entry_id in self._finish_as:
+                state, reason = self._finish_as[entry_id]
+            at = now()
+            if state in (EntryState.RUNNING,) and entry.started_at is None:
+                fields["started_at"] = at
+            if state.terminal:
+                fields["finished_at"] = at
+                self._finish_as.pop(entry_id, None)
+                backend = self.backends.get(entry.site)
+                if backend is not None and entry.kind == "job":
+                    try:
+                        data = await backend.read_results(
+                            entry_id, fields.get("handle", entry.handle), 0
+                        )
+                        if data.result is not None:
+                            fields["result"] = data.result
+                    except Exception as exc:  # the transition matters more than the result
+                        log.warning("entry %s: reading results failed: %s", entry_id, exc)
+            await self.store.apply_transition(entry_id, state, at, reason, fields)
+            if state.terminal:
+                self._locks.pop(entry_id, None)
+        self.bus.publish(
+            Message(
+                kind="transition",
+                entry_id=entry_id,
+                event_id=entry.event_id,
+                state=state,
+                reason=reason,
+                at=at,
+            )
+        )
+
+    async def log_grew(self, entry_id: str, size: int) -> None:
+        self.bus.publish(Message(kind="log", entry_id=entry_id, log_size=size, at=now()))
+
+    async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None:
+        self.bus.publish(
+            Message(kind="stream", entry_id=entry_id, record_index=index, record=record, at=now())
+        )
+
+    # ================================================================ authorisation
+
+    async def _event_for(self, principal: Principal, event_id: str, need: Role) -> Event:
+        event = await self.store.get_event(event_id)
+        role = event.role_of(principal) if event else None
+        if event is None or role is None:
+            # The same answer for "does not exist" and "not yours": ids of others stay secret.
+            raise NotFound(f"no event {event_id!r} visible to {principal.id}", field="event_id")
+        if ROLE_RANK[role] < ROLE_RANK[need]:
+            raise NotAllowed(
+                f"{principal.id} is {role.value} on event {event_id}; this needs {need.value}",
+                field="event_id",
+            )
+        return event
+
+    async def _entry_for(
+        self, principal: Principal, entry_id: str, need: Role = Role.VIEWER
+    ) -> tuple[Entry, Event]:
+        entry = await self.store.get_entry(entry_id)
+        if entry is None:
+            raise NotFound(f"no entry {entry_id!r} visible to {principal.id}", field="entry_id")
+        try:
+            event = await self._event_for(principal, entry.event_id, need)
+        except NotFound:
+            raise NotFound(
+                f"no entry {entry_id!r} visible to {principal.id}", field="entry_id"
+            ) from None
+        return entry, event
+
+    # ================================================================ services and sites
+
+    def list_services(self) -> list[ServiceSummary]:
+        return self.catalogue.summaries()
+
+    def get_service(self, name: str, version: str | None = None) -> Service:
+        return self.catalogue.get(name, version)
+
+    async def list_sites(self) -> list[Site]:
+        out = []
+        active = await self.store.list_entries(states=ACTIVE_STATES, limit=1_000_000)
+        for name, backend in self.backends.items():
+            cfg = self.settings.site(name)
+            status, why = await backend.status()
+            if cfg is not None and cfg.maintenance:
+                status, why = SiteStatus.MAINTENANCE, "marked in maintenance by configuration"
+            caps = await backend.capabilities()
+            out.append(
+                Site(
+                    name=name,
+                    kind=backend.kind,
+                    status=status,
+                    status_reason=why,
+                    capabilities=caps,
+                    estimated_wait_s=await backend.estimate_wait(Resources()),
+                    active_entries=sum(1 for e in active if e.site == name),
+                )
+            )
+        return out
+
+    # ================================================================ events
+
+    async def create_event(
+        self,
+        principal: Principal,
+        name: str | None = None,
+        site: str | None = None,
+        ttl_s: int | None = None,
+        *,
+        default: bool = False,
+    ) -> Event:
+        if site is not None and site not in self.backends:
+            raise InvalidInput(
+                f"unknown site {site!r}; sites: {', '.join(self.backends)}", field="site"
+            )
+        if ttl_s is not None and ttl_s <= 0:
+            raise InvalidInput("ttl_seconds must be positive", field="ttl_seconds")
+        ttl = ttl_s if ttl_s is not None else self.settings.event_ttl_s
+        at = now()
+        event = Event(
+            id=new_id("evt"),
+            name=name or ("default" if default else f"event-{at:%Y%m%d-%H%M%S}"),
+            owner=principal.id,
+            site=site,
+            created_at=at,
+            expires_at=at + timedelta(seconds=ttl) if ttl else None,
+            default=default,
+        )
+        await self.store.insert_event(event)
+        if event.expires_at:
+            self._expiry_wake.set()
+        self.bus.publish(Message(kind="event", event_id=event.id, at=at))
+        return event
+
+    async def get_event(self, principal: Principal, event_id: str) -> Event:
+        return await self._event_for(principal, event_id, Role.VIEWER)
+
+    async def list_events(
+        self, principal: Principal, include_inactive: bool = False
+    ) -> list[Event]:
+        return await self.store.list_events(
+            None if principal.admin else principal.id, include_inactive
+        )
+
+    async def _default_event(self, principal: Principal) -> Event:
+        event = await self.store.default_event(principal.id)
+        if event is not None:
+            return event
+        try:
+            return await self.create_event(principal, default=True)
+        except sqlite3.IntegrityError:  # created concurrently by another call
+            event = await self.store.default_event(principal.id)
+            assert event is not None
+            return event
+
+    async def stop_event(self, principal: Principal, event_id: str) -> Event:
+        """Stop every entry of the event and close it. Idempotent."""
+        event = await self._event_for(principal, event_id, Role.OWNER)
+        if event.state == EventState.ACTIVE:
+            await self._end_event(event, EventState.STOPPED, EntryState.CANCELLED, "event stopped")
+        return await self._event_for(principal, event_id, Role.VIEWER)
+
+    async def _end_event(
+        self, event: Event, state: EventState, entry_state: EntryState, reason: str
+    ) -> None:
+        await self.store.set_event_state(event.id, state, now())
+        entries = await self.store.list_entries(
+            event_ids=[event.id], states=ACTIVE_STATES, limit=1_000_000
+        )
+        await asyncio.gather(*(self._stop_entry(e, entry_state, reason) for e in entries))
+        self.bus.publish(Message(kind="event", event_id=event.id, at=now()))
+
+    async def share_event(
+        self, principal: Principal, event_id: str, with_principal: str, role: Role | None
+    ) -> Event:
+        """Grant `role` (viewer or operator) to another principal, or revoke with None.
+        Idempotent: granting the role it already has changes nothing."""
+        event = await self._event_for(principal, event_id, Role.OWNER)
+        if role == Role.OWNER:
+            raise InvalidInput("role must be viewer or operator", field="role")
+        if with_principal == event.owner:
+            raise InvalidInput("the owner already has every right", field="principal")
+        await self.store.set_share(event_id, with_principal, role)
+        return await self._event_for(principal, event_id, Role.VIEWER)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            self._expiry_wake.clear()
+            nxt = await self.store.next_expiry()
+            delay = 3600.0 if nxt is None else (nxt[1] - now()).total_seconds()
+            if nxt is not None and delay <= 0:
+                event = await self.store.get_event(nxt[0])
+                if event is not None:
+                    await self._end_event(
+                        event, EventState.EXPIRED, EntryState.EXPIRED, "event lifetime ended"
+                    )
+                continue
+            try:
+                await asyncio.wait_for(self._expiry_wake.wait(), timeout=min(delay, 3600.0))
+            except TimeoutError:
+                pass
+
+    # ================================================================ entries
+
+    async def launch(
+        self,
+        principal: Principal,
+        service: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        event_id: str | None = None,
+        site: str | None = None,
+        resources: ResourceRequest | None = None,
+        idempotency_key: str | None = None,
+        kind: str | None = None,
+        version: str | None = None,
+    ) -> Entry:
+        """Validate, route, record and hand the entry to a backend."""
+        svc = self.catalogue.get(service, version)
+        if kind is not None and svc.kind != kind:
+            hint = "launch_service" if svc.kind == "service" else "submit_job"
+            raise InvalidInput(
+                f"{svc.name} is a {svc.kind}, not a {kind}; use {hint}", field="service"
+            )
+        params = validate_parameters(svc, parameters)
+        res = (resources or ResourceRequest()).apply_to(svc.resources)
+        event = (
+            await self._event_for(principal, event_id, Role.OPERATOR)
+            if event_id
+            else await self._default_event(principal)
+        )
+        if event.state != EventState.ACTIVE:
+            raise Conflict(f"event {event.id} is {event.state.value}", field="event_id")
+        request_hash = hashlib.sha256(
+            json.dumps(
+                [svc.ref, params, event.id, site, res.model_dump()], sort_keys=True, default=str
+            ).encode()
+        ).hexdigest()
+        if idempotency_key is not None:
+            found = await self.store.find_idempotent(principal.id, idempotency_key)
+            if found is not None:
+                if found[1] != request_hash:
+                    raise Conflict(
+                        f"idempotency_key {idempotency_key!r} was already used for a different "
+                        "request",
+                        field="idempotency_key",
+                    )
+                return (await self._entry_for(principal, found[0]))[0]
+        if svc.limits.max_concurrent is not None:
+            active = await self.store.count_active(principal.id, svc.name)
+            if active >= svc.limits.max_concurrent:
+                raise LimitExceeded(
+                    f"{principal.id} already has {active} active {svc.name} entries; the limit "
+                    f"is {svc.limits.max_concurrent}",
+                    field="service",
+                )
+        maintenance = {s.name: s.maintenance for s in self.settings.sites}
+        chosen = await choose_site(self.backends, maintenance, res, svc.kind, site or event.site)
+        entry_id = new_id("ent")
+        base_path = f"/entries/{entry_id}/"
+        argv = fill_command(
+            svc,
+            params,
+            {"python": sys.executable, "entry_id": entry_id, "base_path": base_path},
+        )
+        spec = LaunchSpec(
+            entry_id=entry_id,
+            event_id=event.id,
+            service=svc.name,
+            kind=svc.kind,
+            argv=argv,
+            parameters=params,
+            env=dict(svc.env),
+            resources=res,
+            health=HealthSpec.model_validate(svc.health.model_dump()) if svc.health else None,
+            restart_policy=svc.restart.policy,
+            max_restarts=svc.restart.max_restarts,
+            base_path=base_path,
+            image=svc.image,
+        )
+        at = now()
+        entry = Entry(
+            id=entry_id,
+            event_id=event.id,
+            service=svc.name,
+            version=svc.version,
+            kind=svc.kind,
+            site=chosen,
+            submitted_by=principal.id,
+            state=EntryState.PENDING,
+            parameters=params,
+            resources=res,
+            created_at=at,
+            updated_at=at,
+            url=self.settings.public_url.rstrip("/") + base_path if svc.kind == "service" else None,
+            idempotency_key=idempotency_key,
+        )
+        try:
+            await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
+        except sqlite3.IntegrityError:
+            # The same idempotency key raced in from a concurrent call.
+            if idempotency_key is None:
+                raise
+            found = await self.store.find_idempotent(principal.id, idempotency_key)
+            assert found is not None
+            return (await self._entry_for(principal, found[0]))[0]
+        self.bus.publish(
+            Message(
+                kind="transition",
+                entry_id=entry_id,
+                event_id=event.id,
+                state=EntryState.PENDING,
+                at=at,
+            )
+        )
+        try:
+            await self.backends[chosen].submit(spec)
+        except SciorchError as exc:
+            await self.transition(entry_id, EntryState.FAILED, reason=exc.message)
+            raise
+        except Exception as exc:
+            await self.transition(entry_id, EntryState.FAILED, reason=f"backend error: {exc}")
+            raise
+        return await self.get_entry(principal, entry_id)
+
+    def access_token(self, principal: Principal, entry_id: str) -> str:
+        exp = now() + timedelta(seconds=self.settings.entry_token_ttl_s)
+        return jwt.encode(
+            {"sub": principal.id, "ent": entry_id, "exp": exp, "adm": principal.admin},
+            self._key,
+            algorithm="HS256",
+        )
+
+    async def authorize_proxy(self, token: str, entry_id: str) -> Entry:
+        """The proxy's check: a valid token for this entry whose holder may still see it."""
+        try:
+            claims = jwt.decode(token, self._key, algorithms=["HS256"])
+        except jwt.PyJWTError as exc:
+            raise NotAllowed(f"entry token rejected: {exc}") from exc
+        if claims.get("ent") != entry_id:
+            raise NotAllowed("entry token is for another entry")
+        principal = Principal(id=str(claims["sub"]), admin=bool(claims.get("adm")))
+        entry, _event = await self._entry_for(principal, entry_id, Role.VIEWER)
+        return entry
+
+    async def get_entry(self, principal: Principal, entry_id: str) -> Entry:
+        entry, _ = await self._entry_for(principal, entry_id)
+        return entry
+
+    async def list_entries(
+        self,
+        principal: Principal,
+        event_id: str | None = None,
+        states: list[EntryState] | None = None,
+        service: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Entry], str | None]:
+        if not 1 <= limit <= 1000:
+            raise InvalidInput("limit must be between 1 and 1000", field="limit")
+        if event_id is not None:
+            event_ids = [(await self._event_for(principal, event_id, Role.VIEWER)).id]
+        else:
+            event_ids = [
+                e.id
+                for e in await self.store.list_events(
+                    None if principal.admin else principal.id, include_inactive=True
+                )
+            ]
+        after = None
+        if cursor:
+            try:
+                created, eid = json.loads(bytes.fromhex(cursor))
+                after = (str(created), str(eid))
+            except (ValueError, TypeError) as exc:
+                raise InvalidInput("cursor is not one this server issued", field="cursor") from exc
+        page = await self.store.list_entries(
+            event_ids=event_ids, states=states, service=service, limit=limit + 1, after=after
+        )
+        nxt = None
+        if len(page) > limit:
+            page = page[:limit]
+            last = page[-1]
+            nxt = json.dumps([last.created_at.isoformat(), last.id]).encode().hex()
+        return page, nxt
+
+    async def wait_entry(
+        self,
+        principal: Principal,
+        entry_id: str,
+        timeout_s: float | None = None,
+        on_message: OnMessage | None = None,
+        until: str = "auto",
+    ) -> tuple[Entry, bool]:
+        """Wait until the entry is finished (jobs) or ready/finished (services, `until=auto`).
+        Returns (entry, timed_out). `on_message` gets transitions and stream records."""
+        if until not in ("auto", "ready", "finished"):
+            raise InvalidInput("until must be auto, ready or finished", field="until")
+        entry, _ = await self._entry_for(principal, entry_id)
+
+        def done(state: EntryState, kind: str) -> bool:
+            if state.terminal:
+                return True
+            wants_ready = until == "ready" or (until == "auto" and kind == "service")
+            return wants_ready and state == EntryState.READY
+
+        async with self.bus.subscribe(lambda m: m.entry_id == entry_id) as sub:
+            entry = await self.get_entry(principal, entry_id)  # after subscribing: no gap
+            if done(entry.state, entry.kind):
+                return entry, False
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout_s is None else loop.time() + timeout_s
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return await self.get_entry(principal, entry_id), True
+                try:
+                    msg = await asyncio.wait_for(sub.get(), timeout=remaining)
+                except TimeoutError:
+                    return await self.get_entry(principal, entry_id), True
+                if on_message is not None and msg.kind in ("transition", "stream"):
+                    await on_message(msg)
+                if (
+                    msg.kind == "transition"
+                    and msg.state is not None
+                    and done(msg.state, entry.kind)
+                ):
+                    return await self.get_entry(principal, entry_id), False
+
+    async def read_logs(
+        self, principal: Principal, entry_id: str, offset: int = 0, limit: int = 65536
+    ) -> LogChunk:
+        if offset < 0:
+            raise InvalidInput("offset must be >= 0", field="offset")
+        if not 1 <= limit <= 1_048_576:
+            raise InvalidInput("limit must be between 1 and 1048576 bytes", field="limit")
+        entry, _ = await self._entry_for(principal, entry_id)
+        return await self.backends[entry.site].read_logs(entry.id, entry.handle, offset, limit)
+
+    async def read_results(
+        self, principal: Principal, entry_id: str, since_record: int = 0
+    ) -> tuple[Entry, ResultData]:
+        if since_record < 0:
+            raise InvalidInput("since_record must be >= 0", field="since_record")
+        entry, _ = await self._entry_for(principal, entry_id)
+        backend = self.backends.get(entry.site)
+        data = (
+            await backend.read_results(entry.id, entry.handle, since_record)
+            if backend
+            else ResultData()
+        )
+        if entry.result is not None:
+            data.result = entry.result
+        return entry, data
+
+    async def cancel(self, principal: Principal, entry_id: str, wait_s: float = 10.0) -> Entry:
+        """Cancel an entry. Idempotent: a finished entry is returned unchanged."""
+        entry, _ = await self._entry_for(principal, entry_id, Role.OPERATOR)
+        if entry.state.terminal:
+            return entry
+        async with self.bus.subscribe(
+            lambda m: m.entry_id == entry_id and m.kind == "transition"
+        ) as sub:
+            await self._stop_entry(entry, EntryState.CANCELLED, "cancelled by " + principal.id)
+            try:
+                async with asyncio.timeout(wait_s):
+                    while not (await self.store.get_entry(entry_id, False) or entry).state.terminal:
+                        await sub.get()
+            except TimeoutError:
+                pass
+        return await self.get_entry(principal, entry_id)
+
+    async def _stop_entry(self, entry: Entry, final: EntryState, reason: str) -> None:
+        # Backends only know "cancelled"; remember what this stop really is (and why).
+        self._finish_as[entry.id] = (final, reason)
+        backend = self.backends.get(entry.site)
+        if backend is None:
+            await self.transition(entry.id, final, reason=reason)
+            return
+        await backend.cancel(entry.id, entry.handle)

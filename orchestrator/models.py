@@ -1,0 +1,413 @@
+"""The domain model: Service (a template), Event (an allocation), Entry (a live instance), Site.
+
+Every boundary of sciorch speaks these pydantic models; the store persists them and the tools
+return them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ----------------------------------------------------------------------------- states
+
+
+class EntryState(StrEnum):
+    PENDING = "pending"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    READY = "ready"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {EntryState.SUCCEEDED, EntryState.FAILED, EntryState.CANCELLED, EntryState.EXPIRED}
+)
+ACTIVE_STATES = frozenset(set(EntryState) - TERMINAL_STATES)
+
+_FINISH = {EntryState.SUCCEEDED, EntryState.FAILED, EntryState.CANCELLED, EntryState.EXPIRED}
+
+# The one state machine every backend reports into. `provisioning` may be re-entered from
+# running/ready when a crashed service is restarted by its policy.
+ALLOWED_TRANSITIONS: dict[EntryState, frozenset[EntryState]] = {
+    EntryState.PENDING: frozenset({EntryState.PROVISIONING, EntryState.RUNNING} | _FINISH),
+    EntryState.PROVISIONING: frozenset({EntryState.RUNNING, EntryState.PENDING} | _FINISH),
+    EntryState.RUNNING: frozenset({EntryState.READY, EntryState.PROVISIONING} | _FINISH),
+    EntryState.READY: frozenset({EntryState.RUNNING, EntryState.PROVISIONING} | _FINISH),
+    EntryState.SUCCEEDED: frozenset(),
+    EntryState.FAILED: frozenset(),
+    EntryState.CANCELLED: frozenset(),
+    EntryState.EXPIRED: frozenset(),
+}
+
+
+def can_transition(old: EntryState, new: EntryState) -> bool:
+    return new in ALLOWED_TRANSITIONS[old]
+
+
+# ----------------------------------------------------------------------------- quantities
+
+_MEM_UNITS = {
+    "": 1 / (1024 * 1024),
+    "k": 1 / 1024,
+    "ki": 1 / 1024,
+    "kb": 1 / 1024,
+    "m": 1,
+    "mi": 1,
+    "mb": 1,
+    "g": 1024,
+    "gi": 1024,
+    "gb": 1024,
+    "t": 1024 * 1024,
+    "ti": 1024 * 1024,
+    "tb": 1024 * 1024,
+}
+
+
+def parse_memory_mb(value: int | float | str) -> int:
+    """'512Mi', '4G', '2gb' or a number of MiB -> MiB."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be a size such as '512Mi' or '4Gi'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("memory must not be negative")
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _MEM_UNITS:
+        raise ValueError(f"memory {value!r} is not a size such as '512Mi', '4Gi' or 2048 (MiB)")
+    return max(0, int(float(m.group(1)) * _MEM_UNITS[m.group(2).lower()]))
+
+
+def parse_duration_s(value: int | float | str) -> int:
+    """'01:30:00', '2-00:00:00', '90m', '30s', '2h' or seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("duration must be seconds or a string such as '01:00:00' or '30m'")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("duration must be positive")
+        return int(value)
+    v = value.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", v)
+    if m:
+        return int(float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", v)
+    if m:
+        days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+        total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+        if total > 0:
+            return total
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise ValueError(
+        f"duration {value!r} is not seconds or 'HH:MM:SS', '[D-]HH:MM:SS', '30m', '2h'"
+    )
+
+
+def format_duration(seconds: int) -> str:
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:02d}:{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+class Resources(BaseModel):
+    """What one entry needs. Memory in MiB, walltime in seconds (strings like '4Gi'/'01:00:00'
+    are accepted on input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = Field(1, gt=0, le=4096, description="CPU cores")
+    memory_mb: int = Field(512, ge=0, description="memory in MiB ('4Gi' accepted)")
+    gpus: int = Field(0, ge=0, le=64, description="whole GPUs")
+    gpu_type: str | None = Field(None, description="GPU model, e.g. 'a100'; any if unset")
+    walltime_s: int = Field(3600, gt=0, description="time limit in seconds ('01:00:00' accepted)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if "memory" in data:
+                data["memory_mb"] = parse_memory_mb(data.pop("memory"))
+            if "walltime" in data:
+                data["walltime_s"] = parse_duration_s(data.pop("walltime"))
+        return data
+
+
+class ResourceRequest(BaseModel):
+    """A partial override of a template's resources, as a caller sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(None, gt=0, le=4096)
+    memory_mb: int | None = Field(None, ge=0)
+    gpus: int | None = Field(None, ge=0, le=64)
+    gpu_type: str | None = None
+    walltime_s: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return Resources._aliases(data)
+
+    def apply_to(self, base: Resources) -> Resources:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+# ----------------------------------------------------------------------------- services
+
+
+ServiceKind = Literal["job", "service"]
+RESERVED_PLACEHOLDERS = frozenset(
+    {
+        "python",
+        "port",
+        "base_path",
+        "entry_id",
+        "workdir",
+        "params_file",
+        "result_file",
+        "stream_file",
+        "output_dir",
+    }
+)
+
+
+class HealthCheck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field("/", description="HTTP path answered with 2xx/3xx once the service is up")
+    timeout_s: float = Field(60, gt=0, description="give up (entry fails) after this long")
+    interval_s: float = Field(0.2, gt=0)
+
+
+class RestartPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["never", "on-failure"] = "never"
+    max_restarts: int = Field(3, ge=0, le=100)
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrent: int | None = Field(
+        None, ge=1, description="active entries of this service one principal may hold at once"
+    )
+
+
+class Service(BaseModel):
+    """A catalogue template: the static blueprint of a job or a long-running service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    version: str = Field("1.0.0", pattern=r"^[0-9A-Za-z.+-]+$")
+    kind: ServiceKind
+    description: str = ""
+    command: list[str] = Field(
+        min_length=1,
+        description="argv template; {param} and reserved placeholders such as {python}, {port}",
+    )
+    image: str | None = Field(None, description="container image for sites that run images")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False},
+        description="JSON schema of the parameters",
+    )
+    resources: Resources = Field(default_factory=Resources)
+    health: HealthCheck | None = None
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    limits: Limits = Field(default_factory=Limits)
+    results: dict[str, Any] | None = Field(None, description="JSON schema of the final result")
+    strip_prefix: bool = Field(
+        True, description="services: the proxy strips /entries/<id> before forwarding"
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    source: str | None = Field(None, description="file the template was loaded from")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        import shlex
+
+        if isinstance(v, str):
+            return shlex.split(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Service:
+        if self.kind == "service" and self.health is None:
+            self.health = HealthCheck()
+        if self.parameters.get("type", "object") != "object":
+            raise ValueError("parameters: the schema's type must be 'object'")
+        props = self.parameters.get("properties", {}) or {}
+        clash = RESERVED_PLACEHOLDERS & set(props)
+        if clash:
+            raise ValueError(f"parameters: names {sorted(clash)} are reserved placeholders")
+        import string
+
+        known = RESERVED_PLACEHOLDERS | set(props)
+        for arg in self.command:
+            for _, field, _, _ in string.Formatter().parse(arg):
+                if field is not None and field.split(".")[0].split("[")[0] not in known:
+                    raise ValueError(
+                        f"command: placeholder {{{field}}} is neither a parameter nor one of "
+                        f"{sorted(RESERVED_PLACEHOLDERS)}"
+                    )
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class ServiceSummary(BaseModel):
+    name: str
+    version: str
+    kind: ServiceKind
+    description: str
+    versions: list[str]
+    resources: Resources
+    parameters: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- principals
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    OWNER = "owner"
+
+
+ROLE_RANK = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.OWNER: 3}
+
+
+class Principal(BaseModel):
+    """Who is calling. `admin` sees everything (granted by the `admin` scope over MCP)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    admin: bool = False
+
+
+# ----------------------------------------------------------------------------- events
+
+
+class EventState(StrEnum):
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    EXPIRED = "expired"
+
+
+class Event(BaseModel):
+    id: str
+    name: str
+    owner: str
+    site: str | None = None
+    state: EventState = EventState.ACTIVE
+    created_at: datetime
+    expires_at: datetime | None = None
+    stopped_at: datetime | None = None
+    shares: dict[str, Role] = Field(default_factory=dict)
+    default: bool = False
+
+    def role_of(self, principal: Principal) -> Role | None:
+        if principal.admin or principal.id == self.owner:
+            return Role.OWNER
+        return self.shares.get(principal.id)
+
+
+# ----------------------------------------------------------------------------- entries
+
+
+class Transition(BaseModel):
+    state: EntryState
+    at: datetime
+    reason: str | None = None
+
+
+class Entry(BaseModel):
+    id: str
+    event_id: str
+    service: str
+    version: str
+    kind: ServiceKind
+    site: str
+    submitted_by: str
+    state: EntryState
+    reason: str | None = Field(None, description="why it is in its state (pending reason, error)")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    url: str | None = Field(None, description="per-entry URL through the server's proxy")
+    endpoint: str | None = Field(None, description="internal upstream address of a service")
+    handle: dict[str, Any] = Field(default_factory=dict, description="backend handle")
+    idempotency_key: str | None = None
+    restarts: int = 0
+    result: dict[str, Any] | None = None
+    transitions: list[Transition] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+class SiteStatus(StrEnum):
+    UP = "up"
+    DEGRADED = "degraded"
+    MAINTENANCE = "maintenance"
+    DOWN = "down"
+
+
+class Capabilities(BaseModel):
+    cpus: float
+    memory_mb: int
+    gpus: int = 0
+    gpu_types: list[str] = Field(default_factory=list)
+    max_walltime_s: int | None = None
+    kinds: list[ServiceKind] = Field(default_factory=lambda: ["job", "service"])
+
+
+class Site(BaseModel):
+    name: str
+    kind: str
+    status: SiteStatus
+    status_reason: str | None = None
+    capabilities: Capabilities
+    estimated_wait_s: float | None = None
+    active_entries: int = 0
+
+
+# ----------------------------------------------------------------------------- bus messages
+
+
+class Message(BaseModel):
+    """What the event bus carries. `kind` says which fields are set."""
+
+    kind: Literal["transition", "log", "stream", "event"]
+    entry_id: str | None = None
+    event_id: str | None = None
+    state: EntryState | None = None
+    reason: str | None = None
+    log_size: int | None = None
+    record: dict[str, Any] | None = None
+    record_index: int | None = None
+    at: datetime

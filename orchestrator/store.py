@@ -1,0 +1,410 @@
+"""The store: the source of truth for events, shares, entries and their transitions.
+
+SQLite by default (WAL, one connection per process). Schema changes are numbered SQL files in
+`migrations/`, applied in order at open; `PRAGMA user_version` remembers the last one applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from orchestrator.models import (
+    ACTIVE_STATES,
+    Entry,
+    EntryState,
+    Event,
+    EventState,
+    Resources,
+    Role,
+    Transition,
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def migrations() -> list[tuple[int, str]]:
+    folder = importlib_resources.files("orchestrator") / "migrations"
+    out = []
+    for item in folder.iterdir():
+        if item.name.endswith(".sql"):
+            out.append((int(item.name.split("_", 1)[0]), item.read_text()))
+    return sorted(out)
+
+
+_ENTRY_COLS = (
+    "id, event_id, service, version, kind, site, submitted_by, state, reason, parameters, "
+    "resources, created_at, updated_at, started_at, finished_at, exit_code, url, endpoint, "
+    "handle, idempotency_key, restarts, result"
+)
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        # One connection is shared by every coroutine: writes take turns so that one
+        # coroutine's transaction never swallows another's statements.
+        self._lock = asyncio.Lock()
+
+    async def _write(self, sql: str, args: Sequence[Any]) -> None:
+        async with self._lock:
+            await self._db.execute(sql, args)
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        store = cls(db)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        for version, sql in migrations():
+            if version <= current:
+                continue
+            await self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
+            )
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------------ events
+
+    async def insert_event(self, event: Event) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO events (id, name, owner, site, state, created_at, expires_at, "
+                "stopped_at, is_default) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    event.id,
+                    event.name,
+                    event.owner,
+                    event.site,
+                    event.state.value,
+                    _ts(event.created_at),
+                    _ts(event.expires_at),
+                    _ts(event.stopped_at),
+                    int(event.default),
+                ),
+            )
+
+    def _event(self, row: aiosqlite.Row, shares: dict[str, Role]) -> Event:
+        return Event(
+            id=row["id"],
+            name=row["name"],
+            owner=row["owner"],
+            site=row["site"],
+            state=EventState(row["state"]),
+            created_at=_dt(row["created_at"]),
+            expires_at=_dt(row["expires_at"]),
+            stopped_at=_dt(row["stopped_at"]),
+            shares=shares,
+            default=bool(row["is_default"]),
+        )
+
+    async def _shares(self, event_ids: Sequence[str]) -> dict[str, dict[str, Role]]:
+        out: dict[str, dict[str, Role]] = {eid: {} for eid in event_ids}
+        if not event_ids:
+            return out
+        marks = ",".join("?" * len(event_ids))
+        async with self._db.execute(
+            f"SELECT event_id, principal, role FROM shares WHERE event_id IN ({marks})",
+            tuple(event_ids),
+        ) as cur:
+            async for row in cur:
+                out[row["event_id"]][row["principal"]] = Role(row["role"])
+        return out
+
+    async def get_event(self, event_id: str) -> Event | None:
+        async with self._db.execute("SELECT * FROM events WHERE id = ?", (event_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return self._event(row, (await self._shares([event_id]))[event_id])
+
+    async def default_event(self, owner: str) -> Event | None:
+        async with self._db.execute(
+            "SELECT id FROM events WHERE owner = ? AND is_default = 1 AND state = 'active'",
+            (owner,),
+        ) as cur:
+            row = await cur.fetchone()
+        return await self.get_event(row["id"]) if row else None
+
+    async def list_events(
+        self, principal: str | None, include_inactive: bool = False
+    ) -> list[Event]:
+        """Events `principal` owns or has a share in (all events if principal is None)."""
+        where, args = [], []
+        if principal is not None:
+            where.append("(owner = ? OR id IN (SELECT event_id FROM shares WHERE principal = ?))")
+            args += [principal, principal]
+        if not include_inactive:
+            where.append("state = 'active'")
+        sql = "SELECT * FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at"
+        async with self._db.execute(sql, args) as cur:
+            rows = list(await cur.fetchall())
+        shares = await self._shares([r["id"] for r in rows])
+        return [self._event(r, shares[r["id"]]) for r in rows]
+
+    async def set_event_state(self, event_id: str, state: EventState, at: datetime) -> None:
+        await self._write(
+            "UPDATE events SET state = ?, stopped_at = ? WHERE id = ? AND state = 'active'",
+            (state.value, _ts(at), event_id),
+        )
+
+    async def set_share(self, event_id: str, principal: str, role: Role | None) -> None:
+        if role is None:
+            await self._write(
+                "DELETE FROM shares WHERE event_id = ? AND principal = ?", (event_id, principal)
+            )
+        else:
+            await self._write(
+                "INSERT INTO shares (event_id, principal, role) VALUES (?,?,?) "
+                "ON CONFLICT(event_id, principal) DO UPDATE SET role = excluded.role",
+                (event_id, principal, role.value),
+            )
+
+    async def next_expiry(self) -> tuple[str, datetime] | None:
+        async with self._db.execute(
+            "SELECT id, expires_at FROM events WHERE state = 'active' AND expires_at IS NOT NULL "
+            "ORDER BY expires_at LIMIT 1"
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        at = _dt(row["expires_at"])
+        assert at is not None
+        return row["id"], at
+
+    # ------------------------------------------------------------------ entries
+
+    async def insert_entry(
+        self, entry: Entry, spec: dict[str, Any], request_hash: str | None
+    ) -> None:
+        """Insert the entry with its first transition, in one transaction."""
+        async with self._tx() as db:
+            await db.execute(
+                f"INSERT INTO entries ({_ENTRY_COLS}, request_hash, spec) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    entry.id,
+                    entry.event_id,
+                    entry.service,
+                    entry.version,
+                    entry.kind,
+                    entry.site,
+                    entry.submitted_by,
+                    entry.state.value,
+                    entry.reason,
+                    json.dumps(entry.parameters),
+                    entry.resources.model_dump_json(),
+                    _ts(entry.created_at),
+                    _ts(entry.updated_at),
+                    None,
+                    None,
+                    None,
+                    entry.url,
+                    None,
+                    json.dumps(entry.handle),
+                    entry.idempotency_key,
+                    0,
+                    None,
+                    request_hash,
+                    json.dumps(spec),
+                ),
+            )
+            await db.execute(
+                "INSERT INTO transitions (entry_id, state, at, reason) VALUES (?,?,?,?)",
+                (entry.id, entry.state.value, _ts(entry.created_at), entry.reason),
+            )
+
+    def _entry(self, row: aiosqlite.Row, transitions: list[Transition] | None) -> Entry:
+        return Entry(
+            id=row["id"],
+            event_id=row["event_id"],
+            service=row["service"],
+            version=row["version"],
+            kind=row["kind"],
+            site=row["site"],
+            submitted_by=row["submitted_by"],
+            state=EntryState(row["state"]),
+            reason=row["reason"],
+            parameters=json.loads(row["parameters"]),
+            resources=Resources.model_validate_json(row["resources"]),
+            created_at=_dt(row["created_at"]),
+            updated_at=_dt(row["updated_at"]),
+            started_at=_dt(row["started_at"]),
+            finished_at=_dt(row["finished_at"]),
+            exit_code=row["exit_code"],
+            url=row["url"],
+            endpoint=row["endpoint"],
+            handle=json.loads(row["handle"]),
+            idempotency_key=row["idempotency_key"],
+            restarts=row["restarts"],
+            result=json.loads(row["result"]) if row["result"] else None,
+            transitions=transitions or [],
+        )
+
+    async def get_entry(self, entry_id: str, transitions: bool = True) -> Entry | None:
+        async with self._db.execute(
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?", (entry_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        trs: list[Transition] | None = None
+        if transitions:
+            async with self._db.execute(
+                "SELECT state, at, reason FROM transitions WHERE entry_id = ? ORDER BY seq",
+                (entry_id,),
+            ) as cur:
+                trs = [
+                    Transition(state=EntryState(r["state"]), at=_dt(r["at"]), reason=r["reason"])
+                    async for r in cur
+                ]
+        return self._entry(row, trs)
+
+    async def get_spec(self, entry_id: str) -> dict[str, Any]:
+        async with self._db.execute("SELECT spec FROM entries WHERE id = ?", (entry_id,)) as cur:
+            row = await cur.fetchone()
+        return dict(json.loads(row["spec"])) if row else {}
+
+    async def find_idempotent(self, principal: str, key: str) -> tuple[str, str | None] | None:
+        async with self._db.execute(
+            "SELECT id, request_hash FROM entries WHERE submitted_by = ? AND idempotency_key = ?",
+            (principal, key),
+        ) as cur:
+            row = await cur.fetchone()
+        return (row["id"], row["request_hash"]) if row else None
+
+    async def list_entries(
+        self,
+        event_ids: Iterable[str] | None = None,
+        states: Iterable[EntryState] | None = None,
+        service: str | None = None,
+        submitted_by: str | None = None,
+        limit: int = 100,
+        after: tuple[str, str] | None = None,
+    ) -> list[Entry]:
+        """Newest-last pages; `after` is the (created_at, id) of the last entry already seen."""
+        where: list[str] = []
+        args: list[Any] = []
+        if event_ids is not None:
+            ids = list(event_ids)
+            if not ids:
+                return []
+            where.append(f"event_id IN ({','.join('?' * len(ids))})")
+            args += ids
+        if states is not None:
+            sts = [s.value for s in states]
+            where.append(f"state IN ({','.join('?' * len(sts))})")
+            args += sts
+        if service is not None:
+            where.append("service = ?")
+            args.append(service)
+        if submitted_by is not None:
+            where.append("submitted_by = ?")
+            args.append(submitted_by)
+        if after is not None:
+            where.append("(created_at, id) > (?, ?)")
+            args += list(after)
+        sql = f"SELECT {_ENTRY_COLS} FROM entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, id LIMIT ?"
+        args.append(limit)
+        async with self._db.execute(sql, args) as cur:
+            return [self._entry(r, None) async for r in cur]
+
+    async def count_active(self, submitted_by: str, service: str) -> int:
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        async with self._db.execute(
+            f"SELECT COUNT(*) FROM entries WHERE submitted_by = ? AND service = ? "
+            f"AND state IN ({marks})",
+            (submitted_by, service, *[s.value for s in ACTIVE_STATES]),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def apply_transition(
+        self,
+        entry_id: str,
+        state: EntryState,
+        at: datetime,
+        reason: str | None,
+        fields: dict[str, Any],
+    ) -> None:
+        """Write the new state, its extra fields and the transition row in one transaction."""
+        sets = ["state = ?", "reason = ?", "updated_at = ?"]
+        args: list[Any] = [state.value, reason, _ts(at)]
+        for key, value in fields.items():
+            sets.append(f"{key} = ?")
+            if key in ("handle", "result"):
+                args.append(json.dumps(value) if value is not None else None)
+            elif isinstance(value, datetime):
+                args.append(_ts(value))
+            else:
+                args.append(value)
+        args.append(entry_id)
+        async with self._tx() as db:
+            await db.execute(f"UPDATE entries SET {', '.join(sets)} WHERE id = ?", args)
+            await db.execute(
+                "INSERT INTO transitions (entry_id, state, at, reason) VALUES (?,?,?,?)",
+                (entry_id, state.value, _ts(at), reason),
+            )
+
+    async def update_entry_fields(self, entry_id: str, fields: dict[str, Any]) -> None:
+        """Fields that change without a state change (a result read after the fact)."""
+        if not fields:
+            return
+        sets, args = [], []
+        for key, value in fields.items():
+            sets.append(f"{key} = ?")
+            args.append(json.dumps(value) if key in ("handle", "result") else value)
+        await self._write(f"UPDATE entries SET {', '.join(sets)} WHERE id = ?", (*args, entry_id))

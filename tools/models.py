@@ -1,0 +1,226 @@
+"""Inputs and outputs of the typed operations. These are the schemas agents see over MCP, so
+field descriptions are written for them."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.models import (
+    Entry,
+    EntryState,
+    Event,
+    EventState,
+    ResourceRequest,
+    Resources,
+    ServiceKind,
+    ServiceSummary,
+    Site,
+    Transition,
+)
+
+MAX_PARAMETERS_BYTES = 64 * 1024
+
+EntryId = Field(
+    description="entry id as returned by submit_job/launch_service, e.g. 'ent-1a2b3c4d5e6f'",
+    min_length=1,
+    max_length=64,
+)
+EventIdField = Field(description="event id, e.g. 'evt-1a2b3c4d5e6f'", min_length=1, max_length=64)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ inputs
+
+
+class NoInput(_In):
+    pass
+
+
+class CreateEventInput(_In):
+    name: str | None = Field(None, max_length=200, description="a label for the allocation")
+    site: str | None = Field(
+        None, max_length=64, description="pin all entries of this event to a site"
+    )
+    ttl_seconds: int | None = Field(
+        None, gt=0, le=366 * 86400, description="lifetime; entries are stopped when it ends"
+    )
+
+
+class EventRef(_In):
+    event_id: str = EventIdField
+
+
+class ShareEventInput(_In):
+    event_id: str = EventIdField
+    principal: str = Field(min_length=1, max_length=200, description="who to share with")
+    role: Literal["viewer", "operator", "none"] = Field(
+        "viewer", description="viewer reads; operator also launches and cancels; none revokes"
+    )
+
+
+class _LaunchInput(_In):
+    service: str = Field(
+        min_length=1, max_length=128, description="catalogue name, optionally name@version"
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="values for the service's parameter schema"
+    )
+    event_id: str | None = Field(
+        None, max_length=64, description="event to launch into; default: your default event"
+    )
+    site: str | None = Field(
+        None, max_length=64, description="run on this site; default: the router picks"
+    )
+    resources: ResourceRequest | None = Field(
+        None, description="override the template's resources (cpus, memory_mb, gpus, ...)"
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v, default=str)) > MAX_PARAMETERS_BYTES:
+            raise ValueError(f"parameters must be at most {MAX_PARAMETERS_BYTES} bytes as JSON")
+        return v
+
+
+class LaunchServiceInput(_LaunchInput):
+    pass
+
+
+class SubmitJobInput(_LaunchInput):
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="the same key returns the same entry instead of submitting twice",
+    )
+
+
+class EntryRef(_In):
+    entry_id: str = EntryId
+
+
+class ListEntriesInput(_In):
+    event_id: str | None = Field(None, max_length=64)
+    states: list[EntryState] | None = Field(None, max_length=8)
+    service: str | None = Field(None, max_length=128)
+    limit: int = Field(50, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=512, description="next_cursor of the last page")
+
+
+class WaitEntryInput(_In):
+    entry_id: str = EntryId
+    timeout_seconds: float = Field(60, gt=0, le=86400)
+    until: Literal["auto", "ready", "finished"] = Field(
+        "auto", description="auto: ready for services, finished for jobs"
+    )
+
+
+class ReadLogsInput(_In):
+    entry_id: str = EntryId
+    offset: int = Field(0, ge=0, description="byte offset; pass next_offset to continue")
+    limit: int = Field(65536, ge=1, le=1_048_576, description="bytes at most")
+
+
+class ReadResultsInput(_In):
+    entry_id: str = EntryId
+    since_record: int = Field(0, ge=0, description="skip this many intermediate records")
+
+
+# ------------------------------------------------------------------ outputs
+
+
+class EntryView(BaseModel):
+    id: str
+    event_id: str
+    service: str
+    version: str
+    kind: ServiceKind
+    site: str
+    state: EntryState
+    reason: str | None
+    submitted_by: str
+    parameters: dict[str, Any]
+    resources: Resources
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    url: str | None = Field(None, description="the service's URL (needs access_url's token)")
+    access_url: str | None = Field(None, description="URL with your access token; keep private")
+    restarts: int
+    result: dict[str, Any] | None
+    backend_handle: dict[str, Any] = Field(default_factory=dict)
+    transitions: list[Transition]
+
+    @classmethod
+    def of(cls, entry: Entry, access_token: str | None = None) -> EntryView:
+        data = entry.model_dump(exclude={"endpoint", "handle", "updated_at", "idempotency_key"})
+        access_url = None
+        if entry.url and access_token and not entry.state.terminal:
+            access_url = f"{entry.url}?token={access_token}"
+        return cls(**data, backend_handle=entry.handle, access_url=access_url)
+
+
+class EntryPage(BaseModel):
+    entries: list[EntryView]
+    next_cursor: str | None = None
+
+
+class WaitResult(BaseModel):
+    entry: EntryView
+    timed_out: bool = Field(description="true if the timeout passed before the entry got there")
+
+
+class LogsChunk(BaseModel):
+    entry_id: str
+    data: str
+    offset: int
+    next_offset: int
+    size: int
+    complete: bool = Field(description="the entry has finished and every byte has been read")
+
+
+class Results(BaseModel):
+    entry_id: str
+    state: EntryState
+    result: dict[str, Any] | None
+    records: list[dict[str, Any]]
+    next_record: int
+    artifacts: list[str]
+
+
+class EventView(BaseModel):
+    id: str
+    name: str
+    owner: str
+    site: str | None
+    state: EventState
+    created_at: datetime
+    expires_at: datetime | None
+    stopped_at: datetime | None
+    shares: dict[str, str]
+    default: bool
+
+    @classmethod
+    def of(cls, event: Event) -> EventView:
+        return cls.model_validate(event.model_dump())
+
+
+class EventList(BaseModel):
+    events: list[EventView]
+
+
+class ServiceList(BaseModel):
+    services: list[ServiceSummary]
+
+
+class SiteList(BaseModel):
+    sites: list[Site]

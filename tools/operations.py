@@ -1,0 +1,140 @@
+"""The typed operations: plain async functions, pydantic in and out. The MCP server, the CLI and
+tests call these; they know nothing of MCP or of backends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from orchestrator.engine import Engine
+from orchestrator.models import Entry, Message, Principal, Role
+from tools.models import (
+    CreateEventInput,
+    EntryPage,
+    EntryRef,
+    EntryView,
+    EventList,
+    EventRef,
+    EventView,
+    LaunchServiceInput,
+    ListEntriesInput,
+    LogsChunk,
+    ReadLogsInput,
+    ReadResultsInput,
+    Results,
+    ServiceList,
+    ShareEventInput,
+    SiteList,
+    SubmitJobInput,
+    WaitEntryInput,
+    WaitResult,
+)
+
+OnMessage = Callable[[Message], Awaitable[None]]
+
+
+def _view(engine: Engine, principal: Principal, entry: Entry) -> EntryView:
+    token = engine.access_token(principal, entry.id) if entry.url else None
+    return EntryView.of(entry, token)
+
+
+async def list_services(engine: Engine, principal: Principal) -> ServiceList:
+    return ServiceList(services=engine.list_services())
+
+
+async def list_sites(engine: Engine, principal: Principal) -> SiteList:
+    return SiteList(sites=await engine.list_sites())
+
+
+async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:
+    return EventView.of(await engine.create_event(principal, req.name, req.site, req.ttl_seconds))
+
+
+async def list_events(engine: Engine, principal: Principal) -> EventList:
+    return EventList(events=[EventView.of(e) for e in await engine.list_events(principal)])
+
+
+async def stop_event(engine: Engine, principal: Principal, req: EventRef) -> EventView:
+    return EventView.of(await engine.stop_event(principal, req.event_id))
+
+
+async def share_event(engine: Engine, principal: Principal, req: ShareEventInput) -> EventView:
+    role = None if req.role == "none" else Role(req.role)
+    return EventView.of(await engine.share_event(principal, req.event_id, req.principal, role))
+
+
+async def launch_service(
+    engine: Engine, principal: Principal, req: LaunchServiceInput
+) -> EntryView:
+    entry = await engine.launch(
+        principal,
+        req.service,
+        req.parameters,
+        event_id=req.event_id,
+        site=req.site,
+        resources=req.resources,
+        kind="service",
+    )
+    return _view(engine, principal, entry)
+
+
+async def submit_job(engine: Engine, principal: Principal, req: SubmitJobInput) -> EntryView:
+    entry = await engine.launch(
+        principal,
+        req.service,
+        req.parameters,
+        event_id=req.event_id,
+        site=req.site,
+        resources=req.resources,
+        idempotency_key=req.idempotency_key,
+        kind="job",
+    )
+    return _view(engine, principal, entry)
+
+
+async def get_entry(engine: Engine, principal: Principal, req: EntryRef) -> EntryView:
+    return _view(engine, principal, await engine.get_entry(principal, req.entry_id))
+
+
+async def list_entries(engine: Engine, principal: Principal, req: ListEntriesInput) -> EntryPage:
+    entries, cursor = await engine.list_entries(
+        principal, req.event_id, req.states, req.service, req.limit, req.cursor
+    )
+    return EntryPage(entries=[_view(engine, principal, e) for e in entries], next_cursor=cursor)
+
+
+async def wait_entry(
+    engine: Engine, principal: Principal, req: WaitEntryInput, on_message: OnMessage | None = None
+) -> WaitResult:
+    entry, timed_out = await engine.wait_entry(
+        principal, req.entry_id, req.timeout_seconds, on_message, req.until
+    )
+    return WaitResult(entry=_view(engine, principal, entry), timed_out=timed_out)
+
+
+async def read_logs(engine: Engine, principal: Principal, req: ReadLogsInput) -> LogsChunk:
+    chunk = await engine.read_logs(principal, req.entry_id, req.offset, req.limit)
+    entry = await engine.get_entry(principal, req.entry_id)
+    return LogsChunk(
+        entry_id=req.entry_id,
+        data=chunk.data,
+        offset=chunk.offset,
+        next_offset=chunk.next_offset,
+        size=chunk.size,
+        complete=entry.state.terminal and chunk.next_offset >= chunk.size,
+    )
+
+
+async def read_results(engine: Engine, principal: Principal, req: ReadResultsInput) -> Results:
+    entry, data = await engine.read_results(principal, req.entry_id, req.since_record)
+    return Results(
+        entry_id=entry.id,
+        state=entry.state,
+        result=data.result,
+        records=data.records,
+        next_record=data.next_record,
+        artifacts=data.artifacts,
+    )
+
+
+async def cancel_entry(engine: Engine, principal: Principal, req: EntryRef) -> EntryView:
+    return _view(engine, principal, await engine.cancel(principal, req.entry_id))
