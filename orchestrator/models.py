@@ -123,6 +123,17 @@ def format_duration(seconds: int) -> str:
 # ----------------------------------------------------------------------------- resources
 
 
+def _resource_aliases(data: Any) -> Any:
+    """Accept `memory: 4Gi` and `walltime: 01:00:00` for memory_mb and walltime_s."""
+    if isinstance(data, dict):
+        data = dict(data)
+        if "memory" in data:
+            data["memory_mb"] = parse_memory_mb(data.pop("memory"))
+        if "walltime" in data:
+            data["walltime_s"] = parse_duration_s(data.pop("walltime"))
+    return data
+
+
 class Resources(BaseModel):
     """What one entry needs. Memory in MiB, walltime in seconds (strings like '4Gi'/'01:00:00'
     are accepted on input)."""
@@ -138,13 +149,7 @@ class Resources(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            if "memory" in data:
-                data["memory_mb"] = parse_memory_mb(data.pop("memory"))
-            if "walltime" in data:
-                data["walltime_s"] = parse_duration_s(data.pop("walltime"))
-        return data
+        return _resource_aliases(data)
 
 
 class ResourceRequest(BaseModel):
@@ -161,7 +166,7 @@ class ResourceRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        return Resources._aliases(data)
+        return _resource_aliases(data)
 
     def apply_to(self, base: Resources) -> Resources:
         return base.model_copy(update=self.model_dump(exclude_none=True))
@@ -171,6 +176,7 @@ class ResourceRequest(BaseModel):
 
 
 ServiceKind = Literal["job", "service"]
+_ALL_KINDS: tuple[ServiceKind, ...] = ("job", "service")
 RESERVED_PLACEHOLDERS = frozenset(
     {
         "python",
@@ -383,7 +389,7 @@ class Capabilities(BaseModel):
     gpus: int = 0
     gpu_types: list[str] = Field(default_factory=list)
     max_walltime_s: int | None = None
-    kinds: list[ServiceKind] = Field(default_factory=lambda: ["job", "service"])
+    kinds: list[ServiceKind] = Field(default_factory=lambda: list(_ALL_KINDS))
 
 
 class Site(BaseModel):

@@ -41,6 +41,10 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _dt_req(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
 def migrations() -> list[tuple[int, str]]:
     folder = importlib_resources.files("orchestrator") / "migrations"
     out = []
@@ -138,7 +142,7 @@ class Store:
             owner=row["owner"],
             site=row["site"],
             state=EventState(row["state"]),
-            created_at=_dt(row["created_at"]),
+            created_at=_dt_req(row["created_at"]),
             expires_at=_dt(row["expires_at"]),
             stopped_at=_dt(row["stopped_at"]),
             shares=shares,
@@ -277,8 +281,8 @@ class Store:
             reason=row["reason"],
             parameters=json.loads(row["parameters"]),
             resources=Resources.model_validate_json(row["resources"]),
-            created_at=_dt(row["created_at"]),
-            updated_at=_dt(row["updated_at"]),
+            created_at=_dt_req(row["created_at"]),
+            updated_at=_dt_req(row["updated_at"]),
             started_at=_dt(row["started_at"]),
             finished_at=_dt(row["finished_at"]),
             exit_code=row["exit_code"],
@@ -305,7 +309,7 @@ class Store:
                 (entry_id,),
             ) as cur:
                 trs = [
-                    Transition(state=EntryState(r["state"]), at=_dt(r["at"]), reason=r["reason"])
+                    Transition(state=EntryState(r["state"]), at=_dt_req(r["at"]), reason=r["reason"])
                     async for r in cur
                 ]
         return self._entry(row, trs)
