@@ -269,7 +269,10 @@ async def test_router_prefers_the_site_with_the_shorter_wait(home: Path) -> None
     ]
     eng = await Engine.open(make_settings(home, sites=sites))
     try:
-        hog = await eng.launch(ALICE, "sim-instrument", {"duration_s": 30}, site="busy")
+        hog = await eng.launch(
+            ALICE, "sim-instrument", {"duration_s": 30}, site="busy",
+            resources=ResourceRequest(cpus=1),
+        )
         await eng.wait_entry(ALICE, hog.id, timeout_s=0.3)
         nxt = await eng.launch(ALICE, "sim-instrument", FAST)
         assert nxt.site == "idle"
@@ -359,7 +362,7 @@ async def test_stop_event_tears_everything_down(engine: Engine) -> None:
     stopped = await engine.stop_event(ALICE, ev.id)
     assert stopped.state == EventState.STOPPED
     for eid in (job.id, svc.id):
-        done, _ = await engine.wait_entry(ALICE, eid, timeout_s=20)
+        done, _ = await engine.wait_entry(ALICE, eid, timeout_s=20, until="finished")
         assert done.state == EntryState.CANCELLED
         assert done.reason == "event stopped"
     again = await engine.stop_event(ALICE, ev.id)  # idempotent
@@ -436,7 +439,6 @@ SERVER = textwrap.dedent(
         eng = await Engine.open(make_settings(Path(sys.argv[1])))
         entry = await eng.launch(ALICE, "sim-instrument", {"duration_s": float(sys.argv[2]),
                                                            "records": 1, "x1": 2.0})
-        await eng.wait_entry(ALICE, entry.id, timeout_s=10, until="ready")  # until running
         while (await eng.get_entry(ALICE, entry.id)).state.value != "running":
             await asyncio.sleep(0.01)
         print(entry.id, flush=True)
@@ -463,8 +465,8 @@ def start_server_and_kill(home: Path, duration: float) -> str:
 
 
 async def test_kill_9_job_finished_while_server_was_dead(home: Path) -> None:
-    entry_id = start_server_and_kill(home, duration=0.3)
-    time.sleep(1.0)  # the job ends while no server watches it
+    entry_id = start_server_and_kill(home, duration=0.5)
+    time.sleep(1.5)  # the job ends while no server watches it
     eng = await Engine.open(make_settings(home))
     try:
         done, _ = await eng.wait_entry(ALICE, entry_id, timeout_s=10)

@@ -56,7 +56,7 @@ def main() -> int:
         if noise_std < 0 or duration < 0 or not 0 <= n <= 100:
             raise ValueError("noise_std and duration_s must be >= 0, records within 0..100")
         point: dict[str, float] = {}
-        for i, (name, c) in enumerate(zip(COORDS, surface.centre)):
+        for i, (name, c) in enumerate(zip(COORDS, surface.centre, strict=False)):
             v = params.get(name)
             point[name] = float(c if v is None else v)
             if not math.isfinite(point[name]):
@@ -86,7 +86,7 @@ def main() -> int:
         value = true_value + (rng.gauss(0.0, noise_std) if noise_std > 0 else 0.0)
     else:
         sample_std = noise_std * math.sqrt(n)
-        stream = open(stream_path, "a") if stream_path else None  # noqa: SIM115
+        stream = open(stream_path, "a") if stream_path else None
         try:
             for i in range(1, n + 1):
                 delay = start + duration * i / n - time.monotonic()

@@ -31,7 +31,9 @@ class Surface:
         return float(self.fn(x))
 
     def contains(self, x: Sequence[float]) -> bool:
-        return len(x) == self.dim and all(lo <= v <= hi for v, (lo, hi) in zip(x, self.bounds))
+        if len(x) != self.dim:
+            return False
+        return all(lo <= v <= hi for v, (lo, hi) in zip(x, self.bounds, strict=True))
 
 
 def branin(x: Sequence[float]) -> float:
@@ -53,8 +55,9 @@ _H_ALPHA = (1.0, 1.2, 3.0, 3.2)
 
 def hartmann3(x: Sequence[float]) -> float:
     total = 0.0
-    for alpha, a, p in zip(_H_ALPHA, _H3_A, _H3_P):
-        total += alpha * math.exp(-sum(aj * (xj - pj) ** 2 for aj, xj, pj in zip(a, x, p)))
+    for alpha, a, p in zip(_H_ALPHA, _H3_A, _H3_P, strict=True):
+        r = sum(aj * (xj - pj) ** 2 for aj, xj, pj in zip(a, x, p, strict=True))
+        total += alpha * math.exp(-r)
     return -total
 
 
@@ -74,8 +77,9 @@ _H6_P = (
 
 def hartmann6(x: Sequence[float]) -> float:
     total = 0.0
-    for alpha, a, p in zip(_H_ALPHA, _H6_A, _H6_P):
-        total += alpha * math.exp(-sum(aj * (xj - pj) ** 2 for aj, xj, pj in zip(a, x, p)))
+    for alpha, a, p in zip(_H_ALPHA, _H6_A, _H6_P, strict=True):
+        r = sum(aj * (xj - pj) ** 2 for aj, xj, pj in zip(a, x, p, strict=True))
+        total += alpha * math.exp(-r)
     return -total
 
 

@@ -1,0 +1,25 @@
+"""Backends: where entries run. `create_backend` turns a configured site into its backend."""
+
+from __future__ import annotations
+
+from backends.base import Backend
+from orchestrator.config import Settings, SiteConfig
+from orchestrator.errors import InvalidInput
+
+KINDS = ("local",)
+
+
+def create_backend(site: SiteConfig, settings: Settings) -> Backend:
+    """The backend for one configured site."""
+    if site.kind == "local":
+        from backends.local import LocalBackend
+
+        return LocalBackend(site.name, site.options(), settings.entries_dir)
+    raise InvalidInput(
+        f"site {site.name!r}: unknown backend kind {site.kind!r}; known kinds: "
+        f"{', '.join(KINDS)}",
+        field=f"sites.{site.name}.kind",
+    )
+
+
+__all__ = ["KINDS", "Backend", "create_backend"]

@@ -1,0 +1,1281 @@
+"""The local backend: entries run as processes on this machine.
+
+Each entry runs under a tiny /bin/sh wrapper in its own session and process group; the wrapper
+appends the command's output to `<workdir>/log` and records how it ended in `<workdir>/exit.json`,
+so the true outcome survives the server. Exits are awaited through pidfds (no polling), log and
+stream growth through one shared file watcher, and resources (cpus, memory, whole GPUs, real or
+virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from watchfiles import awatch
+
+from backends.base import (
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    Outcome,
+    Reporter,
+    ResultData,
+    WorkDir,
+)
+from orchestrator.errors import BackendError, InvalidInput
+from orchestrator.models import (
+    Capabilities,
+    EntryState,
+    Resources,
+    SiteStatus,
+    format_duration,
+)
+
+log = logging.getLogger("sciorch.backends.local")
+
+# The job wrapper, run as: /bin/sh -c WRAPPER_SCRIPT sciorch-job WORKDIR COMMAND [ARG...]
+# It shares the command's process group and traps TERM/INT/HUP (a trap with an action is not
+# inherited by the command), so signalling the group stops the command while the wrapper lives
+# on to record the exit status. Other backends may reuse it (it only needs a POSIX shell).
+WRAPPER_SCRIPT = r"""wd=$1
+shift
+trap ':' TERM INT HUP
+"$@" >>"$wd/log" 2>&1 </dev/null
+rc=$?
+PATH=/usr/local/bin:/usr/bin:/bin:$PATH
+if [ "$rc" -gt 128 ]; then sig=$((rc - 128)); else sig=null; fi
+t=$(date +%s.%N 2>/dev/null)
+case $t in ''|*[!0-9.]*) t=$(date +%s 2>/dev/null || echo null) ;; esac
+printf '{"exit_code": %d, "signal": %s, "finished_at": %s}\n' "$rc" "$sig" "$t" \
+  >"$wd/exit.json.tmp" && mv -f "$wd/exit.json.tmp" "$wd/exit.json"
+exit "$rc"
+"""
+
+_EPS = 1e-9
+_TAIL_LINES = 20
+_TAIL_BYTES = 8192
+
+
+class LocalOptions(BaseModel):
+    """The `[[sites]]` keys a local site understands."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(None, gt=0, description="CPU cores to hand out (default: all)")
+    memory_mb: int | None = Field(None, gt=0, description="MiB to hand out (default: all RAM)")
+    gpus: int | None = Field(
+        None, ge=0, le=64, description="virtual GPUs to schedule (default: detect real ones)"
+    )
+    gpu_type: str | None = Field(None, description="type name of the virtual GPUs")
+    max_walltime_s: int | None = Field(None, gt=0)
+    term_grace_s: float = Field(5, ge=0, description="SIGTERM to SIGKILL grace period")
+    host: str = Field("127.0.0.1", description="address services listen on")
+
+
+class _Phase(enum.Enum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    DONE = "done"
+
+
+@dataclass
+class _Pool:
+    cpus: float
+    memory_mb: int
+    gpus: set[int]
+
+    def copy(self) -> _Pool:
+        return _Pool(self.cpus, self.memory_mb, set(self.gpus))
+
+    def take(self, res: Resources, gpus: list[int]) -> None:
+        self.cpus -= res.cpus
+        self.memory_mb -= res.memory_mb
+        self.gpus -= set(gpus)
+
+    def give(self, res: Resources, gpus: list[int]) -> None:
+        self.cpus += res.cpus
+        self.memory_mb += res.memory_mb
+        self.gpus |= set(gpus)
+
+
+@dataclass(eq=False)
+class _Entry:
+    spec: LaunchSpec
+    workdir: WorkDir
+    state: EntryState = EntryState.PENDING  # the last state reported (or known at adoption)
+    phase: _Phase = _Phase.QUEUED
+    queued_at: float = field(default_factory=time.time)
+    # allocation
+    allocated: bool = False
+    gpus: list[int] = field(default_factory=list)
+    port: int | None = None
+    # process
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+    pgid: int | None = None
+    start_time: int | None = None
+    started_at: float | None = None  # epoch of the first start (walltime counts from here)
+    spawned_at: float | None = None  # epoch of the latest (re)start
+    pidfd: int | None = None
+    exited: asyncio.Future[int | None] | None = None  # raw exit status; None when unknown
+    # intent
+    cancel_requested: bool = False
+    expired: bool = False
+    fail_reason: str | None = None
+    ready: bool = False
+    restarts: int = 0
+    # timers and tasks
+    walltime_timer: asyncio.TimerHandle | None = None
+    kill_timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None
+    # reporting
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    finished: bool = False
+    log_size: int = 0
+    stream_offset: int = 0
+    stream_index: int = 0
+    flush_pending: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.spec.entry_id
+
+    @property
+    def resources(self) -> Resources:
+        return self.spec.resources
+
+    def deadline(self, now: float) -> float:
+        start = self.started_at if self.started_at is not None else now
+        return max(now, start + self.resources.walltime_s)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, start time in clock ticks) from /proc/<pid>/stat, None if gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2 :].split()
+    return rest[0], int(rest[2]), int(rest[19])
+
+
+def _members(pgid: int) -> list[int]:
+    """Pids of the live processes in a process group."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _proc_stat(int(name))
+            if st is not None and st[1] == pgid and st[0] != "Z":
+                out.append(int(name))
+    return out
+
+
+def _signal_name(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
+
+
+def _total_memory_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1024
+
+
+def _cpu_count() -> float:
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return float(os.cpu_count() or 1)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str, avoid: set[int]) -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise BackendError(f"no free TCP port on {host}")
+
+
+def log_tail(workdir: WorkDir, lines: int = _TAIL_LINES) -> str:
+    """The last lines of an entry's log (empty when there is none)."""
+    try:
+        with workdir.log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _TAIL_BYTES))
+            raw = f.read()
+    except OSError:
+        return ""
+    text = raw.decode("utf-8", errors="replace").rstrip("\n")
+    return "\n".join(text.split("\n")[-lines:]) if text else ""
+
+
+def _with_tail(reason: str, workdir: WorkDir) -> str:
+    tail = log_tail(workdir)
+    return f"{reason}; log tail:\n{tail}" if tail else reason
+
+
+# ----------------------------------------------------------------------------- file watching
+
+
+class _DirWatcher:
+    """One `watchfiles.awatch` over the work dirs of all running entries, so a thousand entries
+    cost one watcher thread, not a thousand. The watch restarts when the set of dirs changes;
+    after each restart every watched entry is swept once, so nothing written in between is
+    missed."""
+
+    def __init__(self, on_change: Callable[[str], None]) -> None:
+        self._on_change = on_change
+        self._dirs: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add(self, path: Path, entry_id: str) -> None:
+        self._dirs[str(path)] = entry_id
+        self._changed()
+
+    def remove(self, path: Path) -> None:
+        if self._dirs.pop(str(path), None) is not None:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._closed:
+            return
+        self._wake.set()
+        if self._stop is not None:
+            self._stop.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._stop is not None:
+            self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    def _existing(self) -> dict[str, str]:
+        return {p: eid for p, eid in self._dirs.items() if os.path.isdir(p)}
+
+    async def _run(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            dirs = self._existing()
+            if not dirs:
+                await self._wake.wait()
+                continue
+            stop = self._stop = asyncio.Event()
+            for eid in set(dirs.values()):
+                self._on_change(eid)
+            try:
+                async for changes in awatch(
+                    *dirs,
+                    stop_event=stop,
+                    watch_filter=None,
+                    debounce=20,
+                    step=10,
+                    recursive=False,
+                    ignore_permission_denied=True,
+                ):
+                    seen = {dirs.get(os.path.dirname(path)) for _, path in changes}
+                    for changed in seen:
+                        if changed is not None:
+                            self._on_change(changed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a dir vanished under us, or the watcher failed
+                log.debug("file watcher restarting after: %s", exc)
+                await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class LocalBackend:
+    """Runs entries as processes on this machine. See the module docstring."""
+
+    kind = "local"
+
+    def __init__(self, name: str, options: Mapping[str, Any], entries_dir: Path) -> None:
+        try:
+            opts = LocalOptions.model_validate(dict(options))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise InvalidInput(
+                f"site {name!r}: {loc}: {err['msg']}", field=f"sites.{name}.{loc}"
+            ) from exc
+        self.name = name
+        self.options = opts
+        self.entries_dir = Path(entries_dir)
+        self.host = opts.host
+        self.term_grace_s = opts.term_grace_s
+        self.max_walltime_s = opts.max_walltime_s
+        self.total_cpus = opts.cpus if opts.cpus is not None else _cpu_count()
+        self.total_memory_mb = (
+            opts.memory_mb if opts.memory_mb is not None else _total_memory_mb()
+        )
+        # index -> type name; virtual GPUs now, real ones are detected in start()
+        self.gpu_names: dict[int, str] = {
+            i: opts.gpu_type or "" for i in range(opts.gpus or 0)
+        }
+        self._pool = self._full_pool()
+        self._reporter: Reporter | None = None
+        self._entries: dict[str, _Entry] = {}
+        self._queue: list[_Entry] = []
+        self._ports: set[int] = set()
+        self._watcher: _DirWatcher | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ protocol: lifecycle
+
+    async def start(self, reporter: Reporter) -> None:
+        self._reporter = reporter
+        self._closed = False
+        if self.options.gpus is None:
+            self.gpu_names = await self._detect_gpus()
+            self._pool = self._full_pool()
+        self._watcher = _DirWatcher(self._request_flush)
+
+    async def close(self) -> None:
+        """Stop watching; running processes keep running (a restarted server re-adopts them)."""
+        self._closed = True
+        tasks = [e.task for e in self._entries.values() if e.task is not None]
+        for e in self._entries.values():
+            self._detach(e)
+        for t in tasks:
+            t.cancel()
+        for t in list(self._bg):
+            t.cancel()
+        await asyncio.gather(*tasks, *self._bg, return_exceptions=True)
+        if self._watcher is not None:
+            await self._watcher.close()
+        self._entries.clear()
+        self._queue.clear()
+        self._ports.clear()
+        self._pool = self._full_pool()
+
+    async def shutdown_all(self, timeout_s: float = 5.0) -> None:
+        """Kill everything this backend runs (reporting `cancelled`), then close. For tests and
+        for an operator who wants nothing left behind."""
+        for e in list(self._queue):
+            await self.cancel(e.id, {})
+        waiting = []
+        for e in list(self._entries.values()):
+            e.cancel_requested = True
+            if e.pgid is not None and e.exited is not None and not e.exited.done():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(e.pgid, signal.SIGKILL)
+            if e.task is not None:
+                waiting.append(e.task)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
+        await self.close()
+
+    # ------------------------------------------------------------------ protocol: site facts
+
+    @property
+    def gpu_types(self) -> list[str]:
+        return sorted({n for n in self.gpu_names.values() if n})
+
+    async def capabilities(self) -> Capabilities:
+        return Capabilities(
+            cpus=self.total_cpus,
+            memory_mb=self.total_memory_mb,
+            gpus=len(self.gpu_names),
+            gpu_types=self.gpu_types,
+            max_walltime_s=self.max_walltime_s,
+        )
+
+    async def status(self) -> tuple[SiteStatus, str | None]:
+        return SiteStatus.UP, None
+
+    async def estimate_wait(self, resources: Resources) -> float:
+        """Seconds until an entry with these resources would start if submitted now: a FIFO
+        simulation assuming that running and queued entries use their whole walltime."""
+        if self._never_fits(resources) is not None:
+            return float("inf")
+        now = time.time()
+        # (deadline, resources, gpus) of everything holding or going to hold resources
+        allocs: list[tuple[float, Resources, list[int]]] = [
+            (e.deadline(now), e.resources, e.gpus)
+            for e in self._entries.values()
+            if e.allocated
+        ]
+        t = now
+        start = now
+        for res in [*(q.resources for q in self._queue[:1000]), resources]:
+            times = [t, *sorted(d for d, _, _ in allocs if d > t)]
+            start = times[-1]
+            gpus: list[int] = []
+            for c in times:
+                pool = self._full_pool()
+                for d, r, g in allocs:
+                    if d > c:
+                        pool.take(r, g)
+                fit = self._fit(pool, res)
+                if fit is not None:
+                    start, gpus = c, fit
+                    break
+            allocs.append((start + res.walltime_s, res, gpus))
+            t = start
+        return max(0.0, start - now)
+
+    def queue_reason(self, entry_id: str) -> str | None:
+        """Why a queued entry waits (None when it is not queued here)."""
+        e = self._entries.get(entry_id)
+        if e is None or e.phase is not _Phase.QUEUED:
+            return None
+        res = e.resources
+        missing = []
+        if res.gpus:
+            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
+            free = [i for i in matching if i in self._pool.gpus]
+            if len(free) < res.gpus:
+                busy = len(matching) - len(free)
+                kind = f" {res.gpu_type}" if res.gpu_type else ""
+                missing.append(
+                    f"needs {res.gpus}{kind} GPU{'s' if res.gpus != 1 else ''}, "
+                    f"{len(free)} free ({busy} busy)"
+                )
+        if res.cpus > self._pool.cpus + _EPS:
+            missing.append(f"needs {res.cpus:g} CPUs, {max(0.0, self._pool.cpus):g} free")
+        if res.memory_mb > self._pool.memory_mb:
+            missing.append(
+                f"needs {res.memory_mb} MiB memory, {max(0, self._pool.memory_mb)} MiB free"
+            )
+        ahead = self._queue.index(e) if e in self._queue else 0
+        if missing:
+            return "waiting for resources: " + "; ".join(missing)
+        return f"waiting behind {ahead} earlier entr{'y' if ahead == 1 else 'ies'} in the queue"
+
+    # ------------------------------------------------------------------ protocol: entries
+
+    async def submit(self, spec: LaunchSpec) -> None:
+        self._require_started()
+        if spec.entry_id in self._entries:
+            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+            return
+        problem = self._never_fits(spec.resources)
+        if problem is not None:
+            raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
+        if not spec.argv:
+            raise InvalidInput("the command is empty", field="argv")
+        wd = WorkDir(self.entries_dir / spec.entry_id)
+        wd.prepare(spec.parameters)
+        self._enqueue(_Entry(spec=spec, workdir=wd))
+
+    async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
+        e = self._entries.get(entry_id)
+        if e is None:
+            await self._cancel_unknown(entry_id, handle)
+            return
+        if e.finished or e.cancel_requested:
+            return
+        e.cancel_requested = True
+        if e.phase is _Phase.QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(e)
+            await self._finish(e, EntryState.CANCELLED, "cancelled before it started", None)
+        elif e.pid is not None:
+            self._terminate(e)
+        # else: it is being started; the launch sees the flag and stops it
+
+    async def adopt(
+        self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
+    ) -> None:
+        self._require_started()
+        if entry_id in self._entries or state.terminal:
+            return
+        root = Path(handle.get("workdir") or self.entries_dir / entry_id)
+        e = _Entry(spec=spec, workdir=WorkDir(root), state=state)
+        e.restarts = int(handle.get("restarts") or 0)
+        started_at = handle.get("started_at")
+        e.started_at = float(started_at) if started_at else None
+        pid = handle.get("pid")
+        if not pid:
+            if state in (EntryState.PENDING, EntryState.PROVISIONING):
+                # Never started, or between two runs of a restarting service: start it (again).
+                with contextlib.suppress(OSError):
+                    e.workdir.exit.unlink(missing_ok=True)
+                if not e.workdir.params.exists():
+                    e.workdir.prepare(spec.parameters)
+                self._enqueue(e)
+                return
+            await self._finish(
+                e, EntryState.FAILED, "no process recorded for this entry; state unknown", None
+            )
+            return
+        pid = int(pid)
+        outcome = e.workdir.read_outcome()
+        if outcome is not None:
+            st, reason, code = self._verdict(e, outcome)
+            await self._finish(e, st, reason, code)
+            return
+        stat = _proc_stat(pid)
+        want = handle.get("start_time")
+        alive = (
+            stat is not None
+            and stat[0] != "Z"
+            and (stat[2] == int(want) if want is not None else stat[1] == pid)
+        )
+        if not alive:
+            await self._finish(
+                e,
+                EntryState.FAILED,
+                "process vanished while the server was down; no exit status recorded",
+                None,
+            )
+            return
+        assert stat is not None
+        # Re-attach: the process is still ours.
+        e.pid, e.pgid, e.start_time = pid, int(handle.get("pgid") or stat[1]), stat[2]
+        e.gpus = [int(g) for g in handle.get("gpus") or []]
+        e.port = int(handle["port"]) if handle.get("port") else None
+        e.started_at = e.started_at or time.time()
+        spawned = handle.get("spawned_at")
+        e.spawned_at = float(spawned) if spawned else e.started_at
+        e.ready = state == EntryState.READY
+        e.phase = _Phase.ACTIVE
+        e.allocated = True
+        self._pool.take(e.resources, e.gpus)
+        if e.port is not None:
+            self._ports.add(e.port)
+        # What is already written counts as reported; only growth from now on is reported.
+        e.log_size = _size(e.workdir.log)
+        e.stream_offset, e.stream_index = _complete_lines(e.workdir.stream)
+        self._entries[entry_id] = e
+        self._watch_exit(e)
+        self._arm_walltime(e)
+        if self._watcher is not None:
+            self._watcher.add(e.workdir.root, entry_id)
+        e.task = asyncio.get_running_loop().create_task(self._life(e, adopted=True))
+
+    async def read_logs(
+        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
+    ) -> LogChunk:
+        wd = self._workdir(entry_id, handle)
+        if limit > 1 << 20:
+            return await asyncio.to_thread(wd.read_logs, offset, limit)
+        return wd.read_logs(offset, limit)
+
+    async def read_results(
+        self, entry_id: str, handle: Mapping[str, Any], since_record: int
+    ) -> ResultData:
+        wd = self._workdir(entry_id, handle)
+        if _size(wd.stream) + _size(wd.result) > 1 << 20:
+            return await asyncio.to_thread(wd.read_results, since_record)
+        return wd.read_results(since_record)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _full_pool(self) -> _Pool:
+        return _Pool(self.total_cpus, self.total_memory_mb, set(self.gpu_names))
+
+    def _gpu_matches(self, index: int, gpu_type: str | None) -> bool:
+        if not gpu_type:
+            return True
+        name = self.gpu_names.get(index, "").lower()
+        want = gpu_type.lower()
+        return bool(name) and (want == name or want in name)
+
+    def _fit(self, pool: _Pool, res: Resources) -> list[int] | None:
+        """GPU indices to assign if `res` fits in `pool` (an empty list without GPUs)."""
+        if res.cpus > pool.cpus + _EPS or res.memory_mb > pool.memory_mb:
+            return None
+        if not res.gpus:
+            return []
+        cand = sorted(i for i in pool.gpus if self._gpu_matches(i, res.gpu_type))
+        return cand[: res.gpus] if len(cand) >= res.gpus else None
+
+    def _never_fits(self, res: Resources) -> tuple[str, str] | None:
+        """(field, why) when this site can never run an entry with these resources."""
+        if res.gpus:
+            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
+            if res.gpu_type and not matching:
+                have = ", ".join(self.gpu_types) or "none"
+                return (
+                    "resources.gpu_type",
+                    f"has no GPUs of type {res.gpu_type!r} (types here: {have})",
+                )
+            if len(matching) < res.gpus:
+                return (
+                    "resources.gpus",
+                    f"needs {res.gpus} GPUs but the site has {len(matching)}",
+                )
+        if res.cpus > self.total_cpus + _EPS:
+            return "resources.cpus", f"needs {res.cpus:g} CPUs but the site has {self.total_cpus:g}"
+        if res.memory_mb > self.total_memory_mb:
+            return (
+                "resources.memory_mb",
+                f"needs {res.memory_mb} MiB but the site has {self.total_memory_mb} MiB",
+            )
+        if self.max_walltime_s is not None and res.walltime_s > self.max_walltime_s:
+            return (
+                "resources.walltime_s",
+                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
+                f"{format_duration(self.max_walltime_s)}",
+            )
+        return None
+
+    def _enqueue(self, e: _Entry) -> None:
+        e.phase = _Phase.QUEUED
+        self._entries[e.id] = e
+        self._queue.append(e)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start queued entries in FIFO order. Later entries may jump ahead (backfill) only if
+        they do not delay the first blocked entry: they end before it could start anyway, or
+        fit in what will be left over when it starts."""
+        if self._closed or not self._queue:
+            return
+        now = time.time()
+        free = self._pool.copy()
+        shadow_t: float | None = None
+        shadow_extra: _Pool | None = None
+        for e in list(self._queue):
+            gpus = self._fit(free, e.resources)
+            if gpus is None:
+                if shadow_t is None:
+                    shadow_t, shadow_extra = self._shadow(free, e, now)
+                continue
+            if (
+                shadow_t is not None
+                and shadow_extra is not None
+                and now + e.resources.walltime_s > shadow_t
+            ):
+                # It would still hold resources when the blocked entry can start: only if
+                # they are left over then.
+                spare = self._fit(shadow_extra, e.resources)
+                if spare is None:
+                    continue
+                shadow_extra.take(e.resources, spare)
+            free.take(e.resources, gpus)
+            self._activate(e, gpus)
+
+    def _shadow(self, free: _Pool, blocked: _Entry, now: float) -> tuple[float, _Pool]:
+        """When the blocked entry could start (running entries ending at their walltime) and
+        what would be left over then."""
+        pool = free.copy()
+        running = sorted(
+            (e for e in self._entries.values() if e.allocated), key=lambda x: x.deadline(now)
+        )
+        for r in running:
+            pool.give(r.resources, r.gpus)
+            gpus = self._fit(pool, blocked.resources)
+            if gpus is not None:
+                pool.take(blocked.resources, gpus)
+                return r.deadline(now), pool
+        return float("inf"), pool
+
+    def _activate(self, e: _Entry, gpus: list[int]) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(e)
+        e.phase = _Phase.ACTIVE
+        e.allocated = True
+        e.gpus = gpus
+        self._pool.take(e.resources, gpus)
+        e.task = asyncio.get_running_loop().create_task(self._life(e))
+
+    def _release(self, e: _Entry) -> None:
+        if e.allocated:
+            e.allocated = False
+            self._pool.give(e.resources, e.gpus)
+            if e.port is not None:
+                self._ports.discard(e.port)
+            self._schedule()
+
+    # ------------------------------------------------------------------ one entry's life
+
+    async def _life(self, e: _Entry, adopted: bool = False) -> None:
+        try:
+            if adopted:
+                if e.state in (EntryState.PENDING, EntryState.PROVISIONING):
+                    await self._report(e, EntryState.RUNNING, handle=self._handle(e))
+            elif not await self._launch(e, first=True):
+                return
+            while True:
+                status = await self._until_exit(e)
+                outcome = self._outcome(e, status)
+                code = outcome.exit_code
+                if (
+                    e.spec.kind == "service"
+                    and e.ready
+                    and not (e.cancel_requested or e.expired or e.fail_reason)
+                    and code not in (0, None)
+                    and e.spec.restart_policy == "on-failure"
+                    and e.restarts < e.spec.max_restarts
+                ):
+                    e.restarts += 1
+                    what = (
+                        f"signal {_signal_name(outcome.signal)}"
+                        if outcome.signal
+                        else f"exit code {code}"
+                    )
+                    self._reset_process(e)
+                    await self._report(
+                        e,
+                        EntryState.PROVISIONING,
+                        reason=f"restarting after {what} "
+                        f"(restart {e.restarts}/{e.spec.max_restarts})",
+                        restarts=e.restarts,
+                        handle=self._handle(e, running=False),
+                    )
+                    if not await self._launch(e, first=False):
+                        return
+                    continue
+                state, reason, exit_code = self._verdict(e, outcome)
+                await self._finish(e, state, reason, exit_code)
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("local backend: entry %s", e.id)
+            if e.pgid is not None and e.exited is not None and not e.exited.done():
+                with contextlib.suppress(OSError):
+                    os.killpg(e.pgid, signal.SIGKILL)
+            await self._finish(
+                e, EntryState.FAILED, f"internal error in the local backend: {exc}", None
+            )
+
+    async def _launch(self, e: _Entry, *, first: bool) -> bool:
+        """Start the process; False when the entry ended instead (and was reported)."""
+        spec = e.spec
+        env = self._env(e)
+        missing = self._missing_command(spec.argv[0], e.workdir, env.get("PATH"))
+        if missing:
+            await self._finish(e, EntryState.FAILED, missing, 127)
+            return False
+        if first:
+            await self._report(e, EntryState.PROVISIONING, handle=self._handle(e, running=False))
+        if e.cancel_requested:
+            await self._finish(e, EntryState.CANCELLED, "cancelled before it started", None)
+            return False
+        if spec.kind == "service":
+            if e.port is None or not _port_free(self.host, e.port):
+                if e.port is not None:
+                    self._ports.discard(e.port)
+                e.port = _free_port(self.host, self._ports)
+                self._ports.add(e.port)
+            env["PORT"] = env["SCIORCH_PORT"] = str(e.port)
+        argv = [self._fill(a, e) for a in spec.argv]
+        try:
+            self._spawn(e, argv, env)
+        except OSError as exc:
+            await self._finish(
+                e, EntryState.FAILED, f"could not start {argv[0]}: {exc}", None
+            )
+            return False
+        if first:
+            if e.started_at is None:
+                e.started_at = e.spawned_at
+            self._arm_walltime(e)
+            if self._watcher is not None:
+                self._watcher.add(e.workdir.root, e.id)
+        await self._report(
+            e,
+            EntryState.RUNNING,
+            handle=self._handle(e),
+            endpoint=self._endpoint(e),
+        )
+        if e.cancel_requested or e.expired:
+            self._terminate(e)
+        return True
+
+    def _spawn(self, e: _Entry, argv: list[str], env: dict[str, str]) -> None:
+        root = e.workdir.root
+        with contextlib.suppress(FileNotFoundError):
+            e.workdir.exit.unlink()
+        with open(e.workdir.log, "ab") as logf:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", WRAPPER_SCRIPT, "sciorch-job", str(root), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        e.proc = proc
+        e.pid = e.pgid = proc.pid
+        e.spawned_at = time.time()
+        stat = _proc_stat(proc.pid)
+        e.start_time = stat[2] if stat else None
+        self._watch_exit(e)
+
+    def _watch_exit(self, e: _Entry) -> None:
+        """Resolve `e.exited` when the process ends: a pidfd becomes readable (no polling)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int | None] = loop.create_future()
+        e.exited = fut
+        assert e.pid is not None
+        try:
+            fd = os.pidfd_open(e.pid)
+        except ProcessLookupError:
+            fut.set_result(self._reap(e))
+            return
+        e.pidfd = fd
+
+        def on_exit() -> None:
+            self._close_pidfd(e)
+            if not fut.done():
+                fut.set_result(self._reap(e))
+
+        loop.add_reader(fd, on_exit)
+
+    def _reap(self, e: _Entry) -> int | None:
+        """The wrapper's exit status (negative: killed by that signal), None when it is not
+        our child. Stray processes left in the job's group are killed first."""
+        assert e.pid is not None
+        if e.proc is not None:
+            self._kill_group(e)  # the unreaped wrapper keeps the group id from being reused
+            return e.proc.wait()
+        try:
+            pid, status = os.waitpid(e.pid, os.WNOHANG)
+        except ChildProcessError:
+            if e.cancel_requested or e.expired or e.fail_reason:
+                self._kill_group(e)
+            return None
+        if pid == 0:  # not exited after all (cannot happen after the pidfd fired)
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def _kill_group(self, e: _Entry) -> None:
+        if e.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(e.pgid, signal.SIGKILL)
+
+    def _close_pidfd(self, e: _Entry) -> None:
+        if e.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(e.pidfd)
+            with contextlib.suppress(OSError):
+                os.close(e.pidfd)
+            e.pidfd = None
+
+    async def _until_exit(self, e: _Entry) -> int | None:
+        """Wait for the process to end; for a service, first wait for its health check."""
+        fut = e.exited
+        assert fut is not None
+        if (
+            e.spec.kind == "service"
+            and not e.ready
+            and not (e.cancel_requested or e.expired or e.fail_reason)
+        ):
+            health = e.spec.health or HealthSpec()
+            check = asyncio.get_running_loop().create_task(self._health(e, health))
+            waiters: set[asyncio.Future[Any]] = {check, fut}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not check.done():
+                    check.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await check
+            if check.done() and not check.cancelled() and not fut.done():
+                if check.result():
+                    if not (e.cancel_requested or e.expired):
+                        e.ready = True
+                        await self._report(e, EntryState.READY, endpoint=self._endpoint(e))
+                else:
+                    e.fail_reason = _with_tail(
+                        f"health check GET {health.path} did not pass within "
+                        f"{health.timeout_s:g}s",
+                        e.workdir,
+                    )
+                    self._terminate(e)
+        return await fut
+
+    async def _health(self, e: _Entry, health: HealthSpec) -> bool:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        url = f"http://{host}:{e.port}{health.path}"
+        deadline = (e.spawned_at or time.time()) + health.timeout_s
+        timeout = httpx.Timeout(min(5.0, max(0.5, health.interval_s * 5)))
+        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+            while True:
+                try:
+                    resp = await client.get(url)
+                    if resp.status_code < 400:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                await asyncio.sleep(min(health.interval_s, left))
+
+    def _outcome(self, e: _Entry, status: int | None) -> _OutcomeView:
+        recorded = e.workdir.read_outcome()
+        if recorded is not None and recorded.exit_code is not None:
+            return _OutcomeView(recorded.exit_code, recorded.signal)
+        if status is None:
+            return _OutcomeView(None, None)
+        if status < 0:
+            return _OutcomeView(128 - status, -status)
+        return _OutcomeView(status, status - 128 if status > 128 else None)
+
+    def _verdict(
+        self, e: _Entry, o: Outcome | _OutcomeView
+    ) -> tuple[EntryState, str | None, int | None]:
+        code: int | None = o.exit_code
+        sig: int | None = o.signal
+        if e.cancel_requested:
+            return EntryState.CANCELLED, "cancelled by request", code
+        if e.expired:
+            walltime = format_duration(e.resources.walltime_s)
+            return EntryState.EXPIRED, f"walltime {walltime} exceeded", code
+        if e.fail_reason:
+            return EntryState.FAILED, e.fail_reason, code
+        if code is None:
+            return (
+                EntryState.FAILED,
+                _with_tail("the process ended without recording an exit status", e.workdir),
+                None,
+            )
+        if code == 0:
+            return EntryState.SUCCEEDED, None, 0
+        if sig:
+            return (
+                EntryState.FAILED,
+                _with_tail(f"killed by signal {_signal_name(sig)}", e.workdir),
+                code,
+            )
+        return EntryState.FAILED, _with_tail(f"exit code {code}", e.workdir), code
+
+    # ------------------------------------------------------------------ stopping
+
+    def _arm_walltime(self, e: _Entry) -> None:
+        if e.walltime_timer is not None or e.started_at is None:
+            return
+        left = e.started_at + e.resources.walltime_s - time.time()
+        e.walltime_timer = asyncio.get_running_loop().call_later(
+            max(0.0, left), self._on_walltime, e
+        )
+
+    def _on_walltime(self, e: _Entry) -> None:
+        e.walltime_timer = None
+        if e.finished or e.cancel_requested:
+            return
+        e.expired = True
+        self._terminate(e)
+
+    def _terminate(self, e: _Entry) -> None:
+        """SIGTERM the process group; after the grace period SIGKILL what is left of the command
+        (the wrapper survives to record the status), and a little later the whole group."""
+        if e.pgid is None or e.exited is None or e.exited.done() or e.kill_timer is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(e.pgid, signal.SIGTERM)
+        e.kill_timer = asyncio.get_running_loop().call_later(
+            self.term_grace_s, self._kill_members, e
+        )
+
+    def _kill_members(self, e: _Entry) -> None:
+        e.kill_timer = None
+        if e.pgid is None or e.exited is None or e.exited.done():
+            return
+        for pid in _members(e.pgid):
+            if pid != e.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        e.kill_timer = asyncio.get_running_loop().call_later(1.0, self._kill_all, e)
+
+    def _kill_all(self, e: _Entry) -> None:
+        e.kill_timer = None
+        if e.pgid is not None and e.exited is not None and not e.exited.done():
+            self._kill_group(e)
+
+    async def _cancel_unknown(self, entry_id: str, handle: Mapping[str, Any]) -> None:
+        """Cancel for an entry this backend does not track: stop its process if it is still
+        alive (and provably the same process), and say so."""
+        pid = handle.get("pid")
+        if not pid:
+            return
+        stat = _proc_stat(int(pid))
+        want = handle.get("start_time")
+        if stat is None or stat[0] == "Z" or want is None or stat[2] != int(want):
+            return
+        pgid = int(handle.get("pgid") or pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
+        asyncio.get_running_loop().call_later(self.term_grace_s, kill)
+        await self._call(
+            entry_id, "transition", EntryState.CANCELLED, reason="cancelled by request"
+        )
+
+    # ------------------------------------------------------------------ reporting
+
+    async def _report(self, e: _Entry, state: EntryState, **kw: Any) -> None:
+        async with e.lock:
+            if e.finished or state == e.state:
+                return
+            e.state = state
+            await self._call(e.id, "transition", state, **kw)
+
+    async def _finish(
+        self, e: _Entry, state: EntryState, reason: str | None, exit_code: int | None
+    ) -> None:
+        """Report the final state (after a last flush of logs and stream) and forget it."""
+        if e.finished:
+            return
+        e.phase = _Phase.DONE
+        self._detach(e)
+        if self._watcher is not None:
+            self._watcher.remove(e.workdir.root)
+        self._release(e)
+        async with e.lock:
+            if e.finished:
+                return
+            try:
+                await self._flush_locked(e)
+            except Exception:
+                log.exception("entry %s: final flush failed", e.id)
+            e.finished = True
+            e.state = state
+            await self._call(e.id, "transition", state, reason=reason, exit_code=exit_code)
+        if self._entries.get(e.id) is e:
+            del self._entries[e.id]
+
+    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
+        if self._reporter is None:
+            return
+        try:
+            await getattr(self._reporter, method)(entry_id, *args, **kw)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reporter.%s for %s failed", method, entry_id)
+
+    def _request_flush(self, entry_id: str) -> None:
+        e = self._entries.get(entry_id)
+        if e is None or e.finished or e.flush_pending or self._closed:
+            return
+        e.flush_pending = True
+        task = asyncio.get_running_loop().create_task(self._flush(e))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _flush(self, e: _Entry) -> None:
+        async with e.lock:
+            e.flush_pending = False
+            if not e.finished:
+                await self._flush_locked(e)
+
+    async def _flush_locked(self, e: _Entry) -> None:
+        size = _size(e.workdir.log)
+        if size > e.log_size:
+            e.log_size = size
+            await self._call(e.id, "log_grew", size)
+        for record in self._new_records(e):
+            index = e.stream_index
+            e.stream_index += 1
+            await self._call(e.id, "stream_record", index, record)
+
+    def _new_records(self, e: _Entry) -> list[dict[str, Any]]:
+        """Complete lines of stream.jsonl past what was reported, read incrementally (the same
+        numbering and parsing as `backends.base.read_stream`)."""
+        import json
+
+        try:
+            with e.workdir.stream.open("rb") as f:
+                f.seek(e.stream_offset)
+                raw = f.read()
+        except OSError:
+            return []
+        end = raw.rfind(b"\n")
+        if end < 0:
+            return []
+        e.stream_offset += end + 1
+        out: list[dict[str, Any]] = []
+        for line in raw[:end].decode("utf-8", errors="replace").split("\n"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = {"raw": line}
+            out.append(rec if isinstance(rec, dict) else {"value": rec})
+        return out
+
+    # ------------------------------------------------------------------ small parts
+
+    def _require_started(self) -> None:
+        if self._reporter is None or self._closed:
+            raise BackendError(f"local backend {self.name!r} is not started")
+
+    def _detach(self, e: _Entry) -> None:
+        """Stop timers and the exit watch (not the process)."""
+        for timer in (e.walltime_timer, e.kill_timer):
+            if timer is not None:
+                timer.cancel()
+        e.walltime_timer = e.kill_timer = None
+        self._close_pidfd(e)
+
+    def _reset_process(self, e: _Entry) -> None:
+        """Forget a finished run before a restart."""
+        if e.kill_timer is not None:
+            e.kill_timer.cancel()
+            e.kill_timer = None
+        self._close_pidfd(e)
+        e.proc = None
+        e.pid = e.pgid = e.start_time = None
+        e.exited = None
+        e.ready = False
+
+    def _handle(self, e: _Entry, running: bool = True) -> dict[str, Any]:
+        return {
+            "pid": e.pid if running else None,
+            "pgid": e.pgid if running else None,
+            "start_time": e.start_time if running else None,
+            "workdir": str(e.workdir.root),
+            "gpus": list(e.gpus),
+            "port": e.port,
+            "started_at": e.started_at,
+            "spawned_at": e.spawned_at if running else None,
+            "restarts": e.restarts,
+        }
+
+    def _endpoint(self, e: _Entry) -> str | None:
+        if e.spec.kind != "service" or e.port is None:
+            return None
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{e.port}"
+
+    def _env(self, e: _Entry) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(e.spec.env)
+        env.update(e.workdir.contract_env())
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in e.gpus)
+        env["SCIORCH_ENTRY_ID"] = e.id
+        env["SCIORCH_EVENT_ID"] = e.spec.event_id
+        env["SCIORCH_BASE_PATH"] = e.spec.base_path
+        return env
+
+    def _fill(self, arg: str, e: _Entry) -> str:
+        """Placeholders only the backend knows: the port and the work dir's files."""
+        if "{" not in arg:
+            return arg
+        wd = e.workdir
+        for key, value in (
+            ("port", str(e.port) if e.port is not None else None),
+            ("workdir", str(wd.root)),
+            ("params_file", str(wd.params)),
+            ("result_file", str(wd.result)),
+            ("stream_file", str(wd.stream)),
+            ("output_dir", str(wd.output)),
+        ):
+            if value is not None:
+                arg = arg.replace("{" + key + "}", value)
+        return arg
+
+    @staticmethod
+    def _missing_command(cmd: str, workdir: WorkDir, path: str | None) -> str | None:
+        if "/" in cmd:
+            p = Path(cmd) if os.path.isabs(cmd) else workdir.root / cmd
+            if p.is_file() and os.access(p, os.X_OK):
+                return None
+            if p.exists():
+                return f"command not executable: {cmd}"
+            return f"command not found: {cmd}"
+        if shutil.which(cmd, path=path) is None:
+            return f"command not found: {cmd}"
+        return None
+
+    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
+        return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
+
+    async def _detect_gpus(self) -> dict[int, str]:
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            return {}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                exe,
+                "--query-gpu=index,name",
+                "--format=csv,noheader",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        except (OSError, TimeoutError) as exc:
+            log.warning("nvidia-smi failed: %s; no GPUs on site %s", exc, self.name)
+            return {}
+        gpus: dict[int, str] = {}
+        for line in out.decode(errors="replace").splitlines():
+            index, _, name = line.partition(",")
+            if index.strip().isdigit():
+                gpus[int(index)] = name.strip()
+        return gpus
+
+
+@dataclass(frozen=True)
+class _OutcomeView:
+    exit_code: int | None
+    signal: int | None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _complete_lines(path: Path) -> tuple[int, int]:
+    """(byte offset after the last newline, number of complete lines) of a file."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return 0, 0
+    end = raw.rfind(b"\n")
+    return (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
+
+
+__all__ = ["WRAPPER_SCRIPT", "LocalBackend", "LocalOptions", "log_tail"]

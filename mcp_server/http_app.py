@@ -1,0 +1,143 @@
+"""The HTTP application: the per-entry service proxy, a health endpoint and (mounted by the MCP
+server) the streamable-HTTP MCP endpoint at /mcp.
+
+`create_http_app(engine, extra_routes=[Mount("/mcp", app=mcp_app)], lifespans=[mcp_app.lifespan])`
+is all the MCP server needs to add itself; `serve_http` opens the engine and runs uvicorn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from mcp_server.proxy import EntryProxy
+from orchestrator.config import Settings
+from orchestrator.engine import Engine
+
+log = logging.getLogger("sciorch.http")
+
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[Any]]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+def create_http_app(
+    engine: Engine,
+    *,
+    extra_routes: Sequence[BaseRoute] = (),
+    lifespans: Sequence[Lifespan] = (),
+) -> Starlette:
+    """The proxy routes plus GET /healthz. `extra_routes` come first (e.g. the MCP mount);
+    `lifespans` are entered in order at start-up (e.g. the MCP app's session manager)."""
+    proxy = EntryProxy(lambda: engine)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            sites = [
+                {"name": s.name, "kind": s.kind, "status": s.status.value}
+                for s in await engine.list_sites()
+            ]
+        except Exception as exc:  # a broken site must not make the server look dead
+            log.warning("healthz: listing sites failed: %s", exc)
+            sites = [{"name": name, "status": "unknown"} for name in engine.backends]
+        return JSONResponse({"ok": True, "sites": sites})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(proxy.aclose)
+            for extra in lifespans:
+                await stack.enter_async_context(extra(app))
+            yield
+
+    routes: list[BaseRoute] = [
+        *extra_routes,
+        Route("/healthz", healthz, methods=["GET"]),
+        *proxy.routes(),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.proxy = proxy
+    return app
+
+
+def public_url_for(host: str, port: int) -> str:
+    """The URL clients reach a server listening on host:port at."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def settings_for_listen(settings: Settings, host: str, port: int) -> Settings:
+    """Make entry URLs point at this server: unless public_url was configured (file, environment
+    or override), it follows the host and port the server listens on."""
+    if "public_url" in settings.model_fields_set:
+        return settings
+    if (host, port) == (DEFAULT_HOST, DEFAULT_PORT):
+        return settings
+    return settings.model_copy(update={"public_url": public_url_for(host, port)})
+
+
+async def serve_http(
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    extra_routes: Sequence[BaseRoute] = (),
+    lifespans: Sequence[Lifespan] = (),
+    log_level: str = "info",
+) -> None:
+    """Open the engine, serve the HTTP app until SIGINT/SIGTERM, close the engine."""
+    host = host if host is not None else settings.host
+    port = port if port is not None else settings.port
+    settings = settings_for_listen(settings, host, port)
+    engine = await Engine.open(settings)
+    closed = False
+
+    async def close_engine() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await engine.close()
+            log.info("engine closed")
+
+    @contextlib.asynccontextmanager
+    async def engine_lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Closed at the app's shutdown: after SIGTERM uvicorn re-raises the signal as soon as
+        # it has shut down, so code after `server.serve()` may never run.
+        try:
+            yield
+        finally:
+            await close_engine()
+
+    try:
+        app = create_http_app(
+            engine, extra_routes=extra_routes, lifespans=[engine_lifespan, *lifespans]
+        )
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            ws="websockets-sansio",
+            proxy_headers=False,
+        )
+        server = uvicorn.Server(config)
+        log.info("sciorch HTTP on %s:%d, public URL %s", host, port, settings.public_url)
+        await server.serve()
+    finally:
+        await close_engine()
