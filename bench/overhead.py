@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import load_settings  # noqa: E402
-from orchestrator.engine import Engine  # noqa: E402
-from orchestrator.models import EntryState, Principal  # noqa: E402
+from orchestrator.config import load_settings
+from orchestrator.engine import Engine
+from orchestrator.models import EntryState, Principal
 
 TARGET_MS = 20.0
 TEMPLATE = """
@@ -84,8 +84,10 @@ def main() -> None:
     print(f"steps: {args.steps} x {args.seconds * 1000:.0f} ms job")
     print(f"bare subprocess loop : median {b * 1000:7.1f} ms/step  total {sum(base):6.2f} s")
     print(f"through the engine   : median {e * 1000:7.1f} ms/step  total {sum(eng):6.2f} s")
-    print(f"overhead per step    : median {over_ms:7.1f} ms  mean {mean_ms:7.1f} ms  "
-          f"(target <= {TARGET_MS:.0f} ms) -> {'PASS' if over_ms <= TARGET_MS else 'FAIL'}")
+    print(
+        f"overhead per step    : median {over_ms:7.1f} ms  mean {mean_ms:7.1f} ms  "
+        f"(target <= {TARGET_MS:.0f} ms) -> {'PASS' if over_ms <= TARGET_MS else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

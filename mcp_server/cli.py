@@ -743,9 +743,26 @@ def stop_event(
     ref = build(EventRef, event_id=event_id)
 
     async def go(engine: Engine, who: Principal) -> EventView:
-        return await tools.stop_event(engine, who, ref)
+        return await stop_event_and_wait(engine, who, ref)
 
     out.print(_t(event_line(run(ctx, go))))
+
+
+async def stop_event_and_wait(
+    engine: Engine, who: Principal, ref: EventRef, timeout_s: float = 30
+) -> EventView:
+    """tools.stop_event, then wait until its entries have ended: this process is about to exit,
+    and an entry whose stop is still under way would be found by the next one, without the
+    knowledge that it was stopped on purpose."""
+    active = [s for s in EntryState if not s.terminal]
+    page = await tools.list_entries(
+        engine, who, build(ListEntriesInput, event_id=ref.event_id, states=active, limit=1000)
+    )
+    view = await tools.stop_event(engine, who, ref)
+    await asyncio.gather(
+        *(wait_until_done(engine, who, e.id, timeout_s, "finished") for e in page.entries)
+    )
+    return view
 
 
 @app.command()
@@ -944,7 +961,7 @@ async def _demo(
     finally:
         if not keep:
             with contextlib.suppress(SciorchError):
-                await tools.stop_event(engine, who, build(EventRef, event_id=event.id))
+                await stop_event_and_wait(engine, who, build(EventRef, event_id=event.id))
         await server.stop()
 
 

@@ -309,7 +309,9 @@ class Store:
                 (entry_id,),
             ) as cur:
                 trs = [
-                    Transition(state=EntryState(r["state"]), at=_dt_req(r["at"]), reason=r["reason"])
+                    Transition(
+                        state=EntryState(r["state"]), at=_dt_req(r["at"]), reason=r["reason"]
+                    )
                     async for r in cur
                 ]
         return self._entry(row, trs)

@@ -12,9 +12,9 @@ import pytest
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
-from orchestrator.config import Settings, load_settings  # noqa: E402
-from orchestrator.engine import Engine  # noqa: E402
-from orchestrator.models import Principal  # noqa: E402
+from orchestrator.config import Settings, load_settings
+from orchestrator.engine import Engine
+from orchestrator.models import Principal
 
 ALICE = Principal(id="alice")
 BOB = Principal(id="bob")

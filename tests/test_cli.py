@@ -166,8 +166,13 @@ def test_events_share_and_stop(home: Path) -> None:
     assert event_id in out and "beamtime" in out and "bob (operator)" in out
     line = user_error(sciorch(home, "share", event_id, "bob", "--role", "admin"))
     assert "role" in line
+    launched = ok(sciorch(home, "launch", "http-app", "--event", event_id, "--wait"))
+    service_id = launched.stdout.splitlines()[0].strip()
+    assert "ready" in launched.stderr and f"/entries/{service_id}/?token=" in launched.stdout
     out = ok(sciorch(home, "stop-event", event_id)).stdout
     assert "stopped" in out
+    # Stopped on purpose, and recorded so, although the next process is the one that looks.
+    assert re.search(r"state\s+cancelled", ok(sciorch(home, "status", service_id)).stdout)
     assert event_id not in ok(sciorch(home, "events")).stdout
 
 

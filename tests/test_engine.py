@@ -6,10 +6,10 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +76,10 @@ async def test_job_runs_through_every_state_and_records_its_result(engine: Engin
     # Transitions were announced in the order they were written, and records streamed.
     announced = [m.state for m in seen if m.kind == "transition" and m.entry_id == entry.id]
     assert announced == [
-        EntryState.PENDING, EntryState.PROVISIONING, EntryState.RUNNING, EntryState.SUCCEEDED,
+        EntryState.PENDING,
+        EntryState.PROVISIONING,
+        EntryState.RUNNING,
+        EntryState.SUCCEEDED,
     ]
     assert sum(1 for m in seen if m.kind == "stream" and m.entry_id == entry.id) == 2
 
@@ -107,7 +110,9 @@ async def test_failed_job_keeps_exit_code_and_log_tail(engine: Engine) -> None:
     assert "exit code 3" in (done.reason or "")
 
 
-async def test_job_killed_by_signal_is_failed_with_the_signal(engine: Engine, tmp_path: Path) -> None:
+async def test_job_killed_by_signal_is_failed_with_the_signal(
+    engine: Engine, tmp_path: Path
+) -> None:
     extra = tmp_path / "cat"
     extra.mkdir()
     (extra / "suicide.yaml").write_text(
@@ -236,8 +241,14 @@ async def test_concurrency_limit(engine: Engine, tmp_path: Path) -> None:
 async def test_gpu_request_never_lands_on_a_site_without_gpus(home: Path) -> None:
     sites = [
         {"name": "cpu-only", "kind": "local", "gpus": 0, "cpus": 8, "memory_mb": 8192},
-        {"name": "gpu-box", "kind": "local", "gpus": 1, "gpu_type": "h100", "cpus": 4,
-         "memory_mb": 8192},
+        {
+            "name": "gpu-box",
+            "kind": "local",
+            "gpus": 1,
+            "gpu_type": "h100",
+            "cpus": 4,
+            "memory_mb": 8192,
+        },
     ]
     eng = await Engine.open(make_settings(home, sites=sites))
     try:
@@ -270,7 +281,10 @@ async def test_router_prefers_the_site_with_the_shorter_wait(home: Path) -> None
     eng = await Engine.open(make_settings(home, sites=sites))
     try:
         hog = await eng.launch(
-            ALICE, "sim-instrument", {"duration_s": 30}, site="busy",
+            ALICE,
+            "sim-instrument",
+            {"duration_s": 30},
+            site="busy",
             resources=ResourceRequest(cpus=1),
         )
         await eng.wait_entry(ALICE, hog.id, timeout_s=0.3)
@@ -465,8 +479,8 @@ def start_server_and_kill(home: Path, duration: float) -> str:
 
 
 async def test_kill_9_job_finished_while_server_was_dead(home: Path) -> None:
-    entry_id = start_server_and_kill(home, duration=0.5)
-    time.sleep(1.5)  # the job ends while no server watches it
+    entry_id = await asyncio.to_thread(start_server_and_kill, home, 0.5)
+    await asyncio.sleep(1.5)  # the job ends while no server watches it
     eng = await Engine.open(make_settings(home))
     try:
         done, _ = await eng.wait_entry(ALICE, entry_id, timeout_s=10)
@@ -477,7 +491,7 @@ async def test_kill_9_job_finished_while_server_was_dead(home: Path) -> None:
 
 
 async def test_kill_9_job_still_running_is_re_adopted(home: Path) -> None:
-    entry_id = start_server_and_kill(home, duration=2.0)
+    entry_id = await asyncio.to_thread(start_server_and_kill, home, 2.0)
     eng = await Engine.open(make_settings(home))
     try:
         now = await eng.get_entry(ALICE, entry_id)
@@ -490,18 +504,13 @@ async def test_kill_9_job_still_running_is_re_adopted(home: Path) -> None:
 
 
 async def test_kill_9_job_vanished_is_failed_with_a_reason(home: Path) -> None:
-    entry_id = start_server_and_kill(home, duration=30)
-    handle = json.loads(
-        subprocess.check_output(
-            [sys.executable, "-c",
-             "import sqlite3,sys;print(sqlite3.connect(sys.argv[1]).execute("
-             "'select handle from entries where id=?',(sys.argv[2],)).fetchone()[0])",
-             str(home / "sciorch.db"), entry_id],
-            text=True,
+    entry_id = await asyncio.to_thread(start_server_and_kill, home, 30)
+    with sqlite3.connect(home / "sciorch.db") as db:
+        handle = json.loads(
+            db.execute("SELECT handle FROM entries WHERE id = ?", (entry_id,)).fetchone()[0]
         )
-    )
     os.killpg(handle["pgid"], signal.SIGKILL)  # the whole job dies with nobody watching
-    time.sleep(0.3)
+    await asyncio.sleep(0.3)
     eng = await Engine.open(make_settings(home))
     try:
         done, _ = await eng.wait_entry(ALICE, entry_id, timeout_s=10)
