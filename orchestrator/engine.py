@@ -130,7 +130,6 @@ class Engine:
         self.bus = bus or Bus()
         self._key = _signing_key(settings.keys_dir)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._finish_as: dict[str, tuple[EntryState, str]] = {}
         self._expiry_task: asyncio.Task[None] | None = None
         self._expiry_wake = asyncio.Event()
         self._started = False
@@ -245,14 +244,16 @@ class Engine:
                     "entry %s: %s -> %s is not a transition; ignored", entry_id, entry.state, state
                 )
                 return
-            if state == EntryState.CANCELLED and entry_id in self._finish_as:
-                state, reason = self._finish_as[entry_id]
+            if state in (EntryState.CANCELLED, EntryState.FAILED):
+                # A stop was asked for: the backend saw a kill, the caller asked for this.
+                requested = await self.store.stop_request(entry_id)
+                if requested is not None:
+                    state, reason = requested
             at = now()
             if state in (EntryState.RUNNING,) and entry.started_at is None:
                 fields["started_at"] = at
             if state.terminal:
                 fields["finished_at"] = at
-                self._finish_as.pop(entry_id, None)
                 backend = self.backends.get(entry.site)
                 if backend is not None and entry.kind == "job":
                     try:
@@ -403,17 +404,24 @@ class Engine:
         """Stop every entry of the event and close it. Idempotent."""
         event = await self._event_for(principal, event_id, Role.OWNER)
         if event.state == EventState.ACTIVE:
-            await self._end_event(event, EventState.STOPPED, EntryState.CANCELLED, "event stopped")
+            await self._end_event(
+                event, EventState.STOPPED, EntryState.CANCELLED, "event stopped", wait_s=10.0
+            )
         return await self._event_for(principal, event_id, Role.VIEWER)
 
     async def _end_event(
-        self, event: Event, state: EventState, entry_state: EntryState, reason: str
+        self,
+        event: Event,
+        state: EventState,
+        entry_state: EntryState,
+        reason: str,
+        wait_s: float = 0.0,
     ) -> None:
         await self.store.set_event_state(event.id, state, now())
         entries = await self.store.list_entries(
             event_ids=[event.id], states=ACTIVE_STATES, limit=1_000_000
         )
-        await asyncio.gather(*(self._stop_entry(e, entry_state, reason) for e in entries))
+        await self._stop_entries(entries, entry_state, reason, wait_s)
         self.bus.publish(Message(kind="event", event_id=event.id, at=now()))
 
     async def share_event(
@@ -704,21 +712,37 @@ class Engine:
         entry, _ = await self._entry_for(principal, entry_id, Role.OPERATOR)
         if entry.state.terminal:
             return entry
-        async with self.bus.subscribe(
-            lambda m: m.entry_id == entry_id and m.kind == "transition"
-        ) as sub:
-            await self._stop_entry(entry, EntryState.CANCELLED, "cancelled by " + principal.id)
-            try:
-                async with asyncio.timeout(wait_s):
-                    while not (await self.store.get_entry(entry_id, False) or entry).state.terminal:
-                        await sub.get()
-            except TimeoutError:
-                pass
+        await self._stop_entries(
+            [entry], EntryState.CANCELLED, "cancelled by " + principal.id, wait_s
+        )
         return await self.get_entry(principal, entry_id)
 
+    async def _stop_entries(
+        self, entries: list[Entry], final: EntryState, reason: str, wait_s: float
+    ) -> None:
+        """Ask the backends to stop these entries, then wait (bounded) until they have ended,
+        so the caller sees the final states. The stop goes on in the backend past wait_s."""
+        pending = {e.id for e in entries}
+        async with self.bus.subscribe(
+            lambda m: m.kind == "transition" and m.entry_id in pending
+        ) as sub:
+            await asyncio.gather(*(self._stop_entry(e, final, reason) for e in entries))
+            try:
+                async with asyncio.timeout(wait_s):
+                    while pending:
+                        for eid in list(pending):
+                            current = await self.store.get_entry(eid, transitions=False)
+                            if current is None or current.state.terminal:
+                                pending.discard(eid)
+                        if pending:
+                            await sub.get()
+            except TimeoutError:
+                pass
+
     async def _stop_entry(self, entry: Entry, final: EntryState, reason: str) -> None:
-        # Backends only know "cancelled"; remember what this stop really is (and why).
-        self._finish_as[entry.id] = (final, reason)
+        # Backends only know "cancelled"; the store remembers what this stop really is (and
+        # why), so a server restarting mid-stop still records it truthfully.
+        await self.store.request_stop(entry.id, final, reason)
         backend = self.backends.get(entry.site)
         if backend is None:
             await self.transition(entry.id, final, reason=reason)

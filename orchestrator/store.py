@@ -405,6 +405,23 @@ class Store:
                 (entry_id, state.value, _ts(at), reason),
             )
 
+    async def request_stop(self, entry_id: str, state: EntryState, reason: str) -> None:
+        """Remember the final state a stop asked for; the first request wins."""
+        await self._write(
+            "UPDATE entries SET stop_requested = ? WHERE id = ? AND stop_requested IS NULL",
+            (json.dumps({"state": state.value, "reason": reason}), entry_id),
+        )
+
+    async def stop_request(self, entry_id: str) -> tuple[EntryState, str] | None:
+        async with self._db.execute(
+            "SELECT stop_requested FROM entries WHERE id = ?", (entry_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        data = json.loads(row[0])
+        return EntryState(data["state"]), str(data["reason"])
+
     async def update_entry_fields(self, entry_id: str, fields: dict[str, Any]) -> None:
         """Fields that change without a state change (a result read after the fact)."""
         if not fields:

@@ -523,3 +523,23 @@ async def test_kill_9_job_vanished_is_failed_with_a_reason(home: Path) -> None:
 async def test_second_engine_on_the_same_home_is_refused(engine: Engine) -> None:
     with pytest.raises(Conflict, match="another sciorch process"):
         await Engine.open(make_settings(engine.settings.home))
+
+
+async def test_a_stop_survives_a_server_restart(home: Path) -> None:
+    """The server asks for a cancel and goes away before the job has ended: the next server
+    records `cancelled` with the caller's reason, not a death by signal."""
+    eng = await Engine.open(make_settings(home))
+    entry = await eng.launch(ALICE, "sim-instrument", {"duration_s": 30})
+    while (await eng.get_entry(ALICE, entry.id)).state != EntryState.RUNNING:
+        await asyncio.sleep(0.01)
+    mid = await eng.cancel(ALICE, entry.id, wait_s=0)
+    assert not mid.state.terminal
+    await eng.close()  # gone before the backend saw the job end
+    await asyncio.sleep(0.5)
+    eng = await Engine.open(make_settings(home))
+    try:
+        done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=10)
+        assert done.state == EntryState.CANCELLED
+        assert done.reason == "cancelled by alice"
+    finally:
+        await shutdown(eng)

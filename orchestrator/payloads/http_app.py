@@ -70,8 +70,8 @@ def create_app(params: dict[str, Any] | None = None) -> Starlette:
         return HTMLResponse(
             "<!doctype html><html><head><title>sciorch http-app</title></head><body>"
             f"<h1>{html.escape(greeting)}</h1>"
-            f"<p>entry <code id=\"entry\">{entry}</code></p>"
-            f"<p>path <code id=\"path\">{path}</code></p>"
+            f'<p>entry <code id="entry">{entry}</code></p>'
+            f'<p>path <code id="path">{path}</code></p>'
             "</body></html>"
         )
 

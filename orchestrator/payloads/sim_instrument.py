@@ -72,8 +72,11 @@ def main() -> int:
     rng = random.Random(seed)
     log(f"surface={surface.name} point={point} noise_std={noise_std} duration_s={duration}")
     if params.get("fail"):
-        print("[sim-instrument] error: simulated instrument fault (fail=true)", file=sys.stderr,
-              flush=True)
+        print(
+            "[sim-instrument] error: simulated instrument fault (fail=true)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 3
 
     x = list(point.values())
