@@ -15,10 +15,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import uvicorn
+from fastmcp import FastMCP
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from mcp_server.proxy import EntryProxy
 from orchestrator.config import Settings
@@ -72,6 +73,12 @@ def create_http_app(
     return app
 
 
+def mcp_mount(mcp: FastMCP) -> tuple[list[BaseRoute], list[Lifespan]]:
+    """The streamable-HTTP MCP endpoint at /mcp, with its session manager's lifespan."""
+    mcp_app = mcp.http_app(path="/")
+    return [Mount("/mcp", app=mcp_app)], [mcp_app.lifespan]
+
+
 def public_url_for(host: str, port: int) -> str:
     """The URL clients reach a server listening on host:port at."""
     if host in ("", "0.0.0.0", "::"):
@@ -99,8 +106,10 @@ async def serve_http(
     extra_routes: Sequence[BaseRoute] = (),
     lifespans: Sequence[Lifespan] = (),
     log_level: str = "info",
+    mcp_factory: Callable[[Engine], FastMCP] | None = None,
 ) -> None:
-    """Open the engine, serve the HTTP app until SIGINT/SIGTERM, close the engine."""
+    """Open the engine, serve the HTTP app until SIGINT/SIGTERM, close the engine. With
+    `mcp_factory`, the MCP server it builds over the engine answers at /mcp."""
     host = host if host is not None else settings.host
     port = port if port is not None else settings.port
     settings = settings_for_listen(settings, host, port)
@@ -124,6 +133,10 @@ async def serve_http(
             await close_engine()
 
     try:
+        if mcp_factory is not None:
+            mcp_routes, mcp_lifespans = mcp_mount(mcp_factory(engine))
+            extra_routes = [*mcp_routes, *extra_routes]
+            lifespans = [*mcp_lifespans, *lifespans]
         app = create_http_app(
             engine, extra_routes=extra_routes, lifespans=[engine_lifespan, *lifespans]
         )

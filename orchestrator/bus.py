@@ -35,9 +35,18 @@ class Subscription:
 class Bus:
     def __init__(self, maxsize: int = 10_000) -> None:
         self._subs: set[Subscription] = set()
+        self._listeners: list[Callable[[Message], None]] = []
         self._maxsize = maxsize
 
+    def add_listener(self, listener: Callable[[Message], None]) -> Callable[[], None]:
+        """A callback run synchronously on every message (it must not block); returns the
+        function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
     def publish(self, message: Message) -> None:
+        for listener in tuple(self._listeners):
+            listener(message)
         for sub in tuple(self._subs):
             if sub.match(message):
                 try:

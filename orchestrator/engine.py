@@ -648,13 +648,15 @@ class Engine:
     ) -> tuple[Entry, bool]:
         """Wait until the entry is finished (jobs) or ready/finished (services, `until=auto`).
         Returns (entry, timed_out). `on_message` gets transitions and stream records."""
-        if until not in ("auto", "ready", "finished"):
-            raise InvalidInput("until must be auto, ready or finished", field="until")
+        if until not in ("auto", "started", "ready", "finished"):
+            raise InvalidInput("until must be auto, started, ready or finished", field="until")
         entry, _ = await self._entry_for(principal, entry_id)
 
         def done(state: EntryState, kind: str) -> bool:
             if state.terminal:
                 return True
+            if until == "started":
+                return state in (EntryState.RUNNING, EntryState.READY)
             wants_ready = until == "ready" or (until == "auto" and kind == "service")
             return wants_ready and state == EntryState.READY
 

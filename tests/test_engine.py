@@ -453,8 +453,7 @@ SERVER = textwrap.dedent(
         eng = await Engine.open(make_settings(Path(sys.argv[1])))
         entry = await eng.launch(ALICE, "sim-instrument", {"duration_s": float(sys.argv[2]),
                                                            "records": 1, "x1": 2.0})
-        while (await eng.get_entry(ALICE, entry.id)).state.value != "running":
-            await asyncio.sleep(0.01)
+        await eng.wait_entry(ALICE, entry.id, timeout_s=10, until="started")
         print(entry.id, flush=True)
         await asyncio.sleep(3600)
 
@@ -530,8 +529,8 @@ async def test_a_stop_survives_a_server_restart(home: Path) -> None:
     records `cancelled` with the caller's reason, not a death by signal."""
     eng = await Engine.open(make_settings(home))
     entry = await eng.launch(ALICE, "sim-instrument", {"duration_s": 30})
-    while (await eng.get_entry(ALICE, entry.id)).state != EntryState.RUNNING:
-        await asyncio.sleep(0.01)
+    started, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=10, until="started")
+    assert started.state == EntryState.RUNNING
     mid = await eng.cancel(ALICE, entry.id, wait_s=0)
     assert not mid.state.terminal
     await eng.close()  # gone before the backend saw the job end

@@ -118,8 +118,8 @@ class ListEntriesInput(_In):
 class WaitEntryInput(_In):
     entry_id: str = EntryId
     timeout_seconds: float = Field(60, gt=0, le=86400)
-    until: Literal["auto", "ready", "finished"] = Field(
-        "auto", description="auto: ready for services, finished for jobs"
+    until: Literal["auto", "started", "ready", "finished"] = Field(
+        "auto", description="auto: ready for services, finished for jobs; started: running"
     )
 
 

@@ -1,0 +1,93 @@
+"""Bearer tokens for the HTTP transport: an RSA key pair the server makes on first start (in
+$SCIORCH_HOME/keys), tokens signed with it (`sciorch token create`), and the verifier that checks
+issuer, audience, expiry and signature. Scopes: read, submit, admin."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastmcp.server.auth.providers.jwt import JWTVerifier
+
+from orchestrator.errors import InvalidInput
+
+ISSUER = "sciorch"
+AUDIENCE = "sciorch-mcp"
+SCOPES = ("read", "submit", "admin")
+PRIVATE = "mcp-signing.pem"
+PUBLIC = "mcp-signing.pub.pem"
+
+
+def ensure_keys(keys_dir: Path) -> tuple[bytes, bytes]:
+    """(private PEM, public PEM), generated once; the private key file is mode 0600."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    priv, pub = keys_dir / PRIVATE, keys_dir / PUBLIC
+    if not priv.exists():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = keys_dir / f".{PRIVATE}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        try:
+            os.link(tmp, priv)  # atomic, and never replaces a key another process just made
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    private_pem = priv.read_bytes()
+    if not pub.exists():
+        loaded = serialization.load_pem_private_key(private_pem, password=None)
+        assert isinstance(loaded, rsa.RSAPrivateKey)
+        pub.write_bytes(
+            loaded.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    return private_pem, pub.read_bytes()
+
+
+def parse_scopes(text: str) -> list[str]:
+    scopes = [s.strip() for s in text.replace(" ", ",").split(",") if s.strip()]
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise InvalidInput(
+            f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}", field="scopes"
+        )
+    if not scopes:
+        raise InvalidInput("at least one scope is needed", field="scopes")
+    return scopes
+
+
+def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str:
+    if not sub:
+        raise InvalidInput("sub must not be empty", field="sub")
+    if ttl_s <= 0:
+        raise InvalidInput("ttl must be positive", field="ttl")
+    private_pem, _ = ensure_keys(keys_dir)
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": sub,
+        "iat": now,
+        "exp": now + ttl_s,
+        "scope": " ".join(scopes),
+        "jti": secrets.token_hex(8),
+    }
+    return jwt.encode(claims, private_pem, algorithm="RS256")
+
+
+def verifier(keys_dir: Path) -> JWTVerifier:
+    _, public_pem = ensure_keys(keys_dir)
+    return JWTVerifier(
+        public_key=public_pem.decode(), issuer=ISSUER, audience=AUDIENCE, algorithm="RS256"
+    )

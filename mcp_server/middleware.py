@@ -1,0 +1,99 @@
+"""Middleware: a structured audit log of every mutating call, a cap on argument size, and
+per-principal rate limiting (fastmcp's token bucket keyed by the caller)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mcp_types as mt
+from fastmcp.exceptions import ToolError
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
+from fastmcp.server.middleware.rate_limiting import RateLimitingMiddleware
+from fastmcp.tools.base import ToolResult
+
+from orchestrator.models import Principal
+
+audit_log = logging.getLogger("sciorch.audit")
+
+MAX_ARGUMENT_BYTES = 256 * 1024
+
+
+class ArgumentSizeLimit(Middleware):
+    """Refuse oversize tool arguments before anything parses them."""
+
+    def __init__(self, max_bytes: int = MAX_ARGUMENT_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        size = len(json.dumps(context.message.arguments or {}, default=str))
+        if size > self.max_bytes:
+            raise ToolError(
+                f"invalid_input: arguments are {size} bytes; at most {self.max_bytes} are accepted"
+            )
+        return await call_next(context)
+
+
+class AuditLog(Middleware):
+    """One JSON line per mutating tool call: when, who, which tool, arguments, outcome."""
+
+    def __init__(
+        self, path: Path, mutating: Collection[str], principal_of: Callable[[], Principal]
+    ) -> None:
+        self.path = path
+        self.mutating = frozenset(mutating)
+        self.principal_of = principal_of
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        name = context.message.name
+        if name not in self.mutating:
+            return await call_next(context)
+        started = time.perf_counter()
+        record: dict[str, Any] = {
+            "at": datetime.now(UTC).isoformat(),
+            "principal": self.principal_of().id,
+            "tool": name,
+            "arguments": context.message.arguments or {},
+        }
+        try:
+            result = await call_next(context)
+        except Exception as exc:
+            record["outcome"] = "error"
+            record["error"] = str(exc)[:500]
+            raise
+        else:
+            record["outcome"] = "ok"
+            structured = result.structured_content or {}
+            if isinstance(structured, dict) and "id" in structured:
+                record["object_id"] = structured["id"]
+            return result
+        finally:
+            record["ms"] = round((time.perf_counter() - started) * 1000, 2)
+            line = json.dumps(record, default=str)
+            audit_log.info(line)
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+
+
+def rate_limit(
+    principal_of: Callable[[], Principal], per_second: float, burst: int | None
+) -> RateLimitingMiddleware:
+    return RateLimitingMiddleware(
+        max_requests_per_second=per_second,
+        burst_capacity=burst,
+        get_client_id=lambda _ctx: principal_of().id,
+    )

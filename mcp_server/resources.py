@@ -1,0 +1,102 @@
+"""MCP resources for entries, and the bridge that turns engine bus messages into
+`ResourceUpdated` events for clients listening through `subscriptions/listen`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import mcp_types
+from fastmcp import FastMCP
+from fastmcp.exceptions import ResourceError
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
+
+import tools
+from orchestrator.engine import Engine
+from orchestrator.errors import SciorchError
+from orchestrator.models import Message, Principal
+from tools import models as m
+
+ENTRY = "sciorch://entries/{entry_id}"
+LOG_TAIL_BYTES = 256 * 1024
+
+
+def entry_uris(entry_id: str) -> tuple[str, str, str]:
+    base = ENTRY.format(entry_id=entry_id)
+    return base, base + "/log", base + "/results"
+
+
+def uris_for(msg: Message) -> list[str]:
+    """Which resources a bus message changes."""
+    if msg.entry_id is None:
+        return []
+    entry, log, results = entry_uris(msg.entry_id)
+    if msg.kind == "transition":
+        return [entry, results] if msg.state and msg.state.terminal else [entry]
+    if msg.kind == "log":
+        return [log]
+    if msg.kind == "stream":
+        return [results]
+    return []
+
+
+def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], Principal]) -> None:
+    async def guarded(coro_fn: Callable[[Principal], object]) -> str:
+        try:
+            return str(await coro_fn(principal_of()))  # type: ignore[misc]
+        except SciorchError as exc:
+            raise ResourceError(f"{exc.code}: {exc.message}") from exc
+
+    @mcp.resource(ENTRY, mime_type="application/json", description="An entry (as get_entry)")
+    async def entry_resource(entry_id: str) -> str:
+        async def get(p: Principal) -> str:
+            view = await tools.get_entry(engine, p, m.EntryRef(entry_id=entry_id))
+            return view.model_dump_json()
+
+        return await guarded(get)
+
+    @mcp.resource(
+        ENTRY + "/log", mime_type="text/plain", description="The last 256 KiB of the entry's log"
+    )
+    async def log_resource(entry_id: str) -> str:
+        async def get(p: Principal) -> str:
+            head = await tools.read_logs(engine, p, m.ReadLogsInput(entry_id=entry_id, limit=1))
+            start = max(0, head.size - LOG_TAIL_BYTES)
+            chunk = await tools.read_logs(
+                engine, p, m.ReadLogsInput(entry_id=entry_id, offset=start, limit=LOG_TAIL_BYTES)
+            )
+            return chunk.data
+
+        return await guarded(get)
+
+    @mcp.resource(
+        ENTRY + "/results",
+        mime_type="application/json",
+        description="Final result, intermediate records and artifacts (as read_results)",
+    )
+    async def results_resource(entry_id: str) -> str:
+        async def get(p: Principal) -> str:
+            res = await tools.read_results(engine, p, m.ReadResultsInput(entry_id=entry_id))
+            return json.dumps(res.model_dump(mode="json"))
+
+        return await guarded(get)
+
+
+def attach_subscriptions(mcp: FastMCP, engine: Engine) -> InMemorySubscriptionBus:
+    """Serve `subscriptions/listen` (fastmcp 4.1 does not) and feed it from the engine's bus.
+    A listener learns only that a URI it names changed; reading it is authorised as usual."""
+    sub_bus = InMemorySubscriptionBus()
+    mcp._mcp_server.add_request_handler(
+        "subscriptions/listen", mcp_types.SubscriptionsListenRequestParams, ListenHandler(sub_bus)
+    )
+    pending: set[asyncio.Task[None]] = set()
+
+    def forward(msg: Message) -> None:
+        for uri in uris_for(msg):
+            task = asyncio.get_running_loop().create_task(sub_bus.publish(ResourceUpdated(uri=uri)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    engine.bus.add_listener(forward)
+    return sub_bus

@@ -1,0 +1,123 @@
+"""The MCP server: sciorch's typed operations as FastMCP tools, entry resources with update
+notifications, prompts, auth and middleware. `create_server` builds it over an open engine."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+
+from fastmcp import FastMCP
+from fastmcp.server.auth import AuthCheck, AuthContext, AuthProvider
+from fastmcp.server.dependencies import get_access_token
+from fastmcp_tasks import TasksExtension
+
+from mcp_server.middleware import ArgumentSizeLimit, AuditLog, rate_limit
+from mcp_server.prompts import register_prompts
+from mcp_server.resources import attach_subscriptions, register_resources
+from mcp_server.toolset import TOOLS, Scope, build_tool
+from orchestrator.engine import Engine
+from orchestrator.models import Principal
+
+os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
+
+INSTRUCTIONS = """\
+sciorch runs jobs and long-running services on scientific facilities (this machine, Slurm, \
+Kubernetes). Start with list_services. Jobs: submit_job, then wait_entry, then read_results. \
+Services: launch_service, then wait_entry until ready, then give the user access_url. \
+Entries live in events (allocations) you own or that are shared with you; without event_id \
+your default event is used. Errors name the field that was wrong and what was expected."""
+
+
+# Scopes nest: admin can do what submit can, submit what read can.
+IMPLIED: dict[Scope, frozenset[str]] = {
+    "read": frozenset({"read", "submit", "admin"}),
+    "submit": frozenset({"submit", "admin"}),
+    "admin": frozenset({"admin"}),
+}
+
+
+def scope_check(scope: Scope) -> Callable[[AuthContext], bool]:
+    granted_by = IMPLIED[scope]
+
+    def check(ctx: AuthContext) -> bool:
+        return ctx.token is not None and bool(granted_by & set(ctx.token.scopes))
+
+    return check
+
+
+def local_principal() -> Principal:
+    """Who stdio and the CLI act as: $SCIORCH_PRINCIPAL, else the login name."""
+    who = os.environ.get("SCIORCH_PRINCIPAL")
+    if not who:
+        try:
+            who = getpass.getuser()
+        except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+            who = "local"
+    return Principal(id=who)
+
+
+def create_server(
+    engine: Engine,
+    *,
+    auth: AuthProvider | None = None,
+    principal: Principal | None = None,
+    read_only: bool = False,
+    disable_destructive: bool = False,
+    rate_per_second: float = 50.0,
+    rate_burst: int | None = 200,
+) -> FastMCP:
+    """Build the server.
+
+    With `auth`, every request needs a bearer token: its `sub` is the principal and its scopes
+    (read, submit, admin) gate the tools. Without it (stdio, in-process), every call acts as
+    `principal` (default: the local user).
+    """
+    fallback = principal or local_principal()
+
+    def principal_of() -> Principal:
+        token = get_access_token()
+        if token is None:
+            return fallback
+        sub = str(token.claims.get("sub") or token.client_id)
+        return Principal(id=sub, admin="admin" in token.scopes)
+
+    mcp: FastMCP = FastMCP(
+        "sciorch",
+        instructions=INSTRUCTIONS,
+        auth=auth,
+        mask_error_details=True,
+    )
+    mcp.add_extension(TasksExtension(url="memory://"))
+
+    registered = []
+    for spec in TOOLS:
+        if read_only and not spec.read_only:
+            continue
+        if disable_destructive and spec.destructive:
+            continue
+        checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
+        mcp.tool(
+            build_tool(spec, engine, principal_of),
+            name=spec.name,
+            description=spec.description,
+            annotations={
+                "readOnlyHint": spec.read_only,
+                "destructiveHint": spec.destructive,
+                "idempotentHint": spec.idempotent,
+                "openWorldHint": False,
+            },
+            task=spec.long_running,
+            auth=checks,
+        )
+        registered.append(spec)
+
+    register_resources(mcp, engine, principal_of)
+    register_prompts(mcp)
+    attach_subscriptions(mcp, engine)
+
+    mutating = [s.name for s in registered if not s.read_only]
+    mcp.add_middleware(ArgumentSizeLimit())
+    mcp.add_middleware(rate_limit(principal_of, rate_per_second, rate_burst))
+    mcp.add_middleware(AuditLog(engine.settings.logs_dir / "audit.jsonl", mutating, principal_of))
+    return mcp

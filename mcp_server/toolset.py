@@ -1,0 +1,278 @@
+"""The MCP tools: one table row per typed operation in `tools/`, turned into FastMCP tools whose
+flat argument list is generated from the operation's pydantic input model, so the schema an
+agent sees and the validation the operation does are the same thing."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastmcp import Context
+from fastmcp.exceptions import ToolError
+from pydantic import BaseModel, ValidationError
+
+import tools
+from orchestrator.engine import Engine
+from orchestrator.errors import SciorchError
+from orchestrator.models import Message, Principal
+from tools import models as m
+
+Scope = Literal["read", "submit", "admin"]
+Op = Callable[..., Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    op: Op
+    input: type[BaseModel] | None
+    output: type[BaseModel]
+    description: str
+    scope: Scope
+    read_only: bool
+    destructive: bool = False
+    idempotent: bool = False
+    long_running: bool = False  # task-capable, reports progress
+
+
+TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        "list_services",
+        tools.list_services,
+        None,
+        m.ServiceList,
+        "List the catalogue: every service template with its kind (job runs to completion, "
+        "service stays up with a URL), versions, default resources and parameter JSON schema. "
+        "Start here to know what can be launched and with which parameters.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "list_sites",
+        tools.list_sites,
+        None,
+        m.SiteList,
+        "List the sites (compute backends) with status, capabilities (CPUs, memory, GPUs and "
+        "types, max walltime) and an estimated queue wait. You normally need not pick one: "
+        "the router chooses from resource needs and waits.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "list_events",
+        tools.list_events,
+        None,
+        m.EventList,
+        "List the events (allocations) you own or that are shared with you.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "create_event",
+        tools.create_event,
+        m.CreateEventInput,
+        m.EventView,
+        "Open an event: an allocation that groups entries, can be pinned to a site, has an "
+        "optional lifetime (ttl_seconds) and can be shared with collaborators. Not idempotent: "
+        "each call opens a new event.",
+        "submit",
+        read_only=False,
+    ),
+    ToolSpec(
+        "stop_event",
+        tools.stop_event,
+        m.EventRef,
+        m.EventView,
+        "Stop an event: cancels every entry in it and closes it. Owner only. Idempotent.",
+        "submit",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "share_event",
+        tools.share_event,
+        m.ShareEventInput,
+        m.EventView,
+        "Share an event with another principal as viewer (read) or operator (also launch "
+        "and cancel), or revoke with role 'none'. Owner only. Idempotent.",
+        "submit",
+        read_only=False,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "launch_service",
+        tools.launch_service,
+        m.LaunchServiceInput,
+        m.EntryView,
+        "Launch a long-running service (kind 'service', e.g. http-app) and return its entry. "
+        "Then call wait_entry until it is 'ready'; the entry's access_url opens it in a browser "
+        "(it carries your access token: share it only with people who should get in). "
+        "Not idempotent: each call starts a new instance.",
+        "submit",
+        read_only=False,
+    ),
+    ToolSpec(
+        "submit_job",
+        tools.submit_job,
+        m.SubmitJobInput,
+        m.EntryView,
+        "Submit a batch job (kind 'job', e.g. sim-instrument) and return its entry at once. "
+        "Then wait_entry for it to finish and read_results for its result. Pass an "
+        "idempotency_key to make retries safe: the same key returns the same entry.",
+        "submit",
+        read_only=False,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "get_entry",
+        tools.get_entry,
+        m.EntryRef,
+        m.EntryView,
+        "Get one entry: state and reason (e.g. why it is pending or why it failed), every "
+        "transition with its time, exit code, result, URL.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "list_entries",
+        tools.list_entries,
+        m.ListEntriesInput,
+        m.EntryPage,
+        "List entries you can see, oldest first, filtered by event, states or service. "
+        "Paginated: pass next_cursor back as cursor for the next page.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "wait_entry",
+        tools.wait_entry,
+        m.WaitEntryInput,
+        m.WaitResult,
+        "Wait until an entry is finished (jobs) or ready (services), at most timeout_seconds. "
+        "Reports progress with each state change and intermediate result while it waits. "
+        "Returns timed_out=true if the time ran out first (call again to keep waiting).",
+        "read",
+        read_only=True,
+        idempotent=True,
+        long_running=True,
+    ),
+    ToolSpec(
+        "read_logs",
+        tools.read_logs,
+        m.ReadLogsInput,
+        m.LogsChunk,
+        "Read an entry's log (stdout and stderr) from a byte offset; pass next_offset back to "
+        "continue. complete=true once the entry has finished and everything has been read.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "read_results",
+        tools.read_results,
+        m.ReadResultsInput,
+        m.Results,
+        "Read an entry's results: the final result object (once finished), intermediate "
+        "records streamed while it runs (from since_record on) and the artifact files.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "cancel_entry",
+        tools.cancel_entry,
+        m.EntryRef,
+        m.EntryView,
+        "Cancel an entry (stops its processes). Idempotent: a finished entry is returned as it is.",
+        "submit",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+    ),
+)
+
+
+def error_text(exc: SciorchError) -> str:
+    field = f" [field: {exc.field}]" if exc.field else ""
+    return f"{exc.code}: {exc.message}{field}"
+
+
+def validation_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "arguments"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid_input: " + "; ".join(parts)
+
+
+def progress_reporter(ctx: Context | None) -> Callable[[Message], Awaitable[None]] | None:
+    """State changes and intermediate records become MCP progress (or task status)."""
+    if ctx is None:
+        return None
+    count = 0
+
+    async def report(msg: Message) -> None:
+        nonlocal count
+        count += 1
+        if msg.kind == "transition":
+            text = f"state: {msg.state.value if msg.state else '?'}"
+            if msg.reason:
+                text += f" ({msg.reason})"
+        else:
+            text = f"record {msg.record_index}: {msg.record}"
+        await ctx.report_progress(count, None, text[:2000])
+
+    return report
+
+
+def build_tool(
+    spec: ToolSpec, engine: Engine, principal_of: Callable[[], Principal]
+) -> Callable[..., Awaitable[BaseModel]]:
+    """A function FastMCP can register: keyword arguments exactly the input model's fields."""
+    params: list[inspect.Parameter] = []
+    fields = spec.input.model_fields if spec.input else {}
+    for name, info in fields.items():
+        has_default = not info.is_required() and info.default_factory is None
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=info.default if has_default else inspect.Parameter.empty,
+                annotation=Annotated[info.annotation, info],
+            )
+        )
+    if spec.long_running:
+        params.append(
+            inspect.Parameter(
+                "ctx", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Context | None
+            )
+        )
+
+    async def call(**kwargs: Any) -> BaseModel:
+        ctx = kwargs.pop("ctx", None)
+        principal = principal_of()
+        try:
+            if spec.input is None:
+                return await spec.op(engine, principal)
+            req = spec.input.model_validate(kwargs)
+            if spec.long_running:
+                return await spec.op(engine, principal, req, progress_reporter(ctx))
+            return await spec.op(engine, principal, req)
+        except SciorchError as exc:
+            raise ToolError(error_text(exc)) from exc
+        except ValidationError as exc:
+            raise ToolError(validation_text(exc)) from exc
+
+    call.__name__ = spec.name
+    call.__doc__ = spec.description
+    call.__signature__ = inspect.Signature(params, return_annotation=spec.output)  # type: ignore[attr-defined]
+    call.__annotations__ = {p.name: p.annotation for p in params} | {"return": spec.output}
+    return call

@@ -1,0 +1,1 @@
+"""Prompt templates (Markdown with YAML front matter) served as MCP prompts."""
