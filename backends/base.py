@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -41,6 +41,9 @@ class LaunchSpec(BaseModel):
     max_restarts: int = 0
     base_path: str = Field(description="URL prefix the proxy serves this entry under")
     image: str | None = None
+    priority: Literal["normal", "urgent"] = Field(
+        "normal", description="urgent: time-sensitive work (a scheduler may use a higher QoS)"
+    )
 
 
 class Outcome(BaseModel):
@@ -88,7 +91,15 @@ class ResultData(BaseModel):
 
 @runtime_checkable
 class Backend(Protocol):
-    """One site's backend. All methods are async and must not block the event loop."""
+    """One site's backend. All methods are async and must not block the event loop.
+
+    Optional, looked up with getattr (so it is not a member of this protocol):
+
+        async def release_event(self, event_id: str) -> None
+            Called by the engine after an event has stopped or expired and its entries were
+            asked to stop: free what the backend holds for the event as a whole (the
+            kubernetes backend deletes the event's namespace). Idempotent.
+    """
 
     name: str
     kind: str

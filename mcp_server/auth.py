@@ -12,6 +12,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fastmcp.server.auth import AccessToken
 from fastmcp.server.auth.providers.jwt import JWTVerifier
 
 from orchestrator.errors import InvalidInput
@@ -86,8 +87,18 @@ def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str
     return jwt.encode(claims, private_pem, algorithm="RS256")
 
 
+class _ExpiringJWTVerifier(JWTVerifier):
+    """JWTVerifier checks `exp` only when a token has one; ours must have one."""
+
+    async def load_access_token(self, token: str) -> AccessToken | None:
+        access = await super().load_access_token(token)
+        if access is None or access.expires_at is None:
+            return None
+        return access
+
+
 def verifier(keys_dir: Path) -> JWTVerifier:
     _, public_pem = ensure_keys(keys_dir)
-    return JWTVerifier(
+    return _ExpiringJWTVerifier(
         public_key=public_pem.decode(), issuer=ISSUER, audience=AUDIENCE, algorithm="RS256"
     )

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import mcp_types as mt
-from fastmcp.exceptions import ToolError
+from fastmcp.exceptions import ToolError, ValidationError
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.server.middleware.rate_limiting import RateLimitingMiddleware
 from fastmcp.tools.base import ToolResult
+from pydantic import ValidationError as PydanticValidationError
 
+from mcp_server.toolset import validation_text
 from orchestrator.models import Principal
 
 audit_log = logging.getLogger("sciorch.audit")
@@ -41,6 +43,25 @@ class ArgumentSizeLimit(Middleware):
                 f"invalid_input: arguments are {size} bytes; at most {self.max_bytes} are accepted"
             )
         return await call_next(context)
+
+
+class ValidationErrors(Middleware):
+    """Arguments that do not fit the tool's schema (wrong type, missing or unknown field) are
+    refused by fastmcp before the tool runs, with pydantic's multi-line text and a link; answer
+    them in the house format instead: 'invalid_input: <field>: <what is wrong>'."""
+
+    async def on_call_tool(
+        self,
+        context: MiddlewareContext[mt.CallToolRequestParams],
+        call_next: CallNext[mt.CallToolRequestParams, ToolResult],
+    ) -> ToolResult:
+        try:
+            return await call_next(context)
+        except ValidationError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PydanticValidationError):
+                raise ToolError(validation_text(cause)) from exc
+            raise
 
 
 class AuditLog(Middleware):

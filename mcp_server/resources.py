@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
+from typing import Any
 
 import mcp_types
 from fastmcp import FastMCP
@@ -19,6 +21,7 @@ from orchestrator.models import Message, Principal
 from tools import models as m
 
 ENTRY = "sciorch://entries/{entry_id}"
+_ENTRY_URI = re.compile(r"^sciorch://entries/([^/]+)(?:/log|/results)?$")
 LOG_TAIL_BYTES = 256 * 1024
 
 
@@ -83,12 +86,40 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
         return await guarded(get)
 
 
-def attach_subscriptions(mcp: FastMCP, engine: Engine) -> InMemorySubscriptionBus:
+def attach_subscriptions(
+    mcp: FastMCP, engine: Engine, principal_of: Callable[[], Principal] | None = None
+) -> InMemorySubscriptionBus:
     """Serve `subscriptions/listen` (fastmcp 4.1 does not) and feed it from the engine's bus.
-    A listener learns only that a URI it names changed; reading it is authorised as usual."""
+    A listener learns only that a URI it names changed, and only for entries it may see
+    (with `principal_of`, the others are left out of the honored filter as if they did not
+    exist); reading a URI is authorised as usual."""
     sub_bus = InMemorySubscriptionBus()
+    handler = ListenHandler(sub_bus)
+
+    async def visible(uri: str) -> bool:
+        match = _ENTRY_URI.match(uri)
+        if match is None or principal_of is None:
+            return match is not None
+        try:
+            await engine.get_entry(principal_of(), match.group(1))
+        except SciorchError:
+            return False
+        return True
+
+    async def listen(
+        ctx: Any, params: mcp_types.SubscriptionsListenRequestParams
+    ) -> mcp_types.SubscriptionsListenResult:
+        wanted = params.notifications.resource_subscriptions
+        if wanted:
+            kept = [uri for uri in wanted if await visible(uri)]
+            notifications = params.notifications.model_copy(
+                update={"resource_subscriptions": kept or None}
+            )
+            params = params.model_copy(update={"notifications": notifications})
+        return await handler(ctx, params)
+
     mcp._mcp_server.add_request_handler(
-        "subscriptions/listen", mcp_types.SubscriptionsListenRequestParams, ListenHandler(sub_bus)
+        "subscriptions/listen", mcp_types.SubscriptionsListenRequestParams, listen
     )
     pending: set[asyncio.Task[None]] = set()
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import getpass
 import os
+import secrets
 from collections.abc import Callable
+from typing import Any
 
 from fastmcp import FastMCP
 from fastmcp.server.auth import AuthCheck, AuthContext, AuthProvider
 from fastmcp.server.dependencies import get_access_token
+from fastmcp.tools import FunctionTool
 from fastmcp_tasks import TasksExtension
 
-from mcp_server.middleware import ArgumentSizeLimit, AuditLog, rate_limit
+from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ValidationErrors, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
 from mcp_server.toolset import TOOLS, Scope, build_tool
@@ -88,17 +91,22 @@ def create_server(
         auth=auth,
         mask_error_details=True,
     )
-    mcp.add_extension(TasksExtension(url="memory://"))
+    # Task-run tools (wait_entry) go through a Docket queue. Servers in one process that share
+    # a queue name also share the queue, and a task is then run by whichever server's worker
+    # takes it, acting as that server's principal: give each server a queue of its own.
+    mcp.add_extension(TasksExtension(url="memory://", name=f"sciorch-{secrets.token_hex(6)}"))
 
     registered = []
+    input_schemas: dict[str, dict[str, Any]] = {}
     for spec in TOOLS:
         if read_only and not spec.read_only:
             continue
         if disable_destructive and spec.destructive:
             continue
         checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
+        fn = build_tool(spec, engine, principal_of)
         mcp.tool(
-            build_tool(spec, engine, principal_of),
+            fn,
             name=spec.name,
             description=spec.description,
             annotations={
@@ -111,13 +119,20 @@ def create_server(
             auth=checks,
         )
         registered.append(spec)
+        input_schemas[spec.name] = FunctionTool.from_function(fn, name=spec.name).parameters
+    # Over the 2026-07-28 HTTP transport the SDK checks each tools/call's Mcp-Param headers
+    # against the tool's input schema; without this lookup it gets the schema by running a
+    # whole tools/list (every middleware, schema dereferencing) on every call, which costs
+    # several times the call itself.
+    mcp._mcp_server.get_tool_input_schema = input_schemas.get
 
     register_resources(mcp, engine, principal_of)
     register_prompts(mcp)
-    attach_subscriptions(mcp, engine)
+    attach_subscriptions(mcp, engine, principal_of)
 
     mutating = [s.name for s in registered if not s.read_only]
     mcp.add_middleware(ArgumentSizeLimit())
+    mcp.add_middleware(ValidationErrors())
     mcp.add_middleware(rate_limit(principal_of, rate_per_second, rate_burst))
     mcp.add_middleware(AuditLog(engine.settings.logs_dir / "audit.jsonl", mutating, principal_of))
     return mcp

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jwt
 
@@ -422,6 +422,14 @@ class Engine:
             event_ids=[event.id], states=ACTIVE_STATES, limit=1_000_000
         )
         await self._stop_entries(entries, entry_state, reason, wait_s)
+        for name, backend in self.backends.items():
+            # Optional hook: backends with per-event resources (a Kubernetes namespace).
+            release = getattr(backend, "release_event", None)
+            if release is not None:
+                try:
+                    await release(event.id)
+                except Exception as exc:
+                    log.warning("site %s: releasing event %s failed: %s", name, event.id, exc)
         self.bus.publish(Message(kind="event", event_id=event.id, at=now()))
 
     async def share_event(
@@ -468,8 +476,10 @@ class Engine:
         idempotency_key: str | None = None,
         kind: str | None = None,
         version: str | None = None,
+        priority: Literal["normal", "urgent"] = "normal",
     ) -> Entry:
-        """Validate, route, record and hand the entry to a backend."""
+        """Validate, route, record and hand the entry to a backend. `priority="urgent"` marks
+        time-sensitive work (a Slurm site submits it with its urgent QoS)."""
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -487,7 +497,10 @@ class Engine:
             raise Conflict(f"event {event.id} is {event.state.value}", field="event_id")
         request_hash = hashlib.sha256(
             json.dumps(
-                [svc.ref, params, event.id, site, res.model_dump()], sort_keys=True, default=str
+                [svc.ref, params, event.id, site, res.model_dump()]
+                + ([priority] if priority != "normal" else []),
+                sort_keys=True,
+                default=str,
             ).encode()
         ).hexdigest()
         if idempotency_key is not None:
@@ -531,6 +544,7 @@ class Engine:
             max_restarts=svc.restart.max_restarts,
             base_path=base_path,
             image=svc.image,
+            priority=priority,
         )
         at = now()
         entry = Entry(

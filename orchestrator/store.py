@@ -154,20 +154,25 @@ class Store:
         if not event_ids:
             return out
         marks = ",".join("?" * len(event_ids))
-        async with self._db.execute(
+        for row in await self._db.execute_fetchall(
             f"SELECT event_id, principal, role FROM shares WHERE event_id IN ({marks})",
             tuple(event_ids),
-        ) as cur:
-            async for row in cur:
-                out[row["event_id"]][row["principal"]] = Role(row["role"])
+        ):
+            out[row["event_id"]][row["principal"]] = Role(row["role"])
         return out
 
     async def get_event(self, event_id: str) -> Event | None:
-        async with self._db.execute("SELECT * FROM events WHERE id = ?", (event_id,)) as cur:
-            row = await cur.fetchone()
+        # One query (one hop to aiosqlite's thread): the event with its shares as JSON.
+        rows = await self._db.execute_fetchall(
+            "SELECT *, (SELECT json_group_object(principal, role) FROM shares"
+            " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?",
+            (event_id,),
+        )
+        row = next(iter(rows), None)
         if row is None:
             return None
-        return self._event(row, (await self._shares([event_id]))[event_id])
+        shares = {p: Role(r) for p, r in json.loads(row["shares_json"] or "{}").items()}
+        return self._event(row, shares)
 
     async def default_event(self, owner: str) -> Event | None:
         async with self._db.execute(
@@ -296,24 +301,26 @@ class Store:
         )
 
     async def get_entry(self, entry_id: str, transitions: bool = True) -> Entry | None:
-        async with self._db.execute(
-            f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?", (entry_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        # One query (one hop to aiosqlite's thread, where a cursor takes three): the entry
+        # with its transitions as JSON [seq, state, at, reason] (sorted here by seq).
+        trs_col = (
+            ", (SELECT json_group_array(json_array(seq, state, at, reason)) FROM transitions"
+            " WHERE entry_id = entries.id) AS trs_json"
+            if transitions
+            else ""
+        )
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?", (entry_id,)
+        )
+        row = next(iter(rows), None)
         if row is None:
             return None
         trs: list[Transition] | None = None
         if transitions:
-            async with self._db.execute(
-                "SELECT state, at, reason FROM transitions WHERE entry_id = ? ORDER BY seq",
-                (entry_id,),
-            ) as cur:
-                trs = [
-                    Transition(
-                        state=EntryState(r["state"]), at=_dt_req(r["at"]), reason=r["reason"]
-                    )
-                    async for r in cur
-                ]
+            trs = [
+                Transition(state=EntryState(state), at=_dt_req(at), reason=reason)
+                for _seq, state, at, reason in sorted(json.loads(row["trs_json"] or "[]"))
+            ]
         return self._entry(row, trs)
 
     async def get_spec(self, entry_id: str) -> dict[str, Any]:

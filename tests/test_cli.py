@@ -176,9 +176,14 @@ def test_events_share_and_stop(home: Path) -> None:
     assert event_id not in ok(sciorch(home, "events")).stdout
 
 
-def test_serve_stdio_is_not_there_yet(home: Path) -> None:
-    line = user_error(sciorch(home, "serve", "--transport", "stdio"))
-    assert "MCP" in line
+def test_serve_unknown_transport_is_a_user_error(home: Path) -> None:
+    line = user_error(sciorch(home, "serve", "--transport", "carrier-pigeon"))
+    assert "transport" in line and "stdio" in line
+
+
+def test_token_create_rejects_unknown_scopes(home: Path) -> None:
+    line = user_error(sciorch(home, "token", "create", "--sub", "alice", "--scopes", "root"))
+    assert "scopes" in line and "read" in line
 
 
 def test_demo(tmp_path: Path) -> None:

@@ -108,16 +108,20 @@ class EntryRef(_In):
 
 
 class ListEntriesInput(_In):
-    event_id: str | None = Field(None, max_length=64)
-    states: list[EntryState] | None = Field(None, max_length=8)
-    service: str | None = Field(None, max_length=128)
-    limit: int = Field(50, ge=1, le=1000)
+    event_id: str | None = Field(None, max_length=64, description="only entries of this event")
+    states: list[EntryState] | None = Field(
+        None, max_length=8, description="only entries in one of these states"
+    )
+    service: str | None = Field(None, max_length=128, description="only this catalogue service")
+    limit: int = Field(50, ge=1, le=1000, description="entries per page at most")
     cursor: str | None = Field(None, max_length=512, description="next_cursor of the last page")
 
 
 class WaitEntryInput(_In):
     entry_id: str = EntryId
-    timeout_seconds: float = Field(60, gt=0, le=86400)
+    timeout_seconds: float = Field(
+        60, gt=0, le=86400, description="wait at most this long; then timed_out=true"
+    )
     until: Literal["auto", "started", "ready", "finished"] = Field(
         "auto", description="auto: ready for services, finished for jobs; started: running"
     )

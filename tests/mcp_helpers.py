@@ -1,0 +1,175 @@
+"""Shared pieces of the MCP tests: the HTTP server (MCP at /mcp with bearer-token auth, the
+per-entry proxy, /healthz) run by uvicorn in the test's event loop on a free port, tokens, the
+official `mcp` SDK client over streamable HTTP, and checks on tool results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import mcp
+import uvicorn
+from fastmcp import FastMCP
+from mcp.client.streamable_http import streamable_http_client
+from starlette.routing import Mount
+
+from mcp_server.auth import create_token, verifier
+from mcp_server.http_app import create_http_app, mcp_mount
+from mcp_server.server import create_server
+from orchestrator.engine import Engine
+from tests.conftest import make_settings, shutdown
+
+os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
+
+# The error codes tool errors start with ("code: message [field: x]").
+ERROR_CODES = (
+    "invalid_input",
+    "invalid_parameters",
+    "unknown_service",
+    "not_found",
+    "not_allowed",
+    "conflict",
+    "limit_exceeded",
+    "no_site",
+    "invalid_transition",
+    "backend_error",
+    "rate_limited",
+)
+ERROR_LINE = re.compile(r"^(" + "|".join(ERROR_CODES) + r"): \S")
+TRACEBACK_MARKS = ("Traceback (most recent call last)", 'File "', "site-packages", '.py", line')
+
+
+def text_of(result: Any) -> str:
+    """All text content of a tool result (fastmcp or SDK CallToolResult)."""
+    return "\n".join(getattr(c, "text", "") for c in result.content)
+
+
+def structured(result: Any) -> dict[str, Any]:
+    """Structured content of a tool result (fastmcp or SDK CallToolResult)."""
+    data = getattr(result, "structured_content", None)
+    assert isinstance(data, dict), f"no structured content: {result!r}"
+    return data
+
+
+def assert_no_traceback(text: str) -> None:
+    for mark in TRACEBACK_MARKS:
+        assert mark not in text, f"error text leaks a traceback ({mark!r}): {text}"
+
+
+def assert_tool_error(result: Any, *needles: str) -> str:
+    """An isError result whose text is one clear 'code: message' line naming each needle."""
+    assert result.is_error, f"expected an error, got {text_of(result)[:500]}"
+    text = text_of(result)
+    assert_no_traceback(text)
+    assert ERROR_LINE.match(text), f"not a 'code: message' error: {text!r}"
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in error {text!r}"
+    return text
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def _no_signal_capture() -> Iterator[None]:
+    yield
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any, sock: socket.socket) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on an already bound socket in this event loop; yields the
+    base URL and stops the server (lifespan shutdown included) on exit."""
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_level="warning",
+        ws="websockets-sansio",
+        proxy_headers=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        host, port = sock.getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        sock.close()
+
+
+@dataclass
+class HttpServer:
+    """A running sciorch HTTP server: MCP at `mcp_url`, the proxy and /healthz at `base`."""
+
+    engine: Engine
+    mcp: FastMCP
+    base: str
+    keys_dir: Path
+
+    @property
+    def mcp_url(self) -> str:
+        return self.base + "/mcp"
+
+    def token(self, sub: str, scopes: str = "read,submit", ttl_s: int = 600) -> str:
+        return create_token(self.keys_dir, sub, scopes.split(","), ttl_s)
+
+
+@contextlib.asynccontextmanager
+async def run_http_server(
+    home: Path,
+    extra_mounts: dict[str, dict[str, Any]] | None = None,
+    **server_args: Any,
+) -> AsyncIterator[HttpServer]:
+    """A real engine on `home`, its MCP server with JWT auth mounted at /mcp next to the proxy,
+    served on a free loopback port (entry URLs point at it). `extra_mounts` maps a path to the
+    create_server arguments of another MCP server over the same engine, mounted there."""
+    sock = free_socket()
+    host, port = sock.getsockname()[:2]
+    engine = await Engine.open(make_settings(home, public_url=f"http://{host}:{port}"))
+    try:
+        keys = engine.settings.keys_dir
+        server = create_server(engine, auth=verifier(keys), **server_args)
+        routes, lifespans = mcp_mount(server)
+        for path, args in (extra_mounts or {}).items():
+            extra_app = create_server(engine, auth=verifier(keys), **args).http_app(path="/")
+            routes.append(Mount(path, app=extra_app))
+            lifespans.append(extra_app.lifespan)
+        app = create_http_app(engine, extra_routes=routes, lifespans=lifespans)
+        async with serve_asgi(app, sock) as base:
+            yield HttpServer(engine=engine, mcp=server, base=base, keys_dir=keys)
+    finally:
+        await shutdown(engine)
+
+
+@contextlib.asynccontextmanager
+async def sdk_client(
+    url: str, token: str | None = None, mode: str = "auto", **kwargs: Any
+) -> AsyncIterator[mcp.Client]:
+    """The official `mcp` SDK client over streamable HTTP, with a bearer token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(
+        headers=headers, timeout=httpx2.Timeout(30, read=300)
+    ) as http_client:
+        transport = streamable_http_client(url, http_client=http_client)
+        async with mcp.Client(transport, mode=mode, **kwargs) as client:  # type: ignore[arg-type]
+            yield client
