@@ -9,7 +9,7 @@ import contextlib
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from starlette.routing import Mount
 from mcp_server.auth import create_token, verifier
 from mcp_server.http_app import create_http_app, mcp_mount
 from mcp_server.server import create_server
+from mcp_server.toolset import TOOLS
 from orchestrator.engine import Engine
 from tests.conftest import make_settings, shutdown
 
@@ -45,6 +46,23 @@ ERROR_CODES = (
 )
 ERROR_LINE = re.compile(r"^(" + "|".join(ERROR_CODES) + r"): \S")
 TRACEBACK_MARKS = ("Traceback (most recent call last)", 'File "', "site-packages", '.py", line')
+
+
+CORE_TOOLS = {s.name for s in TOOLS}
+CORE_READ_TOOLS = {s.name for s in TOOLS if s.read_only}
+
+
+def core(names: Iterable[str]) -> set[str]:
+    """The tools of the TOOLS table among `names`. Other tools (the steering ones) are
+    registered by their own modules and tested there; these tests check them generically."""
+    return {n for n in names if n in CORE_TOOLS}
+
+
+def assert_only_read_only(tools: Iterable[Any]) -> None:
+    """Every listed tool says it changes nothing (the read scope, the --read-only switch)."""
+    for tool in tools:
+        hints = tool.annotations
+        assert hints is not None and hints.read_only_hint is True, tool.name
 
 
 def text_of(result: Any) -> str:
@@ -171,5 +189,5 @@ async def sdk_client(
         headers=headers, timeout=httpx2.Timeout(30, read=300)
     ) as http_client:
         transport = streamable_http_client(url, http_client=http_client)
-        async with mcp.Client(transport, mode=mode, **kwargs) as client:  # type: ignore[arg-type]
+        async with mcp.Client(transport, mode=mode, **kwargs) as client:
             yield client
