@@ -6,7 +6,7 @@ from backends.base import Backend
 from orchestrator.config import Settings, SiteConfig
 from orchestrator.errors import InvalidInput
 
-KINDS = ("local",)
+KINDS = ("local", "kubernetes")
 
 
 def create_backend(site: SiteConfig, settings: Settings) -> Backend:
@@ -15,6 +15,10 @@ def create_backend(site: SiteConfig, settings: Settings) -> Backend:
         from backends.local import LocalBackend
 
         return LocalBackend(site.name, site.options(), settings.entries_dir)
+    if site.kind == "kubernetes":
+        from backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(site.name, site.options(), settings.entries_dir)
     raise InvalidInput(
         f"site {site.name!r}: unknown backend kind {site.kind!r}; known kinds: "
         f"{', '.join(KINDS)}",
