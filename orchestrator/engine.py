@@ -194,6 +194,9 @@ class Engine:
             spec = LaunchSpec.model_validate(await self.store.get_spec(entry.id))
             try:
                 await backend.adopt(entry.id, entry.state, entry.handle, spec)
+                if await self.store.stop_request(entry.id) is not None:
+                    # A stop asked for before the restart is carried through now.
+                    await backend.cancel(entry.id, entry.handle)
             except Exception as exc:
                 log.exception("adopting %s failed", entry.id)
                 await self.transition(
