@@ -6,7 +6,7 @@ from backends.base import Backend
 from orchestrator.config import Settings, SiteConfig
 from orchestrator.errors import InvalidInput
 
-KINDS = ("local", "kubernetes")
+KINDS = ("local", "kubernetes", "slurm")
 
 
 def create_backend(site: SiteConfig, settings: Settings) -> Backend:
@@ -19,6 +19,10 @@ def create_backend(site: SiteConfig, settings: Settings) -> Backend:
         from backends.kubernetes import KubernetesBackend
 
         return KubernetesBackend(site.name, site.options(), settings.entries_dir)
+    if site.kind == "slurm":
+        from backends.slurm import SlurmBackend
+
+        return SlurmBackend(site.name, site.options(), settings.entries_dir)
     raise InvalidInput(
         f"site {site.name!r}: unknown backend kind {site.kind!r}; known kinds: "
         f"{', '.join(KINDS)}",

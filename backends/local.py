@@ -253,7 +253,7 @@ def _with_tail(reason: str, workdir: WorkDir) -> str:
 # ----------------------------------------------------------------------------- file watching
 
 
-class _DirWatcher:
+class DirWatcher:
     """One `watchfiles.awatch` over the work dirs of all running entries, so a thousand entries
     cost one watcher thread, not a thousand. The watch restarts when the set of dirs changes;
     after each restart every watched entry is swept once, so nothing written in between is
@@ -365,7 +365,7 @@ class LocalBackend:
         self._entries: dict[str, _Entry] = {}
         self._queue: list[_Entry] = []
         self._ports: set[int] = set()
-        self._watcher: _DirWatcher | None = None
+        self._watcher: DirWatcher | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -377,7 +377,7 @@ class LocalBackend:
         if self.options.gpus is None:
             self.gpu_names = await self._detect_gpus()
             self._pool = self._full_pool()
-        self._watcher = _DirWatcher(self._request_flush)
+        self._watcher = DirWatcher(self._request_flush)
 
     async def close(self) -> None:
         """Stop watching; running processes keep running (a restarted server re-adopts them)."""

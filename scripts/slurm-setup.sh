@@ -29,8 +29,7 @@ NODE=$(hostname -s)
 ETC=$BASE/etc
 CONF=$ETC/slurm.conf
 export SLURM_CONF=$CONF
-LIBDIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
-[ -d "$LIBDIR" ] || LIBDIR=$(dirname "$(dpkg -L slurm-wlm-basic-plugins 2>/dev/null | grep '/auth_munge.so$' | head -n1)" 2>/dev/null || echo /nonexistent)
+APT_LOG=${TMPDIR:-/tmp}/sciorch-slurm-apt.log
 
 say() { echo "slurm-setup: $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
@@ -88,17 +87,16 @@ if [ ${#missing[@]} -ne 0 ]; then
   restore_policy() { if [ -n "$saved" ]; then mv -f "$saved" "$policy"; else rm -f "$policy"; fi; }
   trap restore_policy EXIT
   export DEBIAN_FRONTEND=noninteractive
-  install() { apt-get install -y -q --no-install-recommends "${missing[@]}" >"$BASE.apt.log" 2>&1; }
-  mkdir -p "$(dirname "$BASE")"
-  if ! install; then
-    apt-get update -q >"$BASE.apt.log" 2>&1 || die "apt-get update failed (see $BASE.apt.log)"
-    install || die "apt-get install failed (see $BASE.apt.log)"
+  install() { apt-get install -y -q --no-install-recommends "${missing[@]}" >"$APT_LOG" 2>&1; }
+  if ! install; then  # a fresh machine has no package lists yet
+    apt-get update -q >"$APT_LOG" 2>&1 || die "apt-get update failed (see $APT_LOG)"
+    install || die "apt-get install failed (see $APT_LOG)"
   fi
   restore_policy
   trap - EXIT
-  LIBDIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
 fi
-[ -f "$LIBDIR/auth_jwt.so" ] || die "the JWT plugin (slurm-wlm-jwt-plugin) is missing"
+dpkg -L slurm-wlm-jwt-plugin 2>/dev/null | grep '/auth_jwt\.so$' >/dev/null \
+  || die "the JWT plugin (slurm-wlm-jwt-plugin) is missing"
 
 # ---------------------------------------------------------------- users
 # slurmrestd refuses requests as root or SlurmUser, so jobs submitted through it run as an
@@ -269,11 +267,11 @@ if ! alive "$BASE/run/slurmdbd.pid"; then
   slurmdbd
   wait_for 30 slurmdbd sacctmgr -n list cluster
 fi
-if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; then
+if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -x "$CLUSTER" >/dev/null; then
   say "registering cluster $CLUSTER, accounts and QoS"
   sacctmgr -i add cluster "$CLUSTER" >/dev/null
 fi
-if ! sacctmgr -n -P list qos format=name 2>/dev/null | grep -qx urgent; then
+if ! sacctmgr -n -P list qos format=name 2>/dev/null | grep -x urgent >/dev/null; then
   sacctmgr -i add qos urgent set priority=1000 >/dev/null
   sacctmgr -i add qos single set priority=0 MaxJobsPerUser=1 >/dev/null
   sacctmgr -i add account sciorch,other description=sciorch-tests organization=sciorch >/dev/null
@@ -291,6 +289,9 @@ if ! alive "$BASE/run/slurmctld.pid"; then
   say "starting slurmctld"
   slurmctld
   wait_for 30 slurmctld scontrol ping
+  # A slurmd that kept running registers with the new slurmctld at once when told to (SIGHUP:
+  # reconfigure; its jobs are not touched), instead of at slurmctld's next node ping.
+  if alive "$BASE/run/slurmd.pid"; then kill -HUP "$(cat "$BASE/run/slurmd.pid")"; fi
 fi
 if ! alive "$BASE/run/slurmd.pid"; then
   say "starting slurmd"

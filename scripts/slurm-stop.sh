@@ -4,7 +4,8 @@
 #   bash scripts/slurm-stop.sh                 everything (slurmrestd ... munged)
 #   bash scripts/slurm-stop.sh slurmctld       one daemon (the tests restart slurmctld this way)
 #
-# Each daemon gets SIGTERM, then SIGKILL after 10 s. Jobs still running are killed with slurmd.
+# Each daemon gets SIGTERM, then SIGKILL after 10 s (daemons that do not depend on each other
+# stop together). Jobs still running are killed with slurmd.
 # Configuration, state and the database stay, so the next setup is quick.
 set -euo pipefail
 
@@ -20,32 +21,48 @@ pidfile() {
   esac
 }
 
-stop() {
-  local name=$1 file pid i
-  file=$(pidfile "$name")
+term() { # term NAME: SIGTERM the daemon; print its pid if it runs
+  local file pid
+  file=$(pidfile "$1")
   pid=$(cat "$file" 2>/dev/null) || return 0
-  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    echo "$pid"
+  else
     rm -f "$file"
-    return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "slurm-stop: $name (pid $pid) ignored SIGTERM for 10 s; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
 }
 
-# Dependency order, whatever order the arguments came in.
-for name in "${ALL[@]}"; do
-  for w in "${want[@]}"; do
-    if [ "$w" = "$name" ]; then stop "$name"; fi
+stop_group() { # stop_group NAME...: SIGTERM them together, wait (SIGKILL after 10 s)
+  local name pid pids=() i alive
+  for name in "$@"; do
+    pid=$(term "$name")
+    [ -z "$pid" ] || pids+=("$pid")
   done
-done
+  if [ ${#pids[@]} -ne 0 ]; then
+    for ((i = 0; i < 100; i++)); do
+      alive=0
+      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      [ "$alive" = 1 ] || break
+      sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "slurm-stop: pid $pid ignored SIGTERM for 10 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    done
+  fi
+  for name in "$@"; do rm -f "$(pidfile "$name")"; done
+}
+
 for w in "${want[@]}"; do
   case " ${ALL[*]} " in *" $w "*) ;; *) echo "slurm-stop: unknown daemon $w (known: ${ALL[*]})" >&2; exit 2 ;; esac
+done
+wanted() { local w; for w in "${want[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
+# Dependency order, whatever order the arguments came in; daemons in one group stop together.
+for group in "slurmrestd slurmd" "slurmctld" "slurmdbd" "mariadbd munged"; do
+  names=()
+  for name in $group; do wanted "$name" && names+=("$name"); done
+  [ ${#names[@]} -eq 0 ] || stop_group "${names[@]}"
 done
