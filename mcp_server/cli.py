@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import re
-import socket
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -838,287 +834,337 @@ def share(
     out.print(_t(event_line(run(ctx, go))))
 
 
-# ================================================================================ demo
+# ================================================================================ steer, demo
+
+DEMO_CAMPAIGN: dict[str, Any] = {
+    "name": "demo: Branin on sim-instrument",
+    "objective": {
+        "service": "sim-instrument",
+        "parameters": {"surface": "branin", "duration_s": 0.05, "records": 2, "noise_std": 0.01},
+        "field": "value",
+        "goal": "minimise",
+        "reference": 0.397887,
+    },
+    "space": [
+        {"name": "x1", "low": -5.0, "high": 10.0},
+        {"name": "x2", "low": 0.0, "high": 15.0},
+    ],
+    "initial_design": {"count": 6, "method": "sobol"},
+    "batch_size": 3,
+    "budget": {"evaluations": 21, "wall_time_s": 300},
+}
 
 
-def demo_points(n: int) -> list[tuple[float, float]]:
-    """Distinct points on Branin: its three minimisers, then a Halton sequence over the domain."""
-    points = [(-math.pi, 12.275), (math.pi, 2.275), (9.42478, 2.475)]
+class _SteerProgress:
+    """A live progress bar fed by the runner's updates (no polling)."""
 
-    def halton(i: int, base: int) -> float:
-        f, r = 1.0, 0.0
-        while i > 0:
-            f /= base
-            r += f * (i % base)
-            i //= base
-        return r
-
-    i = 1
-    while len(points) < n:
-        points.append((round(-5 + 15 * halton(i, 2), 4), round(15 * halton(i, 3), 4)))
-        i += 1
-    return points[:n]
-
-
-def _bind(host: str, port: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        return None
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-@contextlib.contextmanager
-def _no_signal_capture() -> Iterator[None]:
-    yield
-
-
-class _Server:
-    """The HTTP app served in the background of this process (the demo holds the engine)."""
-
-    def __init__(self, engine: Engine, sock: socket.socket) -> None:
-        import uvicorn
-
-        from mcp_server.http_app import create_http_app
-
-        config = uvicorn.Config(
-            create_http_app(engine),
-            log_level="warning",
-            lifespan="on",
-            access_log=False,
-            ws="websockets-sansio",
-            proxy_headers=False,
-        )
-        self.server = uvicorn.Server(config)
-        # Leave Ctrl-C to asyncio.run, which cancels the demo so its finally-blocks run.
-        self.server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
-        self.sock = sock
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
-        while not self.server.started:
-            if self.task.done():
-                self.task.result()  # raises what stopped it
-                raise SciorchError("the HTTP app stopped while starting", field="port")
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        if self.task is None:
-            return
-        self.server.should_exit = True
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self.task, timeout=10)
-        self.sock.close()
-
-
-async def _fetch_page(url: str) -> tuple[int, str]:
-    """GET the access URL as a browser would: the proxy trades ?token= for a cookie (the header
-    carries the token too, for when the cookie is marked secure and this is plain HTTP)."""
-    import httpx
-
-    token = parse_qs(urlsplit(url).query).get("token", [""])[0]
-    async with httpx.AsyncClient(follow_redirects=True, timeout=10) as client:
-        resp = await client.get(url, headers={"X-Sciorch-Entry-Token": token})
-    text = resp.text
-    m = re.search(r"<h1[^>]*>(.*?)</h1>", text, re.S | re.I) or re.search(
-        r"<title[^>]*>(.*?)</title>", text, re.S | re.I
-    )
-    excerpt = re.sub(r"<[^>]+>", "", m.group(1) if m else text)
-    excerpt = " ".join(excerpt.split())
-    return resp.status_code, excerpt[:120]
-
-
-@dataclass
-class DemoOutcome:
-    jobs: list[EntryView]
-    service: EntryView
-    page_status: int
-    page_excerpt: str
-    fetched_url: str
-    event_id: str
-    kept: bool
-
-
-async def _demo(
-    engine: Engine, who: Principal, n_jobs: int, keep: bool, sock: socket.socket, local: str
-) -> DemoOutcome:
-    server = _Server(engine, sock)
-    await server.start()
-    event = await tools.create_event(engine, who, build(CreateEventInput, name="demo"))
-    try:
-        err.print(f"demo event {event.id}: launching http-app and {n_jobs} sim-instrument jobs")
-        svc = await tools.launch_service(
-            engine,
-            who,
-            build(
-                LaunchServiceInput,
-                service="http-app",
-                parameters={"greeting": "hello from the sciorch demo"},
-                event_id=event.id,
-            ),
-        )
-        submitted = []
-        for i, (x1, x2) in enumerate(demo_points(n_jobs)):
-            params = {
-                "surface": "branin",
-                "x1": x1,
-                "x2": x2,
-                "duration_s": round(0.5 + 0.25 * (i % 5), 2),
-                "records": 3,
-                "noise_std": 0.01,
-                "seed": i,
-            }
-            req = build(
-                SubmitJobInput, service="sim-instrument", parameters=params, event_id=event.id
-            )
-            submitted.append(await tools.submit_job(engine, who, req))
-
-        with Progress(
+    def __init__(self, title: str, budget: int, goal: str, enabled: bool) -> None:
+        self.goal = goal
+        self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=err,
             transient=False,
-        ) as progress:
-            task = progress.add_task("measuring Branin", total=n_jobs)
-
-            async def one(view: EntryView) -> EntryView:
-                res = await wait_until_done(engine, who, view.id, 120)
-                progress.advance(task)
-                return res.entry
-
-            finished = await asyncio.gather(*(one(v) for v in submitted))
-
-        ready = await wait_until_done(engine, who, svc.id, 60, "ready")
-        if ready.entry.state != EntryState.READY:
-            raise SciorchError(
-                f"http-app did not become ready: {ready.entry.state.value}"
-                + (f" ({ready.entry.reason})" if ready.entry.reason else ""),
-                field="http-app",
-            )
-        access = ready.entry.access_url or ""
-        fetched = local + access.removeprefix(engine.settings.public_url.rstrip("/"))
-        status_code, excerpt = await _fetch_page(fetched)
-        return DemoOutcome(
-            jobs=list(finished),
-            service=ready.entry,
-            page_status=status_code,
-            page_excerpt=excerpt,
-            fetched_url=fetched,
-            event_id=event.id,
-            kept=keep,
+            disable=not enabled,
         )
+        self.task = self.progress.add_task(title, total=budget, status="starting")
+        self.runner: Any = None
+
+    def update(self, _campaign_id: str) -> None:
+        r = self.runner
+        if r is None or not r.evals:
+            return
+        evals = list(r.evals.values())
+        done = sum(1 for e in evals if e.state.finished)
+        running = sum(1 for e in evals if not e.state.finished)
+        failed = sum(1 for e in evals if e.state.value == "failed")
+        best = r.best()
+        status = f"{running} in flight"
+        if best is not None and best.value is not None:
+            status = f"best {best.value:.6g}, " + status
+        if failed:
+            status += f", {failed} failed"
+        self.progress.update(self.task, completed=done, status=status)
+
+
+def _report(view: Any) -> None:
+    """The campaign's outcome in a few lines."""
+    from steering.models import CampaignView
+
+    assert isinstance(view, CampaignView)
+    p = view.progress
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("campaign", f"{view.id} ({view.name})"),
+        ("state", f"{view.state.value}: {view.reason or ''}".rstrip(": ")),
+        (
+            "evaluations",
+            f"{p.succeeded} measured, {p.failed} failed, {p.cancelled} cancelled of "
+            f"{p.budget} (retries {p.retries}); batch {view.batch_size}, {view.acquisition}",
+        ),
+    ]
+    if view.best is not None:
+        point = ", ".join(f"{k}={_num(v)}" for k, v in view.best.point.items())
+        line = f"{_num(view.best.value)} at {point} (evaluation {view.best.seq + 1}"
+        line += f", entry {view.best.entry_id})" if view.best.entry_id else ")"
+        rows.append(("best", line))
+        if view.reference is not None:
+            gap = view.best.value - view.reference
+            rows.append(("known optimum", f"{_num(view.reference)} (gap {gap:.4g})"))
+    post = view.posterior
+    if post is not None:
+        if post.predicted_best:
+            pb = post.predicted_best
+            point = ", ".join(f"{k}={_num(v)}" for k, v in pb["point"].items())
+            rows.append(("GP predicts", f"{_num(pb['mean'])} ± {_num(pb['std'])} at {point}"))
+        rows.append(("posterior std", f"max {_num(post.max_std)}, mean {_num(post.mean_std)}"))
+    if view.decision_s_median is not None:
+        rows.append(
+            (
+                "decision time",
+                f"median {view.decision_s_median * 1000:.0f} ms, max "
+                f"{(view.decision_s_max or 0) * 1000:.0f} ms",
+            )
+        )
+    rows.append(("time", f"{p.elapsed_s:.1f} s"))
+    if view.event_id:
+        rows.append(("event", view.event_id))
+    for path in view.plots:
+        rows.append(("plot", path))
+    for key, value in rows:
+        grid.add_row(key, _t(value))
+    out.print(grid)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+async def _steer_local(
+    engine: Engine,
+    who: Principal,
+    spec: Any,
+    resume: str | None,
+    plots: bool,
+    progress: bool,
+) -> Any:
+    """Run (or resume) a campaign in this process: the runner drives this engine through an
+    in-memory MCP client acting as `who`."""
+    from steering.manager import manager_for
+
+    manager = manager_for(engine, auto_resume=False)
+    store = await manager.store()
+    try:
+        if resume is not None:
+            rec = await store.get_campaign(resume)
+            if rec is None or (rec.owner != who.id and not who.admin):
+                raise SciorchError(f"no campaign {resume!r} of {who.id} here", field="resume")
+            if rec.endpoint != "embedded":
+                raise SciorchError(
+                    f"campaign {resume} runs against {rec.endpoint}; resume it with --url",
+                    field="resume",
+                )
+        else:
+            manager.validate(spec)
+            rec = await manager.create(who, spec)
+        if not rec.state.finished:
+            bar = _SteerProgress(
+                rec.name, rec.spec.budget.evaluations, rec.spec.objective.goal, progress
+            )
+            manager.listeners.append(bar.update)
+            err.print(f"campaign {rec.id}: {rec.name}")
+            with bar.progress:
+                task = manager.launch(rec)
+                bar.runner = manager.runners.get(rec.id)
+                if bar.runner is not None:
+                    bar.runner.plots = plots
+                bar.update(rec.id)
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    err.print(
+                        "interrupted; the campaign stays resumable: "
+                        f"sciorch steer --resume {rec.id}",
+                        style="yellow",
+                    )
+                    raise
+                bar.update(rec.id)
+        return await manager.get(who, rec.id, with_evals=False)
     finally:
-        if not keep:
-            with contextlib.suppress(SciorchError):
-                await stop_event_and_wait(engine, who, build(EventRef, event_id=event.id))
-        await server.stop()
+        await manager.shutdown()
+
+
+async def _steer_remote(
+    home: Path,
+    who: Principal,
+    url: str,
+    token: str | None,
+    spec: Any,
+    resume: str | None,
+    plots: bool,
+    progress: bool,
+) -> Any:
+    """Run a campaign here against a remote sciorch server (its MCP endpoint over HTTP); the
+    campaign's record stays in this home."""
+    from fastmcp import Client
+    from fastmcp.client.auth import BearerAuth
+
+    from steering.manager import build_view, campaign_dir, default_name, new_campaign_id
+    from steering.models import CampaignRecord, CampaignState
+    from steering.runner import CampaignRunner
+    from steering.store import CampaignStore, now
+
+    store = await CampaignStore.open(home / "steering.db")
+    try:
+        if resume is not None:
+            rec = await store.get_campaign(resume)
+            if rec is None:
+                raise SciorchError(f"no campaign {resume!r} in {home}", field="resume")
+        else:
+            import secrets
+
+            at = now()
+            rec = CampaignRecord(
+                id=new_campaign_id(),
+                name=default_name(spec),
+                owner=who.id,
+                spec=spec,
+                seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
+                state=CampaignState.RUNNING,
+                endpoint=url,
+                created_at=at,
+                updated_at=at,
+            )
+            await store.insert_campaign(rec)
+        auth = BearerAuth(token) if token else None
+
+        def client() -> Any:
+            return Client(url, auth=auth)
+
+        if not rec.state.finished:
+            bar = _SteerProgress(
+                rec.name, rec.spec.budget.evaluations, rec.spec.objective.goal, progress
+            )
+            runner = CampaignRunner(
+                store, rec.id, client, campaign_dir(home, rec.id), on_update=bar.update,
+                patience_s=300.0, plots=plots,
+            )
+            bar.runner = runner
+            err.print(f"campaign {rec.id}: {rec.name} (against {url})")
+            with bar.progress:
+                try:
+                    await runner.run()
+                except asyncio.CancelledError:
+                    err.print(
+                        f"interrupted; the campaign stays resumable: sciorch steer --url {url} "
+                        f"--resume {rec.id}",
+                        style="yellow",
+                    )
+                    raise
+        final = await store.get_campaign(rec.id)
+        assert final is not None
+        return build_view(final, await store.evaluations(rec.id), False, with_evals=False)
+    finally:
+        await store.close()
+
+
+def _exit_for(view: Any) -> None:
+    if view.state.value == "failed":
+        fail(f"campaign {view.id} failed: {view.reason}", "campaign", code=1)
+
+
+@app.command()
+def steer(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None, typer.Argument(help="campaign file (.toml, .yaml); see examples/")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="resume this campaign id instead")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="a remote sciorch server's MCP endpoint, e.g. http://host:8765/mcp"),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="SCIORCH_TOKEN", help="bearer token for --url ($SCIORCH_TOKEN)"),
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="write PNG plots at the end")] = True,
+    progress: Annotated[bool, typer.Option(help="show a live progress bar")] = True,
+) -> None:
+    """Run a closed-loop campaign: gpCAM chooses each measurement, sciorch's MCP tools run it.
+
+    Locally (default) the campaign drives this home's engine; with --url it drives a remote
+    server. Interrupted campaigns (Ctrl-C, a killed process) resume with --resume ID, reusing
+    every finished evaluation and re-adopting those in flight. Plots go to
+    <home>/campaigns/<id>/."""
+    from steering.spec import load_spec
+
+    if (file is None) == (resume is None):
+        fail("give a campaign FILE, or --resume ID", "file")
+    spec = _guard(lambda: load_spec(file)) if file is not None else None
+    state: CliState = ctx.obj
+    who = principal()
+    try:
+        if url is None:
+
+            async def go(engine: Engine, me: Principal) -> Any:
+                return await _steer_local(engine, me, spec, resume, plots, progress)
+
+            view = run(ctx, go)
+        else:
+            home = state.home
+            home.mkdir(parents=True, exist_ok=True)
+            view = _guard(
+                lambda: asyncio.run(
+                    _steer_remote(home, who, url, token, spec, resume, plots, progress)
+                )
+            )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    _report(view)
+    _exit_for(view)
 
 
 @app.command()
 def demo(
     ctx: typer.Context,
-    jobs: Annotated[int, typer.Option(help="sim-instrument jobs to run", min=1, max=50)] = 6,
-    keep: Annotated[
-        bool, typer.Option("--keep", help="leave the demo event (and http-app) running")
-    ] = False,
-    port: Annotated[
-        int | None,
-        typer.Option(
-            help="port for the HTTP app during the demo; default: the configured one "
-            "if free, else any free port; 0: any free port"
-        ),
-    ] = None,
+    evaluations: Annotated[
+        int, typer.Option(help="measurements to spend", min=4, max=200)
+    ] = 21,
+    batch: Annotated[int, typer.Option(help="measurements in flight at once", min=1, max=8)] = 3,
+    seed: Annotated[int, typer.Option(help="random seed of the campaign")] = 7,
+    progress: Annotated[bool, typer.Option(help="show a live progress bar")] = True,
 ) -> None:
-    """Run a short demo: a service behind the proxy and a few jobs on the Branin surface."""
-    settings = _guard(lambda: _settings(ctx))
-    host, configured = settings.host, settings.port
-    want = settings.port if port is None else port
-    sock = _bind(host, want) if want else None
-    if sock is None:
-        if port:  # asked for explicitly
-            fail(f"port {port} on {host} is in use", "port")
-        sock = _bind(host, 0)
-        assert sock is not None
-    bound = int(sock.getsockname()[1])
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
-    if bound != settings.port:
-        settings = settings.model_copy(update={"port": bound, "public_url": local})
+    """A real campaign with no configuration: gpCAM minimises the Branin function measured by
+    the local simulated instrument (sim-instrument jobs, run through sciorch's own MCP tools),
+    then reports the best point against the known optimum and writes plots."""
+    from steering.spec import parse_spec
 
-    async def go(engine: Engine, who: Principal) -> DemoOutcome:
-        return await _demo(engine, who, jobs, keep, sock, local)
+    data = json.loads(json.dumps(DEMO_CAMPAIGN))
+    data["budget"]["evaluations"] = evaluations
+    data["batch_size"] = batch
+    data["seed"] = seed
+    data["initial_design"]["count"] = min(6, max(2, evaluations // 3))
+    spec = _guard(lambda: parse_spec(data, "demo"))
 
-    try:
-        outcome = run(ctx, go, settings)
-    finally:
-        sock.close()
+    async def go(engine: Engine, me: Principal) -> Any:
+        return await _steer_local(engine, me, spec, None, True, progress)
 
-    table = Table(
-        title="sim-instrument on Branin (minimum 0.397887)",
-        title_justify="left",
-        box=None,
-        pad_edge=False,
-        header_style="bold",
-    )
-    table.add_column("ENTRY", no_wrap=True)
-    table.add_column("x1", justify="right")
-    table.add_column("x2", justify="right")
-    table.add_column("STATE")
-    table.add_column("VALUE", justify="right")
-    table.add_column("TRUE VALUE", justify="right")
-    for e in outcome.jobs:
-        r = e.result or {}
-        value = r.get("value")
-        true_value = r.get("true_value")
-        table.add_row(
-            _t(e.id),
-            _t(f"{e.parameters.get('x1'):.4g}"),
-            _t(f"{e.parameters.get('x2'):.4g}"),
-            fmt_state(e.state),
-            _t(f"{value:.6g}" if isinstance(value, int | float) else (e.reason or "")),
-            _t(f"{true_value:.6g}" if isinstance(true_value, int | float) else ""),
-        )
-    out.print(table)
-    out.print()
-    path = urlsplit(outcome.fetched_url).path
-    out.print(
-        _t(
-            f"http-app {outcome.service.id} is ready; GET {path} through the proxy -> "
-            f"{outcome.page_status} {outcome.page_excerpt!r}"
-        )
-    )
-    out.print(_t(f"service URL (with your access token): {outcome.service.access_url}"))
-    if outcome.kept:
-        out.print(
-            _t(
-                f"kept event {outcome.event_id}; the URL answers while `sciorch serve"
-                f"{' --port ' + str(bound) if bound != configured else ''}` runs; "
-                f"`sciorch stop-event {outcome.event_id}` ends it"
-            ),
-            style="dim",
-        )
-    else:
-        out.print(
-            _t(
-                f"stopped event {outcome.event_id} (the URL answered during the demo; "
-                "use --keep to leave it running)"
-            ),
-            style="dim",
-        )
-    failed = [e for e in outcome.jobs if e.state != EntryState.SUCCEEDED]
-    if outcome.page_status != 200 or failed:
-        fail(
-            f"{len(failed)} job(s) did not succeed; proxy answered {outcome.page_status}",
-            "demo",
-            code=1,
-        )
+    view = run(ctx, go)
+    _report(view)
+    _exit_for(view)
+    if view.best is None or view.progress.succeeded < evaluations // 2:
+        fail("the demo campaign measured too little; see `sciorch status`", "demo", code=1)
 
 
 # ================================================================================ agent

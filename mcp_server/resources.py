@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import mcp_types
@@ -87,16 +87,24 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
 
 
 def attach_subscriptions(
-    mcp: FastMCP, engine: Engine, principal_of: Callable[[], Principal] | None = None
+    mcp: FastMCP,
+    engine: Engine,
+    principal_of: Callable[[], Principal] | None = None,
+    extra_visible: Callable[[str], Awaitable[bool | None]] | None = None,
 ) -> InMemorySubscriptionBus:
     """Serve `subscriptions/listen` (fastmcp 4.1 does not) and feed it from the engine's bus.
     A listener learns only that a URI it names changed, and only for entries it may see
     (with `principal_of`, the others are left out of the honored filter as if they did not
-    exist); reading a URI is authorised as usual."""
+    exist); reading a URI is authorised as usual. `extra_visible` decides for URIs of other
+    resources (campaigns): True or False, or None for "not mine"."""
     sub_bus = InMemorySubscriptionBus()
     handler = ListenHandler(sub_bus)
 
     async def visible(uri: str) -> bool:
+        if extra_visible is not None:
+            verdict = await extra_visible(uri)
+            if verdict is not None:
+                return verdict
         match = _ENTRY_URI.match(uri)
         if match is None or principal_of is None:
             return match is not None

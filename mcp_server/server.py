@@ -18,6 +18,7 @@ from fastmcp_tasks import TasksExtension
 from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ValidationErrors, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
+from mcp_server.steering_tools import register_steering
 from mcp_server.toolset import TOOLS, Scope, build_tool
 from orchestrator.engine import Engine
 from orchestrator.models import Principal
@@ -128,7 +129,12 @@ def create_server(
 
     register_resources(mcp, engine, principal_of)
     register_prompts(mcp)
-    attach_subscriptions(mcp, engine, principal_of)
+    steering = register_steering(
+        mcp, engine, principal_of, auth=auth is not None, read_only=read_only,
+        disable_destructive=disable_destructive,
+    )
+    registered += steering.tools
+    steering.publish_to(attach_subscriptions(mcp, engine, principal_of, steering.visible))
 
     mutating = [s.name for s in registered if not s.read_only]
     mcp.add_middleware(ArgumentSizeLimit())

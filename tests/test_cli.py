@@ -187,11 +187,17 @@ def test_token_create_rejects_unknown_scopes(home: Path) -> None:
 
 
 def test_demo(tmp_path: Path) -> None:
-    proc = ok(sciorch(tmp_path / "demo-home", "demo", "--jobs", "3", "--port", "0", timeout=60))
+    """The demo is a real campaign: gpCAM steering sim-instrument jobs on Branin."""
+    proc = ok(
+        sciorch(tmp_path / "demo-home", "demo", "--evaluations", "9", "--no-progress", timeout=120)
+    )
     out = proc.stdout
-    values = re.findall(r"^(ent-[0-9a-f]+)\s+\S+\s+\S+\s+succeeded\s+(\S+)", out, re.M)
-    assert len(values) == 3, out
-    assert all(0 < float(v) < 400 for _, v in values)  # Branin's range on its domain
-    assert "through the proxy -> 200 'hello from the sciorch demo'" in out, out
-    assert re.search(r"http://127\.0\.0\.1:\d+/entries/ent-[0-9a-f]+/\?token=\S+", out), out
-    assert "stopped event" in out
+    assert re.search(r"state\s+completed: evaluation budget spent", out), out
+    assert re.search(r"evaluations\s+9 measured, 0 failed", out), out
+    best = re.search(
+        r"^best\s+(\S+) at x1=\S+, x2=\S+ \(evaluation \d+, entry ent-[0-9a-f]+\)", out, re.M
+    )
+    assert best and 0 < float(best.group(1)) < 400, out  # Branin's range on its domain
+    assert re.search(r"known optimum\s+0\.397887 \(gap ", out), out
+    plots = re.findall(r"^plot\s+(\S+\.png)$", out, re.M)
+    assert len(plots) == 2 and all(Path(p).stat().st_size > 0 for p in plots), out

@@ -1,0 +1,96 @@
+"""The runner's only way into sciorch: MCP tool calls through a fastmcp Client, in memory
+(`Client(server)`) or over HTTP (`Client(url, auth=BearerAuth(token))`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastmcp import Client
+from fastmcp.exceptions import ToolError
+
+log = logging.getLogger("sciorch.steering")
+
+_ERROR = re.compile(
+    r"^(?P<code>[a-z_]+): (?P<message>.*?)(?: \[field: (?P<field>[^\]]+)\])?$", re.S
+)
+
+
+class ToolFailed(Exception):
+    """A tool answered with an error (sciorch's `code: message [field: x]`)."""
+
+    def __init__(self, tool: str, text: str) -> None:
+        m = _ERROR.match(text.strip())
+        self.tool = tool
+        self.code = m.group("code") if m else "error"
+        self.message = m.group("message") if m else text
+        self.field = m.group("field") if m else None
+        super().__init__(f"{tool}: {text}")
+
+
+class Tools:
+    """Calls tools on one session. Transport failures (a remote server restarting) are retried
+    with back-off on a fresh session for `patience_s`; tool errors are raised at once."""
+
+    def __init__(self, make_client: Callable[[], Client[Any]], patience_s: float = 300.0) -> None:
+        self._make = make_client
+        self._client: Client[Any] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._patience = patience_s
+        self._reconnect_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Tools:
+        stack = contextlib.AsyncExitStack()
+        client = self._make()
+        await stack.enter_async_context(client)
+        self._client, self._stack = client, stack
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            try:
+                await stack.aclose()
+            except Exception as e:  # closing a broken session must not hide the real error
+                log.debug("closing the MCP session: %s", e)
+
+    async def _reconnect(self, broken: Client[Any] | None) -> None:
+        async with self._reconnect_lock:
+            if self._client is not broken:
+                return  # another caller already reconnected
+            await self.__aexit__()
+            await self.__aenter__()
+
+    async def call(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._patience
+        limited_until = loop.time() + max(60.0, self._patience)
+        delay = 0.5
+        while True:
+            client = self._client
+            if client is None:
+                raise RuntimeError("Tools used outside `async with`")
+            try:
+                result = await client.call_tool(name, args or {})
+                return dict(result.structured_content or {})
+            except ToolError as exc:
+                raise ToolFailed(name, str(exc)) from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "rate limit" in str(exc).lower() and loop.time() < limited_until:
+                    await asyncio.sleep(1.0)  # the server's per-principal rate limit
+                    continue
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1f s", name, exc, delay)
+                await asyncio.sleep(delay)  # back-off only while the server is unreachable
+                delay = min(delay * 2, 30.0)
+                try:
+                    await self._reconnect(client)
+                except Exception as again:
+                    log.warning("reconnecting failed: %s", again)

@@ -1,0 +1,422 @@
+"""Campaigns inside the server: `start_campaign` starts a runner as a background task of the
+server process, acting as the calling principal through an in-memory MCP client connected to a
+server instance built for that principal (so every job it submits is authorised, audited and
+rate-limited like any other call of theirs).
+
+Campaigns still running when the server stops stay `running` in the store and are resumed when
+it starts again (when its MCP lifespan begins: `sciorch serve` over HTTP or stdio), each by its
+own runner, which re-adopts what was in flight (see steering.runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import InvalidInput, NotAllowed, NotFound
+from orchestrator.models import ROLE_RANK, Principal, Role
+from steering.models import (
+    BestView,
+    CampaignList,
+    CampaignRecord,
+    CampaignState,
+    CampaignView,
+    EvalState,
+    EvaluationRecord,
+    EvaluationView,
+    PosteriorView,
+    ProgressView,
+)
+from steering.runner import CampaignRunner, check_service, decision_stats
+from steering.spec import CampaignSpec
+from steering.store import CampaignStore, now
+
+if TYPE_CHECKING:
+    from fastmcp import Client, FastMCP
+
+    from orchestrator.engine import Engine
+
+log = logging.getLogger("sciorch.steering")
+
+_MANAGERS: weakref.WeakKeyDictionary[Any, CampaignManager] = weakref.WeakKeyDictionary()
+
+
+def manager_for(engine: Engine, *, auto_resume: bool | None = None) -> CampaignManager:
+    """The one manager of an engine (created on first use)."""
+    mgr = _MANAGERS.get(engine)
+    if mgr is None:
+        mgr = CampaignManager(engine, auto_resume=True if auto_resume is None else auto_resume)
+        _MANAGERS[engine] = mgr
+    elif auto_resume is not None:
+        mgr.auto_resume = auto_resume
+    return mgr
+
+
+def new_campaign_id() -> str:
+    return f"cmp-{secrets.token_hex(6)}"
+
+
+def campaign_dir(home: Path, campaign_id: str) -> Path:
+    return home / "campaigns" / campaign_id
+
+
+def default_name(spec: CampaignSpec) -> str:
+    obj = spec.objective
+    surface = obj.parameters.get("surface")
+    what = f"{obj.service}" + (f" {surface}" if isinstance(surface, str) else "")
+    return spec.name or f"{what}: {obj.goal} {obj.field}"
+
+
+def build_view(
+    rec: CampaignRecord, evals: list[EvaluationRecord], active: bool, with_evals: bool = True
+) -> CampaignView:
+    spec = rec.spec
+    goal = spec.objective.goal
+    ok = [e for e in evals if e.state == EvalState.SUCCEEDED and e.value is not None]
+    best = None
+    if ok and goal != "explore":
+        sign = 1.0 if goal == "maximise" else -1.0
+        b = max(ok, key=lambda e: sign * float(e.value or 0.0))
+        best = BestView(seq=b.seq, point=b.point, value=float(b.value or 0.0), entry_id=b.entry_id)
+    end = rec.finished_at or now()
+    median, worst = decision_stats(evals)
+    posterior = PosteriorView.model_validate(rec.posterior) if rec.posterior else None
+    return CampaignView(
+        id=rec.id,
+        name=rec.name,
+        owner=rec.owner,
+        state=rec.state,
+        reason=rec.reason,
+        active=active,
+        service=spec.objective.service,
+        goal=goal,
+        field=spec.objective.field,
+        acquisition=spec.acquisition_name,
+        batch_size=spec.batch_size,
+        event_id=rec.event_id,
+        site=spec.site,
+        endpoint=rec.endpoint,
+        seed=rec.seed,
+        created_at=rec.created_at,
+        finished_at=rec.finished_at,
+        progress=ProgressView(
+            budget=spec.budget.evaluations,
+            done=sum(1 for e in evals if e.state.finished),
+            succeeded=len(ok),
+            failed=sum(1 for e in evals if e.state == EvalState.FAILED),
+            cancelled=sum(1 for e in evals if e.state == EvalState.CANCELLED),
+            in_flight=sum(1 for e in evals if e.state in (EvalState.ASKED, EvalState.SUBMITTED)),
+            retries=sum(max(0, e.attempt - 1) for e in evals),
+            elapsed_s=(end - rec.created_at).total_seconds(),
+            wall_time_s=spec.budget.wall_time_s,
+        ),
+        best=best,
+        reference=spec.objective.reference,
+        posterior=posterior,
+        decision_s_median=median,
+        decision_s_max=worst,
+        plots=rec.plots,
+        spec=spec,
+        evaluations=[
+            EvaluationView(
+                seq=e.seq,
+                point=e.point,
+                source=e.source,
+                state=e.state,
+                value=e.value,
+                noise_variance=e.noise,
+                entry_id=e.entry_id,
+                attempts=e.attempt,
+                reason=e.reason,
+                decision_s=e.decision_s,
+                asked_at=e.asked_at,
+                finished_at=e.finished_at,
+            )
+            for e in evals
+        ]
+        if with_evals
+        else None,
+    )
+
+
+class CampaignManager:
+    def __init__(self, engine: Engine, *, auto_resume: bool = True) -> None:
+        self.engine = engine
+        self.home = engine.settings.home
+        self.auto_resume = auto_resume
+        self._store: CampaignStore | None = None
+        self._store_lock = asyncio.Lock()
+        self.runners: dict[str, CampaignRunner] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.listeners: list[Callable[[str], None]] = []
+        self._servers: dict[tuple[str, bool], FastMCP] = {}
+        self.building_internal = False
+        self._serving = 0
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "steering.db"
+
+    async def store(self) -> CampaignStore:
+        async with self._store_lock:
+            if self._store is None:
+                self._store = await CampaignStore.open(self.db_path)
+            return self._store
+
+    # ------------------------------------------------------------------ MCP plumbing
+
+    def server_for(self, principal: Principal) -> FastMCP:
+        """A server instance acting as `principal` (no auth: in-memory only)."""
+        key = (principal.id, principal.admin)
+        server = self._servers.get(key)
+        if server is None:
+            from mcp_server.server import create_server
+
+            self.building_internal = True
+            try:
+                server = create_server(
+                    self.engine, principal=principal, rate_per_second=1000.0, rate_burst=2000
+                )
+            finally:
+                self.building_internal = False
+            self._servers[key] = server
+        return server
+
+    def client_factory(self, principal: Principal) -> Callable[[], Client[Any]]:
+        from fastmcp import Client
+
+        server = self.server_for(principal)
+        return lambda: Client(server)
+
+    def notify(self, campaign_id: str) -> None:
+        for listener in tuple(self.listeners):
+            try:
+                listener(campaign_id)
+            except Exception:
+                log.exception("campaign listener failed")
+
+    # ------------------------------------------------------------------ authorisation
+
+    async def _visible(self, principal: Principal, campaign_id: str) -> CampaignRecord:
+        store = await self.store()
+        rec = await store.get_campaign(campaign_id)
+        if rec is not None and (principal.admin or rec.owner == principal.id):
+            return rec
+        if rec is not None and rec.event_id and rec.endpoint == "embedded":
+            event = await self.engine.store.get_event(rec.event_id)
+            if event is not None and event.role_of(principal) is not None:
+                return rec
+        raise NotFound(
+            f"no campaign {campaign_id!r} visible to {principal.id}", field="campaign_id"
+        )
+
+    async def _operable(self, principal: Principal, rec: CampaignRecord) -> None:
+        if principal.admin or rec.owner == principal.id:
+            return
+        event = await self.engine.store.get_event(rec.event_id) if rec.event_id else None
+        role = event.role_of(principal) if event else None
+        if role is None or ROLE_RANK[role] < ROLE_RANK[Role.OPERATOR]:
+            raise NotAllowed(
+                f"{principal.id} may view campaign {rec.id} but not stop it; that needs the "
+                "owner or an operator of its event",
+                field="campaign_id",
+            )
+
+    # ------------------------------------------------------------------ operations
+
+    def validate(self, spec: CampaignSpec) -> None:
+        check_service(spec, [s.model_dump() for s in self.engine.list_services()])
+        if spec.site is not None and spec.site not in self.engine.backends:
+            raise InvalidInput(
+                f"site: unknown site {spec.site!r}; sites: {', '.join(self.engine.backends)}",
+                field="site",
+            )
+
+    async def create(
+        self, principal: Principal, spec: CampaignSpec, endpoint: str = "embedded"
+    ) -> CampaignRecord:
+        store = await self.store()
+        at = now()
+        rec = CampaignRecord(
+            id=new_campaign_id(),
+            name=default_name(spec),
+            owner=principal.id,
+            admin=principal.admin,
+            spec=spec,
+            seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
+            state=CampaignState.RUNNING,
+            endpoint=endpoint,
+            created_at=at,
+            updated_at=at,
+        )
+        await store.insert_campaign(rec)
+        return rec
+
+    async def start(self, principal: Principal, spec: CampaignSpec) -> CampaignView:
+        """Validate, record and start a campaign in the background."""
+        self.validate(spec)
+        rec = await self.create(principal, spec)
+        self.launch(rec)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    def launch(self, rec: CampaignRecord) -> asyncio.Task[None]:
+        """Run (or resume) an embedded campaign as a background task of this process."""
+        task = self.tasks.get(rec.id)
+        if task is not None and not task.done():
+            return task
+        runner = CampaignRunner(
+            self._store_or_fail(),
+            rec.id,
+            self.client_factory(Principal(id=rec.owner, admin=rec.admin)),
+            campaign_dir(self.home, rec.id),
+            on_update=self.notify,
+        )
+        self.runners[rec.id] = runner
+        task = asyncio.create_task(self._run(runner), name=f"campaign-{rec.id}")
+        self.tasks[rec.id] = task
+        return task
+
+    def _store_or_fail(self) -> CampaignStore:
+        assert self._store is not None, "store() first"
+        return self._store
+
+    async def _run(self, runner: CampaignRunner) -> None:
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Left `running`: the next start resumes it; the reason says what happened.
+            log.exception("campaign %s interrupted", runner.id)
+            with contextlib.suppress(Exception):
+                store = await self.store()
+                await store.update_campaign(runner.id, reason=f"interrupted: {exc}"[:500])
+        finally:
+            self.runners.pop(runner.id, None)
+            self.tasks.pop(runner.id, None)
+            self.notify(runner.id)
+
+    async def get(
+        self, principal: Principal, campaign_id: str, with_evals: bool = True
+    ) -> CampaignView:
+        rec = await self._visible(principal, campaign_id)
+        store = await self.store()
+        evals = await store.evaluations(rec.id)
+        return build_view(rec, evals, rec.id in self.runners, with_evals)
+
+    async def list_campaigns(
+        self, principal: Principal, include_finished: bool = True
+    ) -> CampaignList:
+        store = await self.store()
+        states = None if include_finished else [CampaignState.RUNNING]
+        recs = await store.list_campaigns(None if principal.admin else principal.id, states)
+        out = []
+        for rec in recs:
+            evals = await store.evaluations(rec.id)
+            out.append(build_view(rec, evals, rec.id in self.runners, with_evals=False))
+        return CampaignList(campaigns=out)
+
+    async def stop(
+        self, principal: Principal, campaign_id: str, cancel_in_flight: bool = True
+    ) -> CampaignView:
+        """Stop a campaign (idempotent). Its runner cancels (or lets finish) what is in flight
+        and records everything; a campaign with no runner here is closed directly."""
+        rec = await self._visible(principal, campaign_id)
+        await self._operable(principal, rec)
+        if rec.state.finished:
+            return await self.get(principal, campaign_id)
+        store = await self.store()
+        await store.update_campaign(rec.id, stop_requested=True)
+        runner = self.runners.get(rec.id)
+        task = self.tasks.get(rec.id)
+        if runner is not None and task is not None:
+            runner.request_stop(cancel_in_flight)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        else:
+            await self._close_dormant(rec, cancel_in_flight)
+        return await self.get(principal, campaign_id)
+
+    async def _close_dormant(self, rec: CampaignRecord, cancel_in_flight: bool) -> None:
+        store = await self.store()
+        if rec.endpoint != "embedded":
+            # Its runner talks to another server: record the stop; that runner ends it.
+            return
+        evals = await store.evaluations(rec.id)
+        principal = Principal(id=rec.owner, admin=rec.admin)
+        from fastmcp import Client
+
+        async with Client(self.server_for(principal)) as client:
+            for e in evals:
+                if e.state.finished:
+                    continue
+                if e.entry_id and cancel_in_flight:
+                    with contextlib.suppress(Exception):
+                        await client.call_tool("cancel_entry", {"entry_id": e.entry_id})
+                await store.update_evaluation(
+                    rec.id,
+                    e.seq,
+                    state=EvalState.CANCELLED,
+                    reason="stopped by request",
+                    finished_at=now(),
+                )
+        await store.finish_campaign(rec.id, CampaignState.STOPPED, "stopped by request")
+        self.notify(rec.id)
+
+    async def wait(self, campaign_id: str) -> None:
+        task = self.tasks.get(campaign_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ server lifetime
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Held while a server over this engine runs (its MCP lifespan). The first resumes the
+        campaigns left running (if auto_resume); the last to stop pauses the runners."""
+        self._serving += 1
+        if self._serving == 1 and self.auto_resume:
+            try:
+                resumed = await self.resume_all()
+                if resumed:
+                    log.info("resumed campaigns: %s", ", ".join(resumed))
+            except Exception:
+                log.exception("resuming campaigns failed")
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            if self._serving == 0:
+                await self.shutdown()
+
+    async def resume_all(self) -> list[str]:
+        """Start a runner for every embedded campaign left running (server start)."""
+        store = await self.store()
+        recs = await store.list_campaigns(states=[CampaignState.RUNNING], endpoint="embedded")
+        started = []
+        for rec in recs:
+            if rec.id not in self.tasks:
+                log.info("resuming campaign %s (%s)", rec.id, rec.name)
+                self.launch(rec)
+                started.append(rec.id)
+        return started
+
+    async def shutdown(self) -> None:
+        """Stop the runners (their campaigns stay `running`, to be resumed) and the store."""
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self.tasks.clear()
+        self.runners.clear()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None

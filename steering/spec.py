@@ -1,0 +1,352 @@
+"""The campaign declaration: what to measure, over which space, how to choose, when to stop.
+
+A campaign is a TOML or YAML file (or the arguments of the `start_campaign` tool) validated by
+`CampaignSpec`. Errors name the failing field as a dotted path (`space.1.high`,
+`budget.evaluations`), whichever way the campaign arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import InvalidInput
+from orchestrator.models import parse_duration_s
+
+Goal = Literal["minimise", "maximise", "explore"]
+
+# gpCAM 8.6's acquisition functions for single-task GPs, by their gpCAM names.
+ACQUISITIONS = (
+    "expected improvement",
+    "probability of improvement",
+    "noisy expected improvement",
+    "knowledge gradient",
+    "lcb",
+    "ucb",
+    "minimum",
+    "maximum",
+    "variance",
+    "gradient",
+    "target probability",
+    "total correlation",
+    "relative information entropy",
+    "relative information entropy set",
+)
+# Criteria that score a whole set: the batch is chosen jointly by gpCAM (greedy selection over a
+# candidate list). They measure information, not progress, so they serve goal = explore.
+SET_ACQUISITIONS = frozenset(
+    {"total correlation", "relative information entropy", "relative information entropy set"}
+)
+ALIASES = {
+    "ei": "expected improvement",
+    "pi": "probability of improvement",
+    "nei": "noisy expected improvement",
+    "kg": "knowledge gradient",
+    "tc": "total correlation",
+    "std": "variance",
+}
+_GOAL_ALIASES = {
+    "minimise": "minimise",
+    "minimize": "minimise",
+    "min": "minimise",
+    "maximise": "maximise",
+    "maximize": "maximise",
+    "max": "maximise",
+    "explore": "explore",
+}
+NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(_Strict):
+    """What one evaluation is: a job of `service` with `parameters` plus the point's values."""
+
+    service: str = Field(
+        min_length=1, max_length=128, description="catalogue job to run, optionally name@version"
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="fixed parameters sent with every evaluation"
+    )
+    field: str = Field(
+        "value",
+        min_length=1,
+        max_length=200,
+        description="result field to optimise; dotted for nested fields, e.g. 'metrics.snr'",
+    )
+    goal: Goal = Field(
+        "minimise", description="minimise or maximise the field, or explore (reduce uncertainty)"
+    )
+    reference: float | None = Field(
+        None, description="known optimum, only for reports (e.g. 0.397887 for Branin)"
+    )
+    warp: Literal["auto", "log", "none"] = Field(
+        "auto",
+        description="compress bad values logarithmically before the GP sees them: auto "
+        "chooses by marginal likelihood at each training",
+    )
+
+    @field_validator("goal", mode="before")
+    @classmethod
+    def _goal(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in _GOAL_ALIASES:
+            return _GOAL_ALIASES[v.strip().lower()]
+        return v
+
+
+class Parameter(_Strict):
+    """One dimension of the search space; its name is the job parameter it sets."""
+
+    name: str = Field(pattern=NAME, description="the job parameter this dimension sets")
+    type: Literal["continuous", "integer", "categorical"] = "continuous"
+    low: float | None = Field(None, description="lower bound (continuous, integer)")
+    high: float | None = Field(None, description="upper bound (continuous, integer)")
+    choices: list[str | int | float | bool] | None = Field(
+        None, description="the values of a categorical parameter"
+    )
+    log: bool = Field(False, description="search on a log scale (bounds must be > 0)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Parameter:
+        if self.type == "categorical":
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter takes choices, not low/high")
+            if self.log:
+                raise ValueError("log applies to continuous and integer parameters")
+            if not self.choices or len(self.choices) < 2:
+                raise ValueError("a categorical parameter needs at least 2 choices")
+            if len({repr(c) for c in self.choices}) != len(self.choices):
+                raise ValueError("choices must be distinct")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"choices apply to categorical parameters, not {self.type}")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs low and high")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "integer" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an integer parameter needs whole-number low and high")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class InitialDesign(_Strict):
+    count: int | None = Field(
+        None, ge=1, le=10_000, description="space-filling points before the GP decides"
+    )
+    method: Literal["sobol", "lhs", "random"] = Field(
+        "sobol", description="scrambled Sobol or Latin hypercube (scipy.stats.qmc), or random"
+    )
+
+
+class Budget(_Strict):
+    evaluations: int = Field(30, ge=1, le=100_000, description="points to evaluate at most")
+    wall_time_s: float | None = Field(
+        None, gt=0, description="stop after this long from the start ('2h', '30m' accepted)"
+    )
+
+    @field_validator("wall_time_s", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_duration_s(v)
+        return v
+
+
+class Stop(_Strict):
+    target: float | None = Field(
+        None, description="stop once the best value reaches this (<= for minimise, >= maximise)"
+    )
+    max_posterior_std: float | None = Field(
+        None, gt=0, description="stop once the GP's largest posterior std over the space is below"
+    )
+
+
+class Noise(_Strict):
+    """Measurement noise: per result (`field`), a known `variance`, or learned by the GP."""
+
+    field: str | None = Field(
+        "noise_variance", description="result field holding each measurement's noise variance"
+    )
+    variance: float | None = Field(
+        None, ge=0, description="known noise variance, used where the result does not say"
+    )
+    learn: bool = Field(False, description="learn one noise level with the hyperparameters")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str) and data.strip().lower() == "learn":
+            return {"learn": True, "field": None}
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            return {"variance": data, "field": None}
+        return data
+
+
+class Plot(_Strict):
+    dims: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description="the space parameters the posterior plot shows (default: the first two)",
+    )
+
+
+class CampaignFields(_Strict):
+    """The sections of a campaign, each validated on its own (the start_campaign tool's input);
+    `CampaignSpec` adds the checks across sections."""
+
+    name: str | None = Field(None, max_length=200, description="a label")
+    objective: Objective
+    space: list[Parameter] = Field(min_length=1, max_length=32)
+    initial_design: InitialDesign = Field(default_factory=InitialDesign)
+    acquisition: str | None = Field(
+        None,
+        description="gpCAM acquisition function; default expected improvement (variance "
+        "for explore). For minimise use lcb, not ucb.",
+    )
+    acquisition_args: dict[str, float] = Field(
+        default_factory=dict, description="e.g. {a, b} for 'target probability' (result units)"
+    )
+    batch_size: int = Field(1, ge=1, le=64, description="evaluations kept in flight at once")
+    budget: Budget = Field(default_factory=Budget)
+    stop: Stop = Field(default_factory=Stop)
+    noise: Noise = Field(default_factory=Noise)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: chosen at start")
+    site: str | None = Field(None, max_length=64, description="run evaluations on this site")
+    event_id: str | None = Field(
+        None, max_length=64, description="event to run in; default: a new event per campaign"
+    )
+    retries: int = Field(2, ge=0, le=10, description="resubmissions of a failed evaluation")
+    plot: Plot = Field(default_factory=Plot)
+
+    @field_validator("acquisition", mode="before")
+    @classmethod
+    def _acq(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            name = " ".join(v.strip().lower().replace("_", " ").replace("-", " ").split())
+            name = ALIASES.get(name, name)
+            if name not in ACQUISITIONS:
+                raise ValueError(
+                    f"unknown acquisition {v!r}; gpCAM's are: {', '.join(ACQUISITIONS)}"
+                )
+            return name
+        return v
+
+
+class CampaignSpec(CampaignFields):
+    """A closed-loop campaign: gpCAM chooses each next point, sciorch's tools measure it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CampaignSpec:
+        names = [p.name for p in self.space]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"space: parameter names must be distinct; repeated: {dupes}")
+        fixed = sorted(set(names) & set(self.objective.parameters))
+        if fixed:
+            raise ValueError(
+                f"objective.parameters: fixes {fixed}, which the space searches; drop one"
+            )
+        goal = self.objective.goal
+        acq = self.acquisition_name
+        wrong = {"minimise": ("ucb", "maximum"), "maximise": ("lcb", "minimum")}
+        if goal in wrong and acq in wrong[goal]:
+            good = {"ucb": "lcb", "lcb": "ucb", "maximum": "minimum", "minimum": "maximum"}[acq]
+            raise ValueError(
+                f"acquisition: {acq!r} chases the opposite of goal={goal}; use {good!r}"
+            )
+        if acq in SET_ACQUISITIONS and goal != "explore":
+            raise ValueError(
+                f"acquisition: {acq!r} measures information, not progress; use it with "
+                "goal = 'explore', or expected improvement to optimise"
+            )
+        if acq == "target probability":
+            a, b = self.acquisition_args.get("a"), self.acquisition_args.get("b")
+            if a is None or b is None or not a < b:
+                raise ValueError("acquisition_args: 'target probability' needs a < b")
+        if self.plot.dims:
+            unknown = [d for d in self.plot.dims if d not in names]
+            if unknown:
+                raise ValueError(f"plot.dims: {unknown} are not space parameters {names}")
+            if len(set(self.plot.dims)) != len(self.plot.dims):
+                raise ValueError("plot.dims: must be distinct")
+        if self.stop.target is not None and goal == "explore":
+            raise ValueError("stop.target: needs goal = minimise or maximise")
+        return self
+
+    @property
+    def acquisition_name(self) -> str:
+        if self.acquisition is not None:
+            return self.acquisition
+        return "variance" if self.objective.goal == "explore" else "expected improvement"
+
+    @property
+    def design_count(self) -> int:
+        """Initial design size: as given, else 2 per dimension plus 2 (at least 5), and never
+        more than half the budget (but at least 2 points, which the GP needs)."""
+        if self.initial_design.count is not None:
+            return min(self.initial_design.count, self.budget.evaluations)
+        default = max(5, 2 * len(self.space) + 2)
+        return max(min(default, self.budget.evaluations // 2), min(2, self.budget.evaluations))
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def validation_error(exc: ValidationError, source: str | None = None) -> InvalidInput:
+    """The first error as one line naming the field, e.g. `space.1.high: ...`."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    named = re.match(r"^([a-z_][a-z0-9_.]*): ", msg)
+    if not loc and named:  # a whole-campaign check that names its field first
+        loc, msg = named.group(1), msg[named.end() :]
+    where = f"{source}: " if source else ""
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return InvalidInput(f"{where}{loc + ': ' if loc else ''}{msg}{more}", field=loc or None)
+
+
+def parse_spec(data: Any, source: str | None = None) -> CampaignSpec:
+    if not isinstance(data, dict):
+        raise InvalidInput(
+            f"{source + ': ' if source else ''}a campaign is a table/mapping with objective, "
+            "space, budget, ...",
+            field="campaign",
+        )
+    try:
+        return CampaignSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, source) from None
+
+
+def load_spec(path: Path) -> CampaignSpec:
+    """Read a campaign from a .toml, .yaml or .yml file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InvalidInput(f"campaign file {path} must end in .toml, .yaml or .yml", field="file")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read campaign file {path}: {exc.strerror}", field="file"
+        ) from exc
+    try:
+        data: Any = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{path}: not valid TOML: {exc}", field="file") from exc
+    except yaml.YAMLError as exc:
+        line = re.sub(r"\s+", " ", str(exc))
+        raise InvalidInput(f"{path}: not valid YAML: {line}", field="file") from exc
+    return parse_spec(data, str(path))
