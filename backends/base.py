@@ -269,3 +269,25 @@ def read_stream(path: Path, since_record: int) -> list[dict[str, Any]]:
             rec = {"raw": line}
         out.append(rec if isinstance(rec, dict) else {"value": rec})
     return out
+
+
+def read_new_records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete JSON lines of a stream file from byte `offset` on, and the offset after them;
+    parsed and numbered like `read_stream`. A half-written last line waits for the next call."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            raw = f.read()
+    except OSError:
+        return [], offset
+    end = raw.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    out: list[dict[str, Any]] = []
+    for line in raw[:end].decode("utf-8", errors="replace").split("\n"):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = {"raw": line}
+        out.append(rec if isinstance(rec, dict) else {"value": rec})
+    return out, offset + end + 1

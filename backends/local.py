@@ -36,6 +36,7 @@ from backends.base import (
     Reporter,
     ResultData,
     WorkDir,
+    read_new_records,
 )
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
@@ -1121,28 +1122,9 @@ class LocalBackend:
             await self._call(e.id, "stream_record", index, record)
 
     def _new_records(self, e: _Entry) -> list[dict[str, Any]]:
-        """Complete lines of stream.jsonl past what was reported, read incrementally (the same
-        numbering and parsing as `backends.base.read_stream`)."""
-        import json
-
-        try:
-            with e.workdir.stream.open("rb") as f:
-                f.seek(e.stream_offset)
-                raw = f.read()
-        except OSError:
-            return []
-        end = raw.rfind(b"\n")
-        if end < 0:
-            return []
-        e.stream_offset += end + 1
-        out: list[dict[str, Any]] = []
-        for line in raw[:end].decode("utf-8", errors="replace").split("\n"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = {"raw": line}
-            out.append(rec if isinstance(rec, dict) else {"value": rec})
-        return out
+        """Stream records past what was reported."""
+        records, e.stream_offset = read_new_records(e.workdir.stream, e.stream_offset)
+        return records
 
     # ------------------------------------------------------------------ small parts
 

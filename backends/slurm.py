@@ -50,7 +50,15 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import HealthSpec, LaunchSpec, LogChunk, Reporter, ResultData, WorkDir
+from backends.base import (
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    Reporter,
+    ResultData,
+    WorkDir,
+    read_new_records,
+)
 from backends.local import DirWatcher, log_tail
 from backends.slurm_transport import (
     CliTransport,
@@ -1280,26 +1288,9 @@ class SlurmBackend:
             await self._call(j.id, "stream_record", index, record)
 
     def _new_records(self, j: _Job) -> list[dict[str, Any]]:
-        """Complete lines of stream.jsonl past what was reported (numbered and parsed like
-        `backends.base.read_stream`)."""
-        try:
-            with j.workdir.stream.open("rb") as f:
-                f.seek(j.stream_offset)
-                raw = f.read()
-        except OSError:
-            return []
-        end = raw.rfind(b"\n")
-        if end < 0:
-            return []
-        j.stream_offset += end + 1
-        out: list[dict[str, Any]] = []
-        for line in raw[:end].decode("utf-8", errors="replace").split("\n"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = {"raw": line}
-            out.append(rec if isinstance(rec, dict) else {"value": rec})
-        return out
+        """Stream records past what was reported."""
+        records, j.stream_offset = read_new_records(j.workdir.stream, j.stream_offset)
+        return records
 
     # ------------------------------------------------------------------ site view
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
-from collections.abc import Callable
-from typing import Any
 
 from fastmcp import FastMCP
-from fastmcp.server.auth import AuthCheck, AuthContext, AuthProvider
+from fastmcp.server.auth import AuthProvider
 from fastmcp.server.dependencies import get_access_token
-from fastmcp.tools import FunctionTool
 from fastmcp_tasks import TasksExtension
 
 from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ValidationErrors, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
 from mcp_server.steering_tools import register_steering
-from mcp_server.toolset import TOOLS, Scope, build_tool
+from mcp_server.toolset import TOOLS, register_tools
 from orchestrator.engine import Engine
 from orchestrator.models import Principal
 
@@ -31,23 +28,6 @@ Kubernetes). Start with list_services. Jobs: submit_job, then wait_entry, then r
 Services: launch_service, then wait_entry until ready, then give the user access_url. \
 Entries live in events (allocations) you own or that are shared with you; without event_id \
 your default event is used. Errors name the field that was wrong and what was expected."""
-
-
-# Scopes nest: admin can do what submit can, submit what read can.
-IMPLIED: dict[Scope, frozenset[str]] = {
-    "read": frozenset({"read", "submit", "admin"}),
-    "submit": frozenset({"submit", "admin"}),
-    "admin": frozenset({"admin"}),
-}
-
-
-def scope_check(scope: Scope) -> Callable[[AuthContext], bool]:
-    granted_by = IMPLIED[scope]
-
-    def check(ctx: AuthContext) -> bool:
-        return ctx.token is not None and bool(granted_by & set(ctx.token.scopes))
-
-    return check
 
 
 def local_principal() -> Principal:
@@ -97,40 +77,23 @@ def create_server(
     # takes it, acting as that server's principal: give each server a queue of its own.
     mcp.add_extension(TasksExtension(url="memory://", name=f"sciorch-{secrets.token_hex(6)}"))
 
-    registered = []
-    input_schemas: dict[str, dict[str, Any]] = {}
-    for spec in TOOLS:
-        if read_only and not spec.read_only:
-            continue
-        if disable_destructive and spec.destructive:
-            continue
-        checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
-        fn = build_tool(spec, engine, principal_of)
-        mcp.tool(
-            fn,
-            name=spec.name,
-            description=spec.description,
-            annotations={
-                "readOnlyHint": spec.read_only,
-                "destructiveHint": spec.destructive,
-                "idempotentHint": spec.idempotent,
-                "openWorldHint": False,
-            },
-            task=spec.long_running,
-            auth=checks,
-        )
-        registered.append(spec)
-        input_schemas[spec.name] = FunctionTool.from_function(fn, name=spec.name).parameters
-    # Over the 2026-07-28 HTTP transport the SDK checks each tools/call's Mcp-Param headers
-    # against the tool's input schema; without this lookup it gets the schema by running a
-    # whole tools/list (every middleware, schema dereferencing) on every call, which costs
-    # several times the call itself.
-    mcp._mcp_server.get_tool_input_schema = input_schemas.get
-
+    registered = register_tools(
+        mcp,
+        TOOLS,
+        engine,
+        principal_of,
+        auth=auth is not None,
+        read_only=read_only,
+        disable_destructive=disable_destructive,
+    )
     register_resources(mcp, engine, principal_of)
     register_prompts(mcp)
     steering = register_steering(
-        mcp, engine, principal_of, auth=auth is not None, read_only=read_only,
+        mcp,
+        engine,
+        principal_of,
+        auth=auth is not None,
+        read_only=read_only,
         disable_destructive=disable_destructive,
     )
     registered += steering.tools

@@ -13,17 +13,15 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import ResourceError
-from fastmcp.server.auth import AuthCheck
-from fastmcp.tools import FunctionTool
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 
-from mcp_server.toolset import ToolSpec, build_tool
+from mcp_server.toolset import ToolSpec, register_tools
 from orchestrator.engine import Engine
 from orchestrator.errors import SciorchError
 from orchestrator.models import Principal
@@ -168,42 +166,17 @@ def register_steering(
 ) -> SteeringSurface:
     """Add the steering tools and the campaign resource to `mcp`, and the lifespan hook that
     resumes running campaigns when the server starts and pauses them when it stops."""
-    from mcp_server.server import scope_check
-
     manager = manager_for(engine)
     internal = manager.building_internal  # a runner's own server: tools only
-    registered: list[ToolSpec] = []
-    schemas: dict[str, dict[str, Any]] = {}
-    for spec in steering_tools(manager):
-        if read_only and not spec.read_only:
-            continue
-        if disable_destructive and spec.destructive:
-            continue
-        checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
-        fn = build_tool(spec, engine, principal_of)
-        mcp.tool(
-            fn,
-            name=spec.name,
-            description=spec.description,
-            annotations={
-                "readOnlyHint": spec.read_only,
-                "destructiveHint": spec.destructive,
-                "idempotentHint": spec.idempotent,
-                "openWorldHint": False,
-            },
-            auth=checks,
-        )
-        registered.append(spec)
-        schemas[spec.name] = FunctionTool.from_function(fn, name=spec.name).parameters
-    # Input schemas for the HTTP transport's per-call header check (see create_server).
-    previous = mcp._mcp_server.get_tool_input_schema
-
-    def input_schema(name: str) -> Mapping[str, Any] | None:
-        if name in schemas:
-            return schemas[name]
-        return previous(name) if previous is not None else None
-
-    mcp._mcp_server.get_tool_input_schema = input_schema
+    registered = register_tools(
+        mcp,
+        steering_tools(manager),
+        engine,
+        principal_of,
+        auth=auth,
+        read_only=read_only,
+        disable_destructive=disable_destructive,
+    )
 
     @mcp.resource(
         CAMPAIGN,

@@ -5,12 +5,14 @@ agent sees and the validation the operation does are the same thing."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastmcp import Context
+from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
+from fastmcp.server.auth import AuthCheck, AuthContext
+from fastmcp.tools import FunctionTool
 from pydantic import BaseModel, ValidationError
 
 import tools
@@ -276,3 +278,69 @@ def build_tool(
     call.__signature__ = inspect.Signature(params, return_annotation=spec.output)  # type: ignore[attr-defined]
     call.__annotations__ = {p.name: p.annotation for p in params} | {"return": spec.output}
     return call
+
+
+# Scopes nest: admin can do what submit can, submit what read can.
+IMPLIED: dict[Scope, frozenset[str]] = {
+    "read": frozenset({"read", "submit", "admin"}),
+    "submit": frozenset({"submit", "admin"}),
+    "admin": frozenset({"admin"}),
+}
+
+
+def scope_check(scope: Scope) -> Callable[[AuthContext], bool]:
+    granted_by = IMPLIED[scope]
+
+    def check(ctx: AuthContext) -> bool:
+        return ctx.token is not None and bool(granted_by & set(ctx.token.scopes))
+
+    return check
+
+
+def register_tools(
+    mcp: FastMCP,
+    specs: Iterable[ToolSpec],
+    engine: Engine,
+    principal_of: Callable[[], Principal],
+    *,
+    auth: bool,
+    read_only: bool,
+    disable_destructive: bool,
+) -> list[ToolSpec]:
+    """Register the specs the switches allow; returns those registered. With `auth`, each tool
+    is gated by its scope (and hidden from callers without it)."""
+    registered: list[ToolSpec] = []
+    schemas: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        if (read_only and not spec.read_only) or (disable_destructive and spec.destructive):
+            continue
+        checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
+        fn = build_tool(spec, engine, principal_of)
+        mcp.tool(
+            fn,
+            name=spec.name,
+            description=spec.description,
+            annotations={
+                "readOnlyHint": spec.read_only,
+                "destructiveHint": spec.destructive,
+                "idempotentHint": spec.idempotent,
+                "openWorldHint": False,
+            },
+            task=spec.long_running,
+            auth=checks,
+        )
+        registered.append(spec)
+        schemas[spec.name] = FunctionTool.from_function(fn, name=spec.name).parameters
+    # Over the 2026-07-28 HTTP transport the SDK checks each tools/call's Mcp-Param headers
+    # against the tool's input schema; without this lookup it gets the schema by running a
+    # whole tools/list (every middleware, schema dereferencing) on every call, which costs
+    # several times the call itself. Chained, so several register_tools calls add up.
+    previous = mcp._mcp_server.get_tool_input_schema
+
+    def input_schema(name: str) -> Mapping[str, Any] | None:
+        if name in schemas:
+            return schemas[name]
+        return previous(name) if previous is not None else None
+
+    mcp._mcp_server.get_tool_input_schema = input_schema
+    return registered
