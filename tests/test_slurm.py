@@ -531,7 +531,10 @@ async def test_server_restart_readopts_and_finishes_correctly(cluster: Cluster) 
     long = await eng.launch(ALICE, "sleeper", {"seconds": 5})
     failing = await eng.launch(ALICE, "sim-instrument", {"duration_s": 1, "fail": True})
     for e in (short, long, failing):
-        await wait_state(eng, e.id, {EntryState.RUNNING})
+        # Started (a short job may already be over by the time it is looked at).
+        await wait_state(
+            eng, e.id, {EntryState.RUNNING, EntryState.SUCCEEDED, EntryState.FAILED}
+        )
     await eng.close()  # the server goes away; its Slurm jobs do not
     cluster.engines.remove(eng)
     await asyncio.sleep(2.5)  # `short` and `failing` end while nobody watches

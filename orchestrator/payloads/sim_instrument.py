@@ -72,6 +72,7 @@ def main() -> int:
     rng = random.Random(seed)
     log(f"surface={surface.name} point={point} noise_std={noise_std} duration_s={duration}")
     if params.get("fail"):
+        time.sleep(duration)  # a fault found at the end of the measurement, as in real life
         print(
             "[sim-instrument] error: simulated instrument fault (fail=true)",
             file=sys.stderr,
