@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -68,7 +67,6 @@ class Store:
         # One connection is shared by every coroutine: writes take turns so that one
         # coroutine's transaction never swallows another's statements.
         self._lock = asyncio.Lock()
-        self._ro: sqlite3.Connection | None = None
 
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         async with self._lock:
@@ -96,23 +94,10 @@ class Store:
         await db.execute("PRAGMA busy_timeout=5000")
         store = cls(db)
         await store._migrate()
-        store._ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        store._ro.row_factory = sqlite3.Row
         return store
 
     async def close(self) -> None:
-        if self._ro is not None:
-            self._ro.close()
         await self._db.close()
-
-    def _point_read(self, sql: str, args: Sequence[Any]) -> sqlite3.Row | None:
-        """A primary-key read on the event loop. In WAL mode a reader never waits for a writer,
-        and the query takes tens of microseconds, less than the hop to aiosqlite's thread that
-        it saves (the hot path of get_entry). Anything that scans stays on the thread."""
-        if self._ro is None:
-            raise RuntimeError("store is not open")
-        row: sqlite3.Row | None = self._ro.execute(sql, args).fetchone()
-        return row
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cur:
@@ -178,11 +163,12 @@ class Store:
 
     async def get_event(self, event_id: str) -> Event | None:
         # One query (one hop to aiosqlite's thread): the event with its shares as JSON.
-        row = self._point_read(
+        rows = await self._db.execute_fetchall(
             "SELECT *, (SELECT json_group_object(principal, role) FROM shares"
             " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?",
             (event_id,),
         )
+        row = next(iter(rows), None)
         if row is None:
             return None
         shares = {p: Role(r) for p, r in json.loads(row["shares_json"] or "{}").items()}
@@ -323,9 +309,10 @@ class Store:
             if transitions
             else ""
         )
-        row = self._point_read(
+        rows = await self._db.execute_fetchall(
             f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?", (entry_id,)
         )
+        row = next(iter(rows), None)
         if row is None:
             return None
         trs: list[Transition] | None = None
