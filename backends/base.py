@@ -291,3 +291,41 @@ def read_new_records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int
             rec = {"raw": line}
         out.append(rec if isinstance(rec, dict) else {"value": rec})
     return out, offset + end + 1
+
+
+@dataclass
+class ContractTail:
+    """How much of a work dir's log and stream has been reported, so each byte of log growth
+    and each stream record is reported once, in order."""
+
+    log_size: int = 0
+    stream_offset: int = 0
+    stream_index: int = 0
+
+    def skip_existing(self, wd: WorkDir) -> None:
+        """On adopt: what is already written counts as reported; only growth is new."""
+        self.log_size = file_size(wd.log)
+        try:
+            raw = wd.stream.read_bytes()
+        except OSError:
+            raw = b""
+        end = raw.rfind(b"\n")
+        self.stream_offset, self.stream_index = (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
+
+    def news(self, wd: WorkDir) -> tuple[int | None, list[tuple[int, dict[str, Any]]]]:
+        """(the log's new size, or None if it did not grow; the new records with their index)."""
+        size = file_size(wd.log)
+        grown = None
+        if size > self.log_size:
+            self.log_size = grown = size
+        records, self.stream_offset = read_new_records(wd.stream, self.stream_offset)
+        start = self.stream_index
+        self.stream_index += len(records)
+        return grown, list(enumerate(records, start))
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

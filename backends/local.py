@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from watchfiles import awatch
 
 from backends.base import (
+    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
@@ -36,7 +37,7 @@ from backends.base import (
     Reporter,
     ResultData,
     WorkDir,
-    read_new_records,
+    file_size,
 )
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
@@ -147,9 +148,7 @@ class _Entry:
     # reporting
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
-    log_size: int = 0
-    stream_offset: int = 0
-    stream_index: int = 0
+    tail: ContractTail = field(default_factory=ContractTail)
     flush_pending: bool = False
 
     @property
@@ -585,8 +584,7 @@ class LocalBackend:
         if e.port is not None:
             self._ports.add(e.port)
         # What is already written counts as reported; only growth from now on is reported.
-        e.log_size = _size(e.workdir.log)
-        e.stream_offset, e.stream_index = _complete_lines(e.workdir.stream)
+        e.tail.skip_existing(e.workdir)
         self._entries[entry_id] = e
         self._watch_exit(e)
         self._arm_walltime(e)
@@ -606,7 +604,7 @@ class LocalBackend:
         self, entry_id: str, handle: Mapping[str, Any], since_record: int
     ) -> ResultData:
         wd = self._workdir(entry_id, handle)
-        if _size(wd.stream) + _size(wd.result) > 1 << 20:
+        if file_size(wd.stream) + file_size(wd.result) > 1 << 20:
             return await asyncio.to_thread(wd.read_results, since_record)
         return wd.read_results(since_record)
 
@@ -1112,19 +1110,11 @@ class LocalBackend:
                 await self._flush_locked(e)
 
     async def _flush_locked(self, e: _Entry) -> None:
-        size = _size(e.workdir.log)
-        if size > e.log_size:
-            e.log_size = size
-            await self._call(e.id, "log_grew", size)
-        for record in self._new_records(e):
-            index = e.stream_index
-            e.stream_index += 1
+        grown, records = e.tail.news(e.workdir)
+        if grown is not None:
+            await self._call(e.id, "log_grew", grown)
+        for index, record in records:
             await self._call(e.id, "stream_record", index, record)
-
-    def _new_records(self, e: _Entry) -> list[dict[str, Any]]:
-        """Stream records past what was reported."""
-        records, e.stream_offset = read_new_records(e.workdir.stream, e.stream_offset)
-        return records
 
     # ------------------------------------------------------------------ small parts
 
@@ -1241,23 +1231,6 @@ class LocalBackend:
 class _OutcomeView:
     exit_code: int | None
     signal: int | None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _complete_lines(path: Path) -> tuple[int, int]:
-    """(byte offset after the last newline, number of complete lines) of a file."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return 0, 0
-    end = raw.rfind(b"\n")
-    return (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
 
 
 __all__ = ["WRAPPER_SCRIPT", "LocalBackend", "LocalOptions", "log_tail"]

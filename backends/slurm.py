@@ -51,13 +51,13 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import (
+    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
     Reporter,
     ResultData,
     WorkDir,
-    read_new_records,
 )
 from backends.local import DirWatcher, log_tail
 from backends.slurm_transport import (
@@ -226,9 +226,7 @@ class _Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     health_task: asyncio.Task[None] | None = None
     flush_pending: bool = False
-    log_size: int = 0
-    stream_offset: int = 0
-    stream_index: int = 0
+    tail: ContractTail = field(default_factory=ContractTail)
 
     @property
     def id(self) -> str:
@@ -357,13 +355,6 @@ def _started_file(j: _Job) -> dict[str, Any] | None:
     if started is None or str(started.get("job_id") or "") not in ("", j.job_id):
         return None
     return started
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _with_tail(reason: str, wd: WorkDir) -> str:
@@ -683,8 +674,7 @@ class SlurmBackend:
                 )
                 return
         # What is already written counts as reported; only growth from now on is reported.
-        j.log_size = _size(wd.log)
-        j.stream_offset, j.stream_index = _complete_lines(wd.stream)
+        j.tail.skip_existing(wd)
         if j.state == EntryState.RUNNING and spec.kind == "service" and not j.ready:
             started_file = _started_file(j)
             if started_file is not None:
@@ -1278,19 +1268,11 @@ class SlurmBackend:
             log.exception("reporter.%s for %s failed", method, entry_id)
 
     async def _flush_locked(self, j: _Job) -> None:
-        size = _size(j.workdir.log)
-        if size > j.log_size:
-            j.log_size = size
-            await self._call(j.id, "log_grew", size)
-        for record in self._new_records(j):
-            index = j.stream_index
-            j.stream_index += 1
+        grown, records = j.tail.news(j.workdir)
+        if grown is not None:
+            await self._call(j.id, "log_grew", grown)
+        for index, record in records:
             await self._call(j.id, "stream_record", index, record)
-
-    def _new_records(self, j: _Job) -> list[dict[str, Any]]:
-        """Stream records past what was reported."""
-        records, j.stream_offset = read_new_records(j.workdir.stream, j.stream_offset)
-        return records
 
     # ------------------------------------------------------------------ site view
 
@@ -1398,15 +1380,6 @@ def _opt_int(value: Any) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
-
-
-def _complete_lines(path: Path) -> tuple[int, int]:
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return 0, 0
-    end = raw.rfind(b"\n")
-    return (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
 
 
 __all__ = ["PENDING_REASONS", "SlurmBackend", "SlurmOptions", "build_script", "describe_pending"]
