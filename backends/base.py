@@ -12,10 +12,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from orchestrator.errors import InvalidInput
 from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
 
 
@@ -52,6 +53,21 @@ class Outcome(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     finished_at: float | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def site_options(model: type[M], site: str, options: Mapping[str, Any]) -> M:
+    """A site's backend settings, validated; errors name the field as `sites.<site>.<key>`."""
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise InvalidInput(
+            f"site {site!r}: {loc}: {err['msg']}", field=f"sites.{site}.{loc}"
+        ) from exc
 
 
 @runtime_checkable

@@ -81,9 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
-from backends.base import LaunchSpec, LogChunk, Reporter, ResultData, WorkDir
+from backends.base import LaunchSpec, LogChunk, Reporter, ResultData, WorkDir, site_options
 from backends.kube_api import KubeApi, KubeApiError, KubeGone, KubeUnreachable
 from backends.kube_manifests import (
     CONTAINER,
@@ -448,14 +446,7 @@ class KubernetesBackend:
         entries_dir: Path,
         api: KubeApi | None = None,
     ) -> None:
-        try:
-            opts = KubernetesOptions.model_validate(dict(options))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise InvalidInput(
-                f"site {name!r}: {loc}: {err['msg']}", field=f"sites.{name}.{loc}"
-            ) from exc
+        opts = site_options(KubernetesOptions, name, options)
         self.name = name
         self.options = opts
         self.entries_dir = Path(entries_dir)
@@ -746,9 +737,9 @@ class KubernetesBackend:
                 raise self._refusal(exc, f"create namespace {ns}") from exc
             found = await self._retry(lambda: self._api().get("Namespace", None, ns))
             labels = _dig(found, "metadata", "labels") or {}
-            if labels.get(MANAGED_BY) != MANAGER or labels.get(
-                "sciorch.io/event"
-            ) != label_value(event_id):
+            if labels.get(MANAGED_BY) != MANAGER or labels.get("sciorch.io/event") != label_value(
+                event_id
+            ):
                 raise BackendError(
                     f"site {self.name!r}: namespace {ns} already exists and does not belong to "
                     f"event {event_id}; choose another namespace_prefix",
@@ -897,16 +888,19 @@ class KubernetesBackend:
             except asyncio.CancelledError:
                 raise
             except KubeGone:
-                log.info("watch %s in %s: resourceVersion %s is gone; listing again",
-                         kind, w.namespace, rv)
+                log.info(
+                    "watch %s in %s: resourceVersion %s is gone; listing again",
+                    kind,
+                    w.namespace,
+                    rv,
+                )
                 rv = None
             except KubeApiError as exc:
                 if exc.status == 403:
-                    w.problems[kind] = (
-                        f"forbidden to watch {kind} in {w.namespace}: {exc.detail}"
-                    )
-                log.warning("watch %s in %s: %s; retrying in %.1fs",
-                            kind, w.namespace, exc, backoff)
+                    w.problems[kind] = f"forbidden to watch {kind} in {w.namespace}: {exc.detail}"
+                log.warning(
+                    "watch %s in %s: %s; retrying in %.1fs", kind, w.namespace, exc, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
             except KubeUnreachable as exc:
@@ -1207,8 +1201,9 @@ class KubernetesBackend:
             text = str(sched.get("message") or "").strip()
             if not text and event is not None:
                 text = event[1]
-            await self._stuck(e, "unschedulable", f"Unschedulable: {text}" if text else
-                              "Unschedulable")
+            await self._stuck(
+                e, "unschedulable", f"Unschedulable: {text}" if text else "Unschedulable"
+            )
             return
         if wreason in _IMAGE_REASONS or wreason in _CONFIG_REASONS:
             kind = "image" if wreason in _IMAGE_REASONS else "config"
@@ -1217,8 +1212,9 @@ class KubernetesBackend:
                 text += f" ({event[1]})"
             await self._stuck(e, kind, text, fatal=wreason in _FATAL_REASONS)
             return
-        if event is not None and not (sched is not None and sched.get("status") == "True"
-                                      and event[0] == "unschedulable"):
+        if event is not None and not (
+            sched is not None and sched.get("status") == "True" and event[0] == "unschedulable"
+        ):
             await self._stuck(e, event[0], event[1])
             return
         self._unstuck(e)
@@ -1312,8 +1308,7 @@ class KubernetesBackend:
                 e,
                 EntryState.FAILED,
                 _with_tail(
-                    f"readiness probe GET {health.path} did not pass within "
-                    f"{health.timeout_s:g}s",
+                    f"readiness probe GET {health.path} did not pass within {health.timeout_s:g}s",
                     e.mirror.wd,
                 ),
                 None,
@@ -1344,9 +1339,7 @@ class KubernetesBackend:
             self._follow_loop(e, pod, source, previous), name=f"sciorch-kube-log-{e.id}"
         )
 
-    async def _follow_loop(
-        self, e: _Entry, pod: str, source: str, previous: str | None
-    ) -> None:
+    async def _follow_loop(self, e: _Entry, pod: str, source: str, previous: str | None) -> None:
         api = self._api()
         if previous is not None and previous != pod and e.mirror.source == previous:
             await self._read_rest(e, previous)  # the end of the last attempt's log

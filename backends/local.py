@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from watchfiles import awatch
 
 from backends.base import (
@@ -38,6 +38,7 @@ from backends.base import (
     ResultData,
     WorkDir,
     file_size,
+    site_options,
 )
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
@@ -338,14 +339,7 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, name: str, options: Mapping[str, Any], entries_dir: Path) -> None:
-        try:
-            opts = LocalOptions.model_validate(dict(options))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise InvalidInput(
-                f"site {name!r}: {loc}: {err['msg']}", field=f"sites.{name}.{loc}"
-            ) from exc
+        opts = site_options(LocalOptions, name, options)
         self.name = name
         self.options = opts
         self.entries_dir = Path(entries_dir)

@@ -48,7 +48,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import (
     ContractTail,
@@ -58,6 +58,7 @@ from backends.base import (
     Reporter,
     ResultData,
     WorkDir,
+    site_options,
 )
 from backends.local import DirWatcher, log_tail
 from backends.slurm_transport import (
@@ -387,14 +388,7 @@ class SlurmBackend:
         *,
         transport: SlurmTransport | None = None,
     ) -> None:
-        try:
-            opts = SlurmOptions.model_validate(dict(options))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise InvalidInput(
-                f"site {name!r}: {loc}: {err['msg']}", field=f"sites.{name}.{loc}"
-            ) from exc
+        opts = site_options(SlurmOptions, name, options)
         self.name = name
         self.options = opts
         self.entries_dir = Path(entries_dir)
