@@ -8,7 +8,6 @@ transition is written to the store before it is published on the bus.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from orchestrator.errors import (
     NotFound,
     SciorchError,
 )
+from orchestrator.locks import try_lock
 from orchestrator.models import (
     ACTIVE_STATES,
     ROLE_RANK,
@@ -97,20 +97,13 @@ def _signing_key(folder: Path) -> bytes:
 def _own_home(home: Path) -> int:
     """One engine process drives the backends of a home at a time: two would both adopt (and
     could both start) the same queued entries. The lock dies with the process, kill -9 included."""
-    path = home / "engine.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    fd, holder = try_lock(home / "engine.lock")
+    if fd is None:
         raise Conflict(
             f"another sciorch process (pid {holder}) is running on {home}; stop it, or talk to "
             "it through its MCP endpoint, or use another SCIORCH_HOME",
             field="SCIORCH_HOME",
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+        )
     return fd
 
 

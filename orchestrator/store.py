@@ -54,6 +54,30 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
+async def open_sqlite(path: Path, scripts: Iterable[tuple[int, str]]) -> aiosqlite.Connection:
+    """A WAL connection in autocommit mode with the numbered migration scripts applied once each,
+    in order (`PRAGMA user_version` remembers the last)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = aiosqlite.Row
+    for pragma in (
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+        "foreign_keys=ON",
+        "busy_timeout=5000",
+    ):
+        await db.execute(f"PRAGMA {pragma}")
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    for version, sql in scripts:
+        if version > current:
+            await db.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
+            )
+    return db
+
+
 _ENTRY_COLS = (
     "id, event_id, service, version, kind, site, submitted_by, state, reason, parameters, "
     "resources, created_at, updated_at, started_at, finished_at, exit_code, url, endpoint, "
@@ -85,30 +109,10 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db)
-        await store._migrate()
-        return store
+        return cls(await open_sqlite(path, migrations()))
 
     async def close(self) -> None:
         await self._db.close()
-
-    async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        current = int(row[0]) if row else 0
-        for version, sql in migrations():
-            if version <= current:
-                continue
-            await self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
-            )
 
     async def schema_version(self) -> int:
         async with self._db.execute("PRAGMA user_version") as cur:

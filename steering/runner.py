@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import InvalidInput, SciorchError
+from orchestrator.locks import try_lock
 from steering.client import ToolFailed, Tools
 from steering.models import (
     Attempt,
@@ -131,18 +131,11 @@ class RunnerLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+        fd, holder = try_lock(self.path)
+        if fd is None:
             raise InvalidInput(
                 f"campaign is already being run by process {holder}", field="campaign_id"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            )
         self.fd = fd
 
     def release(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiosqlite
 
+from orchestrator.store import open_sqlite
 from steering.models import CampaignRecord, CampaignState, EvaluationRecord
 
 MIGRATIONS: list[str] = [
@@ -106,30 +107,11 @@ class CampaignStore:
 
     @classmethod
     async def open(cls, path: Path) -> CampaignStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db, path)
-        await store._migrate()
-        return store
+        db = await open_sqlite(path, enumerate(MIGRATIONS, start=1))
+        return cls(db, path)
 
     async def close(self) -> None:
         await self._db.close()
-
-    async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        current = int(row[0]) if row else 0
-        for version, sql in enumerate(MIGRATIONS, start=1):
-            if version <= current:
-                continue
-            await self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
-            )
 
     async def _exec(self, sql: str, args: tuple[Any, ...] | list[Any]) -> None:
         async with self._lock:
