@@ -1083,17 +1083,17 @@ class KubernetesBackend:
     async def _observe_job_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
         phase = _dig(pod, "status", "phase")
         name = _name(pod)
-        if phase in ("Running", "Succeeded", "Failed"):
-            self._follow(e, name, name)
         if phase == "Pending" or phase is None:
             await self._pending_pod(e, pod)
             return
         self._unstuck(e)
-        if phase == "Running":
-            if e.state in (EntryState.PENDING, EntryState.PROVISIONING):
-                e.started_at = e.started_at or time.time()
-                await self._report(e, EntryState.RUNNING, reason=None, handle=self._handle(e))
-        elif phase == "Failed" and name not in e.failed_pods:
+        if phase == "Running" and e.state in (EntryState.PENDING, EntryState.PROVISIONING):
+            e.started_at = e.started_at or time.time()
+            await self._report(e, EntryState.RUNNING, reason=None, handle=self._handle(e, name))
+        # Followed only now: a record announced from the log never precedes 'running'.
+        if phase in ("Running", "Succeeded", "Failed"):
+            self._follow(e, name, name)
+        if phase == "Failed" and name not in e.failed_pods:
             e.failed_pods.add(name)
             limit = int(_dig(e.job, "spec", "backoffLimit") or 0)
             if len(e.failed_pods) <= limit and not _true(e.job, "Failed"):
@@ -1156,13 +1156,12 @@ class KubernetesBackend:
                 restarts=e.restarts,
                 handle=self._handle(e),
             )
-        if phase in ("Running", "Succeeded", "Failed"):
-            self._follow(e, name, f"{name}#{count}")
         if phase == "Pending" or phase is None:
             await self._pending_pod(e, pod)
             return
         self._unstuck(e)
         if phase != "Running":
+            self._follow(e, name, f"{name}#{count}")
             e.ready = False
             why = _dig(pod, "status", "reason") or phase
             await self._report(
@@ -1176,12 +1175,18 @@ class KubernetesBackend:
             first = e.started_at is None
             e.started_at = e.started_at or time.time()
             await self._report(
-                e, EntryState.RUNNING, reason=None, handle=self._handle(e), endpoint=e.endpoint
+                e,
+                EntryState.RUNNING,
+                reason=None,
+                handle=self._handle(e, name),
+                endpoint=e.endpoint,
             )
             if first:
                 self._arm_walltime(e)
             if not ready:
                 self._arm_health(e)
+        # Followed only once reported running: no record is announced before that.
+        self._follow(e, name, f"{name}#{count}")
         if ready and e.state != EntryState.READY:
             self._cancel_timer(e, "health_timer")
             e.ready = True

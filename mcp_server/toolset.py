@@ -280,6 +280,40 @@ def build_tool(
     return call
 
 
+# Keywords that constrain every instance, null included: a member holding one cannot simply
+# be widened to accept null.
+_NOT_WIDENABLE = frozenset({"anyOf", "oneOf", "allOf", "not", "$ref", "const", "if"})
+
+
+def compact_nullable(schema: Any) -> Any:
+    """The same schema with pydantic's `anyOf: [X, {type: null}]` for optional fields written as
+    X with `type: [X's type, "null"]`. Clients validate every structured result against the
+    output schema (the SDK with jsonschema, fastmcp through a type adapter it looks up by the
+    schema's text); each anyOf costs them a sub-validation per field, about half of get_entry's
+    client-side cost. Type-specific keywords (format, properties, ...) do not apply to null;
+    an enum gets null added."""
+    if isinstance(schema, list):
+        return [compact_nullable(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: compact_nullable(v) for k, v in schema.items()}
+    members = out.get("anyOf")
+    if isinstance(members, list) and len(members) == 2 and {"type": "null"} in members:
+        other = members[1 - members.index({"type": "null"})]
+        if (
+            isinstance(other, dict)
+            and isinstance(other.get("type"), str)
+            and not (_NOT_WIDENABLE & other.keys())
+            and not (other.keys() & (out.keys() - {"anyOf"}))
+        ):
+            del out["anyOf"]
+            out.update(other)
+            out["type"] = [other["type"], "null"]
+            if "enum" in other:
+                out["enum"] = [*other["enum"], None]
+    return out
+
+
 # Scopes nest: admin can do what submit can, submit what read can.
 IMPLIED: dict[Scope, frozenset[str]] = {
     "read": frozenset({"read", "submit", "admin"}),
@@ -316,9 +350,11 @@ def register_tools(
             continue
         checks: list[AuthCheck] | None = [scope_check(spec.scope)] if auth else None
         fn = build_tool(spec, engine, principal_of)
+        generated = FunctionTool.from_function(fn, name=spec.name)
         mcp.tool(
             fn,
             name=spec.name,
+            output_schema=compact_nullable(generated.output_schema),
             description=spec.description,
             annotations={
                 "readOnlyHint": spec.read_only,
@@ -330,7 +366,7 @@ def register_tools(
             auth=checks,
         )
         registered.append(spec)
-        schemas[spec.name] = FunctionTool.from_function(fn, name=spec.name).parameters
+        schemas[spec.name] = generated.parameters
     # Over the 2026-07-28 HTTP transport the SDK checks each tools/call's Mcp-Param headers
     # against the tool's input schema; without this lookup it gets the schema by running a
     # whole tools/list (every middleware, schema dereferencing) on every call, which costs

@@ -85,27 +85,65 @@ _ENTRY_COLS = (
 )
 
 
+ROW_CACHE_SIZE = 4096
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         # One connection is shared by every coroutine: writes take turns so that one
         # coroutine's transaction never swallows another's statements.
         self._lock = asyncio.Lock()
+        # Agents poll one entry (and so its event) over and over; each read is a round trip
+        # to aiosqlite's thread, most of a get_entry call. This process is the only writer
+        # (the home lock) and every write goes through _writing(), which empties the cache
+        # before and after, so a row served from here is what the database holds: while a
+        # write is under way reads go to the connection and queue behind it, as before.
+        self._rows: dict[tuple[str, str], aiosqlite.Row] = {}
+        self._writes_open = 0
+        self._generation = 0
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            self._writes_open += 1
+            self._generation += 1
+            self._rows.clear()
+            try:
+                yield self._db
+            finally:
+                self._writes_open -= 1
+                self._generation += 1
+                self._rows.clear()
 
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        async with self._lock:
-            await self._db.execute(sql, args)
+        async with self._writing() as db:
+            await db.execute(sql, args)
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+        async with self._writing() as db:
+            await db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
+            await db.execute("COMMIT")
+
+    async def _row(self, kind: str, sql: str, key: str) -> aiosqlite.Row | None:
+        """The one row `sql` selects by `key`, from the cache when no write came since."""
+        if not self._writes_open:
+            cached = self._rows.get((kind, key))
+            if cached is not None:
+                return cached
+        generation = self._generation
+        row = next(iter(await self._db.execute_fetchall(sql, (key,))), None)
+        if row is not None and generation == self._generation and not self._writes_open:
+            if len(self._rows) >= ROW_CACHE_SIZE:
+                self._rows.clear()
+            self._rows[(kind, key)] = row
+        return row
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -166,13 +204,13 @@ class Store:
         return out
 
     async def get_event(self, event_id: str) -> Event | None:
-        # One query (one hop to aiosqlite's thread): the event with its shares as JSON.
-        rows = await self._db.execute_fetchall(
+        # One query (one hop to aiosqlite's thread, if any): the event with its shares as JSON.
+        row = await self._row(
+            "event",
             "SELECT *, (SELECT json_group_object(principal, role) FROM shares"
             " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?",
-            (event_id,),
+            event_id,
         )
-        row = next(iter(rows), None)
         if row is None:
             return None
         shares = {p: Role(r) for p, r in json.loads(row["shares_json"] or "{}").items()}
@@ -313,10 +351,11 @@ class Store:
             if transitions
             else ""
         )
-        rows = await self._db.execute_fetchall(
-            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?", (entry_id,)
+        row = await self._row(
+            "entry+transitions" if transitions else "entry",
+            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?",
+            entry_id,
         )
-        row = next(iter(rows), None)
         if row is None:
             return None
         trs: list[Transition] | None = None
