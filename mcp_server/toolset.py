@@ -13,6 +13,7 @@ from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
 from fastmcp.tools import FunctionTool
+from fastmcp.utilities.json_schema import dereference_refs
 from pydantic import BaseModel, ValidationError
 
 import tools
@@ -314,6 +315,12 @@ def compact_nullable(schema: Any) -> Any:
     return out
 
 
+def published_output_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a tool's output schema is listed as: definitions inlined, then optionals compacted
+    (an optional enum is a $ref until inlined)."""
+    return None if schema is None else compact_nullable(dereference_refs(schema))
+
+
 # Scopes nest: admin can do what submit can, submit what read can.
 IMPLIED: dict[Scope, frozenset[str]] = {
     "read": frozenset({"read", "submit", "admin"}),
@@ -354,7 +361,7 @@ def register_tools(
         mcp.tool(
             fn,
             name=spec.name,
-            output_schema=compact_nullable(generated.output_schema),
+            output_schema=published_output_schema(generated.output_schema),
             description=spec.description,
             annotations={
                 "readOnlyHint": spec.read_only,

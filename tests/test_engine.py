@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,14 @@ from orchestrator.errors import (
 )
 from orchestrator.models import (
     ALLOWED_TRANSITIONS,
+    Entry,
     EntryState,
+    Event,
     EventState,
     Message,
     Principal,
     ResourceRequest,
+    Resources,
     Role,
     can_transition,
 )
@@ -438,6 +442,61 @@ async def test_store_schema_is_migrated(home: Path) -> None:
         await store.close()
     store = await Store.open(home / "s.db")  # reopening applies nothing twice
     await store.close()
+
+
+async def test_store_reads_never_serve_a_row_older_than_the_last_write(home: Path) -> None:
+    """get_entry/get_event answer from memory between writes: every kind of write must show."""
+    store = await Store.open(home / "s.db")
+    try:
+        at = datetime.now(UTC)
+        event = Event(id="evt-1", name="e", owner="alice", created_at=at)
+        await store.insert_event(event)
+        entry = Entry(
+            id="ent-1", event_id="evt-1", service="s", version="1", kind="job", site="local",
+            submitted_by="alice", state=EntryState.PENDING, resources=Resources(),
+            created_at=at, updated_at=at,
+        )
+        await store.insert_entry(entry, {}, None)
+
+        async def entry_now() -> Entry:
+            got = await store.get_entry("ent-1")
+            assert got is not None
+            assert await store.get_entry("ent-1") == got  # the second read is the cached one
+            return got
+
+        async def event_now() -> Event:
+            got = await store.get_event("evt-1")
+            assert got is not None and await store.get_event("evt-1") == got
+            return got
+
+        assert (await entry_now()).state == EntryState.PENDING
+        await store.apply_transition("ent-1", EntryState.RUNNING, at, "go", {"exit_code": 3})
+        now = await entry_now()
+        assert (now.state, now.reason, now.exit_code) == (EntryState.RUNNING, "go", 3)
+        assert [t.state for t in now.transitions] == [EntryState.PENDING, EntryState.RUNNING]
+        await store.update_entry_fields("ent-1", {"result": {"value": 1}})
+        assert (await entry_now()).result == {"value": 1}
+        assert (await store.get_entry("ent-1", transitions=False)).transitions == []  # type: ignore[union-attr]
+
+        assert (await event_now()).shares == {}
+        await store.set_share("evt-1", "bob", Role.VIEWER)
+        assert (await event_now()).shares == {"bob": Role.VIEWER}
+        await store.set_share("evt-1", "bob", None)
+        assert (await event_now()).shares == {}
+        await store.set_event_state("evt-1", EventState.STOPPED, at)
+        assert (await event_now()).state == EventState.STOPPED
+
+        # A read that starts while a write is under way is not kept: the next read sees it.
+        assert (await entry_now()).state == EntryState.RUNNING
+        write = asyncio.create_task(
+            store.apply_transition("ent-1", EntryState.SUCCEEDED, at, None, {})
+        )
+        await asyncio.sleep(0)  # the write holds the store now
+        await store.get_entry("ent-1")
+        await write
+        assert (await entry_now()).state == EntryState.SUCCEEDED
+    finally:
+        await store.close()
 
 
 # ------------------------------------------------------------------ kill -9 and reconciliation

@@ -9,7 +9,8 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import mcp
 import pytest
@@ -18,12 +19,14 @@ from fastmcp import Client, FastMCP
 from fastmcp_tasks import call_tool_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from mcp.client.subscriptions import ResourceUpdated
+from pydantic import BaseModel, Field
 
 from mcp_server.server import create_server
-from mcp_server.toolset import TOOLS, ToolSpec
+from mcp_server.toolset import TOOLS, ToolSpec, published_output_schema
 from orchestrator.engine import Engine
-from orchestrator.models import Principal
+from orchestrator.models import EntryState, Principal, Resources
 from tests.conftest import ALICE, BOB, make_settings, shutdown
 from tests.mcp_helpers import (
     assert_no_traceback,
@@ -174,9 +177,53 @@ async def test_every_result_validates_against_its_output_schema(
         "read_results": {"entry_id": entry_id},
         "wait_entry": {"entry_id": entry_id},
     }
+    published = {t.name: t.output_schema for t in await alice.list_tools()}
     for name, args in calls.items():
         result = await alice.call_tool(name, args)
         SPECS[name].output.model_validate(structured(result))
+        Draft202012Validator(published[name]).validate(structured(result))
+
+
+class _Optionals(BaseModel):
+    state: EntryState | None
+    at: datetime | None
+    n: int | None = Field(None, ge=0)
+    kind: Literal["job", "service"] | None = None
+    tags: dict[str, Any] | None = None
+    res: Resources | None = None
+
+
+def test_published_output_schema_accepts_and_refuses_what_pydantics_does() -> None:
+    original = _Optionals.model_json_schema()
+    compact = published_output_schema(original)
+    assert compact is not None and "$ref" not in json.dumps(compact)
+    assert "anyOf" not in json.dumps(compact)
+    assert compact["properties"]["kind"]["enum"] == ["job", "service", None]
+    a, b = Draft202012Validator(original), Draft202012Validator(compact)
+    base = {"state": None, "at": None}
+    for change in (
+        {},
+        {"state": "running"},
+        {"state": "nonsense"},
+        {"state": 3},
+        {"at": "2026-01-01T00:00:00Z"},
+        {"at": 5},
+        {"n": None},
+        {"n": 2},
+        {"n": -1},
+        {"n": "2"},
+        {"kind": None},
+        {"kind": "job"},
+        {"kind": "other"},
+        {"tags": None},
+        {"tags": {"a": 1}},
+        {"tags": [1]},
+        {"res": None},
+        {"res": {"cpus": 2}},
+        {"res": {"cpus": -2}},
+    ):
+        instance = base | change
+        assert a.is_valid(instance) == b.is_valid(instance), change
 
 
 # ------------------------------------------------------------------ flows
