@@ -9,16 +9,16 @@ import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mcp_types as mt
 from fastmcp.exceptions import ToolError, ValidationError
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
-from fastmcp.server.middleware.rate_limiting import RateLimitingMiddleware
+from fastmcp.server.middleware.rate_limiting import RateLimitError, RateLimitingMiddleware
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError as PydanticValidationError
 
-from mcp_server.toolset import validation_text
+from mcp_server.toolset import refused, validation_text
 from orchestrator.models import Principal
 
 audit_log = logging.getLogger("sciorch.audit")
@@ -39,8 +39,9 @@ class ArgumentSizeLimit(Middleware):
     ) -> ToolResult:
         size = len(json.dumps(context.message.arguments or {}, default=str))
         if size > self.max_bytes:
-            raise ToolError(
-                f"invalid_input: arguments are {size} bytes; at most {self.max_bytes} are accepted"
+            raise refused(
+                ToolError,
+                f"invalid_input: arguments are {size} bytes; at most {self.max_bytes} are accepted",
             )
         return await call_next(context)
 
@@ -60,7 +61,7 @@ class ValidationErrors(Middleware):
         except ValidationError as exc:
             cause = exc.__cause__
             if isinstance(cause, PydanticValidationError):
-                raise ToolError(validation_text(cause)) from exc
+                raise refused(ToolError, validation_text(cause)) from exc
             raise
 
 
@@ -110,10 +111,36 @@ class AuditLog(Middleware):
                 f.write(line + "\n")
 
 
+# Requests that make the engine work; everything else (task status polls, listings, pings,
+# subscriptions) is housekeeping. A client waiting on a task polls its status for as long as
+# it runs: counted in full, a few waits would spend a principal's whole budget.
+WORK_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+HOUSEKEEPING_COST = 0.1
+
+
+class RateLimit(RateLimitingMiddleware):
+    """fastmcp's per-principal token bucket, where a tool call, resource read or prompt costs
+    one token and any other request a tenth of one."""
+
+    async def on_request(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        who = await self._get_client_identifier(context)
+        cost = 1.0 if context.method in WORK_METHODS else HOUSEKEEPING_COST
+        # consume() is typed for whole tokens; its arithmetic is float throughout.
+        if not await self.limiters[who].consume(cast(int, cost)):
+            raise RateLimitError(
+                f"Rate limit exceeded for client: {who} (at most "
+                f"{self.max_requests_per_second:g} calls per second, bursts of "
+                f"{self.burst_capacity}); wait a moment and retry"
+            )
+        return await call_next(context)
+
+
 def rate_limit(
     principal_of: Callable[[], Principal], per_second: float, burst: int | None
-) -> RateLimitingMiddleware:
-    return RateLimitingMiddleware(
+) -> RateLimit:
+    return RateLimit(
         max_requests_per_second=per_second,
         burst_capacity=burst,
         get_client_id=lambda _ctx: principal_of().id,

@@ -9,10 +9,15 @@ from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import mcp_types as mt
 import yaml
 from fastmcp import FastMCP
+from fastmcp.exceptions import PromptError
+from fastmcp.prompts import PromptResult
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from pydantic import Field
 
+from mcp_server.toolset import refused
 from orchestrator.errors import InvalidInput
 
 
@@ -69,9 +74,46 @@ def _renderer(prompt: PromptFile) -> Any:
     return fn
 
 
+class PromptArguments(Middleware):
+    """Check a prompt's arguments against its front matter before it renders: fastmcp would
+    answer a missing one with a masked 'Error rendering prompt' and take unknown ones silently."""
+
+    def __init__(self, prompts: list[PromptFile]) -> None:
+        self.prompts = {p.name: p for p in prompts}
+
+    async def on_get_prompt(
+        self,
+        context: MiddlewareContext[mt.GetPromptRequestParams],
+        call_next: CallNext[mt.GetPromptRequestParams, PromptResult],
+    ) -> PromptResult:
+        prompt = self.prompts.get(context.message.name)
+        if prompt is not None:
+            given = context.message.arguments or {}
+            declared = {str(a["name"]): bool(a.get("required", False)) for a in prompt.arguments}
+            takes = ", ".join(f"{n} (required)" if r else n for n, r in declared.items())
+            takes = takes or "no arguments"
+            for name in given:
+                if name not in declared:
+                    raise refused(
+                        PromptError,
+                        f"invalid_input: {name}: not an argument of {prompt.name}; it takes "
+                        f"{takes}",
+                    )
+            for name, required in declared.items():
+                if required and not given.get(name):
+                    raise refused(
+                        PromptError,
+                        f"invalid_input: {name}: required by {prompt.name} and missing; it "
+                        f"takes {takes}",
+                    )
+        return await call_next(context)
+
+
 def register_prompts(mcp: FastMCP) -> list[str]:
     names = []
-    for prompt in load_prompts():
+    prompts = load_prompts()
+    mcp.add_middleware(PromptArguments(prompts))
+    for prompt in prompts:
         params = []
         for arg in prompt.arguments:
             required = bool(arg.get("required", False))

@@ -15,6 +15,7 @@ from fastmcp.exceptions import ResourceError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
 
 import tools
+from mcp_server.toolset import error_text, refused
 from orchestrator.engine import Engine
 from orchestrator.errors import SciorchError
 from orchestrator.models import Message, Principal
@@ -49,7 +50,7 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
         try:
             return str(await coro_fn(principal_of()))  # type: ignore[misc]
         except SciorchError as exc:
-            raise ResourceError(f"{exc.code}: {exc.message}") from exc
+            raise refused(ResourceError, error_text(exc)) from exc
 
     @mcp.resource(ENTRY, mime_type="application/json", description="An entry (as get_entry)")
     async def entry_resource(entry_id: str) -> str:

@@ -5,12 +5,13 @@ agent sees and the validation the operation does are the same thing."""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastmcp import Context, FastMCP
-from fastmcp.exceptions import ToolError
+from fastmcp.exceptions import FastMCPError, ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
 from fastmcp.tools import FunctionTool
 from fastmcp.utilities.json_schema import dereference_refs
@@ -23,6 +24,7 @@ from orchestrator.models import Message, Principal
 from tools import models as m
 
 Scope = Literal["read", "submit", "admin"]
+Refusal = TypeVar("Refusal", bound=FastMCPError)
 Op = Callable[..., Awaitable[BaseModel]]
 
 
@@ -208,6 +210,12 @@ def error_text(exc: SciorchError) -> str:
     return f"{exc.code}: {exc.message}{field}"
 
 
+def refused(kind: type[Refusal], text: str) -> Refusal:
+    """The error a client gets for a request sciorch refuses (bad input, unknown id, not
+    allowed): logged at INFO, since the server did nothing wrong (fastmcp's default is ERROR)."""
+    return kind(text, log_level=logging.INFO)
+
+
 def validation_text(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -270,9 +278,9 @@ def build_tool(
                 return await spec.op(engine, principal, req, progress_reporter(ctx))
             return await spec.op(engine, principal, req)
         except SciorchError as exc:
-            raise ToolError(error_text(exc)) from exc
+            raise refused(ToolError, error_text(exc)) from exc
         except ValidationError as exc:
-            raise ToolError(validation_text(exc)) from exc
+            raise refused(ToolError, validation_text(exc)) from exc
 
     call.__name__ = spec.name
     call.__doc__ = spec.description

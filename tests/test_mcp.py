@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -523,6 +524,39 @@ async def test_prompts_list_and_render(alice: Client[Any]) -> None:
     assert required == {"entry_id"}
 
 
+async def test_prompt_arguments_missing_or_unknown_are_named(alice: Client[Any]) -> None:
+    with pytest.raises(Exception, match="invalid_input: entry_id: required by diagnose_entry"):
+        await alice.get_prompt("diagnose_entry", {})
+    with pytest.raises(Exception, match="invalid_input: goal: required by steer_experiment"):
+        await alice.get_prompt("steer_experiment", {"goal": "", "budget": "3"})
+    with pytest.raises(Exception, match="invalid_input: gpu: not an argument of run_gpu_service"):
+        await alice.get_prompt("run_gpu_service", {"gpu": "a100"})
+    ok = await alice.get_prompt("run_gpu_service", {})  # every argument optional
+    assert ok.messages
+
+
+async def test_refused_requests_are_not_logged_as_server_errors(
+    alice: Client[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    fastmcp_log = logging.getLogger("fastmcp")
+    propagate, fastmcp_log.propagate = fastmcp_log.propagate, True
+    try:
+        with caplog.at_level(logging.INFO):
+            bad = await alice.call_tool(
+                "get_entry", {"entry_id": "ent-000000000000"}, raise_on_error=False
+            )
+            assert bad.is_error
+            with pytest.raises(Exception, match="invalid_input"):
+                await alice.get_prompt("diagnose_entry", {})
+            with pytest.raises(Exception, match="not_found"):
+                await alice.read_resource("sciorch://entries/ent-000000000000")
+    finally:
+        fastmcp_log.propagate = propagate
+    said = [r for r in caplog.records if r.name.startswith("fastmcp")]
+    assert said, "fastmcp logged nothing: the check would see nothing"
+    assert [r.getMessage() for r in said if r.levelno >= logging.WARNING] == []
+
+
 # ------------------------------------------------------------------ switches, audit, limits
 
 
@@ -611,6 +645,18 @@ async def test_rate_limit_answers_a_clear_error(eng: Engine) -> None:
             assert_no_traceback(message)
     # Other principals on the same engine are not affected (per-principal buckets over HTTP
     # are in test_mcp_http.py).
+
+
+async def test_rate_limit_counts_listings_and_polls_as_a_tenth(eng: Engine) -> None:
+    server = create_server(
+        eng, principal=Principal(id="erin-rate"), rate_per_second=0.001, rate_burst=3
+    )
+    async with Client(server) as client:  # initialize: 0.1
+        for _ in range(15):
+            await client.list_tools()  # 1.5 in all; counted in full, this would be refused
+        await client.call_tool("list_sites", {})  # 2.6
+        with pytest.raises(Exception, match="Rate limit exceeded for client: erin-rate"):
+            await client.call_tool("list_sites", {})  # would be 3.6 of 3
 
 
 # ------------------------------------------------------------------ bad input
