@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import mcp_types
 from fastmcp import FastMCP
 from fastmcp.exceptions import ResourceError
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
+from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
 
 import tools
 from mcp_server.toolset import error_text, refused
@@ -24,6 +25,8 @@ from tools import models as m
 ENTRY = "sciorch://entries/{entry_id}"
 _ENTRY_URI = re.compile(r"^sciorch://entries/([^/]+)(?:/log|/results)?$")
 LOG_TAIL_BYTES = 256 * 1024
+
+log = logging.getLogger("sciorch.mcp")
 
 
 def entry_uris(entry_id: str) -> tuple[str, str, str]:
@@ -87,40 +90,84 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
         return await guarded(get)
 
 
+class WatchBus:
+    """The bus behind every listen stream. Each listener is kept with the principal that
+    opened its stream, and an update reaches it only if that principal may see the URI when
+    the update is published: revoking a share silences streams that are already open."""
+
+    def __init__(
+        self,
+        principal_of: Callable[[], Principal],
+        visible: Callable[[Principal, str], Awaitable[bool]],
+    ) -> None:
+        self._principal_of = principal_of
+        self._visible = visible
+        self._listeners: dict[object, tuple[Callable[[ServerEvent], None], Principal]] = {}
+
+    async def publish(self, event: ServerEvent) -> None:
+        uri = event.uri if isinstance(event, ResourceUpdated) else None
+        verdicts: dict[tuple[str, bool], bool] = {}
+        for listener, who in list(self._listeners.values()):
+            if uri is not None:
+                key = (who.id, who.admin)
+                if key not in verdicts:
+                    verdicts[key] = await self._visible(who, uri)
+                if not verdicts[key]:
+                    continue
+            try:
+                listener(event)
+            except Exception:  # one broken stream must not starve the others
+                log.exception("listen stream delivery failed; continuing")
+        await asyncio.sleep(0)  # let the streams drain between bursts
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        # Called by the SDK's ListenHandler inside the listen request, so the principal
+        # of the request is the principal of the stream.
+        token = object()
+        self._listeners[token] = (listener, self._principal_of())
+
+        def unsubscribe() -> None:
+            self._listeners.pop(token, None)
+
+        return unsubscribe
+
+
 def attach_subscriptions(
     mcp: FastMCP,
     engine: Engine,
-    principal_of: Callable[[], Principal] | None = None,
-    extra_visible: Callable[[str], Awaitable[bool | None]] | None = None,
-) -> InMemorySubscriptionBus:
+    principal_of: Callable[[], Principal],
+    extra_visible: Callable[[Principal, str], Awaitable[bool | None]] | None = None,
+) -> WatchBus:
     """Serve `subscriptions/listen` (fastmcp 4.1 does not) and feed it from the engine's bus.
-    A listener learns only that a URI it names changed, and only for entries it may see
-    (with `principal_of`, the others are left out of the honored filter as if they did not
-    exist); reading a URI is authorised as usual. `extra_visible` decides for URIs of other
-    resources (campaigns): True or False, or None for "not mine"."""
-    sub_bus = InMemorySubscriptionBus()
-    handler = ListenHandler(sub_bus)
+    A listener learns only that a URI it names changed, and only while its principal may see
+    that entry (URIs it may not see when it starts listening are left out of the honored
+    filter, as if they did not exist); reading a URI is authorised as usual. `extra_visible`
+    decides for URIs of other resources (campaigns): True or False, or None for "not mine"."""
 
-    async def visible(uri: str) -> bool:
+    async def visible(who: Principal, uri: str) -> bool:
         if extra_visible is not None:
-            verdict = await extra_visible(uri)
+            verdict = await extra_visible(who, uri)
             if verdict is not None:
                 return verdict
         match = _ENTRY_URI.match(uri)
-        if match is None or principal_of is None:
-            return match is not None
+        if match is None:
+            return False
         try:
-            await engine.get_entry(principal_of(), match.group(1))
+            await engine.get_entry(who, match.group(1))
         except SciorchError:
             return False
         return True
+
+    sub_bus = WatchBus(principal_of, visible)
+    handler = ListenHandler(sub_bus)
 
     async def listen(
         ctx: Any, params: mcp_types.SubscriptionsListenRequestParams
     ) -> mcp_types.SubscriptionsListenResult:
         wanted = params.notifications.resource_subscriptions
         if wanted:
-            kept = [uri for uri in wanted if await visible(uri)]
+            who = principal_of()
+            kept = [uri for uri in wanted if await visible(who, uri)]
             notifications = params.notifications.model_copy(
                 update={"resource_subscriptions": kept or None}
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import ResourceError
-from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
 from mcp_server.toolset import ToolSpec, error_text, refused, register_tools
 from orchestrator.engine import Engine
@@ -124,19 +124,19 @@ class SteeringSurface:
     principal_of: Callable[[], Principal]
     internal: bool
 
-    async def visible(self, uri: str) -> bool | None:
-        """For subscriptions/listen: may the caller watch this campaign URI (None: not a
-        campaign URI)."""
+    async def visible(self, who: Principal, uri: str) -> bool | None:
+        """For subscriptions/listen: may `who` watch this campaign URI (None: not a campaign
+        URI)."""
         match = _CAMPAIGN_URI.match(uri)
         if match is None:
             return None
         try:
-            await self.manager.get(self.principal_of(), match.group(1), with_evals=False)
+            await self.manager.get(who, match.group(1), with_evals=False)
         except SciorchError:
             return False
         return True
 
-    def publish_to(self, sub_bus: InMemorySubscriptionBus) -> None:
+    def publish_to(self, sub_bus: SubscriptionBus) -> None:
         """Send ResourceUpdated for a campaign's URI whenever it changes."""
         if self.internal:
             return

@@ -504,6 +504,60 @@ async def test_listen_gets_resource_updated_when_the_entry_changes(
     assert got <= set(uris) and base + "/results" in got
 
 
+async def test_revoking_a_share_silences_an_open_listen_stream(
+    alice: Client[Any], alice_server: FastMCP, eng: Engine
+) -> None:
+    event = structured(await alice.call_tool("create_event", {"name": "watched"}))
+    await alice.call_tool("share_event", {"event_id": event["id"], "principal": BOB.id})
+    job = structured(
+        await alice.call_tool(
+            "submit_job",
+            {
+                "service": "sim-instrument",
+                "event_id": event["id"],
+                "parameters": {"duration_s": 2.5, "records": 10},
+            },
+        )
+    )
+    uris = [f"sciorch://entries/{job['id']}{tail}" for tail in ("", "/log", "/results")]
+    heard: dict[str, list[str]] = {"alice": [], "bob": []}
+
+    async def listen(server: FastMCP, who: str, ready: asyncio.Event) -> None:
+        async with mcp.Client(server._mcp_server) as sdk:
+            async with sdk.listen(resource_subscriptions=uris) as sub:
+                assert set(sub.honored.resource_subscriptions or []) == set(uris)  # type: ignore[union-attr]
+                ready.set()
+                async for update in sub:
+                    heard[who].append(update.uri)  # type: ignore[union-attr]
+
+    ready = {"alice": asyncio.Event(), "bob": asyncio.Event()}
+    streams = [
+        asyncio.create_task(listen(alice_server, "alice", ready["alice"])),
+        asyncio.create_task(listen(create_server(eng, principal=BOB), "bob", ready["bob"])),
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready.values())), 10)
+        for _ in range(100):  # bob hears the job while the event is shared with him
+            if heard["bob"]:
+                break
+            await asyncio.sleep(0.05)
+        assert heard["bob"], "bob heard nothing while the event was shared"
+        await alice.call_tool(
+            "share_event", {"event_id": event["id"], "principal": BOB.id, "role": "none"}
+        )
+        await asyncio.sleep(0.1)  # what was already on its way
+        bob_before, alice_before = len(heard["bob"]), len(heard["alice"])
+        done = await alice.call_tool("wait_entry", {"entry_id": job["id"]})
+        assert structured(done)["entry"]["state"] == "succeeded"
+        await asyncio.sleep(0.3)
+    finally:
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    assert len(heard["alice"]) > alice_before  # the job went on changing after the revoke
+    assert heard["bob"][bob_before:] == []  # ... and bob heard none of it
+
+
 async def test_prompts_list_and_render(alice: Client[Any]) -> None:
     prompts = {p.name: p for p in await alice.list_prompts()}
     assert set(prompts) == {"run_gpu_service", "steer_experiment", "diagnose_entry"}
