@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import FastMCPError, ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
-from fastmcp.tools import FunctionTool
+from fastmcp.tools import FunctionTool, ToolResult
 from fastmcp.utilities.json_schema import dereference_refs
+from mcp.types import TextContent
 from pydantic import BaseModel, ValidationError
 
 import tools
@@ -244,9 +245,19 @@ def progress_reporter(ctx: Context | None) -> Callable[[Message], Awaitable[None
     return report
 
 
+def as_tool_result(model: BaseModel) -> ToolResult:
+    """The result fastmcp would make of a returned model (structured content and the same JSON
+    as text), serialized once for each: fastmcp's conversion serializes it three times."""
+    structured = model.model_dump(mode="json")
+    return ToolResult(
+        content=[TextContent(type="text", text=model.model_dump_json())],
+        structured_content=structured,
+    )
+
+
 def build_tool(
     spec: ToolSpec, engine: Engine, principal_of: Callable[[], Principal]
-) -> Callable[..., Awaitable[BaseModel]]:
+) -> Callable[..., Awaitable[ToolResult]]:
     """A function FastMCP can register: keyword arguments exactly the input model's fields."""
     params: list[inspect.Parameter] = []
     fields = spec.input.model_fields if spec.input else {}
@@ -267,8 +278,7 @@ def build_tool(
             )
         )
 
-    async def call(**kwargs: Any) -> BaseModel:
-        ctx = kwargs.pop("ctx", None)
+    async def run(kwargs: dict[str, Any], ctx: Context | None) -> BaseModel:
         principal = principal_of()
         try:
             if spec.input is None:
@@ -281,6 +291,10 @@ def build_tool(
             raise refused(ToolError, error_text(exc)) from exc
         except ValidationError as exc:
             raise refused(ToolError, validation_text(exc)) from exc
+
+    async def call(**kwargs: Any) -> ToolResult:
+        ctx = kwargs.pop("ctx", None)
+        return as_tool_result(await run(kwargs, ctx))
 
     call.__name__ = spec.name
     call.__doc__ = spec.description
