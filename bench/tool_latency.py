@@ -38,12 +38,11 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 import httpx2
 import mcp
-import uvicorn
 from fastmcp import Client, FastMCP
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.auth import create_token, ensure_keys, verifier
-from mcp_server.http_app import create_http_app, mcp_mount
+from mcp_server.http_app import serve_http
 from mcp_server.server import create_server
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
@@ -156,18 +155,15 @@ async def in_memory(calls: int, warmup: int) -> float:
 
 
 async def serve(home: Path, port: int) -> None:
-    """Child process: sciorch's HTTP app with the bench server at /mcp."""
-    engine = await Engine.open(settings_for(home, port))
-    try:
-        server = bench_server(engine, auth=verifier(engine.settings.keys_dir))
-        routes, lifespans = mcp_mount(server)
-        app = create_http_app(engine, extra_routes=routes, lifespans=lifespans)
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-        )
-        await uvicorn.Server(config).serve()
-    finally:
-        await engine.close()
+    """Child process: what `sciorch serve --transport http` runs (serve_http: the engine, the
+    proxy and /mcp with JWT auth), with the bench server (sciorch's plus echo) at /mcp."""
+    await serve_http(
+        settings_for(home, port),
+        "127.0.0.1",
+        port,
+        log_level="warning",
+        mcp_factory=lambda engine: bench_server(engine, auth=verifier(engine.settings.keys_dir)),
+    )
 
 
 def free_port() -> int:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -87,13 +89,35 @@ def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str
     return jwt.encode(claims, private_pem, algorithm="RS256")
 
 
+VERIFIED_TOKENS_KEPT = 1024
+
+
 class _ExpiringJWTVerifier(JWTVerifier):
-    """JWTVerifier checks `exp` only when a token has one; ours must have one."""
+    """JWTVerifier checks `exp` only when a token has one; ours must have one.
+
+    A client sends the same token with every request, and checking it (joserfc imports the
+    PEM key and verifies the RS256 signature each time) is about a tenth of a get_entry over
+    HTTP: a verified token is remembered, and honoured from memory until it expires. The key
+    does not change while the server runs, and tokens are not revocable before `exp` anyway.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._verified: OrderedDict[str, AccessToken] = OrderedDict()
 
     async def load_access_token(self, token: str) -> AccessToken | None:
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at is not None and known.expires_at > time.time():
+                self._verified.move_to_end(token)
+                return known
+            del self._verified[token]
         access = await super().load_access_token(token)
         if access is None or access.expires_at is None:
             return None
+        self._verified[token] = access
+        if len(self._verified) > VERIFIED_TOKENS_KEPT:
+            self._verified.popitem(last=False)
         return access
 
 

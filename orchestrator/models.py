@@ -321,6 +321,9 @@ class EventState(StrEnum):
 
 
 class Event(BaseModel):
+    # Frozen: the store hands the same object to every reader until the next write.
+    model_config = ConfigDict(frozen=True)
+
     id: str
     name: str
     owner: str
@@ -342,12 +345,17 @@ class Event(BaseModel):
 
 
 class Transition(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     state: EntryState
     at: datetime
     reason: str | None = None
 
 
 class Entry(BaseModel):
+    # Frozen: the store hands the same object to every reader until the next write.
+    model_config = ConfigDict(frozen=True)
+
     id: str
     event_id: str
     service: str

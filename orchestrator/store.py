@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -85,7 +85,8 @@ _ENTRY_COLS = (
 )
 
 
-ROW_CACHE_SIZE = 4096
+KNOWN_SIZE = 4096
+Known = TypeVar("Known", Entry, Event)
 
 
 class Store:
@@ -97,9 +98,10 @@ class Store:
         # Agents poll one entry (and so its event) over and over; each read is a round trip
         # to aiosqlite's thread, most of a get_entry call. This process is the only writer
         # (the home lock) and every write goes through _writing(), which empties the cache
-        # before and after, so a row served from here is what the database holds: while a
-        # write is under way reads go to the connection and queue behind it, as before.
-        self._rows: dict[tuple[str, str], aiosqlite.Row] = {}
+        # before and after, so an entry or event served from here is what the database holds:
+        # while a write is under way reads go to the connection and queue behind it, as
+        # before. Entries and events are frozen models, so every reader may share one.
+        self._known: dict[tuple[str, str], Entry | Event] = {}
         self._writes_open = 0
         self._generation = 0
 
@@ -108,13 +110,13 @@ class Store:
         async with self._lock:
             self._writes_open += 1
             self._generation += 1
-            self._rows.clear()
+            self._known.clear()
             try:
                 yield self._db
             finally:
                 self._writes_open -= 1
                 self._generation += 1
-                self._rows.clear()
+                self._known.clear()
 
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
         async with self._writing() as db:
@@ -131,19 +133,24 @@ class Store:
                 raise
             await db.execute("COMMIT")
 
-    async def _row(self, kind: str, sql: str, key: str) -> aiosqlite.Row | None:
-        """The one row `sql` selects by `key`, from the cache when no write came since."""
+    async def _one(
+        self, kind: str, key: str, load: Callable[[], Awaitable[Known | None]]
+    ) -> Known | None:
+        """What `load()` finds for `key`, from memory when no write came since."""
         if not self._writes_open:
-            cached = self._rows.get((kind, key))
-            if cached is not None:
-                return cached
+            known = self._known.get((kind, key))
+            if known is not None:
+                return cast(Known, known)
         generation = self._generation
-        row = next(iter(await self._db.execute_fetchall(sql, (key,))), None)
-        if row is not None and generation == self._generation and not self._writes_open:
-            if len(self._rows) >= ROW_CACHE_SIZE:
-                self._rows.clear()
-            self._rows[(kind, key)] = row
-        return row
+        value = await load()
+        if value is not None and generation == self._generation and not self._writes_open:
+            if len(self._known) >= KNOWN_SIZE:
+                self._known.clear()
+            self._known[(kind, key)] = value
+        return value
+
+    async def _fetch_one(self, sql: str, key: str) -> aiosqlite.Row | None:
+        return next(iter(await self._db.execute_fetchall(sql, (key,))), None)
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -204,9 +211,11 @@ class Store:
         return out
 
     async def get_event(self, event_id: str) -> Event | None:
-        # One query (one hop to aiosqlite's thread, if any): the event with its shares as JSON.
-        row = await self._row(
-            "event",
+        return await self._one("event", event_id, lambda: self._load_event(event_id))
+
+    async def _load_event(self, event_id: str) -> Event | None:
+        # One query (one hop to aiosqlite's thread): the event with its shares as JSON.
+        row = await self._fetch_one(
             "SELECT *, (SELECT json_group_object(principal, role) FROM shares"
             " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?",
             event_id,
@@ -343,6 +352,10 @@ class Store:
         )
 
     async def get_entry(self, entry_id: str, transitions: bool = True) -> Entry | None:
+        kind = "entry+transitions" if transitions else "entry"
+        return await self._one(kind, entry_id, lambda: self._load_entry(entry_id, transitions))
+
+    async def _load_entry(self, entry_id: str, transitions: bool) -> Entry | None:
         # One query (one hop to aiosqlite's thread, where a cursor takes three): the entry
         # with its transitions as JSON [seq, state, at, reason] (sorted here by seq).
         trs_col = (
@@ -351,10 +364,8 @@ class Store:
             if transitions
             else ""
         )
-        row = await self._row(
-            "entry+transitions" if transitions else "entry",
-            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?",
-            entry_id,
+        row = await self._fetch_one(
+            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?", entry_id
         )
         if row is None:
             return None

@@ -313,6 +313,19 @@ async def test_requests_without_a_valid_token_get_401(http: HttpServer) -> None:
             pass
 
 
+async def test_a_token_that_worked_is_refused_once_it_has_expired(http: HttpServer) -> None:
+    """The server remembers verified tokens; it must still stop honouring them at `exp`."""
+    token = _sign(http, sub="brief", exp=int(time.time()) + 2)
+    headers = {**MCP_HEADERS, "authorization": "Bearer " + token}
+    async with httpx2.AsyncClient() as raw:
+        for _ in range(3):  # verified once, then from memory
+            resp = await raw.post(http.mcp_url + "/", json=INITIALIZE, headers=headers)
+            assert resp.status_code == 200, resp.text
+        await asyncio.sleep(max(0.0, int(time.time()) + 3 - time.time()))
+        resp = await raw.post(http.mcp_url + "/", json=INITIALIZE, headers=headers)
+        assert resp.status_code == 401, resp.text
+
+
 async def test_read_only_token_sees_no_mutating_tools_and_cannot_call_them(
     http: HttpServer, alice_job: dict[str, Any]
 ) -> None:
