@@ -194,7 +194,7 @@ class _Optionals(BaseModel):
     res: Resources | None = None
 
 
-def test_published_output_schema_accepts_and_refuses_what_pydantics_does() -> None:
+async def test_published_output_schema_accepts_and_refuses_what_pydantics_does() -> None:
     original = _Optionals.model_json_schema()
     compact = published_output_schema(original)
     assert compact is not None and "$ref" not in json.dumps(compact)
