@@ -809,11 +809,11 @@ class SlurmBackend:
             j.flush_pending = False
             if j.finished:
                 return
-            await self._flush_locked(j)
             if j.state in (EntryState.PENDING, EntryState.PROVISIONING):
                 started = _started_file(j)
                 if started is not None:
                     await self._started_locked(j, started)
+            await self._flush_locked(j)  # after 'running': no record is announced before it
         if j.workdir.exit.exists():
             self._poke(j)
 
@@ -1009,7 +1009,6 @@ class SlurmBackend:
             if state in _ACTIVE_STATES:
                 if state == "COMPLETING":
                     j.hot_until = max(j.hot_until, time.time() + HOT_FOR_S)
-                await self._flush_locked(j)
                 if j.state in (EntryState.PENDING, EntryState.PROVISIONING):
                     started = _started_file(j)
                     if j.running_seen_at is None:
@@ -1031,6 +1030,7 @@ class SlurmBackend:
                             f"{j.workdir.root}: is shared_dir shared with the compute nodes?",
                             handle=self._handle(j),
                         )
+                await self._flush_locked(j)  # after 'running': no record is announced before it
                 return
             log.info("slurm site %s: job %s in state %s", self.name, j.job_id, state)
 

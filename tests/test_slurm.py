@@ -240,17 +240,38 @@ FAST = {"duration_s": 0.3, "records": 3}
 # ------------------------------------------------------------------ jobs
 
 
+async def test_a_record_written_at_once_is_announced_after_running(cluster: Cluster) -> None:
+    """The sleeper streams a record as soon as it starts: the backend sees started.json and
+    the record together, and must announce 'running' first."""
+    eng = await cluster.open()
+    heard: list[str] = []
+    async with eng.bus.subscribe(lambda m: m.kind in ("stream", "transition")) as sub:
+        entry = await eng.launch(ALICE, "sleeper", {"seconds": 0.5})
+        done = await wait_done(eng, entry.id)
+        while not sub.queue.empty():
+            msg = sub.queue.get_nowait()
+            if msg.entry_id == entry.id:
+                heard.append(msg.state.value if msg.state else msg.kind)
+    assert done.state == EntryState.SUCCEEDED, done.reason
+    assert "stream" in heard and heard.index("running") < heard.index("stream"), heard
+
+
 async def test_job_runs_with_result_stream_and_logs(cluster: Cluster) -> None:
     eng = await cluster.open()
     streamed: list[int] = []
-    async with eng.bus.subscribe(lambda m: m.kind == "stream") as sub:
+    heard: list[str] = []  # what the bus announced, in order
+    async with eng.bus.subscribe(lambda m: m.kind in ("stream", "transition")) as sub:
         entry = await eng.launch(ALICE, "sim-instrument", {"x1": 1.0, "x2": 2.0, **FAST})
         assert entry.handle["job_id"], entry.handle
         done = await wait_done(eng, entry.id)
         while not sub.queue.empty():
             msg = sub.queue.get_nowait()
-            if msg.entry_id == entry.id and msg.record_index is not None:
+            if msg.entry_id != entry.id:
+                continue
+            heard.append(msg.state.value if msg.kind == "transition" and msg.state else msg.kind)
+            if msg.kind == "stream" and msg.record_index is not None:
                 streamed.append(msg.record_index)
+    assert heard.index("running") < heard.index("stream"), heard  # no record before 'running'
     assert done.state == EntryState.SUCCEEDED, done.reason
     assert done.exit_code == 0
     assert set(done.result or {}) >= {"value", "noise_variance", "point"}
