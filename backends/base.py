@@ -7,7 +7,9 @@ happens through `Reporter`; the engine persists each report before it announces 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ class Outcome(BaseModel):
 
 M = TypeVar("M", bound=BaseModel)
 
+log = logging.getLogger("sciorch.backends")
+
 
 def site_options(model: type[M], site: str, options: Mapping[str, Any]) -> M:
     """A site's backend settings, validated; errors name the field as `sites.<site>.<key>`."""
@@ -89,6 +93,21 @@ class Reporter(Protocol):
     async def log_grew(self, entry_id: str, size: int) -> None: ...
 
     async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None: ...
+
+
+async def tell(
+    reporter: Reporter | None, entry_id: str, method: str, *args: Any, **kw: Any
+) -> None:
+    """Call the reporter; its failure is logged, never raised into the backend's own work
+    (a watch or a flush must go on for the other entries)."""
+    if reporter is None:
+        return
+    try:
+        await getattr(reporter, method)(entry_id, *args, **kw)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("reporter.%s for %s failed", method, entry_id)
 
 
 class LogChunk(BaseModel):
@@ -262,6 +281,19 @@ class WorkDir:
             artifacts=artifacts,
         )
 
+    # Reads larger than this go to a thread rather than hold up the event loop.
+    BIG_READ = 1 << 20
+
+    async def read_logs_async(self, offset: int, limit: int) -> LogChunk:
+        if limit > self.BIG_READ:
+            return await asyncio.to_thread(self.read_logs, offset, limit)
+        return self.read_logs(offset, limit)
+
+    async def read_results_async(self, since_record: int) -> ResultData:
+        if file_size(self.stream) + file_size(self.result) > self.BIG_READ:
+            return await asyncio.to_thread(self.read_results, since_record)
+        return self.read_results(since_record)
+
     def read_outcome(self) -> Outcome | None:
         try:
             return Outcome.model_validate_json(self.exit.read_text())
@@ -327,6 +359,14 @@ class ContractTail:
             raw = b""
         end = raw.rfind(b"\n")
         self.stream_offset, self.stream_index = (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
+
+    async def report(self, reporter: Reporter | None, entry_id: str, wd: WorkDir) -> None:
+        """Tell the reporter what is new: the log's size if it grew, then each new record."""
+        grown, records = self.news(wd)
+        if grown is not None:
+            await tell(reporter, entry_id, "log_grew", grown)
+        for index, record in records:
+            await tell(reporter, entry_id, "stream_record", index, record)
 
     def news(self, wd: WorkDir) -> tuple[int | None, list[tuple[int, dict[str, Any]]]]:
         """(the log's new size, or None if it did not grow; the new records with their index)."""

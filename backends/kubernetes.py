@@ -81,7 +81,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.base import LaunchSpec, LogChunk, Reporter, ResultData, WorkDir, site_options
+from backends.base import (
+    LaunchSpec,
+    LogChunk,
+    Reporter,
+    ResultData,
+    WorkDir,
+    site_options,
+    tell,
+)
 from backends.kube_api import KubeApi, KubeApiError, KubeGone, KubeUnreachable
 from backends.kube_manifests import (
     CONTAINER,
@@ -684,16 +692,13 @@ class KubernetesBackend:
     async def read_logs(
         self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
     ) -> LogChunk:
-        wd = self._workdir(entry_id, handle)
-        if limit > 1 << 20:
-            return await asyncio.to_thread(wd.read_logs, offset, limit)
-        return wd.read_logs(offset, limit)
+        return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
 
     async def read_results(
         self, entry_id: str, handle: Mapping[str, Any], since_record: int
     ) -> ResultData:
         wd = self._workdir(entry_id, handle)
-        data = wd.read_results(since_record)
+        data = await wd.read_results_async(since_record)
         e = self._entries.get(entry_id)
         mirror = e.mirror if e is not None else _Mirror(wd, markers=True)
         data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))
@@ -1496,14 +1501,7 @@ class KubernetesBackend:
         self._maybe_unwatch(e.namespace)
 
     async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        if self._reporter is None:
-            return
-        try:
-            await getattr(self._reporter, method)(entry_id, *args, **kw)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reporter.%s for %s failed", method, entry_id)
+        await tell(self._reporter, entry_id, method, *args, **kw)
 
     def _handle(self, e: _Entry, pod: str | None = None) -> dict[str, Any]:
         return {

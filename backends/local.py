@@ -37,8 +37,8 @@ from backends.base import (
     Reporter,
     ResultData,
     WorkDir,
-    file_size,
     site_options,
+    tell,
 )
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
@@ -589,18 +589,12 @@ class LocalBackend:
     async def read_logs(
         self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
     ) -> LogChunk:
-        wd = self._workdir(entry_id, handle)
-        if limit > 1 << 20:
-            return await asyncio.to_thread(wd.read_logs, offset, limit)
-        return wd.read_logs(offset, limit)
+        return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
 
     async def read_results(
         self, entry_id: str, handle: Mapping[str, Any], since_record: int
     ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        if file_size(wd.stream) + file_size(wd.result) > 1 << 20:
-            return await asyncio.to_thread(wd.read_results, since_record)
-        return wd.read_results(since_record)
+        return await self._workdir(entry_id, handle).read_results_async(since_record)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -1079,14 +1073,7 @@ class LocalBackend:
             del self._entries[e.id]
 
     async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        if self._reporter is None:
-            return
-        try:
-            await getattr(self._reporter, method)(entry_id, *args, **kw)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reporter.%s for %s failed", method, entry_id)
+        await tell(self._reporter, entry_id, method, *args, **kw)
 
     def _request_flush(self, entry_id: str) -> None:
         e = self._entries.get(entry_id)
@@ -1104,11 +1091,7 @@ class LocalBackend:
                 await self._flush_locked(e)
 
     async def _flush_locked(self, e: _Entry) -> None:
-        grown, records = e.tail.news(e.workdir)
-        if grown is not None:
-            await self._call(e.id, "log_grew", grown)
-        for index, record in records:
-            await self._call(e.id, "stream_record", index, record)
+        await e.tail.report(self._reporter, e.id, e.workdir)
 
     # ------------------------------------------------------------------ small parts
 

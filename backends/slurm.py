@@ -59,6 +59,7 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
+    tell,
 )
 from backends.local import DirWatcher, log_tail
 from backends.slurm_transport import (
@@ -1252,21 +1253,10 @@ class SlurmBackend:
             del self._jobs[j.id]
 
     async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        if self._reporter is None:
-            return
-        try:
-            await getattr(self._reporter, method)(entry_id, *args, **kw)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reporter.%s for %s failed", method, entry_id)
+        await tell(self._reporter, entry_id, method, *args, **kw)
 
     async def _flush_locked(self, j: _Job) -> None:
-        grown, records = j.tail.news(j.workdir)
-        if grown is not None:
-            await self._call(j.id, "log_grew", grown)
-        for index, record in records:
-            await self._call(j.id, "stream_record", index, record)
+        await j.tail.report(self._reporter, j.id, j.workdir)
 
     # ------------------------------------------------------------------ site view
 
