@@ -196,9 +196,10 @@ class KubeApi:
     def _args(kind: str, namespace: str | None, *args: Any) -> tuple[Any, ...]:
         return (*args, namespace) if KINDS[kind].namespaced and namespace is not None else args
 
-    async def _send(
+    async def _send_raw(
         self, what: str, call: Callable[[], Awaitable[aiohttp.ClientResponse]]
-    ) -> dict[str, Any]:
+    ) -> tuple[int, bytes]:
+        """The status and body of a call that succeeded; typed errors otherwise."""
         try:
             resp = await call()
         except _CONNECTION_ERRORS as exc:
@@ -211,10 +212,16 @@ class KubeApi:
             resp.release()
         if resp.status >= 400:
             raise _status_error(resp.status, body, what)
+        return resp.status, body
+
+    async def _send(
+        self, what: str, call: Callable[[], Awaitable[aiohttp.ClientResponse]]
+    ) -> dict[str, Any]:
+        status, body = await self._send_raw(what, call)
         try:
             data = json.loads(body) if body else {}
         except ValueError as exc:
-            raise KubeApiError(resp.status, "BadResponse", f"not JSON: {exc}", what) from exc
+            raise KubeApiError(status, "BadResponse", f"not JSON: {exc}", what) from exc
         return data if isinstance(data, dict) else {"value": data}
 
     # ------------------------------------------------------------------ objects
@@ -359,18 +366,7 @@ class KubeApi:
         """The whole log of a pod's container as it is now."""
         fn = self._apis["core"].read_namespaced_pod_log_without_preload_content
         what = f"read log of {namespace}/{pod}"
-        try:
-            resp: aiohttp.ClientResponse = await fn(pod, namespace, container=container)
-        except _CONNECTION_ERRORS as exc:
-            raise KubeUnreachable(f"{what}: API server {self.host} unreachable: {exc!r}") from exc
-        try:
-            body = await resp.read()
-        except _CONNECTION_ERRORS as exc:
-            raise KubeUnreachable(f"{what}: connection lost: {exc!r}") from exc
-        finally:
-            resp.release()
-        if resp.status >= 400:
-            raise _status_error(resp.status, body, what)
+        _, body = await self._send_raw(what, lambda: fn(pod, namespace, container=container))
         return body
 
     async def follow_log(
