@@ -1017,10 +1017,9 @@ async def _steer_remote(
     from fastmcp import Client
     from fastmcp.client.auth import BearerAuth
 
-    from steering.manager import build_view, campaign_dir, default_name, new_campaign_id
-    from steering.models import CampaignRecord, CampaignState
+    from steering.manager import build_view, campaign_dir, new_record
     from steering.runner import CampaignRunner
-    from steering.store import CampaignStore, now
+    from steering.store import CampaignStore
 
     store = await CampaignStore.open(home / "steering.db")
     try:
@@ -1029,20 +1028,7 @@ async def _steer_remote(
             if rec is None:
                 raise SciorchError(f"no campaign {resume!r} in {home}", field="resume")
         else:
-            import secrets
-
-            at = now()
-            rec = CampaignRecord(
-                id=new_campaign_id(),
-                name=default_name(spec),
-                owner=who.id,
-                spec=spec,
-                seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
-                state=CampaignState.RUNNING,
-                endpoint=url,
-                created_at=at,
-                updated_at=at,
-            )
+            rec = new_record(who, spec, url)
             await store.insert_campaign(rec)
         auth = BearerAuth(token) if token else None
 

@@ -73,6 +73,23 @@ def default_name(spec: CampaignSpec) -> str:
     return spec.name or f"{what}: {obj.goal} {obj.field}"
 
 
+def new_record(principal: Principal, spec: CampaignSpec, endpoint: str) -> CampaignRecord:
+    """A new campaign's record, running from now, with its seed drawn if the spec has none."""
+    at = now()
+    return CampaignRecord(
+        id=new_campaign_id(),
+        name=default_name(spec),
+        owner=principal.id,
+        admin=principal.admin,
+        spec=spec,
+        seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
+        state=CampaignState.RUNNING,
+        endpoint=endpoint,
+        created_at=at,
+        updated_at=at,
+    )
+
+
 def build_view(
     rec: CampaignRecord, evals: list[EvaluationRecord], active: bool, with_evals: bool = True
 ) -> CampaignView:
@@ -242,19 +259,7 @@ class CampaignManager:
         self, principal: Principal, spec: CampaignSpec, endpoint: str = "embedded"
     ) -> CampaignRecord:
         store = await self.store()
-        at = now()
-        rec = CampaignRecord(
-            id=new_campaign_id(),
-            name=default_name(spec),
-            owner=principal.id,
-            admin=principal.admin,
-            spec=spec,
-            seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
-            state=CampaignState.RUNNING,
-            endpoint=endpoint,
-            created_at=at,
-            updated_at=at,
-        )
+        rec = new_record(principal, spec, endpoint)
         await store.insert_campaign(rec)
         return rec
 
