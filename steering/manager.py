@@ -314,8 +314,12 @@ class CampaignManager:
 
     # ------------------------------------------------------------------ operations
 
-    def validate(self, spec: CampaignSpec) -> None:
+    async def validate(self, principal: Principal, spec: CampaignSpec) -> None:
+        """Refuse at start what would fail every evaluation."""
         check_service(spec, [s.model_dump() for s in self.engine.list_services()])
+        if spec.event_id is not None:
+            # Its jobs are submitted to this event: the caller must be allowed to submit there.
+            await self.engine.event_to_submit_to(principal, spec.event_id)
         if spec.site is not None and spec.site not in self.engine.backends:
             raise InvalidInput(
                 f"site: unknown site {spec.site!r}; sites: {', '.join(self.engine.backends)}",
@@ -332,7 +336,7 @@ class CampaignManager:
 
     async def start(self, principal: Principal, spec: CampaignSpec) -> CampaignView:
         """Validate, record and start a campaign in the background."""
-        self.validate(spec)
+        await self.validate(principal, spec)
         rec = await self.create(principal, spec)
         self.launch(rec)
         return await self.get(principal, rec.id, with_evals=False)

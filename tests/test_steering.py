@@ -29,7 +29,7 @@ from mcp_server.server import create_server
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
-from orchestrator.models import Principal
+from orchestrator.models import Principal, Role
 from orchestrator.payloads.surfaces import SURFACES
 from steering.manager import CampaignManager, manager_for
 from steering.models import CampaignState, EvalState
@@ -377,6 +377,33 @@ async def test_start_campaign_errors_name_the_field(eng: Engine, alice: Client[A
     with pytest.raises(ToolError) as info:
         await alice.call_tool("get_campaign", {"campaign_id": "cmp-000000000000"})
     assert "not_found" in str(info.value)
+
+
+async def test_a_campaign_on_an_event_the_caller_cannot_submit_to_is_refused_at_start(
+    eng: Engine, alice: Client[Any]
+) -> None:
+    bob = Principal(id="bob")
+    shared = await eng.create_event(bob, "bob's beamtime")
+    await eng.share_event(bob, shared.id, "alice", Role.VIEWER)
+    hidden = await eng.create_event(bob, "bob's other beamtime")
+    closed = await eng.create_event(ALICE, "over")
+    await eng.stop_event(ALICE, closed.id)
+    cases = [
+        (shared.id, "not_allowed: alice is viewer on event", "needs operator"),
+        (hidden.id, "not_found: no event", "visible to alice"),
+        (closed.id, "conflict: event", "needs an active event"),
+    ]
+    for event_id, start, why in cases:
+        with pytest.raises(ToolError) as info:
+            await alice.call_tool("start_campaign", branin_spec(event_id=event_id))
+        text = str(info.value)
+        assert text.startswith(start) and why in text and "[field: event_id]" in text, text
+    assert structured(await alice.call_tool("list_campaigns", {}))["campaigns"] == []
+    await eng.share_event(bob, shared.id, "alice", Role.OPERATOR)  # now she may submit there
+    spec = branin_spec(event_id=shared.id, budget={"evaluations": 3}, batch_size=3)
+    view = await finished(alice, structured(await alice.call_tool("start_campaign", spec))["id"])
+    assert view["state"] == "completed" and view["event_id"] == shared.id, view
+    assert view["progress"]["succeeded"] == 3
 
 
 async def test_other_principals_do_not_see_a_campaign(eng: Engine, alice: Client[Any]) -> None:
