@@ -850,6 +850,59 @@ async def test_the_same_loop_drives_a_remote_server_over_http(tmp_path: Path) ->
         assert "create_event" in failed.reason or "submit" in failed.reason, failed.reason
 
 
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_two_campaigns_of_one_principal_started_over_http_both_complete(
+    home: Path, mode: str
+) -> None:
+    """start_campaign from the official SDK client over streamable HTTP, with the current
+    protocol and with a legacy one: the runners outlive the requests that started them (the
+    current protocol's routing headers used to reach the runner's in-memory server and break
+    its first wait), and one campaign's end does not stop the other's waits."""
+    from tests.mcp_helpers import run_http_server, sdk_client
+    from tests.mcp_helpers import structured as sdk_structured
+
+    async with (
+        run_http_server(home) as srv,
+        sdk_client(srv.mcp_url, srv.token("alice"), mode=mode) as client,
+    ):
+        assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+
+        async def view(cid: str) -> dict[str, Any]:
+            args = {"campaign_id": cid, "evaluations": False}
+            return sdk_structured(await client.call_tool("get_campaign", args))
+
+        ids = []
+        for budget, duration in ((3, 0.02), (9, 0.4)):
+            spec = branin_spec(
+                objective={
+                    "parameters": {"surface": "branin", "duration_s": duration, "records": 1}
+                },
+                budget={"evaluations": budget},
+                batch_size=3,
+            )
+            ids.append(sdk_structured(await client.call_tool("start_campaign", spec))["id"])
+        short, long = ids
+        long_when_short_ended = None
+        deadline = time.monotonic() + 90
+        while True:
+            views = [await view(cid) for cid in ids]
+            if long_when_short_ended is None and not views[0]["active"]:
+                long_when_short_ended = views[1]["progress"]["done"]
+            if all(v["state"] != "running" or not v["active"] for v in views):
+                break
+            assert time.monotonic() < deadline, views
+            await asyncio.sleep(0.1)
+    for v, budget in zip(views, (3, 9), strict=True):
+        assert v["state"] == "completed" and v["reason"] == "evaluation budget spent", v["reason"]
+        assert v["progress"]["succeeded"] == budget and v["progress"]["in_flight"] == 0, v
+    assert long_when_short_ended is not None and long_when_short_ended < 9  # ran on after it
+    keys = entries_by_key(home)
+    for cid, budget in ((short, 3), (long, 9)):
+        assert {k: n for k, n in keys.items() if k.startswith(cid)} == {
+            key_for(cid, s, 1): 1 for s in range(budget)
+        }
+
+
 async def test_server_restart_resumes_its_campaigns(home: Path) -> None:
     """A campaign started through start_campaign runs in the server; when the server stops its
     runner pauses, and the next server start resumes it: nothing measured twice."""
