@@ -266,7 +266,7 @@ class CampaignManager:
         key = (principal.id, principal.admin)
         server = self.server_for(principal)
         hold = self._holds.get(key)
-        if hold is None or hold.released:
+        if hold is None or hold.released or hold.task.done():
             hold = _ServerHold(server, after=hold.task if hold is not None else None)
             self._holds[key] = hold
         hold.users += 1
