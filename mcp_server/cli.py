@@ -970,7 +970,7 @@ async def _steer_local(
                     field="resume",
                 )
         else:
-            manager.validate(spec)
+            await manager.validate(who, spec)
             rec = await manager.create(who, spec)
         if not rec.state.finished:
             bar = _SteerProgress(

@@ -441,6 +441,21 @@ class Engine:
         await self.store.set_share(event_id, with_principal, role)
         return await self._event_for(principal, event_id, Role.VIEWER)
 
+    async def event_to_submit_to(self, principal: Principal, event_id: str | None) -> Event:
+        """The event new work of `principal` goes to (their default one without `event_id`):
+        active, and theirs or shared with them as operator; else a typed error on event_id."""
+        event = (
+            await self._event_for(principal, event_id, Role.OPERATOR)
+            if event_id
+            else await self._default_event(principal)
+        )
+        if event.state != EventState.ACTIVE:
+            raise Conflict(
+                f"event {event.id} is {event.state.value}; new work needs an active event",
+                field="event_id",
+            )
+        return event
+
     async def _expiry_loop(self) -> None:
         while True:
             self._expiry_wake.clear()
@@ -484,13 +499,7 @@ class Engine:
             )
         params = validate_parameters(svc, parameters)
         res = (resources or ResourceRequest()).apply_to(svc.resources)
-        event = (
-            await self._event_for(principal, event_id, Role.OPERATOR)
-            if event_id
-            else await self._default_event(principal)
-        )
-        if event.state != EventState.ACTIVE:
-            raise Conflict(f"event {event.id} is {event.state.value}", field="event_id")
+        event = await self.event_to_submit_to(principal, event_id)
         request_hash = hashlib.sha256(
             json.dumps(
                 [svc.ref, params, event.id, site, res.model_dump()]

@@ -3,6 +3,11 @@ server process, acting as the calling principal through an in-memory MCP client 
 server instance built for that principal (so every job it submits is authorised, audited and
 rate-limited like any other call of theirs).
 
+A runner is a task of its own, started in a fresh context: nothing of the request that started
+it (its HTTP request, access token, fastmcp request context, all contextvars) reaches the
+in-memory servers it calls. The in-memory server of a principal is shared by their runners and
+kept running by a task of its own (`_ServerHold`) from the first runner to the last.
+
 Campaigns still running when the server stops stay `running` in the store and are resumed when
 it starts again (when its MCP lifespan begins: `sciorch serve` over HTTP or stdio), each by its
 own runner, which re-adopts what was in flight (see steering.runner).
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import weakref
@@ -162,6 +168,48 @@ def build_view(
     )
 
 
+class _ServerHold:
+    """Keeps one in-memory server running (its MCP lifespan, with the Docket queue and worker
+    that run its task tools such as wait_entry) while campaigns use it.
+
+    fastmcp runs a server's lifespan in the first client that connects and ends it when that
+    client disconnects, however many others are still connected: two runners of one principal
+    sharing a server lost the second one's wait_entry tasks ("Task <id> not found") when the
+    first finished. So the lifespan belongs to a task of its own, in a fresh context, from the
+    first user to the last; a later hold of the same server starts once this one has ended."""
+
+    def __init__(self, server: FastMCP, after: asyncio.Task[None] | None) -> None:
+        self.users = 0
+        self.released = False
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._release = asyncio.Event()
+        self.task = asyncio.create_task(
+            self._hold(server, after), name="campaign-server", context=contextvars.Context()
+        )
+
+    async def _hold(self, server: FastMCP, after: asyncio.Task[None] | None) -> None:
+        from fastmcp import Client
+
+        if after is not None:
+            await asyncio.wait({after})  # the previous lifespan has been torn down
+        try:
+            async with Client(server):
+                self.ready.set_result(None)
+                await self._release.wait()
+        except asyncio.CancelledError:
+            if not self.ready.done():
+                self.ready.cancel()
+            raise
+        except Exception as exc:
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+            raise
+
+    def release(self) -> None:
+        self.released = True
+        self._release.set()
+
+
 class CampaignManager:
     def __init__(self, engine: Engine, *, auto_resume: bool = True) -> None:
         self.engine = engine
@@ -173,6 +221,7 @@ class CampaignManager:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.listeners: list[Callable[[str], None]] = []
         self._servers: dict[tuple[str, bool], FastMCP] = {}
+        self._holds: dict[tuple[str, bool], _ServerHold] = {}
         self.building_internal = False
         self._serving = 0
 
@@ -211,6 +260,24 @@ class CampaignManager:
         server = self.server_for(principal)
         return lambda: Client(server)
 
+    @contextlib.asynccontextmanager
+    async def using_server(self, principal: Principal) -> AsyncIterator[FastMCP]:
+        """The principal's in-memory server, kept running until the last user is done."""
+        key = (principal.id, principal.admin)
+        server = self.server_for(principal)
+        hold = self._holds.get(key)
+        if hold is None or hold.released or hold.task.done():
+            hold = _ServerHold(server, after=hold.task if hold is not None else None)
+            self._holds[key] = hold
+        hold.users += 1
+        try:
+            await asyncio.shield(hold.ready)  # a cancelled waiter must not cancel the others'
+            yield server
+        finally:
+            hold.users -= 1
+            if hold.users == 0:
+                hold.release()
+
     def notify(self, campaign_id: str) -> None:
         for listener in tuple(self.listeners):
             try:
@@ -247,8 +314,12 @@ class CampaignManager:
 
     # ------------------------------------------------------------------ operations
 
-    def validate(self, spec: CampaignSpec) -> None:
+    async def validate(self, principal: Principal, spec: CampaignSpec) -> None:
+        """Refuse at start what would fail every evaluation."""
         check_service(spec, [s.model_dump() for s in self.engine.list_services()])
+        if spec.event_id is not None:
+            # Its jobs are submitted to this event: the caller must be allowed to submit there.
+            await self.engine.event_to_submit_to(principal, spec.event_id)
         if spec.site is not None and spec.site not in self.engine.backends:
             raise InvalidInput(
                 f"site: unknown site {spec.site!r}; sites: {', '.join(self.engine.backends)}",
@@ -265,7 +336,7 @@ class CampaignManager:
 
     async def start(self, principal: Principal, spec: CampaignSpec) -> CampaignView:
         """Validate, record and start a campaign in the background."""
-        self.validate(spec)
+        await self.validate(principal, spec)
         rec = await self.create(principal, spec)
         self.launch(rec)
         return await self.get(principal, rec.id, with_evals=False)
@@ -283,7 +354,13 @@ class CampaignManager:
             on_update=self.notify,
         )
         self.runners[rec.id] = runner
-        task = asyncio.create_task(self._run(runner), name=f"campaign-{rec.id}")
+        # A fresh context: the runner must not inherit the request that started it (the servers
+        # it calls read the HTTP request and the access token from contextvars).
+        task = asyncio.create_task(
+            self._run(runner, Principal(id=rec.owner, admin=rec.admin)),
+            name=f"campaign-{rec.id}",
+            context=contextvars.Context(),
+        )
         self.tasks[rec.id] = task
         return task
 
@@ -291,9 +368,10 @@ class CampaignManager:
         assert self._store is not None, "store() first"
         return self._store
 
-    async def _run(self, runner: CampaignRunner) -> None:
+    async def _run(self, runner: CampaignRunner, principal: Principal) -> None:
         try:
-            await runner.run()
+            async with self.using_server(principal):
+                await runner.run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -357,7 +435,7 @@ class CampaignManager:
         principal = Principal(id=rec.owner, admin=rec.admin)
         from fastmcp import Client
 
-        async with Client(self.server_for(principal)) as client:
+        async with self.using_server(principal) as server, Client(server) as client:
             for e in evals:
                 if e.state.finished:
                     continue
@@ -422,6 +500,13 @@ class CampaignManager:
                 await t
         self.tasks.clear()
         self.runners.clear()
+        holds = list(self._holds.values())
+        for hold in holds:
+            hold.release()
+        for hold in holds:
+            with contextlib.suppress(BaseException):
+                await hold.task
+        self._holds.clear()
         if self._store is not None:
             await self._store.close()
             self._store = None

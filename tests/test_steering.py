@@ -4,6 +4,7 @@ a real engine and the local backend (sim-instrument jobs of a few hundredths of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from mcp_server.server import create_server
 from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
-from orchestrator.models import Principal
+from orchestrator.models import Principal, Role
 from orchestrator.payloads.surfaces import SURFACES
 from steering.manager import CampaignManager, manager_for
 from steering.models import CampaignState, EvalState
@@ -379,6 +380,33 @@ async def test_start_campaign_errors_name_the_field(eng: Engine, alice: Client[A
     assert "not_found" in str(info.value)
 
 
+async def test_a_campaign_on_an_event_the_caller_cannot_submit_to_is_refused_at_start(
+    eng: Engine, alice: Client[Any]
+) -> None:
+    bob = Principal(id="bob")
+    shared = await eng.create_event(bob, "bob's beamtime")
+    await eng.share_event(bob, shared.id, "alice", Role.VIEWER)
+    hidden = await eng.create_event(bob, "bob's other beamtime")
+    closed = await eng.create_event(ALICE, "over")
+    await eng.stop_event(ALICE, closed.id)
+    cases = [
+        (shared.id, "not_allowed: alice is viewer on event", "needs operator"),
+        (hidden.id, "not_found: no event", "visible to alice"),
+        (closed.id, "conflict: event", "needs an active event"),
+    ]
+    for event_id, start, why in cases:
+        with pytest.raises(ToolError) as info:
+            await alice.call_tool("start_campaign", branin_spec(event_id=event_id))
+        text = str(info.value)
+        assert text.startswith(start) and why in text and "[field: event_id]" in text, text
+    assert structured(await alice.call_tool("list_campaigns", {}))["campaigns"] == []
+    await eng.share_event(bob, shared.id, "alice", Role.OPERATOR)  # now she may submit there
+    spec = branin_spec(event_id=shared.id, budget={"evaluations": 3}, batch_size=3)
+    view = await finished(alice, structured(await alice.call_tool("start_campaign", spec))["id"])
+    assert view["state"] == "completed" and view["event_id"] == shared.id, view
+    assert view["progress"]["succeeded"] == 3
+
+
 async def test_other_principals_do_not_see_a_campaign(eng: Engine, alice: Client[Any]) -> None:
     cid = structured(
         await alice.call_tool("start_campaign", branin_spec(budget={"evaluations": 3}))
@@ -595,6 +623,57 @@ def _stored(home: Path) -> list[tuple[str, int, str, str | None]]:
         return []
 
 
+async def _until_in_flight(home: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until some evaluations have succeeded and others are in flight (as stored)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        rows = _stored(home)
+        done = [r for r in rows if r[2] == "succeeded"]
+        flying = [r for r in rows if r[2] == "submitted"]
+        if len(done) >= 4 and flying:
+            return
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the campaign did not get going: {_stored(home)}")
+
+
+def _kill_9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process only: its jobs run on, in their own sessions."""
+    try:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _assert_each_point_evaluated_once(
+    home: Path, cid: str, before: dict[int, tuple[str, int, str, str | None]], budget: int
+) -> None:
+    """Every evaluation once, by one job: those in flight at the kill were re-adopted (same
+    entry), none was submitted twice, no point was measured twice."""
+    with sqlite3.connect(home / "steering.db") as db:
+        evals = db.execute(
+            "SELECT seq, state, entry_id, point FROM evaluations WHERE campaign_id = ? "
+            "ORDER BY seq",
+            (cid,),
+        ).fetchall()
+    assert [e[0] for e in evals] == list(range(budget))
+    assert all(e[1] == "succeeded" for e in evals), evals
+    for seq, (_, _, state, entry_id) in before.items():
+        if state in ("succeeded", "submitted"):  # reused / re-adopted, not run again
+            assert evals[seq][2] == entry_id
+    keys = entries_by_key(home)
+    ours = {k: n for k, n in keys.items() if k.startswith(cid)}
+    assert len(ours) == budget and all(n == 1 for n in ours.values())  # one job per point
+    assert set(ours) == {key_for(cid, s, 1) for s in range(budget)}
+    points = {tuple(round(v, 9) for v in json.loads(e[3]).values()) for e in evals}
+    assert len(points) == budget
+
+
 async def test_kill_9_mid_campaign_then_resume_evaluates_nothing_twice(tmp_path: Path) -> None:
     home = tmp_path / "home"
     campaign = tmp_path / "campaign.toml"
@@ -602,24 +681,9 @@ async def test_kill_9_mid_campaign_then_resume_evaluates_nothing_twice(tmp_path:
     campaign.write_text(CAMPAIGN_TOML.format(duration=0.4, budget=budget))
     proc = _start_steer(home, campaign)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            rows = _stored(home)
-            done = [r for r in rows if r[2] == "succeeded"]
-            flying = [r for r in rows if r[2] == "submitted"]
-            if len(done) >= 4 and flying:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"the campaign did not get going: {_stored(home)}")
-        os.kill(proc.pid, signal.SIGKILL)  # the runner only: its jobs run on, in their sessions
-        proc.wait(10)
+        await _until_in_flight(home, proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.stdout:
-            proc.stdout.close()
+        _kill_9(proc)
     before = {r[1]: r for r in _stored(home)}
     cid = next(iter(before.values()))[0]
     assert any(r[2] == "submitted" for r in before.values())
@@ -634,22 +698,97 @@ async def test_kill_9_mid_campaign_then_resume_evaluates_nothing_twice(tmp_path:
         await asyncio.wait_for(manager.wait(cid), 120)
         rec = await store.get_campaign(cid)
         assert rec is not None and rec.state == CampaignState.COMPLETED, rec.reason
-        evals = await store.evaluations(cid)
     finally:
         await manager_for(engine).shutdown()
         await shutdown(engine)
+    _assert_each_point_evaluated_once(home, cid, before, budget)
 
-    assert [e.seq for e in evals] == list(range(budget))
-    assert all(e.state == EvalState.SUCCEEDED for e in evals)
-    for seq, (_, _, state, entry_id) in before.items():
-        if state in ("succeeded", "submitted"):  # reused / re-adopted, not run again
-            assert evals[seq].entry_id == entry_id
-    keys = entries_by_key(home)
-    ours = {k: n for k, n in keys.items() if k.startswith(cid)}
-    assert len(ours) == budget and all(n == 1 for n in ours.values())  # one job per point
-    assert set(ours) == {key_for(cid, s, 1) for s in range(budget)}
-    points = {(round(e.point["x1"], 9), round(e.point["x2"], 9)) for e in evals}
-    assert len(points) == budget
+
+SERVE = [sys.executable, "-m", "mcp_server.cli", "serve", "--host", "127.0.0.1"]
+
+
+def _start_serve(home: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*SERVE, "--port", str(port)],
+        env=_cli_env(home),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+async def _healthy(proc: subprocess.Popen[bytes], base: str) -> None:
+    import httpx2
+
+    async with httpx2.AsyncClient(trust_env=False) as http:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if (await http.get(base + "/healthz")).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("sciorch serve did not come up")
+
+
+async def test_kill_9_of_the_server_mid_campaign_then_restart_evaluates_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """A campaign started over streamable HTTP (current protocol) in a real `sciorch serve`;
+    the server is killed with SIGKILL while evaluations are in flight and started again on the
+    same home: it resumes the campaign, which completes with every evaluation once."""
+    import tomllib
+
+    from mcp_server.auth import create_token
+    from tests.mcp_helpers import free_socket, sdk_client
+    from tests.mcp_helpers import structured as sdk_structured
+
+    home = tmp_path / "home"
+    budget = 9
+    spec = tomllib.loads(CAMPAIGN_TOML.format(duration=0.4, budget=budget))
+    token = create_token(load_settings(home).keys_dir, "alice", ["read", "submit"], 600)
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = _start_serve(home, port)
+    try:
+        await _healthy(proc, base)
+        async with sdk_client(base + "/mcp", token) as client:
+            assert client.protocol_version == "2026-07-28"
+            cid = sdk_structured(await client.call_tool("start_campaign", spec))["id"]
+        await _until_in_flight(home, proc)
+    finally:
+        _kill_9(proc)
+    before = {r[1]: r for r in _stored(home) if r[0] == cid}
+    assert any(r[2] == "submitted" for r in before.values())
+
+    proc = _start_serve(home, port)  # resumes the campaign, re-adopts the jobs in flight
+    try:
+        await _healthy(proc, base)
+        async with sdk_client(base + "/mcp", token) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                args = {"campaign_id": cid, "evaluations": False}
+                view = sdk_structured(await client.call_tool("get_campaign", args))
+                if view["state"] != "running" and not view["active"]:
+                    break
+                assert time.monotonic() < deadline, view
+                await asyncio.sleep(0.2)
+            listed = sdk_structured(
+                await client.call_tool("list_entries", {"event_id": view["event_id"]})
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        _kill_9(proc)
+    assert view["state"] == "completed", view["reason"]
+    assert view["progress"]["succeeded"] == budget and view["progress"]["retries"] == 0, view
+    assert len(listed["entries"]) == budget  # one job per evaluation in the campaign's event
+    _assert_each_point_evaluated_once(home, cid, before, budget)
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -821,6 +960,59 @@ async def test_the_same_loop_drives_a_remote_server_over_http(tmp_path: Path) ->
             await store.close()
         assert failed.state == CampaignState.FAILED and failed.reason
         assert "create_event" in failed.reason or "submit" in failed.reason, failed.reason
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_two_campaigns_of_one_principal_started_over_http_both_complete(
+    home: Path, mode: str
+) -> None:
+    """start_campaign from the official SDK client over streamable HTTP, with the current
+    protocol and with a legacy one: the runners outlive the requests that started them (the
+    current protocol's routing headers used to reach the runner's in-memory server and break
+    its first wait), and one campaign's end does not stop the other's waits."""
+    from tests.mcp_helpers import run_http_server, sdk_client
+    from tests.mcp_helpers import structured as sdk_structured
+
+    async with (
+        run_http_server(home) as srv,
+        sdk_client(srv.mcp_url, srv.token("alice"), mode=mode) as client,
+    ):
+        assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+
+        async def view(cid: str) -> dict[str, Any]:
+            args = {"campaign_id": cid, "evaluations": False}
+            return sdk_structured(await client.call_tool("get_campaign", args))
+
+        ids = []
+        for budget, duration in ((3, 0.02), (9, 0.4)):
+            spec = branin_spec(
+                objective={
+                    "parameters": {"surface": "branin", "duration_s": duration, "records": 1}
+                },
+                budget={"evaluations": budget},
+                batch_size=3,
+            )
+            ids.append(sdk_structured(await client.call_tool("start_campaign", spec))["id"])
+        short, long = ids
+        long_when_short_ended = None
+        deadline = time.monotonic() + 90
+        while True:
+            views = [await view(cid) for cid in ids]
+            if long_when_short_ended is None and not views[0]["active"]:
+                long_when_short_ended = views[1]["progress"]["done"]
+            if all(v["state"] != "running" or not v["active"] for v in views):
+                break
+            assert time.monotonic() < deadline, views
+            await asyncio.sleep(0.1)
+    for v, budget in zip(views, (3, 9), strict=True):
+        assert v["state"] == "completed" and v["reason"] == "evaluation budget spent", v["reason"]
+        assert v["progress"]["succeeded"] == budget and v["progress"]["in_flight"] == 0, v
+    assert long_when_short_ended is not None and long_when_short_ended < 9  # ran on after it
+    keys = entries_by_key(home)
+    for cid, budget in ((short, 3), (long, 9)):
+        assert {k: n for k, n in keys.items() if k.startswith(cid)} == {
+            key_for(cid, s, 1): 1 for s in range(budget)
+        }
 
 
 async def test_server_restart_resumes_its_campaigns(home: Path) -> None:
