@@ -16,7 +16,7 @@ import secrets
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,7 +137,9 @@ class Engine:
         try:
             catalogue = Catalogue.load(settings.catalogue_dirs)
             backends = {s.name: create_backend(s, settings) for s in settings.sites}
-            store = await Store.open(settings.db_path)
+            # On PostgreSQL the home lock still guards this home's files (keys, entry dirs);
+            # several replicas on one PostgreSQL store are not supported yet.
+            store = await Store.open(settings.store_url or settings.db_path)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -635,7 +637,7 @@ class Engine:
         if cursor:
             try:
                 created, eid = json.loads(bytes.fromhex(cursor))
-                after = (str(created), str(eid))
+                after = (datetime.fromisoformat(str(created)).isoformat(), str(eid))
             except (ValueError, TypeError) as exc:
                 raise InvalidInput("cursor is not one this server issued", field="cursor") from exc
         page = await self.store.list_entries(
