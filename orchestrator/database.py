@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosqlite
 
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import InvalidInput, SciorchError
 
 DIALECTS = ("sqlite", "postgresql")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -252,13 +252,21 @@ class PostgresDatabase(Database):
             ) from exc
         dsn, schema = split_schema(url)
         schema += schema_suffix
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=1,
-            max_size=10,
-            # UTC, so that timestamps inside JSON aggregates read back as they went in.
-            server_settings={"search_path": schema, "timezone": "UTC"},
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=10,
+                # UTC, so that timestamps inside JSON aggregates read back as they went in.
+                server_settings={"search_path": schema, "timezone": "UTC"},
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            where = urlsplit(dsn)  # named without the password
+            raise SciorchError(
+                f"store: cannot open PostgreSQL at {where.hostname}:{where.port or 5432}"
+                f"{where.path}: {exc}",
+                field="store",
+            ) from exc
         db = cls(pool, schema)
         try:
             await db._migrate(migrations(package, "postgresql"))

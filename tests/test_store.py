@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.config import load_settings
 from orchestrator.database import DIALECTS, migrations, split_schema
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import InvalidInput, SciorchError
 from orchestrator.models import Entry, EntryState, Event, Resources
 from orchestrator.store import Store
 from steering.manager import new_record
@@ -320,3 +320,15 @@ def test_sciorch_runs_a_job_with_its_store_on_postgresql(
             await conn.close()
 
     assert asyncio.run(stored_state()) == "succeeded"
+
+
+async def test_an_unreachable_postgresql_is_a_typed_error_without_the_password() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    where = rf"^store: cannot open PostgreSQL at 127.0.0.1:{port}/x"
+    with pytest.raises(SciorchError, match=where) as err:
+        await Store.open(f"postgresql://u:hunter2@127.0.0.1:{port}/x")
+    assert "hunter2" not in str(err.value) and err.value.field == "store"
