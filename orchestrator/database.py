@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -38,6 +39,16 @@ from orchestrator.errors import InvalidInput, SciorchError
 
 DIALECTS = ("sqlite", "postgresql")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class IntegrityError(Exception):
+    """A constraint refused a write (say, a unique key that a concurrent call took first), the
+    same on both dialects, so that the engine's race handling does not depend on the driver."""
+
+
+def _pg_integrity(exc: Exception) -> bool:
+    """asyncpg's errors of SQLSTATE class 23, integrity constraint violation."""
+    return str(getattr(exc, "sqlstate", "")).startswith("23")
 
 
 class Row(Protocol):
@@ -149,7 +160,10 @@ class _SqliteConn:
         self._db = db
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self._db.execute(sql, args)
+        try:
+            await self._db.execute(sql, args)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return cast(list[Row], await self._db.execute_fetchall(sql, args))
@@ -228,7 +242,12 @@ class _PgConn:
         self._conn = conn
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self._conn.execute(_numbered(sql), *args)
+        try:
+            await self._conn.execute(_numbered(sql), *args)
+        except Exception as exc:
+            if _pg_integrity(exc):
+                raise IntegrityError(str(exc)) from exc
+            raise
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return cast(list[Row], await self._conn.fetch(_numbered(sql), *args))
@@ -322,7 +341,12 @@ class PostgresDatabase(Database):
             yield _PgConn(conn)
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self._pool.execute(_numbered(sql), *args)
+        try:
+            await self._pool.execute(_numbered(sql), *args)
+        except Exception as exc:
+            if _pg_integrity(exc):
+                raise IntegrityError(str(exc)) from exc
+            raise
 
     async def schema_version(self) -> int:
         version = await self._pool.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -27,6 +26,7 @@ from backends.base import Backend, HealthSpec, LaunchSpec, LogChunk, ResultData
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, validate_parameters
 from orchestrator.config import Settings, load_settings
+from orchestrator.database import IntegrityError
 from orchestrator.errors import (
     Conflict,
     InvalidInput,
@@ -393,7 +393,7 @@ class Engine:
             return event
         try:
             return await self.create_event(principal, default=True)
-        except sqlite3.IntegrityError:  # created concurrently by another call
+        except IntegrityError:  # created concurrently by another call
             event = await self.store.default_event(principal.id)
             assert event is not None
             return event
@@ -563,7 +563,7 @@ class Engine:
         )
         try:
             await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             # The same idempotency key raced in from a concurrent call.
             if idempotency_key is None:
                 raise

@@ -226,6 +226,21 @@ async def test_idempotency_key_returns_the_same_entry(engine: Engine) -> None:
 
 
 @BOTH_STORES
+async def test_concurrent_first_calls_share_one_default_event_and_one_entry(
+    engine: Engine,
+) -> None:
+    """Racing calls both miss, both insert: the store's unique constraint decides, and the
+    loser answers with the winner's event and entry (on either store's constraint error)."""
+    carol = Principal(id="carol")
+    entries = await asyncio.gather(
+        *(engine.launch(carol, "sim-instrument", FAST, idempotency_key="race") for _ in range(4))
+    )
+    assert len({e.id for e in entries}) == 1
+    assert len({e.event_id for e in entries}) == 1
+    assert len(await engine.list_events(carol)) == 1
+
+
+@BOTH_STORES
 async def test_concurrency_limit(engine: Engine, tmp_path: Path) -> None:
     extra = tmp_path / "cat"
     extra.mkdir()
