@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import InvalidInput
 
@@ -30,7 +30,13 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     home: Path
-    database_url: str | None = Field(None, description="default: sqlite in home")
+    store: str | None = Field(
+        None,
+        pattern=r"^(sqlite:///|postgresql://|postgres://)",
+        # database_url: this setting's first name, still read.
+        validation_alias=AliasChoices("store", "database_url"),
+        description="sqlite:///<path> or postgresql://...; default: SQLite in home",
+    )
     catalogue_dirs: list[Path] = Field(default_factory=list)
     sites: list[SiteConfig] = Field(
         default_factory=lambda: [SiteConfig(name="local", kind="local")]
@@ -43,9 +49,14 @@ class Settings(BaseModel):
 
     @property
     def db_path(self) -> Path:
-        if self.database_url and self.database_url.startswith("sqlite:///"):
-            return Path(self.database_url.removeprefix("sqlite:///"))
+        if self.store and self.store.startswith("sqlite:///"):
+            return Path(self.store.removeprefix("sqlite:///"))
         return self.home / "sciorch.db"
+
+    @property
+    def store_url(self) -> str | None:
+        """The PostgreSQL URL when the store is PostgreSQL (None: SQLite at db_path)."""
+        return self.store if self.store and self.store.startswith("postgres") else None
 
     @property
     def entries_dir(self) -> Path:
@@ -79,6 +90,8 @@ def load_settings(home: Path | None = None, **overrides: Any) -> Settings:
             raise InvalidInput(f"configuration {path}: {exc}", field=str(path)) from exc
     if url := os.environ.get("SCIORCH_PUBLIC_URL"):
         data["public_url"] = url
+    if store := os.environ.get("SCIORCH_STORE"):
+        data["store"] = store
     data.update(overrides)
     data["home"] = home
     try:

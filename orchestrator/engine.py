@@ -13,10 +13,9 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from backends.base import Backend, HealthSpec, LaunchSpec, LogChunk, ResultData
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, validate_parameters
 from orchestrator.config import Settings, load_settings
+from orchestrator.database import IntegrityError
 from orchestrator.errors import (
     Conflict,
     InvalidInput,
@@ -137,7 +137,9 @@ class Engine:
         try:
             catalogue = Catalogue.load(settings.catalogue_dirs)
             backends = {s.name: create_backend(s, settings) for s in settings.sites}
-            store = await Store.open(settings.db_path)
+            # On PostgreSQL the home lock still guards this home's files (keys, entry dirs);
+            # several replicas on one PostgreSQL store are not supported yet.
+            store = await Store.open(settings.store_url or settings.db_path)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -391,7 +393,7 @@ class Engine:
             return event
         try:
             return await self.create_event(principal, default=True)
-        except sqlite3.IntegrityError:  # created concurrently by another call
+        except IntegrityError:  # created concurrently by another call
             event = await self.store.default_event(principal.id)
             assert event is not None
             return event
@@ -570,7 +572,7 @@ class Engine:
         )
         try:
             await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             # The same idempotency key raced in from a concurrent call.
             if idempotency_key is None:
                 raise
@@ -644,7 +646,7 @@ class Engine:
         if cursor:
             try:
                 created, eid = json.loads(bytes.fromhex(cursor))
-                after = (str(created), str(eid))
+                after = (datetime.fromisoformat(str(created)).isoformat(), str(eid))
             except (ValueError, TypeError) as exc:
                 raise InvalidInput("cursor is not one this server issued", field="cursor") from exc
         page = await self.store.list_entries(

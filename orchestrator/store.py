@@ -1,22 +1,20 @@
 """The store: the source of truth for events, shares, entries and their transitions.
 
-SQLite by default (WAL, one connection per process). Schema changes are numbered SQL files in
-`migrations/`, applied in order at open; `PRAGMA user_version` remembers the last one applied.
+SQLite by default (WAL, one connection per process), PostgreSQL when the `store` setting is a
+`postgresql://` URL; the SQL is written once over `orchestrator.database`. Schema changes are
+numbered SQL files in `migrations/<dialect>/`, applied in order at open.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import aiosqlite
-
+from orchestrator.database import Conn, Database, Row, open_database, parse_ts
 from orchestrator.models import (
     ACTIVE_STATES,
     Entry,
@@ -33,49 +31,8 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _ts(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
-def _dt_req(value: str) -> datetime:
-    return datetime.fromisoformat(value)
-
-
-def migrations() -> list[tuple[int, str]]:
-    folder = importlib_resources.files("orchestrator") / "migrations"
-    out = []
-    for item in folder.iterdir():
-        if item.name.endswith(".sql"):
-            out.append((int(item.name.split("_", 1)[0]), item.read_text()))
-    return sorted(out)
-
-
-async def open_sqlite(path: Path, scripts: Iterable[tuple[int, str]]) -> aiosqlite.Connection:
-    """A WAL connection in autocommit mode with the numbered migration scripts applied once each,
-    in order (`PRAGMA user_version` remembers the last)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = await aiosqlite.connect(path, isolation_level=None)
-    db.row_factory = aiosqlite.Row
-    for pragma in (
-        "journal_mode=WAL",
-        "synchronous=NORMAL",
-        "foreign_keys=ON",
-        "busy_timeout=5000",
-    ):
-        await db.execute(f"PRAGMA {pragma}")
-    async with db.execute("PRAGMA user_version") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
-    for version, sql in scripts:
-        if version > current:
-            await db.executescript(
-                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
-            )
-    return db
+def _dt(value: str | datetime | None) -> datetime | None:
+    return parse_ts(value) if value else None
 
 
 _ENTRY_COLS = (
@@ -88,55 +45,71 @@ _ENTRY_COLS = (
 KNOWN_SIZE = 4096
 Known = TypeVar("Known", Entry, Event)
 
+# The two queries that fetch a row with its children as JSON in one round trip (aiosqlite hops
+# to its thread per call, so one query where a cursor takes three), per dialect.
+_SHARES_JSON = {
+    "sqlite": "json_group_object(principal, role)",
+    "postgresql": "json_object_agg(principal, role)",
+}
+_TRANSITIONS_JSON = {
+    "sqlite": "json_group_array(json_array(seq, state, at, reason))",
+    "postgresql": "json_agg(json_build_array(seq, state, at, reason))",
+}
+
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        # One connection is shared by every coroutine: writes take turns so that one
-        # coroutine's transaction never swallows another's statements.
-        self._lock = asyncio.Lock()
-        # Agents poll one entry (and so its event) over and over; each read is a round trip
-        # to aiosqlite's thread, most of a get_entry call. This process is the only writer
-        # (the home lock) and every write goes through _writing(), which empties the cache
-        # before and after, so an entry or event served from here is what the database holds:
-        # while a write is under way reads go to the connection and queue behind it, as
-        # before. Entries and events are frozen models, so every reader may share one.
+        self._ts = db.ts
+        self._event_sql = (
+            f"SELECT *, (SELECT {_SHARES_JSON[db.dialect]} FROM shares"
+            " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?"
+        )
+        self._entry_sql = {
+            False: f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?",
+            True: f"SELECT {_ENTRY_COLS}, (SELECT {_TRANSITIONS_JSON[db.dialect]} FROM transitions"
+            " WHERE entry_id = entries.id) AS trs_json FROM entries WHERE id = ?",
+        }
+        # Agents poll one entry (and so its event) over and over; on SQLite each read is a
+        # round trip to aiosqlite's thread, most of a get_entry call. There this process is the
+        # only writer (the home lock) and every write goes through _writing(), which empties
+        # the cache before and after, so an entry or event served from here is what the
+        # database holds: while a write is under way reads go to the connection and queue
+        # behind it, as before. Entries and events are frozen models, so every reader may
+        # share one. On PostgreSQL other processes (replicas) may write, which this process
+        # would not see: no cache there, every read asks the server.
+        self._caching = db.dialect == "sqlite"
         self._known: dict[tuple[str, str], Entry | Event] = {}
         self._writes_open = 0
         self._generation = 0
 
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
     @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
+    async def _writing(self, transaction: bool = False) -> AsyncIterator[Conn]:
+        async with self._db.transaction() if transaction else self._db.writer() as conn:
             self._writes_open += 1
             self._generation += 1
             self._known.clear()
             try:
-                yield self._db
+                yield conn
             finally:
                 self._writes_open -= 1
                 self._generation += 1
                 self._known.clear()
 
     async def _write(self, sql: str, args: Sequence[Any]) -> None:
-        async with self._writing() as db:
-            await db.execute(sql, args)
-
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._writing() as db:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+        async with self._writing() as conn:
+            await conn.execute(sql, args)
 
     async def _one(
         self, kind: str, key: str, load: Callable[[], Awaitable[Known | None]]
     ) -> Known | None:
         """What `load()` finds for `key`, from memory when no write came since."""
+        if not self._caching:
+            return await load()
         if not self._writes_open:
             known = self._known.get((kind, key))
             if known is not None:
@@ -149,25 +122,21 @@ class Store:
             self._known[(kind, key)] = value
         return value
 
-    async def _fetch_one(self, sql: str, key: str) -> aiosqlite.Row | None:
-        return next(iter(await self._db.execute_fetchall(sql, (key,))), None)
-
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        return cls(await open_sqlite(path, migrations()))
+    async def open(cls, location: Path | str) -> Store:
+        """The store at `location`: a SQLite file's path, or a `postgresql://` URL."""
+        return cls(await open_database(location, "orchestrator"))
 
     async def close(self) -> None:
         await self._db.close()
 
     async def schema_version(self) -> int:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return await self._db.schema_version()
 
     # ------------------------------------------------------------------ events
 
     async def insert_event(self, event: Event) -> None:
-        async with self._tx() as db:
+        async with self._writing(transaction=True) as db:
             await db.execute(
                 "INSERT INTO events (id, name, owner, site, state, created_at, expires_at, "
                 "stopped_at, is_default) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -177,21 +146,21 @@ class Store:
                     event.owner,
                     event.site,
                     event.state.value,
-                    _ts(event.created_at),
-                    _ts(event.expires_at),
-                    _ts(event.stopped_at),
+                    self._ts(event.created_at),
+                    self._ts(event.expires_at),
+                    self._ts(event.stopped_at),
                     int(event.default),
                 ),
             )
 
-    def _event(self, row: aiosqlite.Row, shares: dict[str, Role]) -> Event:
+    def _event(self, row: Row, shares: dict[str, Role]) -> Event:
         return Event(
             id=row["id"],
             name=row["name"],
             owner=row["owner"],
             site=row["site"],
             state=EventState(row["state"]),
-            created_at=_dt_req(row["created_at"]),
+            created_at=parse_ts(row["created_at"]),
             expires_at=_dt(row["expires_at"]),
             stopped_at=_dt(row["stopped_at"]),
             shares=shares,
@@ -203,7 +172,7 @@ class Store:
         if not event_ids:
             return out
         marks = ",".join("?" * len(event_ids))
-        for row in await self._db.execute_fetchall(
+        for row in await self._db.fetch(
             f"SELECT event_id, principal, role FROM shares WHERE event_id IN ({marks})",
             tuple(event_ids),
         ):
@@ -214,23 +183,17 @@ class Store:
         return await self._one("event", event_id, lambda: self._load_event(event_id))
 
     async def _load_event(self, event_id: str) -> Event | None:
-        # One query (one hop to aiosqlite's thread): the event with its shares as JSON.
-        row = await self._fetch_one(
-            "SELECT *, (SELECT json_group_object(principal, role) FROM shares"
-            " WHERE event_id = events.id) AS shares_json FROM events WHERE id = ?",
-            event_id,
-        )
+        row = await self._db.fetchrow(self._event_sql, (event_id,))
         if row is None:
             return None
         shares = {p: Role(r) for p, r in json.loads(row["shares_json"] or "{}").items()}
         return self._event(row, shares)
 
     async def default_event(self, owner: str) -> Event | None:
-        async with self._db.execute(
+        row = await self._db.fetchrow(
             "SELECT id FROM events WHERE owner = ? AND is_default = 1 AND state = 'active'",
             (owner,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return await self.get_event(row["id"]) if row else None
 
     async def list_events(
@@ -247,15 +210,14 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at"
-        async with self._db.execute(sql, args) as cur:
-            rows = list(await cur.fetchall())
+        rows = await self._db.fetch(sql, args)
         shares = await self._shares([r["id"] for r in rows])
         return [self._event(r, shares[r["id"]]) for r in rows]
 
     async def set_event_state(self, event_id: str, state: EventState, at: datetime) -> None:
         await self._write(
             "UPDATE events SET state = ?, stopped_at = ? WHERE id = ? AND state = 'active'",
-            (state.value, _ts(at), event_id),
+            (state.value, self._ts(at), event_id),
         )
 
     async def set_share(self, event_id: str, principal: str, role: Role | None) -> None:
@@ -271,11 +233,10 @@ class Store:
             )
 
     async def next_expiry(self) -> tuple[str, datetime] | None:
-        async with self._db.execute(
+        row = await self._db.fetchrow(
             "SELECT id, expires_at FROM events WHERE state = 'active' AND expires_at IS NOT NULL "
             "ORDER BY expires_at LIMIT 1"
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None:
             return None
         at = _dt(row["expires_at"])
@@ -288,7 +249,7 @@ class Store:
         self, entry: Entry, spec: dict[str, Any], request_hash: str | None
     ) -> None:
         """Insert the entry with its first transition, in one transaction."""
-        async with self._tx() as db:
+        async with self._writing(transaction=True) as db:
             await db.execute(
                 f"INSERT INTO entries ({_ENTRY_COLS}, request_hash, spec) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -304,8 +265,8 @@ class Store:
                     entry.reason,
                     json.dumps(entry.parameters),
                     entry.resources.model_dump_json(),
-                    _ts(entry.created_at),
-                    _ts(entry.updated_at),
+                    self._ts(entry.created_at),
+                    self._ts(entry.updated_at),
                     None,
                     None,
                     None,
@@ -321,10 +282,10 @@ class Store:
             )
             await db.execute(
                 "INSERT INTO transitions (entry_id, state, at, reason) VALUES (?,?,?,?)",
-                (entry.id, entry.state.value, _ts(entry.created_at), entry.reason),
+                (entry.id, entry.state.value, self._ts(entry.created_at), entry.reason),
             )
 
-    def _entry(self, row: aiosqlite.Row, transitions: list[Transition] | None) -> Entry:
+    def _entry(self, row: Row, transitions: list[Transition] | None) -> Entry:
         return Entry(
             id=row["id"],
             event_id=row["event_id"],
@@ -337,8 +298,8 @@ class Store:
             reason=row["reason"],
             parameters=json.loads(row["parameters"]),
             resources=Resources.model_validate_json(row["resources"]),
-            created_at=_dt_req(row["created_at"]),
-            updated_at=_dt_req(row["updated_at"]),
+            created_at=parse_ts(row["created_at"]),
+            updated_at=parse_ts(row["updated_at"]),
             started_at=_dt(row["started_at"]),
             finished_at=_dt(row["finished_at"]),
             exit_code=row["exit_code"],
@@ -356,38 +317,27 @@ class Store:
         return await self._one(kind, entry_id, lambda: self._load_entry(entry_id, transitions))
 
     async def _load_entry(self, entry_id: str, transitions: bool) -> Entry | None:
-        # One query (one hop to aiosqlite's thread, where a cursor takes three): the entry
-        # with its transitions as JSON [seq, state, at, reason] (sorted here by seq).
-        trs_col = (
-            ", (SELECT json_group_array(json_array(seq, state, at, reason)) FROM transitions"
-            " WHERE entry_id = entries.id) AS trs_json"
-            if transitions
-            else ""
-        )
-        row = await self._fetch_one(
-            f"SELECT {_ENTRY_COLS}{trs_col} FROM entries WHERE id = ?", entry_id
-        )
+        # The entry with its transitions as JSON [seq, state, at, reason] (sorted here by seq).
+        row = await self._db.fetchrow(self._entry_sql[transitions], (entry_id,))
         if row is None:
             return None
         trs: list[Transition] | None = None
         if transitions:
             trs = [
-                Transition(state=EntryState(state), at=_dt_req(at), reason=reason)
+                Transition(state=EntryState(state), at=parse_ts(at), reason=reason)
                 for _seq, state, at, reason in sorted(json.loads(row["trs_json"] or "[]"))
             ]
         return self._entry(row, trs)
 
     async def get_spec(self, entry_id: str) -> dict[str, Any]:
-        async with self._db.execute("SELECT spec FROM entries WHERE id = ?", (entry_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self._db.fetchrow("SELECT spec FROM entries WHERE id = ?", (entry_id,))
         return dict(json.loads(row["spec"])) if row else {}
 
     async def find_idempotent(self, principal: str, key: str) -> tuple[str, str | None] | None:
-        async with self._db.execute(
+        row = await self._db.fetchrow(
             "SELECT id, request_hash FROM entries WHERE submitted_by = ? AND idempotency_key = ?",
             (principal, key),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return (row["id"], row["request_hash"]) if row else None
 
     async def list_entries(
@@ -420,23 +370,21 @@ class Store:
             args.append(submitted_by)
         if after is not None:
             where.append("(created_at, id) > (?, ?)")
-            args += list(after)
+            args += [self._ts(parse_ts(after[0])), after[1]]
         sql = f"SELECT {_ENTRY_COLS} FROM entries"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at, id LIMIT ?"
         args.append(limit)
-        async with self._db.execute(sql, args) as cur:
-            return [self._entry(r, None) async for r in cur]
+        return [self._entry(r, None) for r in await self._db.fetch(sql, args)]
 
     async def count_active(self, submitted_by: str, service: str) -> int:
         marks = ",".join("?" * len(ACTIVE_STATES))
-        async with self._db.execute(
+        row = await self._db.fetchrow(
             f"SELECT COUNT(*) FROM entries WHERE submitted_by = ? AND service = ? "
             f"AND state IN ({marks})",
             (submitted_by, service, *[s.value for s in ACTIVE_STATES]),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return int(row[0]) if row else 0
 
     async def apply_transition(
@@ -449,21 +397,21 @@ class Store:
     ) -> None:
         """Write the new state, its extra fields and the transition row in one transaction."""
         sets = ["state = ?", "reason = ?", "updated_at = ?"]
-        args: list[Any] = [state.value, reason, _ts(at)]
+        args: list[Any] = [state.value, reason, self._ts(at)]
         for key, value in fields.items():
             sets.append(f"{key} = ?")
             if key in ("handle", "result"):
                 args.append(json.dumps(value) if value is not None else None)
             elif isinstance(value, datetime):
-                args.append(_ts(value))
+                args.append(self._ts(value))
             else:
                 args.append(value)
         args.append(entry_id)
-        async with self._tx() as db:
+        async with self._writing(transaction=True) as db:
             await db.execute(f"UPDATE entries SET {', '.join(sets)} WHERE id = ?", args)
             await db.execute(
                 "INSERT INTO transitions (entry_id, state, at, reason) VALUES (?,?,?,?)",
-                (entry_id, state.value, _ts(at), reason),
+                (entry_id, state.value, self._ts(at), reason),
             )
 
     async def request_stop(self, entry_id: str, state: EntryState, reason: str) -> None:
@@ -474,10 +422,9 @@ class Store:
         )
 
     async def stop_request(self, entry_id: str) -> tuple[EntryState, str] | None:
-        async with self._db.execute(
+        row = await self._db.fetchrow(
             "SELECT stop_requested FROM entries WHERE id = ?", (entry_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is None or row[0] is None:
             return None
         data = json.loads(row[0])

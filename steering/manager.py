@@ -226,8 +226,9 @@ class CampaignManager:
         self._serving = 0
 
     @property
-    def db_path(self) -> Path:
-        return self.home / "steering.db"
+    def db_path(self) -> Path | str:
+        """steering.db in home, or the engine's PostgreSQL store (a schema of its own there)."""
+        return self.engine.settings.store_url or self.home / "steering.db"
 
     async def store(self) -> CampaignStore:
         async with self._store_lock:

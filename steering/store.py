@@ -1,70 +1,24 @@
-"""Campaign persistence: `<home>/steering.db`, SQLite in WAL mode, next to the engine's database.
+"""Campaign persistence: `<home>/steering.db`, SQLite in WAL mode, next to the engine's database;
+or, when the engine's store is PostgreSQL, the same PostgreSQL database in a schema of its own
+(`<schema>_steering`), so that any replica can resume a campaign.
 
-A separate file, because a campaign's runner may live in another process than the engine it
+A separate database, because a campaign's runner may live in another process than the engine it
 drives (`sciorch steer --url` against a remote server keeps its campaigns in the client's home).
+The migrations are `steering/migrations/<dialect>/NNNN_*.sql` (see orchestrator.database).
 Every ask is written before its job is submitted, the entry id as soon as submit_job answers,
 the result when it arrives; that order is what makes resume exact (see steering.runner).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from orchestrator.store import open_sqlite
+from orchestrator.database import Database, Row, open_database
 from steering.models import CampaignRecord, CampaignState, EvaluationRecord
-
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE campaigns (
-        id              TEXT PRIMARY KEY,
-        name            TEXT NOT NULL,
-        owner           TEXT NOT NULL,
-        admin           INTEGER NOT NULL DEFAULT 0,
-        spec            TEXT NOT NULL,
-        seed            INTEGER NOT NULL,
-        state           TEXT NOT NULL,
-        reason          TEXT,
-        endpoint        TEXT NOT NULL DEFAULT 'embedded',
-        event_id        TEXT,
-        created_at      TEXT NOT NULL,
-        updated_at      TEXT NOT NULL,
-        finished_at     TEXT,
-        stop_requested  INTEGER NOT NULL DEFAULT 0,
-        gp_state        TEXT NOT NULL DEFAULT '{}',
-        posterior       TEXT,
-        plots           TEXT NOT NULL DEFAULT '[]'
-    );
-    CREATE INDEX campaigns_owner ON campaigns(owner, created_at);
-    CREATE INDEX campaigns_state ON campaigns(state);
-    CREATE TABLE evaluations (
-        campaign_id      TEXT NOT NULL REFERENCES campaigns(id),
-        seq              INTEGER NOT NULL,
-        point            TEXT NOT NULL,
-        source           TEXT NOT NULL,
-        state            TEXT NOT NULL,
-        attempt          INTEGER NOT NULL DEFAULT 1,
-        idempotency_key  TEXT NOT NULL,
-        entry_id         TEXT,
-        attempts         TEXT NOT NULL DEFAULT '[]',
-        value            REAL,
-        noise            REAL,
-        result           TEXT,
-        reason           TEXT,
-        decision_s       REAL,
-        asked_at         TEXT NOT NULL,
-        submitted_at     TEXT,
-        finished_at      TEXT,
-        PRIMARY KEY (campaign_id, seq)
-    );
-    CREATE UNIQUE INDEX evaluations_key ON evaluations(idempotency_key);
-    """,
-]
 
 _JSON = {"spec", "gp_state", "posterior", "plots", "point", "attempts", "result"}
 
@@ -73,7 +27,7 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _encode(key: str, value: Any) -> Any:
+def _encode(key: str, value: Any, ts: Callable[[datetime], Any]) -> Any:
     if key == "spec":
         return value.model_dump_json(exclude_none=True)
     if key == "attempts":
@@ -81,7 +35,7 @@ def _encode(key: str, value: Any) -> Any:
     if key in _JSON:
         return None if value is None else json.dumps(value, default=str)
     if isinstance(value, datetime):
-        return value.isoformat()
+        return ts(value)
     if isinstance(value, bool):
         return int(value)
     if hasattr(value, "value") and not isinstance(value, int | float | str):
@@ -89,7 +43,7 @@ def _encode(key: str, value: Any) -> Any:
     return value
 
 
-def _decode_row(row: aiosqlite.Row) -> dict[str, Any]:
+def _decode_row(row: Row) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in row.keys():
         value = row[key]
@@ -100,22 +54,26 @@ def _decode_row(row: aiosqlite.Row) -> dict[str, Any]:
 
 
 class CampaignStore:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: Database, location: Path | str) -> None:
         self._db = db
-        self.path = path
-        self._lock = asyncio.Lock()
+        self.location = location
 
     @classmethod
-    async def open(cls, path: Path) -> CampaignStore:
-        db = await open_sqlite(path, enumerate(MIGRATIONS, start=1))
-        return cls(db, path)
+    async def open(cls, location: Path | str) -> CampaignStore:
+        """A SQLite file's path, or the engine's `postgresql://` store URL."""
+        return cls(await open_database(location, "steering", schema_suffix="_steering"), location)
 
     async def close(self) -> None:
         await self._db.close()
 
+    async def schema_version(self) -> int:
+        return await self._db.schema_version()
+
     async def _exec(self, sql: str, args: tuple[Any, ...] | list[Any]) -> None:
-        async with self._lock:
-            await self._db.execute(sql, args)
+        await self._db.execute(sql, args)
+
+    def _enc(self, key: str, value: Any) -> Any:
+        return _encode(key, value, self._db.ts)
 
     # ------------------------------------------------------------------ campaigns
 
@@ -125,12 +83,11 @@ class CampaignStore:
         cols = list(data)
         await self._exec(
             f"INSERT INTO campaigns ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [_encode(c, data[c]) for c in cols],
+            [self._enc(c, data[c]) for c in cols],
         )
 
     async def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
-        async with self._db.execute("SELECT * FROM campaigns WHERE id = ?", (campaign_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self._db.fetchrow("SELECT * FROM campaigns WHERE id = ?", (campaign_id,))
         return CampaignRecord.model_validate(_decode_row(row)) if row else None
 
     async def list_campaigns(
@@ -154,15 +111,15 @@ class CampaignStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at, id"
-        async with self._db.execute(sql, args) as cur:
-            return [CampaignRecord.model_validate(_decode_row(r)) async for r in cur]
+        rows = await self._db.fetch(sql, args)
+        return [CampaignRecord.model_validate(_decode_row(r)) for r in rows]
 
     async def update_campaign(self, campaign_id: str, **fields: Any) -> None:
         fields["updated_at"] = now()
         sets = ", ".join(f"{k} = ?" for k in fields)
         await self._exec(
             f"UPDATE campaigns SET {sets} WHERE id = ?",
-            [*(_encode(k, v) for k, v in fields.items()), campaign_id],
+            [*(self._enc(k, v) for k, v in fields.items()), campaign_id],
         )
 
     async def finish_campaign(
@@ -173,7 +130,7 @@ class CampaignStore:
         await self._exec(
             "UPDATE campaigns SET state = ?, reason = ?, finished_at = ?, updated_at = ? "
             "WHERE id = ? AND state = 'running'",
-            (state.value, reason, at.isoformat(), at.isoformat(), campaign_id),
+            (state.value, reason, self._db.ts(at), self._db.ts(at), campaign_id),
         )
 
     # ------------------------------------------------------------------ evaluations
@@ -183,18 +140,18 @@ class CampaignStore:
         cols = list(data)
         await self._exec(
             f"INSERT INTO evaluations ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [_encode(c, data[c]) for c in cols],
+            [self._enc(c, data[c]) for c in cols],
         )
 
     async def update_evaluation(self, campaign_id: str, seq: int, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         await self._exec(
             f"UPDATE evaluations SET {sets} WHERE campaign_id = ? AND seq = ?",
-            [*(_encode(k, v) for k, v in fields.items()), campaign_id, seq],
+            [*(self._enc(k, v) for k, v in fields.items()), campaign_id, seq],
         )
 
     async def evaluations(self, campaign_id: str) -> list[EvaluationRecord]:
-        async with self._db.execute(
+        rows = await self._db.fetch(
             "SELECT * FROM evaluations WHERE campaign_id = ? ORDER BY seq", (campaign_id,)
-        ) as cur:
-            return [EvaluationRecord.model_validate(_decode_row(r)) async for r in cur]
+        )
+        return [EvaluationRecord.model_validate(_decode_row(r)) for r in rows]

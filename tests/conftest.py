@@ -1,9 +1,12 @@
 """Shared fixtures: a real engine on a temporary home with the local backend (two virtual GPUs),
-a real SQLite store and the built-in catalogue."""
+a real SQLite store and the built-in catalogue. Tests marked `@BOTH_STORES` run twice, the
+second time on the real PostgreSQL server that scripts/test.d/15-postgresql.sh starts
+($SCIORCH_TEST_POSTGRES), each in a fresh schema."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,51 @@ from orchestrator.models import Principal
 
 ALICE = Principal(id="alice")
 BOB = Principal(id="bob")
+
+BOTH_STORES = pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+
+
+def postgres_base_url() -> str:
+    """The test PostgreSQL's URL: skip without one, but fail under CI=true."""
+    url = os.environ.get("SCIORCH_TEST_POSTGRES")
+    if not url:
+        why = "no test PostgreSQL ($SCIORCH_TEST_POSTGRES; bash scripts/test.sh starts one)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true and {why}")
+        pytest.skip(why)
+    return url
+
+
+async def drop_schemas(base_url: str, *schemas: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(base_url)
+    try:
+        for schema in schemas:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store_url(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str | None]:
+    """None (SQLite in home, the default), or with `@BOTH_STORES` also a PostgreSQL URL with a
+    fresh schema, exported as $SCIORCH_STORE so that every engine the test opens (in this
+    process or a child) uses it; the schemas are dropped afterwards."""
+    monkeypatch.delenv("SCIORCH_STORE", raising=False)
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+        return
+    base = postgres_base_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = f"{base}{'&' if '?' in base else '?'}schema={schema}"
+    monkeypatch.setenv("SCIORCH_STORE", url)
+    try:
+        yield url
+    finally:
+        await drop_schemas(base, schema, f"{schema}_steering")
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:
@@ -35,8 +83,9 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def engine(home: Path) -> AsyncIterator[Engine]:
+async def engine(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
     eng = await Engine.open(make_settings(home))
+    assert eng.store.dialect == ("postgresql" if store_url else "sqlite")
     try:
         yield eng
     finally:

@@ -1,4 +1,5 @@
-"""The engine over the real local backend, real processes and a real SQLite store."""
+"""The engine over the real local backend, real processes and a real store: SQLite, and for the
+tests marked @BOTH_STORES also PostgreSQL."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from orchestrator.models import (
     can_transition,
 )
 from orchestrator.store import Store
-from tests.conftest import ALICE, BOB, make_settings, shutdown
+from tests.conftest import ALICE, BOB, BOTH_STORES, make_settings, shutdown
 
 FAST = {"duration_s": 0.05, "records": 2}
 
@@ -62,6 +63,7 @@ def test_state_machine_table() -> None:
     assert not can_transition(EntryState.SUCCEEDED, EntryState.FAILED)
 
 
+@BOTH_STORES
 async def test_job_runs_through_every_state_and_records_its_result(engine: Engine) -> None:
     seen: list[Message] = []
     async with engine.bus.subscribe(lambda m: m.kind in ("transition", "stream")) as sub:
@@ -88,6 +90,7 @@ async def test_job_runs_through_every_state_and_records_its_result(engine: Engin
     assert sum(1 for m in seen if m.kind == "stream" and m.entry_id == entry.id) == 2
 
 
+@BOTH_STORES
 async def test_transition_is_persisted_before_it_is_announced(engine: Engine) -> None:
     checked: list[tuple[str, str]] = []
 
@@ -166,6 +169,7 @@ async def test_walltime_expires_the_job(engine: Engine) -> None:
     assert "walltime" in (done.reason or "")
 
 
+@BOTH_STORES
 async def test_cancel_is_idempotent(engine: Engine) -> None:
     entry = await engine.launch(ALICE, "sim-instrument", {"duration_s": 30})
     await engine.wait_entry(ALICE, entry.id, timeout_s=0.5)
@@ -208,6 +212,7 @@ async def test_resources_no_site_can_provide(engine: Engine) -> None:
     assert err2.value.field == "site"
 
 
+@BOTH_STORES
 async def test_idempotency_key_returns_the_same_entry(engine: Engine) -> None:
     a = await engine.launch(ALICE, "sim-instrument", FAST, idempotency_key="k1")
     b = await engine.launch(ALICE, "sim-instrument", FAST, idempotency_key="k1")
@@ -220,6 +225,22 @@ async def test_idempotency_key_returns_the_same_entry(engine: Engine) -> None:
     assert c.id != a.id
 
 
+@BOTH_STORES
+async def test_concurrent_first_calls_share_one_default_event_and_one_entry(
+    engine: Engine,
+) -> None:
+    """Racing calls both miss, both insert: the store's unique constraint decides, and the
+    loser answers with the winner's event and entry (on either store's constraint error)."""
+    carol = Principal(id="carol")
+    entries = await asyncio.gather(
+        *(engine.launch(carol, "sim-instrument", FAST, idempotency_key="race") for _ in range(4))
+    )
+    assert len({e.id for e in entries}) == 1
+    assert len({e.event_id for e in entries}) == 1
+    assert len(await engine.list_events(carol)) == 1
+
+
+@BOTH_STORES
 async def test_concurrency_limit(engine: Engine, tmp_path: Path) -> None:
     extra = tmp_path / "cat"
     extra.mkdir()
@@ -316,6 +337,7 @@ async def test_site_in_maintenance_is_skipped(home: Path) -> None:
 # ------------------------------------------------------------------ principals
 
 
+@BOTH_STORES
 async def test_two_principals_see_only_their_own(engine: Engine) -> None:
     ev = await engine.create_event(ALICE, "beamtime")
     entry = await engine.launch(ALICE, "sim-instrument", FAST, event_id=ev.id)
@@ -355,6 +377,7 @@ async def test_two_principals_see_only_their_own(engine: Engine) -> None:
     assert (await engine.get_entry(admin, entry.id)).id == entry.id
 
 
+@BOTH_STORES
 async def test_list_entries_pages(engine: Engine) -> None:
     ids = [(await engine.launch(ALICE, "sim-instrument", FAST)).id for _ in range(5)]
     seen: list[str] = []
@@ -372,6 +395,7 @@ async def test_list_entries_pages(engine: Engine) -> None:
 # ------------------------------------------------------------------ events
 
 
+@BOTH_STORES
 async def test_stop_event_tears_everything_down(engine: Engine) -> None:
     ev = await engine.create_event(ALICE, "run")
     job = await engine.launch(ALICE, "sim-instrument", {"duration_s": 30}, event_id=ev.id)
@@ -389,6 +413,7 @@ async def test_stop_event_tears_everything_down(engine: Engine) -> None:
         await engine.launch(ALICE, "sim-instrument", FAST, event_id=ev.id)
 
 
+@BOTH_STORES
 async def test_event_ttl_expires_its_entries(engine: Engine) -> None:
     ev = await engine.create_event(ALICE, "short", ttl_s=1)
     job = await engine.launch(ALICE, "sim-instrument", {"duration_s": 30}, event_id=ev.id)
@@ -401,6 +426,7 @@ async def test_event_ttl_expires_its_entries(engine: Engine) -> None:
 # ------------------------------------------------------------------ services
 
 
+@BOTH_STORES
 async def test_service_becomes_ready_with_a_url(engine: Engine) -> None:
     svc = await engine.launch(ALICE, "http-app")
     ready, _ = await engine.wait_entry(ALICE, svc.id, timeout_s=30)
@@ -434,19 +460,31 @@ async def test_service_whose_health_check_never_passes(engine: Engine, tmp_path:
         await shutdown(eng)
 
 
-async def test_store_schema_is_migrated(home: Path) -> None:
-    store = await Store.open(home / "s.db")
+def store_at(home: Path, store_url: str | None) -> Path | str:
+    return store_url or home / "s.db"
+
+
+@BOTH_STORES
+async def test_store_schema_is_migrated(home: Path, store_url: str | None) -> None:
+    store = await Store.open(store_at(home, store_url))
     try:
-        assert await store.schema_version() >= 1
+        assert await store.schema_version() >= 2
     finally:
         await store.close()
-    store = await Store.open(home / "s.db")  # reopening applies nothing twice
-    await store.close()
+    store = await Store.open(store_at(home, store_url))  # reopening applies nothing twice
+    try:
+        assert await store.schema_version() >= 2
+    finally:
+        await store.close()
 
 
-async def test_store_reads_never_serve_a_row_older_than_the_last_write(home: Path) -> None:
-    """get_entry/get_event answer from memory between writes: every kind of write must show."""
-    store = await Store.open(home / "s.db")
+@BOTH_STORES
+async def test_store_reads_never_serve_a_row_older_than_the_last_write(
+    home: Path, store_url: str | None
+) -> None:
+    """get_entry/get_event answer from memory between writes (SQLite): every kind of write must
+    show."""
+    store = await Store.open(store_at(home, store_url))
     try:
         at = datetime.now(UTC)
         event = Event(id="evt-1", name="e", owner="alice", created_at=at)
@@ -536,7 +574,8 @@ def start_server_and_kill(home: Path, duration: float) -> str:
     return entry_id
 
 
-async def test_kill_9_job_finished_while_server_was_dead(home: Path) -> None:
+@BOTH_STORES
+async def test_kill_9_job_finished_while_server_was_dead(home: Path, store_url: str | None) -> None:
     entry_id = await asyncio.to_thread(start_server_and_kill, home, 0.5)
     await asyncio.sleep(1.5)  # the job ends while no server watches it
     eng = await Engine.open(make_settings(home))
@@ -548,7 +587,8 @@ async def test_kill_9_job_finished_while_server_was_dead(home: Path) -> None:
         await shutdown(eng)
 
 
-async def test_kill_9_job_still_running_is_re_adopted(home: Path) -> None:
+@BOTH_STORES
+async def test_kill_9_job_still_running_is_re_adopted(home: Path, store_url: str | None) -> None:
     entry_id = await asyncio.to_thread(start_server_and_kill, home, 2.0)
     eng = await Engine.open(make_settings(home))
     try:
@@ -583,7 +623,8 @@ async def test_second_engine_on_the_same_home_is_refused(engine: Engine) -> None
         await Engine.open(make_settings(engine.settings.home))
 
 
-async def test_a_stop_survives_a_server_restart(home: Path) -> None:
+@BOTH_STORES
+async def test_a_stop_survives_a_server_restart(home: Path, store_url: str | None) -> None:
     """The server asks for a cancel and goes away before the job has ended: the next server
     records `cancelled` with the caller's reason, not a death by signal."""
     eng = await Engine.open(make_settings(home))

@@ -32,13 +32,14 @@ from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
 from orchestrator.models import Principal, Role
 from orchestrator.payloads.surfaces import SURFACES
+from orchestrator.store import Store
 from steering.manager import CampaignManager, manager_for
 from steering.models import CampaignState, EvalState
 from steering.optimizer import Optimizer
 from steering.runner import key_for
 from steering.space import Space, min_distances
 from steering.spec import CampaignSpec, load_spec, parse_spec
-from tests.conftest import make_settings, shutdown
+from tests.conftest import BOTH_STORES, make_settings, shutdown
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = Principal(id="alice")
@@ -74,7 +75,7 @@ def structured(result: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def eng(home: Path) -> AsyncIterator[Engine]:
+async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
     engine = await Engine.open(make_settings(home))
     try:
         yield engine
@@ -519,6 +520,7 @@ async def test_every_job_failing_ends_the_campaign_without_a_value(
 # ------------------------------------------------------------------------------ resume
 
 
+@BOTH_STORES
 async def test_asked_but_unrecorded_submission_is_not_submitted_twice(
     eng: Engine, alice: Client[Any], home: Path
 ) -> None:
@@ -565,7 +567,8 @@ async def test_asked_but_unrecorded_submission_is_not_submitted_twice(
     evals = await store.evaluations(rec.id)
     assert evals[0].entry_id == first["id"] and evals[0].state == EvalState.SUCCEEDED
     assert len(evals) == 4 and all(e.state == EvalState.SUCCEEDED for e in evals)
-    assert entries_by_key(home)[key] == 1
+    stored = Counter(e.idempotency_key for e in await eng.store.list_entries(limit=1000))
+    assert stored[key] == 1
 
 
 CAMPAIGN_TOML = """
@@ -1015,7 +1018,8 @@ async def test_two_campaigns_of_one_principal_started_over_http_both_complete(
         }
 
 
-async def test_server_restart_resumes_its_campaigns(home: Path) -> None:
+@BOTH_STORES
+async def test_server_restart_resumes_its_campaigns(home: Path, store_url: str | None) -> None:
     """A campaign started through start_campaign runs in the server; when the server stops its
     runner pauses, and the next server start resumes it: nothing measured twice."""
     eng = await Engine.open(make_settings(home))
@@ -1048,5 +1052,11 @@ async def test_server_restart_resumes_its_campaigns(home: Path) -> None:
     for e in view["evaluations"]:
         if e["seq"] in paused:
             assert e["entry_id"] == paused[e["seq"]]  # re-adopted, not submitted again
-    keys = entries_by_key(home)
-    assert sum(n for k, n in keys.items() if k.startswith(cid)) == 8
+    store = await Store.open(store_url or home / "sciorch.db")
+    try:
+        keys = Counter(e.idempotency_key for e in await store.list_entries(limit=1000))
+    finally:
+        await store.close()
+    assert sum(n for k, n in keys.items() if k and k.startswith(cid)) == 8
+    # On PostgreSQL the campaigns are there too (their own schema), not in a file in home.
+    assert (home / "steering.db").exists() == (store_url is None)

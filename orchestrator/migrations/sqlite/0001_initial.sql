@@ -1,4 +1,5 @@
--- sciorch schema v1. Each migration file runs once, in order; PRAGMA user_version records the last.
+-- sciorch schema v1. Each migration file runs once, in order; PRAGMA user_version records the last
+-- (migrations/postgresql/ holds the same numbers in PostgreSQL's spelling).
 CREATE TABLE events (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
