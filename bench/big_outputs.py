@@ -176,25 +176,31 @@ async def phase(c: mcp.Client, sampler: Sampler, name: str, params: dict[str, An
     after = rss_mb(sampler.pid)
     await asyncio.sleep(3)
     settled = rss_mb(sampler.pid)
-    print(f"\n{name}: entry {entry['state']}" + (f" ({entry['reason']})" if entry["reason"] else ""))
+    why = f" ({entry['reason']})" if entry["reason"] else ""
+    print(f"\n{name}: entry {entry['state']}{why}")
     print(f"  server RSS  before {before:7.1f} MB  peak {peak:7.1f} MB  after {after:7.1f} MB"
           f"  after 3 s {settled:7.1f} MB")
     for call, n in sizes.items():
         print(f"  {call:<44} {n / 1e6:10.3f} MB")
 
 
+def prepare(tmp: Path) -> tuple[Path, str]:
+    """A home whose catalogue has `big-output`, and a token for it."""
+    home = tmp / "home"
+    cat = tmp / "catalogue"
+    cat.mkdir()
+    (cat / "big-output.yaml").write_text(SERVICE % Path(__file__).resolve())
+    home.mkdir()
+    (home / "config.toml").write_text(f"catalogue_dirs = [{json.dumps(str(cat))}]\n")
+    settings = load_settings(home)
+    ensure_keys(settings.keys_dir)
+    return home, create_token(settings.keys_dir, "bench", ["read", "submit"], 3600)
+
+
 async def main(args: argparse.Namespace) -> None:
     mb = 1_000_000
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        cat = Path(tmp) / "catalogue"
-        cat.mkdir()
-        (cat / "big-output.yaml").write_text(SERVICE % Path(__file__).resolve())
-        home.mkdir()
-        (home / "config.toml").write_text(f"catalogue_dirs = [{json.dumps(str(cat))}]\n")
-        settings = load_settings(home)
-        ensure_keys(settings.keys_dir)
-        token = create_token(settings.keys_dir, "bench", ["read", "submit"], 3600)
+        home, token = prepare(Path(tmp))
         port = free_port()
         with sciorch_serve(home, port) as pid:
             sampler = Sampler(pid)
