@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.errors import InvalidInput
 
 # A job's result is kept in the store and sent whole by get_entry and read_results; a bigger
-# one fails the entry and stays a file (see backends.base.OVERSIZE_RESULT).
-DEFAULT_MAX_RESULT_BYTES = 1 << 20
+# one fails the entry and stays a file (see backends.base.OVERSIZE_RESULT). An answer carries
+# it twice (text and structured content), and the mcp SDK's SSE client refuses events over
+# 1 MiB: the default leaves room for both.
+DEFAULT_MAX_RESULT_BYTES = 256 * 1024
 MAX_RESULT_BYTES_LIMIT = 64 << 20
 
 
