@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from backends.base import MAX_RECORD_BYTES, OVERSIZE_RESULT, PAGE_BYTES
+from backends.base import (
+    MAX_RECORD_BYTES,
+    OVERSIZE_RESULT,
+    PAGE_BYTES,
+    ContractTail,
+    WorkDir,
+    omitted_record,
+)
 from orchestrator.config import DEFAULT_MAX_RESULT_BYTES
 from orchestrator.models import Message
 from tests.mcp_helpers import HttpServer, run_http_server, sdk_client, structured
@@ -179,3 +186,26 @@ async def test_audit_log_keeps_digests_of_big_arguments_and_rotates(http: HttpSe
         assert rec["arguments"]["junk"]["bytes"] == len(json.dumps(junk))
         assert len(rec["arguments"]["junk"]["sha256"]) == 64
     assert max(len(json.dumps(r)) for r in mine) < 2000
+
+
+async def test_stream_readers_wait_for_a_half_written_line_and_never_hold_a_long_one(
+    tmp_path: Path,
+) -> None:
+    wd = WorkDir(tmp_path)
+    long_line = "y" * (3 * MAX_RECORD_BYTES)
+    wd.stream.write_text('{"i": 0}\n' + long_line)  # the long line is still being written
+    tail = ContractTail()
+    assert [r for _, r in tail.news(wd)[1]] == [{"i": 0}]
+    assert tail.next_records(wd) == []  # a half-written line waits, however long
+    with wd.stream.open("a") as f:
+        f.write('\n{"i": 2}\n')
+    assert [(i, r) for i, r in tail.next_records(wd)] == [
+        (1, omitted_record(len(long_line))),
+        (2, {"i": 2}),
+    ]
+    adopted = ContractTail()
+    adopted.skip_existing(wd)
+    assert (adopted.stream_index, adopted.stream_offset) == (3, wd.stream.stat().st_size)
+    page = wd.read_results(1)
+    assert page.records == [omitted_record(len(long_line)), {"i": 2}]
+    assert page.next_record == 3 and not page.more_records
