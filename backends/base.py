@@ -11,13 +11,15 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import IO, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError
 
+from orchestrator.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
 from orchestrator.errors import InvalidInput
 from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
 
@@ -118,10 +120,31 @@ class LogChunk(BaseModel):
 
 
 class ResultData(BaseModel):
-    result: dict[str, Any] | None = None
+    result: dict[str, Any] | None = Field(None, description="None too when it is over the cap")
+    result_bytes: int = Field(0, description="size of the result file (0: none)")
     records: list[dict[str, Any]] = Field(default_factory=list)
     next_record: int = 0
+    more_records: bool = Field(False, description="records after this page are waiting")
     artifacts: list[str] = Field(default_factory=list)
+
+
+# A page of stream records holds at most this many records and bytes; a record over
+# MAX_RECORD_BYTES is replaced by `omitted_record`, so no page, bus message or progress
+# notification carries a record whole however long the job's line is.
+PAGE_RECORDS = 1000
+PAGE_BYTES = 1 << 20
+MAX_RECORD_BYTES = 64 * 1024
+# Where a result over the cap is kept, in output/, so it is listed and can still be fetched.
+OVERSIZE_RESULT = "sciorch-result.json"
+
+
+def omitted_record(size: int) -> dict[str, Any]:
+    """What stands in for a stream record over MAX_RECORD_BYTES."""
+    return {
+        "omitted": True,
+        "bytes": size,
+        "reason": f"record is {size} bytes; records over {MAX_RECORD_BYTES} bytes are not kept",
+    }
 
 
 @runtime_checkable
@@ -170,8 +193,14 @@ class Backend(Protocol):
     ) -> LogChunk: ...
 
     async def read_results(
-        self, entry_id: str, handle: Mapping[str, Any], since_record: int
-    ) -> ResultData: ...
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    ) -> ResultData:
+        """The result (unread and kept as the artifact OVERSIZE_RESULT when its file is over
+        `max_result_bytes`) and one page of stream records from `since_record` on."""
 
 
 # ----------------------------------------------------------------------------- job contract
@@ -260,15 +289,20 @@ class WorkDir:
             size=size,
         )
 
-    def read_results(self, since_record: int) -> ResultData:
+    def read_results(
+        self, since_record: int, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    ) -> ResultData:
         result: dict[str, Any] | None = None
-        if self.result.exists():
+        size = file_size(self.result)
+        if size > max_result_bytes:
+            self._keep_result_as_artifact()
+        elif self.result.exists():
             try:
                 loaded = json.loads(self.result.read_text() or "null")
                 result = loaded if isinstance(loaded, dict) else {"value": loaded}
             except json.JSONDecodeError as exc:
                 result = {"error": f"result file is not valid JSON: {exc}"}
-        records = read_stream(self.stream, since_record)
+        records, more = read_stream(self.stream, since_record)
         artifacts = (
             sorted(str(p.relative_to(self.output)) for p in self.output.rglob("*") if p.is_file())
             if self.output.exists()
@@ -276,10 +310,30 @@ class WorkDir:
         )
         return ResultData(
             result=result,
+            result_bytes=size,
             records=records,
             next_record=since_record + len(records),
+            more_records=more,
             artifacts=artifacts,
         )
+
+    def _keep_result_as_artifact(self) -> None:
+        """A hard link (a copy where links fail) of the result in output/: no byte of it is
+        read here, and the file the job wrote stays where it was."""
+        target = self.output / OVERSIZE_RESULT
+        try:
+            if os.path.samefile(self.result, target):
+                return
+        except OSError:
+            pass
+        self.output.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / (OVERSIZE_RESULT + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.result, tmp)
+        except OSError:
+            shutil.copyfile(self.result, tmp)
+        os.replace(tmp, target)
 
     # Reads larger than this go to a thread rather than hold up the event loop.
     BIG_READ = 1 << 20
@@ -289,10 +343,12 @@ class WorkDir:
             return await asyncio.to_thread(self.read_logs, offset, limit)
         return self.read_logs(offset, limit)
 
-    async def read_results_async(self, since_record: int) -> ResultData:
+    async def read_results_async(
+        self, since_record: int, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    ) -> ResultData:
         if file_size(self.stream) + file_size(self.result) > self.BIG_READ:
-            return await asyncio.to_thread(self.read_results, since_record)
-        return self.read_results(since_record)
+            return await asyncio.to_thread(self.read_results, since_record, max_result_bytes)
+        return self.read_results(since_record, max_result_bytes)
 
     def read_outcome(self) -> Outcome | None:
         try:
@@ -301,44 +357,88 @@ class WorkDir:
             return None
 
 
-def read_stream(path: Path, since_record: int) -> list[dict[str, Any]]:
-    """Complete JSON lines from `since_record` on; a half-written last line is left for later,
-    a line that is not a JSON object becomes {"raw": line}."""
+_CHUNK = 1 << 16
+
+
+def _lines(f: IO[bytes], max_line: int) -> Iterator[tuple[bytes | None, int]]:
+    """Complete lines from f's position, read a chunk at a time: (the line, or None when it is
+    longer than `max_line` and so was never held whole; its length with the newline). The part
+    after the last newline is not complete yet and is not yielded."""
+    pending = bytearray()
+    dropped = 0  # bytes seen of the current line, once it is too long to keep
+    while chunk := f.read(_CHUNK):
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start:nl]
+            n = dropped + len(pending) + len(piece)
+            yield (None if dropped or n > max_line else bytes(pending + piece)), n + 1
+            pending.clear()
+            dropped = 0
+            start = nl + 1
+        rest = chunk[start:]
+        if dropped or len(pending) + len(rest) > max_line:
+            dropped += len(pending) + len(rest)
+            pending.clear()
+        else:
+            pending += rest
+
+
+def _record(line: bytes | None, size: int) -> dict[str, Any]:
+    """A stream line as a record: a JSON object as is, another JSON value as {"value": v}, a
+    line that is not JSON as {"raw": line}, a line over the cap as `omitted_record`."""
+    if line is None:
+        return omitted_record(size - 1)
+    text = line.decode("utf-8", errors="replace")
     try:
-        text = path.read_text(errors="replace")
+        rec = json.loads(text)
+    except json.JSONDecodeError:
+        rec = {"raw": text}
+    return rec if isinstance(rec, dict) else {"value": rec}
+
+
+def read_stream(
+    path: Path, since_record: int, limit: int = PAGE_RECORDS, max_bytes: int = PAGE_BYTES
+) -> tuple[list[dict[str, Any]], bool]:
+    """A page of records from record `since_record` on: at most `limit` records and (past the
+    first) `max_bytes` of lines; and whether more complete records follow."""
+    try:
+        f = path.open("rb")
     except FileNotFoundError:
-        return []
-    lines = text.split("\n")[:-1]  # the part after the last newline is not complete yet
-    out: list[dict[str, Any]] = []
-    for line in lines[since_record:]:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = {"raw": line}
-        out.append(rec if isinstance(rec, dict) else {"value": rec})
-    return out
+        return [], False
+    with f:
+        lines = _lines(f, MAX_RECORD_BYTES)
+        for _ in zip(range(since_record), lines, strict=False):
+            pass
+        out: list[dict[str, Any]] = []
+        used = 0
+        for line, n in lines:
+            if out and (len(out) >= limit or used + n > max_bytes):
+                return out, True
+            out.append(_record(line, n))
+            used += n
+    return out, False
 
 
-def read_new_records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines of a stream file from byte `offset` on, and the offset after them;
-    parsed and numbered like `read_stream`. A half-written last line waits for the next call."""
+def read_new_records(
+    path: Path, offset: int, max_bytes: int = PAGE_BYTES
+) -> tuple[list[dict[str, Any]], int]:
+    """A page (`max_bytes` of lines, at least one line) of the complete JSON lines of a stream
+    file from byte `offset` on, and the offset after them; parsed like `read_stream`. A
+    half-written last line waits for the next call."""
     try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            raw = f.read()
+        f = path.open("rb")
     except OSError:
         return [], offset
-    end = raw.rfind(b"\n")
-    if end < 0:
-        return [], offset
     out: list[dict[str, Any]] = []
-    for line in raw[:end].decode("utf-8", errors="replace").split("\n"):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = {"raw": line}
-        out.append(rec if isinstance(rec, dict) else {"value": rec})
-    return out, offset + end + 1
+    used = 0
+    with f:
+        f.seek(offset)
+        for line, n in _lines(f, MAX_RECORD_BYTES):
+            out.append(_record(line, n))
+            used += n
+            if used >= max_bytes or len(out) >= PAGE_RECORDS:
+                break
+    return out, offset + used
 
 
 @dataclass
@@ -353,31 +453,41 @@ class ContractTail:
     def skip_existing(self, wd: WorkDir) -> None:
         """On adopt: what is already written counts as reported; only growth is new."""
         self.log_size = file_size(wd.log)
+        self.stream_offset = self.stream_index = 0
         try:
-            raw = wd.stream.read_bytes()
+            f = wd.stream.open("rb")
         except OSError:
-            raw = b""
-        end = raw.rfind(b"\n")
-        self.stream_offset, self.stream_index = (end + 1, raw.count(b"\n")) if end >= 0 else (0, 0)
+            return
+        with f:
+            for _, n in _lines(f, 0):  # counted, never held
+                self.stream_offset += n
+                self.stream_index += 1
 
     async def report(self, reporter: Reporter | None, entry_id: str, wd: WorkDir) -> None:
-        """Tell the reporter what is new: the log's size if it grew, then each new record."""
+        """Tell the reporter what is new: the log's size if it grew, then each new record,
+        a page at a time (a big stream is never held whole)."""
         grown, records = self.news(wd)
         if grown is not None:
             await tell(reporter, entry_id, "log_grew", grown)
-        for index, record in records:
-            await tell(reporter, entry_id, "stream_record", index, record)
+        while records:
+            for index, record in records:
+                await tell(reporter, entry_id, "stream_record", index, record)
+            records = self.next_records(wd)
 
     def news(self, wd: WorkDir) -> tuple[int | None, list[tuple[int, dict[str, Any]]]]:
-        """(the log's new size, or None if it did not grow; the new records with their index)."""
+        """(the log's new size, or None if it did not grow; the first page of new records with
+        their index; `next_records` gives the pages after it)."""
         size = file_size(wd.log)
         grown = None
         if size > self.log_size:
             self.log_size = grown = size
+        return grown, self.next_records(wd)
+
+    def next_records(self, wd: WorkDir) -> list[tuple[int, dict[str, Any]]]:
         records, self.stream_offset = read_new_records(wd.stream, self.stream_offset)
         start = self.stream_index
         self.stream_index += len(records)
-        return grown, list(enumerate(records, start))
+        return list(enumerate(records, start))
 
 
 def file_size(path: Path) -> int:

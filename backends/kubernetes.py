@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backends.base import (
+    DEFAULT_MAX_RESULT_BYTES,
     LaunchSpec,
     LogChunk,
     Reporter,
@@ -695,10 +696,14 @@ class KubernetesBackend:
         return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
 
     async def read_results(
-        self, entry_id: str, handle: Mapping[str, Any], since_record: int
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> ResultData:
         wd = self._workdir(entry_id, handle)
-        data = await wd.read_results_async(since_record)
+        data = await wd.read_results_async(since_record, max_result_bytes)
         e = self._entries.get(entry_id)
         mirror = e.mirror if e is not None else _Mirror(wd, markers=True)
         data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))

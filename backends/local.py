@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from watchfiles import awatch
 
 from backends.base import (
+    DEFAULT_MAX_RESULT_BYTES,
     ContractTail,
     HealthSpec,
     LaunchSpec,
@@ -592,9 +593,14 @@ class LocalBackend:
         return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
 
     async def read_results(
-        self, entry_id: str, handle: Mapping[str, Any], since_record: int
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> ResultData:
-        return await self._workdir(entry_id, handle).read_results_async(since_record)
+        wd = self._workdir(entry_id, handle)
+        return await wd.read_results_async(since_record, max_result_bytes)
 
     # ------------------------------------------------------------------ scheduling
 

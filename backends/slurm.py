@@ -51,6 +51,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import (
+    DEFAULT_MAX_RESULT_BYTES,
     ContractTail,
     HealthSpec,
     LaunchSpec,
@@ -683,9 +684,14 @@ class SlurmBackend:
         return await asyncio.to_thread(self._workdir(entry_id, handle).read_logs, offset, limit)
 
     async def read_results(
-        self, entry_id: str, handle: Mapping[str, Any], since_record: int
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> ResultData:
-        return await asyncio.to_thread(self._workdir(entry_id, handle).read_results, since_record)
+        wd = self._workdir(entry_id, handle)
+        return await asyncio.to_thread(wd.read_results, since_record, max_result_bytes)
 
     # ------------------------------------------------------------------ submitting
 

@@ -42,6 +42,7 @@ from tools.models import (
     CreateEventInput,
     EntryPage,
     EntryRef,
+    EntrySummary,
     EntryView,
     EventRef,
     EventView,
@@ -223,7 +224,7 @@ def fmt_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def entry_duration(view: EntryView) -> str:
+def entry_duration(view: EntryView | EntrySummary) -> str:
     if view.started_at is None:
         return ""
     end = view.finished_at or datetime.now(view.started_at.tzinfo)
@@ -239,7 +240,7 @@ def result_summary(result: dict[str, Any] | None) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def entries_table(entries: list[EntryView]) -> Table:
+def entries_table(entries: list[EntrySummary]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("ENTRY", no_wrap=True)
     table.add_column("SERVICE", no_wrap=True)
@@ -655,9 +656,9 @@ def status(
         entry_detail(run(ctx, one))
         return
 
-    async def recent(engine: Engine, who: Principal) -> list[EntryView]:
+    async def recent(engine: Engine, who: Principal) -> list[EntrySummary]:
         # Pages come oldest first; keep the newest `limit`.
-        kept: deque[EntryView] = deque(maxlen=limit)
+        kept: deque[EntrySummary] = deque(maxlen=limit)
         cursor = None
         while True:
             page: EntryPage = await tools.list_entries(

@@ -3,11 +3,13 @@ per-principal rate limiting (fastmcp's token bucket keyed by the caller)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, cast
 
@@ -65,16 +67,50 @@ class ValidationErrors(Middleware):
             raise
 
 
+AUDIT_MAX_BYTES = 10 << 20
+AUDIT_BACKUPS = 5
+AUDIT_VALUE_BYTES = 4096
+
+
+def digest(value: Any, cap: int) -> Any:
+    """`value` as the audit log keeps it: as is when its JSON is at most `cap` bytes, else
+    {"sha256", "bytes"} of that JSON (enough to match it to a payload, never the payload)."""
+    text = json.dumps(value, default=str, sort_keys=True)
+    if len(text) <= cap:
+        return value
+    data = text.encode()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 class AuditLog(Middleware):
-    """One JSON line per mutating tool call: when, who, which tool, arguments, outcome."""
+    """One JSON line per mutating tool call: when, who, which tool, arguments, outcome. Each
+    argument value over `value_bytes` (and all of them, if the rest is still over) is logged as
+    its digest, refused calls included; the file rotates at `max_bytes`, keeping `backups`."""
 
     def __init__(
-        self, path: Path, mutating: Collection[str], principal_of: Callable[[], Principal]
+        self,
+        path: Path,
+        mutating: Collection[str],
+        principal_of: Callable[[], Principal],
+        *,
+        max_bytes: int = AUDIT_MAX_BYTES,
+        backups: int = AUDIT_BACKUPS,
+        value_bytes: int = AUDIT_VALUE_BYTES,
     ) -> None:
         self.path = path
         self.mutating = frozenset(mutating)
         self.principal_of = principal_of
+        self.value_bytes = value_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A handler of its own, on no logger: each server keeps its own file, whatever the
+        # process's logging configuration.
+        self._file = RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
+        )
+
+    def arguments(self, arguments: dict[str, Any]) -> Any:
+        kept = {k: digest(v, self.value_bytes) for k, v in arguments.items()}
+        return digest(kept, 4 * self.value_bytes)
 
     async def on_call_tool(
         self,
@@ -89,7 +125,7 @@ class AuditLog(Middleware):
             "at": datetime.now(UTC).isoformat(),
             "principal": self.principal_of().id,
             "tool": name,
-            "arguments": context.message.arguments or {},
+            "arguments": self.arguments(context.message.arguments or {}),
         }
         try:
             result = await call_next(context)
@@ -107,8 +143,7 @@ class AuditLog(Middleware):
             record["ms"] = round((time.perf_counter() - started) * 1000, 2)
             line = json.dumps(record, default=str)
             audit_log.info(line)
-            with self.path.open("a") as f:
-                f.write(line + "\n")
+            self._file.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
 
 # Requests that make the engine work; everything else (task status polls, listings, pings,

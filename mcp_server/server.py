@@ -103,5 +103,15 @@ def create_server(
     mcp.add_middleware(ArgumentSizeLimit())
     mcp.add_middleware(ValidationErrors())
     mcp.add_middleware(rate_limit(principal_of, rate_per_second, rate_burst))
-    mcp.add_middleware(AuditLog(engine.settings.logs_dir / "audit.jsonl", mutating, principal_of))
+    cfg = engine.settings
+    mcp.add_middleware(
+        AuditLog(
+            cfg.logs_dir / "audit.jsonl",
+            mutating,
+            principal_of,
+            max_bytes=cfg.audit_max_bytes,
+            backups=cfg.audit_backups,
+            value_bytes=cfg.audit_value_bytes,
+        )
+    )
     return mcp

@@ -12,6 +12,13 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import InvalidInput
 
+# A job's result is kept in the store and sent whole by get_entry and read_results; a bigger
+# one fails the entry and stays a file (see backends.base.OVERSIZE_RESULT). An answer carries
+# it twice (text and structured content), and the mcp SDK's SSE client refuses events over
+# 1 MiB: the default leaves room for both.
+DEFAULT_MAX_RESULT_BYTES = 256 * 1024
+MAX_RESULT_BYTES_LIMIT = 64 << 20
+
 
 class SiteConfig(BaseModel):
     """One site. Keys beyond the common ones are the backend's own settings."""
@@ -46,6 +53,19 @@ class Settings(BaseModel):
     port: int = 8765
     event_ttl_s: int | None = Field(None, description="default lifetime of a new event")
     entry_token_ttl_s: int = 12 * 3600
+    max_result_bytes: int = Field(
+        DEFAULT_MAX_RESULT_BYTES,
+        ge=1024,
+        le=MAX_RESULT_BYTES_LIMIT,
+        description="largest result.json kept; a job's bigger result fails it, kept as a file",
+    )
+    audit_max_bytes: int = Field(
+        10 << 20, ge=4096, description="the audit log rotates when it reaches this size"
+    )
+    audit_backups: int = Field(5, ge=1, le=100, description="rotated audit logs kept")
+    audit_value_bytes: int = Field(
+        4096, ge=64, description="an audited argument value over this is logged as its digest"
+    )
 
     @property
     def db_path(self) -> Path:

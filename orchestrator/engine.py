@@ -22,7 +22,17 @@ from typing import Any, Literal
 import jwt
 
 from backends import create_backend
-from backends.base import Backend, HealthSpec, LaunchSpec, LogChunk, ResultData
+from backends.base import (
+    MAX_RECORD_BYTES,
+    OVERSIZE_RESULT,
+    PAGE_RECORDS,
+    Backend,
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    ResultData,
+    omitted_record,
+)
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, validate_parameters
 from orchestrator.config import Settings, load_settings
@@ -64,6 +74,13 @@ OnMessage = Callable[[Message], Awaitable[None]]
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def _result_size(data: ResultData) -> int:
+    """The result's size: its file's, or (a backend that does not say) its JSON's."""
+    if data.result_bytes or data.result is None:
+        return data.result_bytes
+    return len(json.dumps(data.result, default=str))
 
 
 class _Blank(dict[str, str]):
@@ -254,11 +271,23 @@ class Engine:
                 fields["finished_at"] = at
                 backend = self.backends.get(entry.site)
                 if backend is not None and entry.kind == "job":
+                    cap = self.settings.max_result_bytes
                     try:
                         data = await backend.read_results(
-                            entry_id, fields.get("handle", entry.handle), 0
+                            entry_id, fields.get("handle", entry.handle), 0, cap
                         )
-                        if data.result is not None:
+                        size = _result_size(data)
+                        if size > cap:
+                            why = (
+                                f"result_too_large: result.json is {size} bytes, over "
+                                f"max_result_bytes ({cap}); not stored, kept as the artifact "
+                                f"{OVERSIZE_RESULT}"
+                            )
+                            if state == EntryState.SUCCEEDED:
+                                state, reason = EntryState.FAILED, why
+                            else:
+                                reason = f"{reason}; {why}" if reason else why
+                        elif data.result is not None:
                             fields["result"] = data.result
                     except Exception as exc:  # the transition matters more than the result
                         log.warning("entry %s: reading results failed: %s", entry_id, exc)
@@ -280,6 +309,10 @@ class Engine:
         self.bus.publish(Message(kind="log", entry_id=entry_id, log_size=size, at=now()))
 
     async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None:
+        # The files' readers cap records already; this holds for any backend's source.
+        size = len(json.dumps(record, default=str))
+        if size > MAX_RECORD_BYTES:
+            record = omitted_record(size)
         self.bus.publish(
             Message(kind="stream", entry_id=entry_id, record_index=index, record=record, at=now())
         )
@@ -715,19 +748,27 @@ class Engine:
         return await self.backends[entry.site].read_logs(entry.id, entry.handle, offset, limit)
 
     async def read_results(
-        self, principal: Principal, entry_id: str, since_record: int = 0
+        self, principal: Principal, entry_id: str, since_record: int = 0, limit: int = 100
     ) -> tuple[Entry, ResultData]:
+        """The result and a page of at most `limit` stream records from `since_record` on."""
         if since_record < 0:
             raise InvalidInput("since_record must be >= 0", field="since_record")
+        if not 1 <= limit <= PAGE_RECORDS:
+            raise InvalidInput(f"limit must be between 1 and {PAGE_RECORDS}", field="limit")
         entry, _ = await self._entry_for(principal, entry_id)
         backend = self.backends.get(entry.site)
+        cap = self.settings.max_result_bytes
         data = (
-            await backend.read_results(entry.id, entry.handle, since_record)
+            await backend.read_results(entry.id, entry.handle, since_record, cap)
             if backend
             else ResultData()
         )
-        if entry.result is not None:
+        if entry.result is not None or _result_size(data) > cap:
             data.result = entry.result
+        if len(data.records) > limit:
+            data.records = data.records[:limit]
+            data.more_records = True
+        data.next_record = since_record + len(data.records)
         return entry, data
 
     async def cancel(self, principal: Principal, entry_id: str, wait_s: float = 10.0) -> Entry:

@@ -156,14 +156,18 @@ class HttpServer:
 async def run_http_server(
     home: Path,
     extra_mounts: dict[str, dict[str, Any]] | None = None,
+    settings: dict[str, Any] | None = None,
     **server_args: Any,
 ) -> AsyncIterator[HttpServer]:
-    """A real engine on `home`, its MCP server with JWT auth mounted at /mcp next to the proxy,
-    served on a free loopback port (entry URLs point at it). `extra_mounts` maps a path to the
-    create_server arguments of another MCP server over the same engine, mounted there."""
+    """A real engine on `home` (with `settings` overrides), its MCP server with JWT auth mounted
+    at /mcp next to the proxy, served on a free loopback port (entry URLs point at it).
+    `extra_mounts` maps a path to the create_server arguments of another MCP server over the
+    same engine, mounted there."""
     sock = free_socket()
     host, port = sock.getsockname()[:2]
-    engine = await Engine.open(make_settings(home, public_url=f"http://{host}:{port}"))
+    engine = await Engine.open(
+        make_settings(home, public_url=f"http://{host}:{port}", **(settings or {}))
+    )
     try:
         keys = engine.settings.keys_dir
         server = create_server(engine, auth=verifier(keys), **server_args)

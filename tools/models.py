@@ -135,7 +135,10 @@ class ReadLogsInput(_In):
 
 class ReadResultsInput(_In):
     entry_id: str = EntryId
-    since_record: int = Field(0, ge=0, description="skip this many intermediate records")
+    since_record: int = Field(
+        0, ge=0, description="skip this many intermediate records; pass next_record to continue"
+    )
+    limit: int = Field(100, ge=1, le=1000, description="records per page at most")
 
 
 # ------------------------------------------------------------------ outputs
@@ -173,8 +176,46 @@ class EntryView(BaseModel):
         return cls(**data, backend_handle=entry.handle, access_url=access_url)
 
 
+SUMMARY_RESULT_BYTES = 1024
+
+
+class EntrySummary(BaseModel):
+    """An entry in a listing: no transitions or backend handle, and its result only when it
+    is small (get_entry or read_results give the whole)."""
+
+    id: str
+    event_id: str
+    service: str
+    version: str
+    kind: ServiceKind
+    site: str
+    state: EntryState
+    reason: str | None
+    submitted_by: str
+    parameters: dict[str, Any]
+    resources: Resources
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    url: str | None = Field(None, description="the service's URL (needs access_url's token)")
+    access_url: str | None = Field(None, description="URL with your access token; keep private")
+    restarts: int
+    result: dict[str, Any] | None = Field(
+        description=f"the result when it is at most {SUMMARY_RESULT_BYTES} bytes as JSON"
+    )
+    result_bytes: int = Field(0, description="size of the result as JSON (0: none yet)")
+
+    @classmethod
+    def of(cls, view: EntryView) -> EntrySummary:
+        data = view.model_dump(exclude={"result", "backend_handle", "transitions"})
+        size = len(json.dumps(view.result, default=str)) if view.result is not None else 0
+        small = view.result if size <= SUMMARY_RESULT_BYTES else None
+        return cls(**data, result=small, result_bytes=size)
+
+
 class EntryPage(BaseModel):
-    entries: list[EntryView]
+    entries: list[EntrySummary]
     next_cursor: str | None = None
 
 
@@ -195,9 +236,17 @@ class LogsChunk(BaseModel):
 class Results(BaseModel):
     entry_id: str
     state: EntryState
-    result: dict[str, Any] | None
-    records: list[dict[str, Any]]
-    next_record: int
+    result: dict[str, Any] | None = Field(
+        description="the final result; null until there is one, or when it was over the cap"
+    )
+    records: list[dict[str, Any]] = Field(
+        description="a page of intermediate records; one over the record cap is replaced by "
+        "{omitted: true, bytes, reason}"
+    )
+    next_record: int = Field(description="since_record for the next page")
+    more_records: bool = Field(
+        False, description="more records follow now: call again with since_record=next_record"
+    )
     artifacts: list[str]
 
 

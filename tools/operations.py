@@ -11,6 +11,7 @@ from tools.models import (
     CreateEventInput,
     EntryPage,
     EntryRef,
+    EntrySummary,
     EntryView,
     EventList,
     EventRef,
@@ -99,7 +100,10 @@ async def list_entries(engine: Engine, principal: Principal, req: ListEntriesInp
     entries, cursor = await engine.list_entries(
         principal, req.event_id, req.states, req.service, req.limit, req.cursor
     )
-    return EntryPage(entries=[_view(engine, principal, e) for e in entries], next_cursor=cursor)
+    return EntryPage(
+        entries=[EntrySummary.of(_view(engine, principal, e)) for e in entries],
+        next_cursor=cursor,
+    )
 
 
 async def wait_entry(
@@ -125,13 +129,14 @@ async def read_logs(engine: Engine, principal: Principal, req: ReadLogsInput) ->
 
 
 async def read_results(engine: Engine, principal: Principal, req: ReadResultsInput) -> Results:
-    entry, data = await engine.read_results(principal, req.entry_id, req.since_record)
+    entry, data = await engine.read_results(principal, req.entry_id, req.since_record, req.limit)
     return Results(
         entry_id=entry.id,
         state=entry.state,
         result=data.result,
         records=data.records,
         next_record=data.next_record,
+        more_records=data.more_records,
         artifacts=data.artifacts,
     )
 
