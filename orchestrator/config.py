@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,39 @@ class SiteConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+Role = Literal["read", "submit", "admin"]
+
+
+def _default_scope_map() -> dict[Role, str]:
+    # admin only when configured: many IdPs let any user ask for any scope of a client.
+    return {"read": "sciorch.read", "submit": "sciorch.submit"}
+
+
+class AuthConfig(BaseModel):
+    """[auth]: the facility identity provider(s) whose access tokens the HTTP endpoint accepts.
+    With no issuer, only tokens from `sciorch token create` are (the embedded default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuers: list[str] = Field(
+        default_factory=list, description="OIDC issuer URLs (keys found by OIDC discovery)"
+    )
+    audience: str | None = Field(
+        None, description="the `aud` tokens must carry; default: public_url + /mcp (RFC 8707)"
+    )
+    principal_claim: str = Field("sub", description="the claim that names the caller")
+    scopes: dict[Role, str] = Field(
+        default_factory=_default_scope_map,
+        description="sciorch scope -> the IdP scope that grants it",
+    )
+    groups: dict[Role, list[str]] = Field(
+        default_factory=dict, description="sciorch scope -> IdP groups that grant it"
+    )
+    groups_claim: str = "groups"
+    jwks_cache_s: int = Field(3600, gt=0, description="how long fetched signing keys are kept")
+    self_minted: bool = Field(True, description="also accept `sciorch token create` tokens")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +73,7 @@ class Settings(BaseModel):
     port: int = 8765
     event_ttl_s: int | None = Field(None, description="default lifetime of a new event")
     entry_token_ttl_s: int = 12 * 3600
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @property
     def db_path(self) -> Path:
