@@ -15,7 +15,7 @@ import math
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import httpx
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mcp_server.auth import AUDIENCE, ISSUER, SCOPES, VERIFIED_TOKENS_KEPT, ensure_keys
-from orchestrator.config import AuthConfig, Settings
+from orchestrator.config import AuthConfig, Role, Settings
 
 # Asymmetric only: an HS* token would be checked against a shared secret nobody configured.
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
@@ -44,6 +44,7 @@ LEEWAY_S = 10
 REFRESH_MIN_INTERVAL_S = 10.0
 FETCH_TIMEOUT_S = 10.0
 MCP_PATH = "/mcp"
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 class TokenRefused(AuthenticationError):
@@ -143,8 +144,8 @@ def sciorch_scopes(claims: dict[str, Any], config: AuthConfig) -> list[str]:
     groups = _claim_set(claims.get(config.groups_claim))
     return [
         s
-        for s in SCOPES
-        if (s in config.scopes and config.scopes[s] in granted)  # type: ignore[comparison-overlap]
+        for s in ROLES
+        if (s in config.scopes and config.scopes[s] in granted)
         or groups & set(config.groups.get(s, []))
     ]
 
@@ -262,7 +263,7 @@ class ResourceServer(AuthProvider):
     @property
     def scopes_supported(self) -> list[str]:
         """The IdP scopes that map to sciorch's, for clients to ask for (RFC 9728)."""
-        return [self.config.scopes[s] for s in SCOPES if s in self.config.scopes]
+        return [self.config.scopes[s] for s in ROLES if s in self.config.scopes]
 
     def _get_resource_url(self, path: str | None = None) -> AnyHttpUrl | None:
         # Mounted at /mcp, the MCP app sees its own path as "/": the resource is still /mcp.
