@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastmcp.server.auth import AccessToken, AuthProvider
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -196,9 +197,10 @@ class ResourceServer(AuthProvider):
             iss: IssuerKeys(iss, config.jwks_cache_s, refresh_min_interval_s)
             for iss in config.issuers
         }
-        self._self_minted_key: bytes | None = None
+        self._self_minted_key: Any = None
         if keys_dir is not None and (config.self_minted or not config.issuers):
-            self._self_minted_key = ensure_keys(keys_dir)[1]
+            # loaded once: PyJWT given PEM bytes parses them on every call
+            self._self_minted_key = load_pem_public_key(ensure_keys(keys_dir)[1])
         self._verified: OrderedDict[str, AccessToken] = OrderedDict()
 
     # ---- verification ---------------------------------------------------------------------
@@ -224,11 +226,11 @@ class ResourceServer(AuthProvider):
             return None
 
     async def _verify(self, token: str) -> AccessToken:
-        try:
-            header = jwt.get_unverified_header(token)
-            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        try:  # which key to check it with: read before it is verified
+            peek = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:
             raise TokenRefused("not a JWT") from None
+        header, iss = peek["header"], peek["payload"].get("iss")
         if iss == ISSUER and self._self_minted_key is not None:
             claims = _decode(token, self._self_minted_key, ISSUER, AUDIENCE)
             scopes = sorted(_claim_set(claims.get("scope")) & set(SCOPES))
