@@ -357,7 +357,7 @@ def serve(
     """Run the MCP server. http (default 127.0.0.1): MCP at /mcp with bearer-token auth (see
     `sciorch token create`), the per-entry service proxy and /healthz. stdio: MCP over
     stdin/stdout as the local user (for chat assistants that spawn it)."""
-    from mcp_server.auth import verifier
+    from mcp_server.oauth import resource_server
     from mcp_server.server import create_server
 
     transport = transport.lower()
@@ -385,7 +385,6 @@ def serve(
 
     from mcp_server.http_app import serve_http
 
-    keys = settings.keys_dir
     shown = f"http://{host or settings.host}:{settings.port if port is None else port}"
     err.print(f"sciorch: serving {settings.home} on {shown} (MCP at /mcp; Ctrl-C stops)")
     with contextlib.suppress(KeyboardInterrupt):
@@ -397,7 +396,7 @@ def serve(
                     port,
                     mcp_factory=lambda engine: create_server(
                         engine,
-                        auth=verifier(keys),
+                        auth=resource_server(engine.settings),
                         read_only=read_only,
                         disable_destructive=disable_destructive,
                     ),

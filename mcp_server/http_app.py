@@ -75,8 +75,12 @@ def create_http_app(
 
 def mcp_mount(mcp: FastMCP) -> tuple[list[BaseRoute], list[Lifespan]]:
     """The streamable-HTTP MCP endpoint at /mcp, with its session manager's lifespan."""
+    from mcp_server.oauth import ResourceServer
+
     mcp_app = mcp.http_app(path="/")
-    return [Mount("/mcp", app=mcp_app)], [mcp_app.lifespan]
+    # RFC 9728 metadata lives at the origin's root, outside the /mcp mount.
+    well_known = mcp.auth.well_known_routes() if isinstance(mcp.auth, ResourceServer) else []
+    return [*well_known, Mount("/mcp", app=mcp_app)], [mcp_app.lifespan]
 
 
 def public_url_for(host: str, port: int) -> str:

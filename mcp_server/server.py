@@ -63,7 +63,8 @@ def create_server(
         token = get_access_token()
         if token is None:
             return fallback
-        sub = str(token.claims.get("sub") or token.client_id)
+        # subject: the claim the verifier names the caller by ([auth] principal_claim)
+        sub = str(token.subject or token.claims.get("sub") or token.client_id)
         return Principal(id=sub, admin="admin" in token.scopes)
 
     mcp: FastMCP = FastMCP(

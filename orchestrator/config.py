@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +31,39 @@ class SiteConfig(BaseModel):
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+Role = Literal["read", "submit", "admin"]
+
+
+def _default_scope_map() -> dict[Role, str]:
+    # admin only when configured: many IdPs let any user ask for any scope of a client.
+    return {"read": "sciorch.read", "submit": "sciorch.submit"}
+
+
+class AuthConfig(BaseModel):
+    """[auth]: the facility identity provider(s) whose access tokens the HTTP endpoint accepts.
+    With no issuer, only tokens from `sciorch token create` are (the embedded default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuers: list[str] = Field(
+        default_factory=list, description="OIDC issuer URLs (keys found by OIDC discovery)"
+    )
+    audience: str | None = Field(
+        None, description="the `aud` tokens must carry; default: public_url + /mcp (RFC 8707)"
+    )
+    principal_claim: str = Field("sub", description="the claim that names the caller")
+    scopes: dict[Role, str] = Field(
+        default_factory=_default_scope_map,
+        description="sciorch scope -> the IdP scope that grants it",
+    )
+    groups: dict[Role, list[str]] = Field(
+        default_factory=dict, description="sciorch scope -> IdP groups that grant it"
+    )
+    groups_claim: str = "groups"
+    jwks_cache_s: int = Field(3600, gt=0, description="how long fetched signing keys are kept")
+    self_minted: bool = Field(True, description="also accept `sciorch token create` tokens")
 
 
 class Settings(BaseModel):
@@ -66,6 +99,7 @@ class Settings(BaseModel):
     audit_value_bytes: int = Field(
         4096, ge=64, description="an audited argument value over this is logged as its digest"
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @property
     def db_path(self) -> Path:
