@@ -12,12 +12,11 @@ from typing import Any
 
 import mcp_types
 from fastmcp import FastMCP
-from fastmcp.exceptions import ResourceError
 from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
 from pydantic import ValidationError
 
 import tools
-from mcp_server.toolset import refusal, refused
+from mcp_server.toolset import refused_read
 from orchestrator.engine import Engine
 from orchestrator.errors import SciorchError
 from orchestrator.models import Message, Principal
@@ -54,7 +53,7 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
         try:
             return str(await coro_fn(principal_of()))  # type: ignore[misc]
         except (SciorchError, ValidationError) as exc:  # an id from the URI that no id fits
-            raise refused(ResourceError, refusal(exc).error.text()) from exc
+            raise refused_read(exc) from exc
 
     @mcp.resource(ENTRY, mime_type="application/json", description="An entry (as get_entry)")
     async def entry_resource(entry_id: str) -> str:

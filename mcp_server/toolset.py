@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastmcp import Context, FastMCP
-from fastmcp.exceptions import FastMCPError, ToolError
+from fastmcp.exceptions import FastMCPError, ResourceError, ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
 from fastmcp.tools import FunctionTool, ToolResult
 from fastmcp.utilities.json_schema import dereference_refs
@@ -225,6 +225,12 @@ def refusal(exc: SciorchError | ValidationError) -> Refused:
     if isinstance(exc, ValidationError):
         exc = invalid_input(exc, default_field="arguments")
     return Refused(exc)
+
+
+def refused_read(exc: SciorchError | ValidationError) -> ResourceError:
+    """The error of a refused resource read. fastmcp logs every resource error with its
+    traceback; a refusal is no fault of the server's, so that goes to DEBUG."""
+    return ResourceError(refusal(exc).error.text(), log_level=logging.DEBUG)
 
 
 def error_result(error: SciorchError) -> ToolResult:
