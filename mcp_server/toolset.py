@@ -310,7 +310,15 @@ def build_tool(
 
     async def call(**kwargs: Any) -> ToolResult:
         ctx = kwargs.pop("ctx", None)
-        return as_tool_result(await run(kwargs, ctx))
+        try:
+            return as_tool_result(await run(kwargs, ctx))
+        except Refused as exc:
+            # A task-run call's errors never reach the ErrorResults middleware (the tasks
+            # extension turns them into a plain error result): answer with the data here.
+            # Only the read-only long-running tools do, so the audit log misses nothing.
+            if spec.long_running:
+                return error_result(exc.error)
+            raise
 
     call.__name__ = spec.name
     call.__doc__ = spec.description

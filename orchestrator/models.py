@@ -80,6 +80,10 @@ def _not_bool(value: Any) -> Any:
 # The number types of inputs: no booleans, and for Number no inf or nan.
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Number = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
+# The optional ones check the union: on `Int | None`, pydantic could not apply a field's bounds
+# (gt, le) to the int inside the validator, and would publish them as unknown keywords.
+OptInt = Annotated[int | None, BeforeValidator(_not_bool)]
+OptNumber = Annotated[Annotated[float, AllowInfNan(False)] | None, BeforeValidator(_not_bool)]
 
 _MEM_UNITS = {
     "": 1 / (1024 * 1024),
@@ -207,11 +211,11 @@ class ResourceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus: Number | None = Field(None, gt=0, le=4096)
-    memory_mb: Int | None = Field(None, ge=0, le=MAX_MEMORY_MB)
-    gpus: Int | None = Field(None, ge=0, le=64)
+    cpus: OptNumber = Field(None, gt=0, le=4096)
+    memory_mb: OptInt = Field(None, ge=0, le=MAX_MEMORY_MB)
+    gpus: OptInt = Field(None, ge=0, le=64)
     gpu_type: str | None = None
-    walltime_s: Int | None = Field(None, gt=0, le=MAX_DURATION_S)
+    walltime_s: OptInt = Field(None, gt=0, le=MAX_DURATION_S)
 
     @model_validator(mode="before")
     @classmethod

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import InvalidInput, invalid_input
-from orchestrator.models import MAX_DURATION_S, Int, Number, parse_duration_s
+from orchestrator.models import MAX_DURATION_S, Int, Number, OptInt, OptNumber, parse_duration_s
 
 Goal = Literal["minimise", "maximise", "explore"]
 
@@ -85,7 +85,7 @@ class Objective(_Strict):
     goal: Goal = Field(
         "minimise", description="minimise or maximise the field, or explore (reduce uncertainty)"
     )
-    reference: Number | None = Field(
+    reference: OptNumber = Field(
         None, description="known optimum, only for reports (e.g. 0.397887 for Branin)"
     )
     warp: Literal["auto", "log", "none"] = Field(
@@ -107,8 +107,8 @@ class Parameter(_Strict):
 
     name: str = Field(pattern=NAME, description="the job parameter this dimension sets")
     type: Literal["continuous", "integer", "categorical"] = "continuous"
-    low: Number | None = Field(None, description="lower bound (continuous, integer)")
-    high: Number | None = Field(None, description="upper bound (continuous, integer)")
+    low: OptNumber = Field(None, description="lower bound (continuous, integer)")
+    high: OptNumber = Field(None, description="upper bound (continuous, integer)")
     choices: list[str | int | float | bool] | None = Field(
         None, description="the values of a categorical parameter"
     )
@@ -142,7 +142,7 @@ class Parameter(_Strict):
 
 
 class InitialDesign(_Strict):
-    count: Int | None = Field(
+    count: OptInt = Field(
         None, ge=1, le=10_000, description="space-filling points before the GP decides"
     )
     method: Literal["sobol", "lhs", "random"] = Field(
@@ -152,7 +152,7 @@ class InitialDesign(_Strict):
 
 class Budget(_Strict):
     evaluations: Int = Field(30, ge=1, le=100_000, description="points to evaluate at most")
-    wall_time_s: Number | None = Field(
+    wall_time_s: OptNumber = Field(
         None,
         gt=0,
         le=MAX_DURATION_S,
@@ -168,10 +168,10 @@ class Budget(_Strict):
 
 
 class Stop(_Strict):
-    target: Number | None = Field(
+    target: OptNumber = Field(
         None, description="stop once the best value reaches this (<= for minimise, >= maximise)"
     )
-    max_posterior_std: Number | None = Field(
+    max_posterior_std: OptNumber = Field(
         None, gt=0, description="stop once the GP's largest posterior std over the space is below"
     )
 
@@ -182,7 +182,7 @@ class Noise(_Strict):
     field: str | None = Field(
         "noise_variance", description="result field holding each measurement's noise variance"
     )
-    variance: Number | None = Field(
+    variance: OptNumber = Field(
         None, ge=0, description="known noise variance, used where the result does not say"
     )
     learn: bool = Field(False, description="learn one noise level with the hyperparameters")
@@ -226,7 +226,7 @@ class CampaignFields(_Strict):
     budget: Budget = Field(default_factory=Budget)
     stop: Stop = Field(default_factory=Stop)
     noise: Noise = Field(default_factory=Noise)
-    seed: Int | None = Field(None, ge=0, le=2**32 - 1, description="default: chosen at start")
+    seed: OptInt = Field(None, ge=0, le=2**32 - 1, description="default: chosen at start")
     site: str | None = Field(
         None, min_length=1, max_length=64, description="run evaluations on this site"
     )

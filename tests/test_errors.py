@@ -362,9 +362,6 @@ WRONG = [
     {},
     {"a": {"b": {"c": None}}},
     _deep,
-    math.inf,
-    -math.inf,
-    math.nan,
     1e308,
     -1e308,
     10**400,
@@ -377,7 +374,7 @@ WRONG = [
     0,
     2**63,
 ]
-WRONG_JSON = [v for v in WRONG if not (isinstance(v, float) and not math.isfinite(v))]
+# No inf or nan: JSON has none, and the clients send them as null.
 
 # Arguments that pass the schema but start no real work: ids that exist nowhere, a
 # service that is not in the catalogue.

@@ -16,6 +16,7 @@ from orchestrator.models import (
     EventState,
     Int,
     Number,
+    OptInt,
     ResourceRequest,
     Resources,
     ServiceKind,
@@ -50,7 +51,7 @@ class CreateEventInput(_In):
     site: str | None = Field(
         None, min_length=1, max_length=64, description="pin all entries of this event to a site"
     )
-    ttl_seconds: Int | None = Field(
+    ttl_seconds: OptInt = Field(
         None, gt=0, le=366 * 86400, description="lifetime; entries are stopped when it ends"
     )
 
