@@ -76,8 +76,8 @@ def parse_scopes(text: str) -> list[str]:
 
 
 def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str:
-    if not sub:
-        raise InvalidInput("sub must not be empty", field="sub")
+    if not sub.strip() or len(sub) > MAX_SUB_CHARS:
+        raise InvalidInput(f"sub must be 1 to {MAX_SUB_CHARS} characters", field="sub")
     if ttl_s <= 0:
         raise InvalidInput("ttl must be positive", field="ttl")
     private_pem, _ = ensure_keys(keys_dir)
