@@ -147,7 +147,7 @@ def invalid_input(
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(errors) - _SHOWN} more)" if len(errors) > _SHOWN else ""
     prefix = f"{where}: " if where else ""
-    field = f"{field_prefix}{first}" if first else None
+    field = f"{field_prefix}{first}" if first else (field_prefix.rstrip(".") or None)
     return InvalidInput(prefix + "; ".join(parts) + more, field=field)
 
 
