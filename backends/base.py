@@ -20,7 +20,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, Field, ValidationError
 
 from orchestrator.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import invalid_input
 from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
 
 
@@ -69,11 +69,7 @@ def site_options(model: type[M], site: str, options: Mapping[str, Any]) -> M:
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise InvalidInput(
-            f"site {site!r}: {loc}: {err['msg']}", field=f"sites.{site}.{loc}"
-        ) from exc
+        raise invalid_input(exc, where=f"site {site!r}", field_prefix=f"sites.{site}.") from exc
 
 
 @runtime_checkable

@@ -45,6 +45,7 @@ from fastmcp.client.auth import BearerAuth
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.config import Settings
+from orchestrator.errors import ERROR_META_KEY, SciorchError
 from orchestrator.models import Principal
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
@@ -174,6 +175,9 @@ class ToolCallRecord(BaseModel):
     status: CallStatus
     result: Any = None
     error: str | None = None
+    error_data: dict[str, Any] | None = Field(
+        None, description="a refused call's typed error as the server sent it: code, message, field"
+    )
     progress: list[str] = Field(default_factory=list)
     started_at: datetime
     finished_at: datetime | None = None
@@ -668,7 +672,9 @@ class _Run:
             self.finish_record(rec, "error", error=error)
             raise ToolError(error) from exc
         if result.is_error:
-            error = result_text(result) or f"{tool.name} failed"
+            data = SciorchError.from_dict((result.meta or {}).get(ERROR_META_KEY))
+            error = result_text(result) or (data.text() if data else f"{tool.name} failed")
+            rec.error_data = data.to_dict() if data else None
             self.finish_record(rec, "error", error=error)
             raise ToolError(error)
         payload: Any = result.structured_content

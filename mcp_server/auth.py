@@ -16,6 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastmcp.server.auth import AccessToken
 from fastmcp.server.auth.providers.jwt import JWTVerifier
+from starlette.authentication import AuthenticationError
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse, Response
 
 from orchestrator.errors import InvalidInput
 
@@ -71,8 +76,8 @@ def parse_scopes(text: str) -> list[str]:
 
 
 def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str:
-    if not sub:
-        raise InvalidInput("sub must not be empty", field="sub")
+    if not sub.strip() or len(sub) > MAX_SUB_CHARS:
+        raise InvalidInput(f"sub must be 1 to {MAX_SUB_CHARS} characters", field="sub")
     if ttl_s <= 0:
         raise InvalidInput("ttl must be positive", field="ttl")
     private_pem, _ = ensure_keys(keys_dir)
@@ -90,6 +95,38 @@ def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str
 
 
 VERIFIED_TOKENS_KEPT = 1024
+CLOCK_SKEW_S = 30
+MAX_SUB_CHARS = 200  # Principal.id
+
+
+class TokenRefused(AuthenticationError):
+    """A token that is signed and current but names no usable principal, or is not valid
+    yet: refused with 401 and the reason (fastmcp's verifier checks neither)."""
+
+
+def claims_problem(claims: dict[str, Any]) -> str | None:
+    """Why a verified token's claims cannot be honoured, or None."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip():
+        return "the token names no principal: its 'sub' claim is missing or empty"
+    if len(sub) > MAX_SUB_CHARS:
+        return f"the token's 'sub' is longer than {MAX_SUB_CHARS} characters"
+    nbf = claims.get("nbf")
+    if nbf is not None:
+        if isinstance(nbf, bool) or not isinstance(nbf, int | float):
+            return "the token's 'nbf' claim is not a time"
+        if nbf > time.time() + CLOCK_SKEW_S:
+            return "the token is not valid yet: its 'nbf' is in the future"
+    return None
+
+
+def _refused(conn: HTTPConnection, exc: Exception) -> Response:
+    reason = str(exc).replace('"', "'")
+    return JSONResponse(
+        {"error": "invalid_token", "error_description": reason},
+        status_code=401,
+        headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{reason}"'},
+    )
 
 
 class _ExpiringJWTVerifier(JWTVerifier):
@@ -115,10 +152,23 @@ class _ExpiringJWTVerifier(JWTVerifier):
         access = await super().load_access_token(token)
         if access is None or access.expires_at is None:
             return None
+        problem = claims_problem(access.claims)
+        if problem is not None:
+            self.logger.info("Bearer token refused: %s", problem)
+            raise TokenRefused(problem)
         self._verified[token] = access
         if len(self._verified) > VERIFIED_TOKENS_KEPT:
             self._verified.popitem(last=False)
         return access
+
+    def get_middleware(self) -> list[Middleware]:
+        # starlette answers an AuthenticationError with a plain 400: a refused token is a 401.
+        return [
+            Middleware(m.cls, *m.args, **{**m.kwargs, "on_error": _refused})
+            if m.cls is AuthenticationMiddleware
+            else m
+            for m in super().get_middleware()
+        ]
 
 
 def verifier(keys_dir: Path) -> JWTVerifier:

@@ -28,7 +28,7 @@ from rich.text import Text
 import tools
 from orchestrator.config import Settings, default_home, load_settings
 from orchestrator.engine import Engine
-from orchestrator.errors import SciorchError
+from orchestrator.errors import SciorchError, invalid_input
 from orchestrator.models import (
     EntryState,
     Message,
@@ -94,9 +94,8 @@ def fail(message: str, field: str | None = None, code: int = 2) -> NoReturn:
 
 
 def _fail_validation(exc: ValidationError) -> NoReturn:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or None
-    fail(f"{loc + ': ' if loc else ''}{first['msg']}", loc)
+    err = invalid_input(exc)
+    fail(err.message, err.field)
 
 
 def _settings(ctx: typer.Context, **overrides: Any) -> Settings:

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import mcp_types as mt
-from fastmcp.exceptions import ToolError, ValidationError
+from fastmcp.exceptions import ValidationError
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.server.middleware.rate_limiting import RateLimitError, RateLimitingMiddleware
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError as PydanticValidationError
 
-from mcp_server.toolset import refused, validation_text
+from mcp_server.toolset import Refused, error_result, refusal
+from orchestrator.errors import InvalidInput
 from orchestrator.models import Principal
 
 audit_log = logging.getLogger("sciorch.audit")
@@ -39,19 +40,28 @@ class ArgumentSizeLimit(Middleware):
         context: MiddlewareContext[mt.CallToolRequestParams],
         call_next: CallNext[mt.CallToolRequestParams, ToolResult],
     ) -> ToolResult:
-        size = len(json.dumps(context.message.arguments or {}, default=str))
+        arguments = context.message.arguments or {}
+        size = len(json.dumps(arguments, default=str))
         if size > self.max_bytes:
-            raise refused(
-                ToolError,
-                f"invalid_input: arguments are {size} bytes; at most {self.max_bytes} are accepted",
+            # Named: the caller should know which value to shrink.
+            sizes = {k: len(json.dumps(v, default=str)) for k, v in arguments.items()}
+            largest = max(sizes, key=sizes.__getitem__, default="arguments")
+            raise Refused(
+                InvalidInput(
+                    f"{largest}: {sizes.get(largest, size)} bytes; the arguments are {size} "
+                    f"bytes, at most {self.max_bytes} are accepted",
+                    field=largest,
+                )
             )
         return await call_next(context)
 
 
-class ValidationErrors(Middleware):
-    """Arguments that do not fit the tool's schema (wrong type, missing or unknown field) are
-    refused by fastmcp before the tool runs, with pydantic's multi-line text and a link; answer
-    them in the house format instead: 'invalid_input: <field>: <what is wrong>'."""
+class ErrorResults(Middleware):
+    """Every refused call is answered the same way, its typed error as data next to the
+    one-line text (`toolset.error_result`). Arguments that do not fit the tool's schema (wrong
+    type, missing or unknown field) are refused by fastmcp before the tool runs, with
+    pydantic's multi-line text and a link; they get the house format too:
+    'invalid_input: <field>: <what is wrong>'. Outermost, so it sees every refusal."""
 
     async def on_call_tool(
         self,
@@ -60,10 +70,12 @@ class ValidationErrors(Middleware):
     ) -> ToolResult:
         try:
             return await call_next(context)
+        except Refused as exc:
+            return error_result(exc.error)
         except ValidationError as exc:
             cause = exc.__cause__
             if isinstance(cause, PydanticValidationError):
-                raise refused(ToolError, validation_text(cause)) from exc
+                return error_result(refusal(cause).error)
             raise
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import mcp_types
 from fastmcp import FastMCP
-from fastmcp.exceptions import ResourceError
 from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
+from pydantic import ValidationError
 
 import tools
-from mcp_server.toolset import error_text, refused
+from mcp_server.toolset import refused_read
 from orchestrator.engine import Engine
 from orchestrator.errors import SciorchError
 from orchestrator.models import Message, Principal
@@ -52,8 +52,8 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
     async def guarded(coro_fn: Callable[[Principal], object]) -> str:
         try:
             return str(await coro_fn(principal_of()))  # type: ignore[misc]
-        except SciorchError as exc:
-            raise refused(ResourceError, error_text(exc)) from exc
+        except (SciorchError, ValidationError) as exc:  # an id from the URI that no id fits
+            raise refused_read(exc) from exc
 
     @mcp.resource(ENTRY, mime_type="application/json", description="An entry (as get_entry)")
     async def entry_resource(entry_id: str) -> str:

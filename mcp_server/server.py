@@ -12,7 +12,7 @@ from fastmcp.server.auth import AuthProvider
 from fastmcp.server.dependencies import get_access_token
 from fastmcp_tasks import TasksExtension
 
-from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ValidationErrors, rate_limit
+from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ErrorResults, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
 from mcp_server.steering_tools import register_steering
@@ -101,8 +101,8 @@ def create_server(
     steering.publish_to(attach_subscriptions(mcp, engine, principal_of, steering.visible))
 
     mutating = [s.name for s in registered if not s.read_only]
+    mcp.add_middleware(ErrorResults())
     mcp.add_middleware(ArgumentSizeLimit())
-    mcp.add_middleware(ValidationErrors())
     mcp.add_middleware(rate_limit(principal_of, rate_per_second, rate_burst))
     cfg = engine.settings
     mcp.add_middleware(

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmcp import FastMCP
-from fastmcp.exceptions import ResourceError
 from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
-from mcp_server.toolset import ToolSpec, error_text, refused, register_tools
+from mcp_server.toolset import ToolSpec, refused_read, register_tools
 from orchestrator.engine import Engine
 from orchestrator.errors import SciorchError
 from orchestrator.models import Principal
@@ -187,7 +186,7 @@ def register_steering(
         try:
             view = await manager.get(principal_of(), campaign_id)
         except SciorchError as exc:
-            raise refused(ResourceError, error_text(exc)) from exc
+            raise refused_read(exc) from exc
         return view.model_dump_json()
 
     surface = SteeringSurface(manager, registered, principal_of, internal)

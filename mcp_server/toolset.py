@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastmcp import Context, FastMCP
-from fastmcp.exceptions import FastMCPError, ToolError
+from fastmcp.exceptions import FastMCPError, ResourceError, ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
 from fastmcp.tools import FunctionTool, ToolResult
 from fastmcp.utilities.json_schema import dereference_refs
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 import tools
 from orchestrator.engine import Engine
-from orchestrator.errors import SciorchError
+from orchestrator.errors import ERROR_META_KEY, SciorchError, invalid_input
 from orchestrator.models import Message, Principal
 from tools import models as m
 
@@ -206,23 +206,41 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 
 
-def error_text(exc: SciorchError) -> str:
-    field = f" [field: {exc.field}]" if exc.field else ""
-    return f"{exc.code}: {exc.message}{field}"
-
-
 def refused(kind: type[Refusal], text: str) -> Refusal:
     """The error a client gets for a request sciorch refuses (bad input, unknown id, not
     allowed): logged at INFO, since the server did nothing wrong (fastmcp's default is ERROR)."""
     return kind(text, log_level=logging.INFO)
 
 
-def validation_text(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "arguments"
-        parts.append(f"{loc}: {err['msg']}")
-    return "invalid_input: " + "; ".join(parts)
+class Refused(ToolError):
+    """A refused tool call that keeps its typed error, so the server's ErrorResults
+    middleware can answer with the error as data; without it, the one-line text remains."""
+
+    def __init__(self, error: SciorchError) -> None:
+        super().__init__(error.text(), log_level=logging.INFO)
+        self.error = error
+
+
+def refusal(exc: SciorchError | ValidationError) -> Refused:
+    if isinstance(exc, ValidationError):
+        exc = invalid_input(exc, default_field="arguments")
+    return Refused(exc)
+
+
+def refused_read(exc: SciorchError | ValidationError) -> ResourceError:
+    """The error of a refused resource read. fastmcp logs every resource error with its
+    traceback; a refusal is no fault of the server's, so that goes to DEBUG."""
+    return ResourceError(refusal(exc).error.text(), log_level=logging.DEBUG)
+
+
+def error_result(error: SciorchError) -> ToolResult:
+    """The isError result of a refused call: the one-line text, and the error as data
+    (code, message, field) in `_meta`."""
+    return ToolResult(
+        content=[TextContent(type="text", text=error.text())],
+        meta={ERROR_META_KEY: error.to_dict()},
+        is_error=True,
+    )
 
 
 def progress_reporter(ctx: Context | None) -> Callable[[Message], Awaitable[None]] | None:
@@ -287,14 +305,20 @@ def build_tool(
             if spec.long_running:
                 return await spec.op(engine, principal, req, progress_reporter(ctx))
             return await spec.op(engine, principal, req)
-        except SciorchError as exc:
-            raise refused(ToolError, error_text(exc)) from exc
-        except ValidationError as exc:
-            raise refused(ToolError, validation_text(exc)) from exc
+        except (SciorchError, ValidationError) as exc:
+            raise refusal(exc) from exc
 
     async def call(**kwargs: Any) -> ToolResult:
         ctx = kwargs.pop("ctx", None)
-        return as_tool_result(await run(kwargs, ctx))
+        try:
+            return as_tool_result(await run(kwargs, ctx))
+        except Refused as exc:
+            # A task-run call's errors never reach the ErrorResults middleware (the tasks
+            # extension turns them into a plain error result): answer with the data here.
+            # Only the read-only long-running tools do, so the audit log misses nothing.
+            if spec.long_running:
+                return error_result(exc.error)
+            raise
 
     call.__name__ = spec.name
     call.__doc__ = spec.description

@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.errors import InvalidInput, InvalidParameters, UnknownService
+from orchestrator.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
 from orchestrator.models import Service, ServiceSummary
 
 
@@ -41,9 +41,7 @@ def load_template(path: Path) -> Service:
         service = Service.model_validate({**data, "source": str(path)})
         jsonschema.Draft202012Validator.check_schema(service.parameters)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "template"
-        raise InvalidInput(f"template {path}: {loc}: {err['msg']}", field=loc) from exc
+        raise invalid_input(exc, where=f"template {path}", default_field="template") from exc
     except jsonschema.SchemaError as exc:
         raise InvalidInput(
             f"template {path}: parameters is not a valid JSON schema: {exc.message}",

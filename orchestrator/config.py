@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import InvalidInput, invalid_input
 
 # A job's result is kept in the store and sent whole by get_entry and read_results; a bigger
 # one fails the entry and stays a file (see backends.base.OVERSIZE_RESULT). An answer carries
@@ -151,9 +151,7 @@ def load_settings(home: Path | None = None, **overrides: Any) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise InvalidInput(f"configuration {path}: {loc}: {err['msg']}", field=loc) from exc
+        raise invalid_input(exc, where=f"configuration {path}") from exc
     for d in (settings.home, settings.entries_dir, settings.keys_dir, settings.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     return settings

@@ -44,6 +44,7 @@ from orchestrator.errors import (
     NotAllowed,
     NotFound,
     SciorchError,
+    reason_line,
 )
 from orchestrator.locks import try_lock
 from orchestrator.models import (
@@ -234,6 +235,8 @@ class Engine:
         endpoint: str | None = None,
         restarts: int | None = None,
     ) -> None:
+        if reason is not None:
+            reason = reason_line(reason)
         async with self._lock(entry_id):
             entry = await self.store.get_entry(entry_id, transitions=False)
             if entry is None:
@@ -467,10 +470,16 @@ class Engine:
         self, principal: Principal, event_id: str, with_principal: str, role: Role | None
     ) -> Event:
         """Grant `role` (viewer or operator) to another principal, or revoke with None.
-        Idempotent: granting the role it already has changes nothing."""
+        Idempotent: granting the role it already has changes nothing. A stopped or expired
+        event can no longer be shared (revoking still works)."""
         event = await self._event_for(principal, event_id, Role.OWNER)
         if role == Role.OWNER:
             raise InvalidInput("role must be viewer or operator", field="role")
+        if role is not None and event.state != EventState.ACTIVE:
+            raise Conflict(
+                f"event {event_id!r} is {event.state.value}; only an active event can be shared",
+                field="event_id",
+            )
         if with_principal == event.owner:
             raise InvalidInput("the owner already has every right", field="principal")
         await self.store.set_share(event_id, with_principal, role)

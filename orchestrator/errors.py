@@ -1,9 +1,20 @@
 """Typed errors that say what went wrong and what to do. Every layer raises these; the MCP layer
-turns them into tool errors, the CLI into a red line."""
+turns them into tool errors (the one-line `text()` for people, `to_dict()` as data for
+programs), the CLI into a red line.
+
+`invalid_input` is the one place a pydantic ValidationError becomes a typed error: every
+loader, the tools and the CLI call it, so the field is named the same way everywhere."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from pydantic import ValidationError
+
+# Where a tool error's data sits in the error result's `_meta` (not in structuredContent:
+# clients validate that against the tool's output schema, some even on error results).
+ERROR_META_KEY = "sciorch/error"
 
 
 class SciorchError(Exception):
@@ -22,6 +33,35 @@ class SciorchError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+    def text(self) -> str:
+        """The one line a person reads (and clients older than the error data parse):
+        `code: message [field: x]`."""
+        return f"{self.code}: {self.message}" + (f" [field: {self.field}]" if self.field else "")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SciorchError | None:
+        """The error `to_dict` describes (the class its code names), or None if `data` is
+        not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+            return None
+        code = data.get("code")
+        kind = next((k for k in _subclasses(SciorchError) if k.code == code), SciorchError)
+        field = data.get("field")
+        err = kind(data["message"], field=field if isinstance(field, str) else None)
+        details = data.get("details")
+        if isinstance(details, dict):
+            err.details = details
+        if kind is SciorchError and isinstance(code, str):
+            err.code = code
+        return err
+
+
+def _subclasses(cls: type[SciorchError]) -> list[type[SciorchError]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 class InvalidInput(SciorchError):
@@ -64,3 +104,71 @@ class InvalidTransition(SciorchError):
 
 class BackendError(SciorchError):
     code = "backend_error"
+
+
+class FieldValueError(ValueError):
+    """Raised in a model validator about one of the model's inputs (`memory` of resources):
+    pydantic places the error at the model, `invalid_input` names the input under it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# A whole-document check of ours names its field first ("acquisition: ...").
+_NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): ")
+_SHOWN = 3
+
+
+def invalid_input(
+    exc: ValidationError,
+    *,
+    where: str | None = None,
+    default_field: str | None = None,
+    field_prefix: str = "",
+) -> InvalidInput:
+    """A ValidationError as one InvalidInput: 'field: what is wrong' for its first errors
+    (prefixed with `where`, e.g. a file), the first error's dotted path as the field (after
+    `field_prefix`, for a model that sits inside a larger document)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts: list[str] = []
+    first: str | None = None
+    for err in errors[:_SHOWN]:
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        cause = err.get("ctx", {}).get("error")
+        named = _NAMED.match(msg)
+        if isinstance(cause, FieldValueError):
+            loc = ".".join(filter(None, (loc, cause.field)))
+        elif not loc and named:
+            loc, msg = named.group(1), msg[named.end() :]
+        loc = loc or default_field or ""
+        first = first if first is not None else loc
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(errors) - _SHOWN} more)" if len(errors) > _SHOWN else ""
+    prefix = f"{where}: " if where else ""
+    field = f"{field_prefix}{first}" if first else (field_prefix.rstrip(".") or None)
+    return InvalidInput(prefix + "; ".join(parts) + more, field=field)
+
+
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+REASON_CHARS = 2000
+
+
+def reason_line(text: str) -> str:
+    """A failure reason as one line for clients: line breaks become ' | ', and a Python
+    traceback in a log tail keeps only its last line (the exception); the whole traceback
+    stays in the entry's log."""
+    kept: list[str] = []
+    in_traceback = False
+    for line in text.splitlines():
+        if line.strip() == _TRACEBACK_HEAD:
+            in_traceback = True
+            continue
+        if in_traceback and (line[:1].isspace() or not line.strip()):
+            continue  # frames, source lines, carets
+        in_traceback = False
+        if line.strip():
+            kept.append(line.strip())
+    out = " | ".join(kept).replace("log tail: |", "log tail:")
+    return out if len(out) <= REASON_CHARS else out[: REASON_CHARS - 1] + "…"

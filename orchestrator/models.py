@@ -6,12 +6,23 @@ return them.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from orchestrator.errors import FieldValueError
 
 # ----------------------------------------------------------------------------- states
 
@@ -58,6 +69,22 @@ def can_transition(old: EntryState, new: EntryState) -> bool:
 
 # ----------------------------------------------------------------------------- quantities
 
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode takes JSON true for the number 1.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true or false")
+    return value
+
+
+# The number types of inputs: no booleans, and for Number no inf or nan.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
+# The optional ones check the union: on `Int | None`, pydantic could not apply a field's bounds
+# (gt, le) to the int inside the validator, and would publish them as unknown keywords.
+OptInt = Annotated[int | None, BeforeValidator(_not_bool)]
+OptNumber = Annotated[Annotated[float, AllowInfNan(False)] | None, BeforeValidator(_not_bool)]
+
 _MEM_UNITS = {
     "": 1 / (1024 * 1024),
     "k": 1 / 1024,
@@ -75,32 +102,57 @@ _MEM_UNITS = {
 }
 
 
-def parse_memory_mb(value: int | float | str) -> int:
+# Far above any machine, and small enough that every quantity below stays a finite number.
+MAX_MEMORY_MB = 2**40
+MAX_DURATION_S = 100 * 366 * 86400
+_MAX_DIGITS = 20
+
+
+def _refuse(what: str | None, message: str) -> ValueError:
+    """About a named input of a model validator (see FieldValueError), or plain."""
+    return FieldValueError(what, message) if what else ValueError(f"duration {message}")
+
+
+def _finite(value: int | float, what: str | None, limit: int) -> float:
+    """A number that may be converted to int: no bool, inf, nan or 400-digit integer."""
+    ok = isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) overflows
+    if isinstance(value, bool) or not ok or abs(value) > limit:
+        raise _refuse(what, f"must be a number from 0 to {limit}")
+    return float(value)
+
+
+def parse_memory_mb(value: Any) -> int:
     """'512Mi', '4G', '2gb' or a number of MiB -> MiB."""
-    if isinstance(value, bool):
-        raise ValueError("memory must be a size such as '512Mi' or '4Gi'")
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError("memory must not be negative")
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+            raise FieldValueError("memory", "must not be negative")
+        return int(_finite(value, "memory", MAX_MEMORY_MB))
+    if not isinstance(value, str):
+        raise FieldValueError("memory", "expected a size such as '512Mi', '4Gi' or 2048 (MiB)")
+    m = re.fullmatch(rf"\s*(\d{{1,{_MAX_DIGITS}}}(?:\.\d{{1,9}})?)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _MEM_UNITS:
-        raise ValueError(f"memory {value!r} is not a size such as '512Mi', '4Gi' or 2048 (MiB)")
-    return max(0, int(float(m.group(1)) * _MEM_UNITS[m.group(2).lower()]))
+        raise FieldValueError(
+            "memory", f"{value[:40]!r} is not a size such as '512Mi', '4Gi' or 2048 (MiB)"
+        )
+    mb = float(m.group(1)) * _MEM_UNITS[m.group(2).lower()]
+    return max(0, int(_finite(mb, "memory", MAX_MEMORY_MB)))
 
 
-def parse_duration_s(value: int | float | str) -> int:
+def parse_duration_s(value: Any, what: str | None = None) -> int:
     """'01:30:00', '2-00:00:00', '90m', '30s', '2h' or seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("duration must be seconds or a string such as '01:00:00' or '30m'")
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("duration must be positive")
-        return int(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not value > 0:
+            raise _refuse(what, "must be positive")
+        return int(_finite(value, what, MAX_DURATION_S))
+    if not isinstance(value, str):
+        raise _refuse(what, "expected seconds or a string such as '01:00:00' or '30m'")
     v = value.strip()
+    if len(v) > 3 * _MAX_DIGITS:
+        raise _refuse(what, f"{v[:40]!r}... is too long")
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", v)
     if m:
-        return int(float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return int(_finite(seconds, what, MAX_DURATION_S))
     m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", v)
     if m:
         days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
@@ -108,10 +160,8 @@ def parse_duration_s(value: int | float | str) -> int:
         if total > 0:
             return total
     if v.isdigit() and int(v) > 0:
-        return int(v)
-    raise ValueError(
-        f"duration {value!r} is not seconds or 'HH:MM:SS', '[D-]HH:MM:SS', '30m', '2h'"
-    )
+        return int(_finite(int(v), what, MAX_DURATION_S))
+    raise _refuse(what, f"{value!r} is not seconds or 'HH:MM:SS', '[D-]HH:MM:SS', '30m', '2h'")
 
 
 def format_duration(seconds: int) -> str:
@@ -130,7 +180,7 @@ def _resource_aliases(data: Any) -> Any:
         if "memory" in data:
             data["memory_mb"] = parse_memory_mb(data.pop("memory"))
         if "walltime" in data:
-            data["walltime_s"] = parse_duration_s(data.pop("walltime"))
+            data["walltime_s"] = parse_duration_s(data.pop("walltime"), "walltime")
     return data
 
 
@@ -140,11 +190,15 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float = Field(1, gt=0, le=4096, description="CPU cores")
-    memory_mb: int = Field(512, ge=0, description="memory in MiB ('4Gi' accepted)")
-    gpus: int = Field(0, ge=0, le=64, description="whole GPUs")
+    cpus: Number = Field(1, gt=0, le=4096, description="CPU cores")
+    memory_mb: Int = Field(
+        512, ge=0, le=MAX_MEMORY_MB, description="memory in MiB ('4Gi' accepted)"
+    )
+    gpus: Int = Field(0, ge=0, le=64, description="whole GPUs")
     gpu_type: str | None = Field(None, description="GPU model, e.g. 'a100'; any if unset")
-    walltime_s: int = Field(3600, gt=0, description="time limit in seconds ('01:00:00' accepted)")
+    walltime_s: Int = Field(
+        3600, gt=0, le=MAX_DURATION_S, description="time limit in seconds ('01:00:00' accepted)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -157,11 +211,11 @@ class ResourceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float | None = Field(None, gt=0, le=4096)
-    memory_mb: int | None = Field(None, ge=0)
-    gpus: int | None = Field(None, ge=0, le=64)
+    cpus: OptNumber = Field(None, gt=0, le=4096)
+    memory_mb: OptInt = Field(None, ge=0, le=MAX_MEMORY_MB)
+    gpus: OptInt = Field(None, ge=0, le=64)
     gpu_type: str | None = None
-    walltime_s: int | None = Field(None, gt=0)
+    walltime_s: OptInt = Field(None, gt=0, le=MAX_DURATION_S)
 
     @model_validator(mode="before")
     @classmethod

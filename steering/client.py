@@ -6,30 +6,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 from fastmcp import Client
-from fastmcp.exceptions import ToolError
+from fastmcp.client.client import CallToolResult
+
+from orchestrator.errors import ERROR_META_KEY, SciorchError
 
 log = logging.getLogger("sciorch.steering")
 
-_ERROR = re.compile(
-    r"^(?P<code>[a-z_]+): (?P<message>.*?)(?: \[field: (?P<field>[^\]]+)\])?$", re.S
-)
-
 
 class ToolFailed(Exception):
-    """A tool answered with an error (sciorch's `code: message [field: x]`)."""
+    """A tool answered with an error: its code, message and field as the server sent them
+    (the error data in the result's `_meta`); the text alone if the result has none."""
 
-    def __init__(self, tool: str, text: str) -> None:
-        m = _ERROR.match(text.strip())
+    def __init__(self, tool: str, text: str, error: SciorchError | None = None) -> None:
         self.tool = tool
-        self.code = m.group("code") if m else "error"
-        self.message = m.group("message") if m else text
-        self.field = m.group("field") if m else None
+        self.code = error.code if error else "error"
+        self.message = error.message if error else text
+        self.field = error.field if error else None
         super().__init__(f"{tool}: {text}")
+
+    @classmethod
+    def of(cls, tool: str, result: CallToolResult) -> ToolFailed:
+        text = "\n".join(getattr(c, "text", "") for c in result.content).strip()
+        error = SciorchError.from_dict((result.meta or {}).get(ERROR_META_KEY))
+        return cls(tool, text or (error.text() if error else f"{tool} failed"), error)
 
 
 class Tools:
@@ -75,10 +78,7 @@ class Tools:
             if client is None:
                 raise RuntimeError("Tools used outside `async with`")
             try:
-                result = await client.call_tool(name, args or {})
-                return dict(result.structured_content or {})
-            except ToolError as exc:
-                raise ToolFailed(name, str(exc)) from None
+                result = await client.call_tool(name, args or {}, raise_on_error=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -94,3 +94,7 @@ class Tools:
                     await self._reconnect(client)
                 except Exception as again:
                     log.warning("reconnecting failed: %s", again)
+                continue
+            if result.is_error:
+                raise ToolFailed.of(name, result)
+            return dict(result.structured_content or {})

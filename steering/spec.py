@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import InvalidInput
-from orchestrator.models import parse_duration_s
+from orchestrator.errors import InvalidInput, invalid_input
+from orchestrator.models import MAX_DURATION_S, Int, Number, OptInt, OptNumber, parse_duration_s
 
 Goal = Literal["minimise", "maximise", "explore"]
 
@@ -85,7 +85,7 @@ class Objective(_Strict):
     goal: Goal = Field(
         "minimise", description="minimise or maximise the field, or explore (reduce uncertainty)"
     )
-    reference: float | None = Field(
+    reference: OptNumber = Field(
         None, description="known optimum, only for reports (e.g. 0.397887 for Branin)"
     )
     warp: Literal["auto", "log", "none"] = Field(
@@ -107,8 +107,8 @@ class Parameter(_Strict):
 
     name: str = Field(pattern=NAME, description="the job parameter this dimension sets")
     type: Literal["continuous", "integer", "categorical"] = "continuous"
-    low: float | None = Field(None, description="lower bound (continuous, integer)")
-    high: float | None = Field(None, description="upper bound (continuous, integer)")
+    low: OptNumber = Field(None, description="lower bound (continuous, integer)")
+    high: OptNumber = Field(None, description="upper bound (continuous, integer)")
     choices: list[str | int | float | bool] | None = Field(
         None, description="the values of a categorical parameter"
     )
@@ -142,7 +142,7 @@ class Parameter(_Strict):
 
 
 class InitialDesign(_Strict):
-    count: int | None = Field(
+    count: OptInt = Field(
         None, ge=1, le=10_000, description="space-filling points before the GP decides"
     )
     method: Literal["sobol", "lhs", "random"] = Field(
@@ -151,9 +151,12 @@ class InitialDesign(_Strict):
 
 
 class Budget(_Strict):
-    evaluations: int = Field(30, ge=1, le=100_000, description="points to evaluate at most")
-    wall_time_s: float | None = Field(
-        None, gt=0, description="stop after this long from the start ('2h', '30m' accepted)"
+    evaluations: Int = Field(30, ge=1, le=100_000, description="points to evaluate at most")
+    wall_time_s: OptNumber = Field(
+        None,
+        gt=0,
+        le=MAX_DURATION_S,
+        description="stop after this long from the start ('2h', '30m' accepted)",
     )
 
     @field_validator("wall_time_s", mode="before")
@@ -165,10 +168,10 @@ class Budget(_Strict):
 
 
 class Stop(_Strict):
-    target: float | None = Field(
+    target: OptNumber = Field(
         None, description="stop once the best value reaches this (<= for minimise, >= maximise)"
     )
-    max_posterior_std: float | None = Field(
+    max_posterior_std: OptNumber = Field(
         None, gt=0, description="stop once the GP's largest posterior std over the space is below"
     )
 
@@ -179,7 +182,7 @@ class Noise(_Strict):
     field: str | None = Field(
         "noise_variance", description="result field holding each measurement's noise variance"
     )
-    variance: float | None = Field(
+    variance: OptNumber = Field(
         None, ge=0, description="known noise variance, used where the result does not say"
     )
     learn: bool = Field(False, description="learn one noise level with the hyperparameters")
@@ -216,19 +219,24 @@ class CampaignFields(_Strict):
         description="gpCAM acquisition function; default expected improvement (variance "
         "for explore). For minimise use lcb, not ucb.",
     )
-    acquisition_args: dict[str, float] = Field(
+    acquisition_args: dict[str, Number] = Field(
         default_factory=dict, description="e.g. {a, b} for 'target probability' (result units)"
     )
-    batch_size: int = Field(1, ge=1, le=64, description="evaluations kept in flight at once")
+    batch_size: Int = Field(1, ge=1, le=64, description="evaluations kept in flight at once")
     budget: Budget = Field(default_factory=Budget)
     stop: Stop = Field(default_factory=Stop)
     noise: Noise = Field(default_factory=Noise)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: chosen at start")
-    site: str | None = Field(None, max_length=64, description="run evaluations on this site")
-    event_id: str | None = Field(
-        None, max_length=64, description="event to run in; default: a new event per campaign"
+    seed: OptInt = Field(None, ge=0, le=2**32 - 1, description="default: chosen at start")
+    site: str | None = Field(
+        None, min_length=1, max_length=64, description="run evaluations on this site"
     )
-    retries: int = Field(2, ge=0, le=10, description="resubmissions of a failed evaluation")
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="event to run in; default: a new event per campaign",
+    )
+    retries: Int = Field(2, ge=0, le=10, description="resubmissions of a failed evaluation")
     plot: Plot = Field(default_factory=Plot)
 
     @field_validator("acquisition", mode="before")
@@ -305,19 +313,6 @@ class CampaignSpec(CampaignFields):
 # ------------------------------------------------------------------------------ loading
 
 
-def validation_error(exc: ValidationError, source: str | None = None) -> InvalidInput:
-    """The first error as one line naming the field, e.g. `space.1.high: ...`."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    named = re.match(r"^([a-z_][a-z0-9_.]*): ", msg)
-    if not loc and named:  # a whole-campaign check that names its field first
-        loc, msg = named.group(1), msg[named.end() :]
-    where = f"{source}: " if source else ""
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return InvalidInput(f"{where}{loc + ': ' if loc else ''}{msg}{more}", field=loc or None)
-
-
 def parse_spec(data: Any, source: str | None = None) -> CampaignSpec:
     if not isinstance(data, dict):
         raise InvalidInput(
@@ -328,7 +323,7 @@ def parse_spec(data: Any, source: str | None = None) -> CampaignSpec:
     try:
         return CampaignSpec.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, source) from None
+        raise invalid_input(exc, where=source) from None
 
 
 def load_spec(path: Path) -> CampaignSpec:

@@ -14,6 +14,9 @@ from orchestrator.models import (
     EntryState,
     Event,
     EventState,
+    Int,
+    Number,
+    OptInt,
     ResourceRequest,
     Resources,
     ServiceKind,
@@ -46,9 +49,9 @@ class NoInput(_In):
 class CreateEventInput(_In):
     name: str | None = Field(None, max_length=200, description="a label for the allocation")
     site: str | None = Field(
-        None, max_length=64, description="pin all entries of this event to a site"
+        None, min_length=1, max_length=64, description="pin all entries of this event to a site"
     )
-    ttl_seconds: int | None = Field(
+    ttl_seconds: OptInt = Field(
         None, gt=0, le=366 * 86400, description="lifetime; entries are stopped when it ends"
     )
 
@@ -73,10 +76,13 @@ class _LaunchInput(_In):
         default_factory=dict, description="values for the service's parameter schema"
     )
     event_id: str | None = Field(
-        None, max_length=64, description="event to launch into; default: your default event"
+        None,
+        min_length=1,
+        max_length=64,
+        description="event to launch into; default: your default event",
     )
     site: str | None = Field(
-        None, max_length=64, description="run on this site; default: the router picks"
+        None, min_length=1, max_length=64, description="run on this site; default: the router picks"
     )
     resources: ResourceRequest | None = Field(
         None, description="override the template's resources (cpus, memory_mb, gpus, ...)"
@@ -108,18 +114,20 @@ class EntryRef(_In):
 
 
 class ListEntriesInput(_In):
-    event_id: str | None = Field(None, max_length=64, description="only entries of this event")
+    event_id: str | None = Field(
+        None, min_length=1, max_length=64, description="only entries of this event"
+    )
     states: list[EntryState] | None = Field(
         None, max_length=8, description="only entries in one of these states"
     )
     service: str | None = Field(None, max_length=128, description="only this catalogue service")
-    limit: int = Field(50, ge=1, le=1000, description="entries per page at most")
+    limit: Int = Field(50, ge=1, le=1000, description="entries per page at most")
     cursor: str | None = Field(None, max_length=512, description="next_cursor of the last page")
 
 
 class WaitEntryInput(_In):
     entry_id: str = EntryId
-    timeout_seconds: float = Field(
+    timeout_seconds: Number = Field(
         60, gt=0, le=86400, description="wait at most this long; then timed_out=true"
     )
     until: Literal["auto", "started", "ready", "finished"] = Field(
@@ -129,16 +137,19 @@ class WaitEntryInput(_In):
 
 class ReadLogsInput(_In):
     entry_id: str = EntryId
-    offset: int = Field(0, ge=0, description="byte offset; pass next_offset to continue")
-    limit: int = Field(65536, ge=1, le=1_048_576, description="bytes at most")
+    offset: Int = Field(0, ge=0, le=2**53, description="byte offset; pass next_offset to continue")
+    limit: Int = Field(65536, ge=1, le=1_048_576, description="bytes at most")
 
 
 class ReadResultsInput(_In):
     entry_id: str = EntryId
-    since_record: int = Field(
-        0, ge=0, description="skip this many intermediate records; pass next_record to continue"
+    since_record: Int = Field(
+        0,
+        ge=0,
+        le=2**31,
+        description="skip this many intermediate records; pass next_record to continue",
     )
-    limit: int = Field(100, ge=1, le=1000, description="records per page at most")
+    limit: Int = Field(100, ge=1, le=1000, description="records per page at most")
 
 
 # ------------------------------------------------------------------ outputs

@@ -81,7 +81,17 @@ def main() -> int:
         return 3
 
     x = list(point.values())
-    true_value = surface(x)
+    try:
+        true_value = surface(x)
+        if not math.isfinite(true_value):
+            raise ArithmeticError(f"f(x) is {true_value}")
+    except ArithmeticError as exc:  # one line for the entry's reason, not a traceback
+        print(
+            f"[sim-instrument] error: cannot measure {surface.name} at {point}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     stream_path = os.environ.get("SCIORCH_STREAM")
     start = time.monotonic()
     samples: list[float] = []
