@@ -7,6 +7,7 @@ loader, the tools and the CLI call it, so the field is named the same way everyw
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -120,6 +121,15 @@ _NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): ")
 _SHOWN = 3
 
 
+def _loc_part(part: object) -> str:
+    """A location step as shown: quoted when it is empty or holds blanks or control characters
+    (an unknown key chosen by a caller must not break the one-line error)."""
+    text = str(part)
+    if text and text.isprintable() and not any(c.isspace() for c in text):
+        return text
+    return json.dumps(text)
+
+
 def invalid_input(
     exc: ValidationError,
     *,
@@ -134,7 +144,7 @@ def invalid_input(
     parts: list[str] = []
     first: str | None = None
     for err in errors[:_SHOWN]:
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(_loc_part(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
         cause = err.get("ctx", {}).get("error")
         named = _NAMED.match(msg)

@@ -1013,7 +1013,9 @@ def _check_answer(name: str, schema: dict[str, Any], args: dict[str, Any], resul
     text = assert_tool_error(result)
     code = text.split(":", 1)[0]
     if code in ("invalid_input", "invalid_parameters"):
-        named = [k for k in [*args, *schema.get("required", [])] if k in text]
+        # A key with blanks or control characters is named quoted, as JSON writes it.
+        keys = [*args, *schema.get("required", [])]
+        named = [k for k in keys if k in text or json.dumps(k) in text]
         assert named or "bytes" in text, f"error names no field: {text!r} for {args!r}"
 
 
