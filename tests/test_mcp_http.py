@@ -505,7 +505,7 @@ async def test_token_create_prints_a_token_that_works(http: HttpServer) -> None:
 
 
 def inspector_cli() -> str | None:
-    """The npm Inspector CLI that scripts/test.d/05-npm-inspector.sh installs."""
+    """The npm Inspector CLI that scripts/test.d/05-npm-tools.sh installs."""
     candidates = [
         os.environ.get("SCIORCH_INSPECTOR_CLI", ""),
         str(ROOT / ".npm-tools/node_modules/.bin/mcp-inspector-cli"),
@@ -522,7 +522,7 @@ def need_inspector() -> str:
     if cli and node:
         return cli
     why = (
-        "the npm MCP Inspector CLI is not installed (run scripts/test.d/05-npm-inspector.sh, "
+        "the npm MCP Inspector CLI is not installed (run scripts/test.d/05-npm-tools.sh, "
         "which needs node and npm)"
         if node
         else "node is not installed, so the npm MCP Inspector CLI cannot run"
