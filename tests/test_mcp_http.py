@@ -421,17 +421,22 @@ async def test_two_principals_cannot_see_each_others_entries_logs_events_or_urls
 
 async def test_rate_limit_is_per_principal_with_a_clear_error(http: HttpServer) -> None:
     limited = http.base + "/mcp-limited"
-    errors: list[str] = []
+    errors: list[MCPError] = []
     async with sdk_client(limited, http.token("carol")) as carol:
         for _ in range(8):
             try:
                 await carol.call_tool("list_sites", {})
             except MCPError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
     assert errors, "the rate limit was never reached"
-    assert all("Rate limit exceeded" in e and "carol" in e for e in errors), errors
     for error in errors:
-        assert_no_traceback(error)
+        text = str(error)
+        assert text.startswith("rate_limited: ") and "carol" in text, text
+        assert_no_traceback(text)
+        # When to retry, in the text and the error's data: at 0.2 calls per second a token
+        # comes back within 5 s.
+        wait = error.data["retry_after_s"]
+        assert 0 < wait <= 5 and f"retry after {wait:g} s" in text, (wait, text)
     async with sdk_client(limited, http.token("dave")) as dave:  # another principal: fine
         result = await dave.call_tool("list_sites", {})
         assert not result.is_error
