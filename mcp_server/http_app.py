@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mcp_server.proxy import EntryProxy
@@ -88,14 +89,28 @@ def mcp_mount(
     Starlette would redirect every `path` request there with a Location built from the
     request's Host header, before any check. Host and Origin are checked first of all (DNS
     rebinding: fastmcp's guard, refusing a foreign Host with 421 and a foreign Origin with 403),
-    before the bearer token. `path/` reaches the same app, which redirects it only after the
-    Host check."""
+    before the bearer token. `path/` (where it used to live) is answered the same way."""
     hosts, origins = mcp_allowlists(settings)
     mcp_app = mcp.http_app(
         path=path, host_origin_protection=True, allowed_hosts=hosts, allowed_origins=origins
     )
-    routes: list[BaseRoute] = [Route(path, endpoint=mcp_app), Route(path + "/", endpoint=mcp_app)]
+
+    routes: list[BaseRoute] = [
+        Route(path, endpoint=mcp_app),
+        Route(path + "/", endpoint=_AtPath(mcp_app, path)),
+    ]
     return routes, [mcp_app.lifespan]
+
+
+class _AtPath:
+    """An ASGI app handing every request to `app` as if it were made at `path` (an object, not
+    a function: Starlette routes a function for GET only)."""
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app, self.path = app, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app({**scope, "path": self.path}, receive, send)
 
 
 def mcp_allowlists(settings: Settings) -> tuple[list[str], list[str]]:

@@ -128,9 +128,9 @@ async def test_mcp_is_answered_at_mcp_without_a_redirect(served: Served) -> None
     for token in (False, True):
         resp = _post(served, token=token, host=EVIL)
         assert "location" not in resp.headers and resp.status_code == 421, resp.headers
-    # The old address with a slash still works, redirected only after the Host check.
+    # The old address, with a slash, is answered in place too, and checked the same way.
     resp = _post(served, "/mcp/")
-    assert resp.status_code == 307 and resp.headers["location"] == served.base + "/mcp"
+    assert resp.status_code == 200 and "location" not in resp.headers, resp.headers
     assert _post(served, "/mcp/", host=EVIL).status_code == 421
 
     # The SDK client pays no redirect, and a stream longer than the header deadline (a job
