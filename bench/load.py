@@ -14,9 +14,11 @@ real `sciorch serve` (child process, its default per-principal rate limit in for
 The mix per client, in turn: get_entry (x4 in 10), list_entries, list_services, list_sites,
 read_results, read_logs, list_events; submit_job once.
 
-Targets: 0 errors besides rate-limit refusals; every submitted job final; throughput under
-load >= the one-client baseline's (concurrency must not cost the server throughput); p99 under
-load <= 5x p50 under load (no client starved). Exit 1 when one is missed.
+Targets: 0 errors besides rate-limit refusals; every submitted job final; the server's CPU
+time per call under load <= 1.5x the baseline's (concurrency must not add work per call; CPU
+time, not calls per second, because on a shared machine other tenants set the wall clock: in
+the first run here the server got 29% of a core); p99 under load <= 5x p50 under load (no
+client starved). Exit 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from orchestrator.config import load_settings
 from orchestrator.models import TERMINAL_STATES
 
 TAIL_TARGET = 5.0  # p99 / p50 under load
-THROUGHPUT_TARGET = 1.0  # load calls/s / baseline calls/s
+CPU_TARGET = 1.5  # server CPU per call, load / baseline
 MIX = (
     "get_entry",
     "list_entries",
@@ -160,15 +162,17 @@ async def run(clients: int, calls: int, principals: int, baseline_calls: int) ->
             base_tally = Tally()
             async with http_client(url, token("baseline"), "sdk") as call:
                 await call("list_sites", {})  # connected and warm
-                t0 = time.perf_counter()
+                cpu0, t0 = cpu_seconds(pid), time.perf_counter()
                 await client_run(call, baseline_calls, seeds["baseline"], None, base_tally)
                 base_elapsed = time.perf_counter() - t0
+                base_cpu = (cpu_seconds(pid) - cpu0) / len(base_tally.latencies)
             base_rate = len(base_tally.latencies) / base_elapsed
             b50, b99 = percentiles(base_tally.latencies)
             print(
                 f"baseline, one client: {len(base_tally.latencies)} calls in {base_elapsed:.1f} s "
-                f"= {base_rate:.0f} calls/s; p50 {b50:.1f} ms, p99 {b99:.1f} ms; refusals "
-                f"{base_tally.refusals}, errors {len(base_tally.errors)}"
+                f"= {base_rate:.0f} calls/s; p50 {b50:.1f} ms, p99 {b99:.1f} ms; server CPU "
+                f"{base_cpu * 1000:.2f} ms/call; refusals {base_tally.refusals}, errors "
+                f"{len(base_tally.errors)}"
             )
 
             # 2. load: every client at once, after all have connected
@@ -204,6 +208,7 @@ async def run(clients: int, calls: int, principals: int, baseline_calls: int) ->
                 f"{len(latencies)} calls in {elapsed:.1f} s = {rate:.0f} calls/s; p50 "
                 f"{p50:.1f} ms, p99 {p99:.1f} ms, max {max(latencies) * 1000:.0f} ms; "
                 f"rate-limit refusals {refusals} (retried); errors {len(errors)}; server CPU "
+                f"{server_cpu / len(latencies) * 1000:.2f} ms/call, "
                 f"{server_cpu / elapsed * 100:.0f}% of a core, clients' "
                 f"{client_cpu / elapsed * 100:.0f}%"
             )
@@ -235,7 +240,7 @@ async def run(clients: int, calls: int, principals: int, baseline_calls: int) ->
                 f"({dict(states)}), waited {time.perf_counter() - t0:.1f} s"
             )
 
-    ratio, tail = rate / base_rate, p99 / p50
+    cpu_ratio, tail = server_cpu / len(latencies) / base_cpu, p99 / p50
     checks = [
         ("0 errors besides rate-limit refusals", not errors and not base_tally.errors),
         (
@@ -243,8 +248,9 @@ async def run(clients: int, calls: int, principals: int, baseline_calls: int) ->
             final == len(jobs) == clients,
         ),
         (
-            f"throughput under load >= {THROUGHPUT_TARGET:g}x baseline ({ratio:.2f}x)",
-            ratio >= THROUGHPUT_TARGET,
+            f"server CPU per call under load <= {CPU_TARGET:g}x baseline ({cpu_ratio:.2f}x; "
+            f"calls/s {rate / base_rate:.2f}x)",
+            cpu_ratio <= CPU_TARGET,
         ),
         (f"p99 <= {TAIL_TARGET:g}x p50 under load ({tail:.1f}x)", tail <= TAIL_TARGET),
     ]
