@@ -188,13 +188,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_server(home: Path) -> Any:
+def http_server(home: Path, command: Callable[[int], list[str]] | None = None) -> Any:
+    """The HTTP server in a child process on a free port: this file's --serve, or the
+    `command` for that port; yields (base URL, pid) once /healthz answers."""
     ensure_keys(settings_for(home).keys_dir)  # made once, before the child reads them
     port = free_port()
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(home), "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-    )
+    own = [sys.executable, __file__, "--serve", str(home), "--port", str(port)]
+    child = subprocess.Popen(command(port) if command else own, stdin=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
@@ -174,13 +175,20 @@ class RateLimit(RateLimitingMiddleware):
     ) -> Any:
         who = await self._get_client_identifier(context)
         cost = 1.0 if context.method in WORK_METHODS else HOUSEKEEPING_COST
+        bucket = self.limiters[who]
         # consume() is typed for whole tokens; its arithmetic is float throughout.
-        if not await self.limiters[who].consume(cast(int, cost)):
-            raise RateLimitError(
-                f"Rate limit exceeded for client: {who} (at most "
+        if not await bucket.consume(cast(int, cost)):
+            # When the bucket will hold `cost` again, rounded up to a tenth of a second. Over
+            # HTTP the refusal is a JSON-RPC error inside a 200 response, where no Retry-After
+            # header can go: it says so in the text, and in the error's data.
+            wait = math.ceil((cost - bucket.tokens) / bucket.refill_rate * 10) / 10
+            refusal = RateLimitError(
+                f"rate_limited: Rate limit exceeded for client: {who} (at most "
                 f"{self.max_requests_per_second:g} calls per second, bursts of "
-                f"{self.burst_capacity}); wait a moment and retry"
+                f"{self.burst_capacity}); retry after {wait:g} s (retry_after_s={wait:g})"
             )
+            refusal.error.data = {"retry_after_s": wait}
+            raise refusal
         return await call_next(context)
 
 

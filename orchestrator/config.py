@@ -84,6 +84,19 @@ class Settings(BaseModel):
     public_url: str = Field("http://127.0.0.1:8765", description="base URL of the HTTP app")
     host: str = "127.0.0.1"
     port: int = 8765
+    # DNS rebinding: /mcp answers only these Host names and browser Origins (fnmatch patterns),
+    # besides the loopback ones, the listen address and public_url's, which are always allowed.
+    # Requests without an Origin (non-browser clients) are not refused for it.
+    allowed_hosts: list[str] = Field(default_factory=list, examples=[["*.lab.example.org"]])
+    allowed_origins: list[str] = Field(
+        default_factory=list, examples=[["https://notebooks.lab.example.org"]]
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a whole request head is closed"
+    )
+    http_idle_timeout_s: int = Field(
+        5, gt=0, description="an idle keep-alive connection is closed after this"
+    )
     event_ttl_s: int | None = Field(None, description="default lifetime of a new event")
     entry_token_ttl_s: int = 12 * 3600
     max_result_bytes: int = Field(

@@ -19,7 +19,6 @@ import mcp
 import uvicorn
 from fastmcp import FastMCP
 from mcp.client.streamable_http import streamable_http_client
-from starlette.routing import Mount
 
 from mcp_server.auth import create_token, verifier
 from mcp_server.http_app import create_http_app, mcp_mount
@@ -171,11 +170,12 @@ async def run_http_server(
     try:
         keys = engine.settings.keys_dir
         server = create_server(engine, auth=verifier(keys), **server_args)
-        routes, lifespans = mcp_mount(server)
+        routes, lifespans = mcp_mount(server, engine.settings)
         for path, args in (extra_mounts or {}).items():
-            extra_app = create_server(engine, auth=verifier(keys), **args).http_app(path="/")
-            routes.append(Mount(path, app=extra_app))
-            lifespans.append(extra_app.lifespan)
+            extra = create_server(engine, auth=verifier(keys), **args)
+            extra_routes, extra_lifespans = mcp_mount(extra, engine.settings, path)
+            routes += extra_routes
+            lifespans += extra_lifespans
         app = create_http_app(engine, extra_routes=routes, lifespans=lifespans)
         async with serve_asgi(app, sock) as base:
             yield HttpServer(engine=engine, mcp=server, base=base, keys_dir=keys)

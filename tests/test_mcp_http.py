@@ -421,17 +421,22 @@ async def test_two_principals_cannot_see_each_others_entries_logs_events_or_urls
 
 async def test_rate_limit_is_per_principal_with_a_clear_error(http: HttpServer) -> None:
     limited = http.base + "/mcp-limited"
-    errors: list[str] = []
+    errors: list[MCPError] = []
     async with sdk_client(limited, http.token("carol")) as carol:
         for _ in range(8):
             try:
                 await carol.call_tool("list_sites", {})
             except MCPError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
     assert errors, "the rate limit was never reached"
-    assert all("Rate limit exceeded" in e and "carol" in e for e in errors), errors
     for error in errors:
-        assert_no_traceback(error)
+        text = str(error)
+        assert text.startswith("rate_limited: ") and "carol" in text, text
+        assert_no_traceback(text)
+        # When to retry, in the text and the error's data: at 0.2 calls per second a token
+        # comes back within 5 s.
+        wait = error.data["retry_after_s"]
+        assert 0 < wait <= 5 and f"retry after {wait:g} s" in text, (wait, text)
     async with sdk_client(limited, http.token("dave")) as dave:  # another principal: fine
         result = await dave.call_tool("list_sites", {})
         assert not result.is_error
@@ -505,7 +510,7 @@ async def test_token_create_prints_a_token_that_works(http: HttpServer) -> None:
 
 
 def inspector_cli() -> str | None:
-    """The npm Inspector CLI that scripts/test.d/05-npm-inspector.sh installs."""
+    """The npm Inspector CLI that scripts/test.d/05-npm-tools.sh installs."""
     candidates = [
         os.environ.get("SCIORCH_INSPECTOR_CLI", ""),
         str(ROOT / ".npm-tools/node_modules/.bin/mcp-inspector-cli"),
@@ -522,7 +527,7 @@ def need_inspector() -> str:
     if cli and node:
         return cli
     why = (
-        "the npm MCP Inspector CLI is not installed (run scripts/test.d/05-npm-inspector.sh, "
+        "the npm MCP Inspector CLI is not installed (run scripts/test.d/05-npm-tools.sh, "
         "which needs node and npm)"
         if node
         else "node is not installed, so the npm MCP Inspector CLI cannot run"
