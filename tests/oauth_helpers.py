@@ -227,7 +227,7 @@ async def run_oauth_server(home: Path, **auth: Any) -> AsyncIterator[OAuthServer
     engine = await Engine.open(make_settings(home, public_url=f"http://{host}:{port}", auth=config))
     try:
         server_auth = resource_server(engine.settings)
-        routes, lifespans = mcp_mount(create_server(engine, auth=server_auth))
+        routes, lifespans = mcp_mount(create_server(engine, auth=server_auth), engine.settings)
         app = create_http_app(engine, extra_routes=routes, lifespans=lifespans)
         async with serve_asgi(app, sock) as base:
             yield OAuthServer(engine=engine, auth=server_auth, base=base)
