@@ -75,7 +75,8 @@ def example_secrets() -> dict[str, dict[str, Any]]:
 def container() -> dict[str, Any]:
     containers = one("Deployment")["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
-    return containers[0]
+    c: dict[str, Any] = containers[0]
+    return c
 
 
 def containerfile() -> list[tuple[str, str]]:
@@ -318,9 +319,7 @@ def test_runs_as_the_images_non_root_user_on_a_read_only_root() -> None:
     env = {v["name"]: v.get("value") for v in c["env"]}
     image_env = dict(re.findall(r"(\w+)=(\S+)", instruction("ENV")))
     assert env["SCIORCH_HOME"] == image_env["SCIORCH_HOME"]
-    writable = {
-        m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")
-    }
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
     for path in (env["SCIORCH_HOME"], "/tmp", image_env["MPLCONFIGDIR"], image_env["HOME"]):
         assert any(path == w or path.startswith(w + "/") for w in writable), path
     for kind in ("requests", "limits"):
