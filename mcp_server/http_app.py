@@ -38,6 +38,7 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[Any]]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+READY_TIMEOUT_S = 2.0
 
 
 def create_http_app(
@@ -46,8 +47,9 @@ def create_http_app(
     extra_routes: Sequence[BaseRoute] = (),
     lifespans: Sequence[Lifespan] = (),
 ) -> Starlette:
-    """The proxy routes plus GET /healthz. `extra_routes` come first (e.g. the MCP mount);
-    `lifespans` are entered in order at start-up (e.g. the MCP app's session manager)."""
+    """The proxy routes plus GET /healthz (alive) and /readyz (the store answers).
+    `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in order at
+    start-up (e.g. the MCP app's session manager)."""
     proxy = EntryProxy(lambda: engine)
 
     async def healthz(request: Request) -> Response:
@@ -61,6 +63,17 @@ def create_http_app(
             sites = [{"name": name, "status": "unknown"} for name in engine.backends]
         return JSONResponse({"ok": True, "sites": sites})
 
+    async def readyz(request: Request) -> Response:
+        # Readiness, unlike liveness, follows the store: a replica that cannot reach PostgreSQL
+        # leaves the Service's endpoints rather than being restarted (which would not help).
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):  # a hung store must not pile up probes
+                await engine.store.schema_version()
+        except Exception as exc:
+            log.warning("readyz: store unreachable: %s", exc)
+            return JSONResponse({"ok": False, "error": "store_unavailable"}, status_code=503)
+        return JSONResponse({"ok": True})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -72,6 +85,7 @@ def create_http_app(
     routes: list[BaseRoute] = [
         *extra_routes,
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         *proxy.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
