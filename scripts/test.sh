@@ -25,9 +25,17 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 # ---- prerequisites beyond Python -------------------------------------------------------------
-# Each scripts/test.d/*.sh is sourced here, in name order, before the checks run (for example
-# the Slurm issue starts its daemons from scripts/test.d/). They may export variables the tests
-# read.
+# Each scripts/test.d/*.sh is sourced here, in name order, before the checks run (Slurm,
+# PostgreSQL, the test identity provider, the npm tools). They may export variables the tests
+# read, and register what to stop at exit with `at_exit COMMAND`: one EXIT trap runs them all,
+# newest first (chaining traps by rewriting `trap -p` breaks on quotes).
+_at_exit=()
+at_exit() { _at_exit=("$1" "${_at_exit[@]}"); }
+_run_at_exit() {
+  local cmd
+  for cmd in "${_at_exit[@]}"; do eval "$cmd" || true; done
+}
+trap _run_at_exit EXIT
 for hook in scripts/test.d/*.sh; do
   [ -e "$hook" ] || continue
   echo "test.sh: $hook"

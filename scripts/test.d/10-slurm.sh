@@ -12,10 +12,7 @@ if bash scripts/slurm-setup.sh; then
   # shellcheck source=/dev/null
   . "$_slurm_base/env"
   if [ "$_slurm_was_up" = 0 ]; then
-    _slurm_prev_trap=$(trap -p EXIT | sed -e "s/^trap -- '//" -e "s/' EXIT\$//")
-    # shellcheck disable=SC2064
-    trap "echo 'test.sh: stopping the test Slurm'; bash '$PWD/scripts/slurm-stop.sh' || true; $_slurm_prev_trap" EXIT
-    unset _slurm_prev_trap
+    at_exit "echo 'test.sh: stopping the test Slurm'; bash '$PWD/scripts/slurm-stop.sh'"
   fi
   # Jobs submitted through slurmrestd run as $SCIORCH_SLURM_USER (slurmrestd refuses root): that
   # user must be able to run this venv's Python. Grant it search permission on the directories

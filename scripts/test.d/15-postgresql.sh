@@ -10,10 +10,7 @@ if _pg_env=$(bash scripts/postgres.sh start); then
   # shellcheck source=/dev/null
   . "$_pg_env"
   if [ "$_pg_was_up" = 0 ]; then
-    _pg_prev_trap=$(trap -p EXIT | sed -e "s/^trap -- '//" -e "s/' EXIT\$//")
-    # shellcheck disable=SC2064
-    trap "echo 'test.sh: stopping the test PostgreSQL'; bash '$PWD/scripts/postgres.sh' stop || true; $_pg_prev_trap" EXIT
-    unset _pg_prev_trap
+    at_exit "echo 'test.sh: stopping the test PostgreSQL'; bash '$PWD/scripts/postgres.sh' stop"
   fi
 else
   echo "15-postgresql: could not start the test PostgreSQL; its store tests will skip (fail under CI=true)" >&2

@@ -15,10 +15,7 @@ else
   _idp_port=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   "$VENV/bin/python" -m tests.idp.serve --state "$_idp_state" --port "$_idp_port" >"$_idp_state/log" 2>&1 &
   _idp_pid=$!
-  _idp_prev_trap=$(trap -p EXIT | sed -e "s/^trap -- '//" -e "s/' EXIT\$//")
-  # shellcheck disable=SC2064
-  trap "kill $_idp_pid 2>/dev/null || true; wait $_idp_pid 2>/dev/null || true; rm -rf '$_idp_state'; $_idp_prev_trap" EXIT
-  unset _idp_prev_trap
+  at_exit "kill $_idp_pid 2>/dev/null; wait $_idp_pid 2>/dev/null; rm -rf '$_idp_state'"
   for _ in $(seq 120); do
     _idp_probe "http://127.0.0.1:$_idp_port/o" && break
     kill -0 "$_idp_pid" 2>/dev/null || break
