@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from backends.base import Backend
-from orchestrator.config import Settings, SiteConfig
-from orchestrator.errors import InvalidInput
+from ground.config import Settings, SiteConfig
+from ground.errors import InvalidInput
 
 KINDS = ("local", "kubernetes", "slurm")
 

@@ -19,9 +19,9 @@ from typing import IO, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError
 
-from orchestrator.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
-from orchestrator.errors import invalid_input
-from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
+from ground.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
+from ground.errors import invalid_input
+from ground.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
 
 
 class HealthSpec(BaseModel):

@@ -27,7 +27,7 @@ from kubernetes.aio import client as kclient
 from kubernetes.aio import config as kconfig
 from pydantic import ValidationError
 
-from orchestrator.errors import BackendError
+from ground.errors import BackendError
 
 log = logging.getLogger("sciorch.backends.kubernetes")
 

@@ -110,8 +110,8 @@ from backends.kube_manifests import (
     params_name,
 )
 from backends.local import log_tail
-from orchestrator.errors import BackendError, InvalidInput
-from orchestrator.models import (
+from ground.errors import BackendError, InvalidInput
+from ground.models import (
     Capabilities,
     EntryState,
     Resources,

@@ -41,8 +41,8 @@ from backends.base import (
     site_options,
     tell,
 )
-from orchestrator.errors import BackendError, InvalidInput
-from orchestrator.models import (
+from ground.errors import BackendError, InvalidInput
+from ground.models import (
     Capabilities,
     EntryState,
     Resources,

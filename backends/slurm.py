@@ -76,8 +76,8 @@ from backends.slurm_transport import (
     SlurmTransport,
     SlurmUnavailable,
 )
-from orchestrator.errors import BackendError, InvalidInput, SciorchError
-from orchestrator.models import (
+from ground.errors import BackendError, InvalidInput, SciorchError
+from ground.models import (
     Capabilities,
     EntryState,
     Resources,

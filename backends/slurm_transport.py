@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from orchestrator.errors import BackendError
+from ground.errors import BackendError
 
 log = logging.getLogger("sciorch.backends.slurm")
 

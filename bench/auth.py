@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jwt
 from jwcrypto import jwk
 
+from ground.config import AuthConfig
 from mcp_server.auth import create_token, verifier
 from mcp_server.oauth import ResourceServer
-from orchestrator.config import AuthConfig
 
 AUDIENCE = "http://127.0.0.1:8765/mcp"
 

@@ -43,8 +43,8 @@ import httpx2
 import mcp
 from mcp.client.streamable_http import streamable_http_client
 
+from ground.config import load_settings
 from mcp_server.auth import create_token, ensure_keys
-from orchestrator.config import load_settings
 
 SERVICE = """\
 name: big-output

@@ -41,9 +41,9 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 from mcp.shared.exceptions import MCPError
 
 from bench.tool_latency import Call, cpu_seconds, http_client, http_server
+from ground.config import load_settings
+from ground.models import TERMINAL_STATES
 from mcp_server.auth import create_token
-from orchestrator.config import load_settings
-from orchestrator.models import TERMINAL_STATES
 
 TAIL_TARGET = 5.0  # p99 / p50 under load
 CPU_TARGET = 1.5  # server CPU per call, load / baseline

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import load_settings
+from ground.config import load_settings
+from ground.models import EntryState, Principal
 from orchestrator.engine import Engine
-from orchestrator.models import EntryState, Principal
 
 TARGET_MS = 20.0
 TEMPLATE = """

@@ -33,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import load_settings
+from ground.config import load_settings
+from ground.models import EntryState, Principal
 from orchestrator.engine import Engine
-from orchestrator.models import EntryState, Principal
 
 TARGET_S = 1.0
 BASE = Path(os.environ.get("SCIORCH_SLURM_BASE", "/var/lib/sciorch-slurm"))

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.models import Entry, EntryState, Event, Resources
+from ground.models import Entry, EntryState, Event, Resources
 from orchestrator.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,12 +45,12 @@ import mcp
 from fastmcp import Client, FastMCP
 from mcp.client.streamable_http import streamable_http_client
 
+from ground.config import load_settings
+from ground.models import Principal
 from mcp_server.auth import create_token, ensure_keys, verifier
 from mcp_server.http_app import serve_http
 from mcp_server.server import create_server
-from orchestrator.config import load_settings
 from orchestrator.engine import Engine
-from orchestrator.models import Principal
 
 RATIO_TARGET = 1.5
 THROUGHPUT_TARGET = 300.0

@@ -44,9 +44,9 @@ from fastmcp import Client
 from fastmcp.client.auth import BearerAuth
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.config import Settings
-from orchestrator.errors import ERROR_META_KEY, SciorchError
-from orchestrator.models import Principal
+from ground.config import Settings
+from ground.errors import ERROR_META_KEY, SciorchError
+from ground.models import Principal
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 MODEL_ENV = "SCIORCH_AGENT_MODEL"
@@ -983,8 +983,8 @@ async def connect(
             yield client
         return
 
+    from ground.config import default_home, load_settings
     from mcp_server.server import create_server, local_principal
-    from orchestrator.config import default_home, load_settings
     from orchestrator.engine import Engine
 
     engine = await Engine.open(settings or load_settings(default_home()))

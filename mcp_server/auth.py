@@ -22,7 +22,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
-from orchestrator.errors import InvalidInput
+from ground.errors import InvalidInput
 
 ISSUER = "sciorch"
 AUDIENCE = "sciorch-mcp"

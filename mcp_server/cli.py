@@ -26,10 +26,9 @@ from rich.table import Table
 from rich.text import Text
 
 import tools
-from orchestrator.config import Settings, default_home, load_settings
-from orchestrator.engine import Engine
-from orchestrator.errors import SciorchError, invalid_input
-from orchestrator.models import (
+from ground.config import Settings, default_home, load_settings
+from ground.errors import SciorchError, invalid_input
+from ground.models import (
     EntryState,
     Message,
     Principal,
@@ -38,6 +37,7 @@ from orchestrator.models import (
     format_duration,
     parse_duration_s,
 )
+from orchestrator.engine import Engine
 from tools.models import (
     CreateEventInput,
     EntryPage,

@@ -27,8 +27,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ground.config import Settings
 from mcp_server.proxy import EntryProxy
-from orchestrator.config import Settings
 from orchestrator.engine import Engine
 
 log = logging.getLogger("sciorch.http")

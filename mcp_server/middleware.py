@@ -21,9 +21,9 @@ from fastmcp.server.middleware.rate_limiting import RateLimitError, RateLimiting
 from fastmcp.tools.base import ToolResult
 from pydantic import ValidationError as PydanticValidationError
 
+from ground.errors import InvalidInput
+from ground.models import Principal
 from mcp_server.toolset import Refused, error_result, refusal
-from orchestrator.errors import InvalidInput
-from orchestrator.models import Principal
 
 audit_log = logging.getLogger("sciorch.audit")
 

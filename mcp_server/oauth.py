@@ -33,8 +33,8 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ground.config import AuthConfig, Role, Settings
 from mcp_server.auth import AUDIENCE, ISSUER, SCOPES, VERIFIED_TOKENS_KEPT, ensure_keys
-from orchestrator.config import AuthConfig, Role, Settings
 
 # Asymmetric only: an HS* token would be checked against a shared secret nobody configured.
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]

@@ -17,8 +17,8 @@ from fastmcp.prompts import PromptResult
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from pydantic import Field
 
+from ground.errors import InvalidInput
 from mcp_server.toolset import refused
-from orchestrator.errors import InvalidInput
 
 
 @dataclass(frozen=True)

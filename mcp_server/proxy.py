@@ -34,9 +34,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from ground.errors import NotAllowed, NotFound
+from ground.models import Entry, EntryState
 from orchestrator.engine import Engine
-from orchestrator.errors import NotAllowed, NotFound
-from orchestrator.models import Entry, EntryState
 
 log = logging.getLogger("sciorch.proxy")
 

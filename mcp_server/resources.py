@@ -16,10 +16,10 @@ from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
 from pydantic import ValidationError
 
 import tools
+from ground.errors import SciorchError
+from ground.models import Message, Principal
 from mcp_server.toolset import refused_read
 from orchestrator.engine import Engine
-from orchestrator.errors import SciorchError
-from orchestrator.models import Message, Principal
 from tools import models as m
 
 ENTRY = "sciorch://entries/{entry_id}"

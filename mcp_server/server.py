@@ -12,13 +12,13 @@ from fastmcp.server.auth import AuthProvider
 from fastmcp.server.dependencies import get_access_token
 from fastmcp_tasks import TasksExtension
 
+from ground.models import Principal
 from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ErrorResults, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
 from mcp_server.steering_tools import register_steering
 from mcp_server.toolset import TOOLS, register_tools
 from orchestrator.engine import Engine
-from orchestrator.models import Principal
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 

@@ -20,10 +20,10 @@ from typing import Any
 from fastmcp import FastMCP
 from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
+from ground.errors import SciorchError
+from ground.models import Principal
 from mcp_server.toolset import ToolSpec, refused_read, register_tools
 from orchestrator.engine import Engine
-from orchestrator.errors import SciorchError
-from orchestrator.models import Principal
 from steering.manager import CampaignManager, manager_for
 from steering.models import (
     CampaignList,

@@ -19,9 +19,9 @@ from mcp.types import TextContent
 from pydantic import BaseModel, ValidationError
 
 import tools
+from ground.errors import ERROR_META_KEY, SciorchError, invalid_input
+from ground.models import Message, Principal
 from orchestrator.engine import Engine
-from orchestrator.errors import ERROR_META_KEY, SciorchError, invalid_input
-from orchestrator.models import Message, Principal
 from tools import models as m
 
 Scope = Literal["read", "submit", "admin"]

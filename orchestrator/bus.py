@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from orchestrator.models import Message
+from ground.models import Message
 
 Filter = Callable[[Message], bool]
 

@@ -17,8 +17,8 @@ import jsonschema
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
-from orchestrator.models import Service, ServiceSummary
+from ground.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
+from ground.models import Service, ServiceSummary
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:

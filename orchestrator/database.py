@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosqlite
 
-from orchestrator.errors import InvalidInput, SciorchError
+from ground.errors import InvalidInput, SciorchError
 
 DIALECTS = ("sqlite", "postgresql")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

@@ -33,11 +33,8 @@ from backends.base import (
     ResultData,
     omitted_record,
 )
-from orchestrator.bus import Bus
-from orchestrator.catalogue import Catalogue, validate_parameters
-from orchestrator.config import Settings, load_settings
-from orchestrator.database import IntegrityError
-from orchestrator.errors import (
+from ground.config import Settings, load_settings
+from ground.errors import (
     Conflict,
     InvalidInput,
     LimitExceeded,
@@ -46,8 +43,7 @@ from orchestrator.errors import (
     SciorchError,
     reason_line,
 )
-from orchestrator.locks import try_lock
-from orchestrator.models import (
+from ground.models import (
     ACTIVE_STATES,
     ROLE_RANK,
     Entry,
@@ -65,6 +61,10 @@ from orchestrator.models import (
     SiteStatus,
     can_transition,
 )
+from orchestrator.bus import Bus
+from orchestrator.catalogue import Catalogue, validate_parameters
+from orchestrator.database import IntegrityError
+from orchestrator.locks import try_lock
 from orchestrator.routing import choose_site
 from orchestrator.store import Store, now
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from backends.base import Backend
-from orchestrator.errors import InvalidInput, NoSiteAvailable
-from orchestrator.models import (
+from ground.errors import InvalidInput, NoSiteAvailable
+from ground.models import (
     Capabilities,
     Resources,
     ServiceKind,

@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from orchestrator.database import Conn, Database, Row, open_database, parse_ts
-from orchestrator.models import (
+from ground.models import (
     ACTIVE_STATES,
     Entry,
     EntryState,
@@ -25,6 +24,7 @@ from orchestrator.models import (
     Role,
     Transition,
 )
+from orchestrator.database import Conn, Database, Row, open_database, parse_ts
 
 
 def now() -> datetime:

@@ -12,7 +12,7 @@ from typing import Any
 from fastmcp import Client
 from fastmcp.client.client import CallToolResult
 
-from orchestrator.errors import ERROR_META_KEY, SciorchError
+from ground.errors import ERROR_META_KEY, SciorchError
 
 log = logging.getLogger("sciorch.steering")
 

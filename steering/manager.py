@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import InvalidInput, NotAllowed, NotFound
-from orchestrator.models import ROLE_RANK, Principal, Role
+from ground.errors import InvalidInput, NotAllowed, NotFound
+from ground.models import ROLE_RANK, Principal, Role
 from steering.models import (
     BestView,
     CampaignList,

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import InvalidInput, SciorchError
+from ground.errors import InvalidInput, SciorchError
 from orchestrator.locks import try_lock
 from steering.client import ToolFailed, Tools
 from steering.models import (

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import InvalidInput, invalid_input
-from orchestrator.models import MAX_DURATION_S, Int, Number, OptInt, OptNumber, parse_duration_s
+from ground.errors import InvalidInput, invalid_input
+from ground.models import MAX_DURATION_S, Int, Number, OptInt, OptNumber, parse_duration_s
 
 Goal = Literal["minimise", "maximise", "explore"]
 

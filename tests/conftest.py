@@ -15,9 +15,9 @@ import pytest
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
-from orchestrator.config import Settings, load_settings
+from ground.config import Settings, load_settings
+from ground.models import Principal
 from orchestrator.engine import Engine
-from orchestrator.models import Principal
 
 ALICE = Principal(id="alice")
 BOB = Principal(id="bob")

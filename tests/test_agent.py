@@ -20,6 +20,7 @@ import pytest
 from fastmcp import Client
 
 import tools
+from ground.models import EntryState, Principal
 from mcp_server.agent import (
     AgentConfig,
     AgentError,
@@ -31,7 +32,6 @@ from mcp_server.agent import (
 )
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
-from orchestrator.models import EntryState, Principal
 from tests.conftest import ALICE, make_settings
 from tests.mcp_helpers import free_socket, run_http_server, serve_asgi
 from tests.messages_api import (

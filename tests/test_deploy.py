@@ -35,8 +35,8 @@ import pytest
 import uvicorn
 import yaml
 
+from ground.config import load_settings
 from mcp_server.http_app import create_http_app
-from orchestrator.config import load_settings
 from orchestrator.engine import Engine
 from tests.conftest import BOTH_STORES
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import Engine
-from orchestrator.errors import (
+from ground.errors import (
     Conflict,
     InvalidInput,
     InvalidParameters,
@@ -27,7 +26,7 @@ from orchestrator.errors import (
     NotFound,
     UnknownService,
 )
-from orchestrator.models import (
+from ground.models import (
     ALLOWED_TRANSITIONS,
     Entry,
     EntryState,
@@ -40,6 +39,7 @@ from orchestrator.models import (
     Role,
     can_transition,
 )
+from orchestrator.engine import Engine
 from orchestrator.store import Store
 from tests.conftest import ALICE, BOB, BOTH_STORES, make_settings, shutdown
 

@@ -26,10 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
-from mcp_server.server import create_server
-from orchestrator.engine import Engine
-from orchestrator.errors import (
+from ground.errors import (
     ERROR_META_KEY,
     Conflict,
     InvalidInput,
@@ -37,7 +34,10 @@ from orchestrator.errors import (
     invalid_input,
     reason_line,
 )
-from orchestrator.models import EntryState, Principal, ResourceRequest
+from ground.models import EntryState, Principal, ResourceRequest
+from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
+from mcp_server.server import create_server
+from orchestrator.engine import Engine
 from steering.client import ToolFailed, Tools
 from tests.conftest import make_settings, shutdown
 from tests.mcp_helpers import (

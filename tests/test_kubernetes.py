@@ -42,9 +42,9 @@ from backends.kube_manifests import (
     service_manifest,
 )
 from backends.kubernetes import KubernetesBackend, _Mirror, parse_quantity
+from ground.errors import BackendError, InvalidInput, NoSiteAvailable
+from ground.models import Entry, EntryState, EventState, ResourceRequest, Resources
 from orchestrator.engine import Engine
-from orchestrator.errors import BackendError, InvalidInput, NoSiteAvailable
-from orchestrator.models import Entry, EntryState, EventState, ResourceRequest, Resources
 from tests.conftest import ALICE, make_settings, shutdown
 from tests.kube_emulator import KubeEmulator
 

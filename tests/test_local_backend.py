@@ -22,9 +22,9 @@ import pytest
 from backends import create_backend
 from backends.base import HealthSpec, LaunchSpec
 from backends.local import LocalBackend
-from orchestrator.config import Settings, SiteConfig
-from orchestrator.errors import InvalidInput
-from orchestrator.models import EntryState, Resources, can_transition
+from ground.config import Settings, SiteConfig
+from ground.errors import InvalidInput
+from ground.models import EntryState, Resources, can_transition
 
 S = EntryState
 PY = sys.executable

@@ -24,10 +24,10 @@ from jsonschema import Draft202012Validator
 from mcp.client.subscriptions import ResourceUpdated
 from pydantic import BaseModel, Field
 
+from ground.models import EntryState, Principal, Resources
 from mcp_server.server import create_server
 from mcp_server.toolset import TOOLS, ToolSpec, published_output_schema
 from orchestrator.engine import Engine
-from orchestrator.models import EntryState, Principal, Resources
 from tests.conftest import ALICE, BOB, make_settings, shutdown
 from tests.mcp_helpers import (
     assert_no_traceback,

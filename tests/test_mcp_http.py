@@ -27,8 +27,8 @@ from fastmcp_tasks import call_tool_task
 from mcp.client.subscriptions import ResourceUpdated
 from mcp.shared.exceptions import MCPError
 
+from ground.models import Principal
 from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
-from orchestrator.models import Principal
 from tests.mcp_helpers import (
     CORE_READ_TOOLS,
     CORE_TOOLS,

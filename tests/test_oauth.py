@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastmcp.server.auth.providers.jwt import RSAKeyPair
 from jwcrypto import jwk
 
+from ground.config import AuthConfig
 from mcp_server.auth import create_token
 from mcp_server.oauth import ResourceServer, TokenRefused, sciorch_scopes
-from orchestrator.config import AuthConfig
 from tests.mcp_helpers import free_socket, sdk_client, structured
 from tests.oauth_helpers import (
     idp_issuer,
@@ -119,7 +119,7 @@ async def test_sdk_client_authorizes_at_the_idp_and_acts_as_its_user(home: Path)
 
 
 def _principal(who: str) -> Any:
-    from orchestrator.models import Principal
+    from ground.models import Principal
 
     return Principal(id=who)
 

@@ -21,8 +21,8 @@ from backends.base import (
     WorkDir,
     omitted_record,
 )
-from orchestrator.config import DEFAULT_MAX_RESULT_BYTES
-from orchestrator.models import Message
+from ground.config import DEFAULT_MAX_RESULT_BYTES
+from ground.models import Message
 from tests.mcp_helpers import HttpServer, run_http_server, sdk_client, structured
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -21,11 +21,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import tools
+from ground.config import load_settings
+from ground.models import EntryState
 from mcp_server.http_app import create_http_app, public_url_for, settings_for_listen
 from mcp_server.proxy import COOKIE_PREFIX, _strip_param
-from orchestrator.config import load_settings
 from orchestrator.engine import Engine
-from orchestrator.models import EntryState
 from tests.conftest import ALICE, BOB, make_settings, shutdown
 from tools.models import (
     CreateEventInput,

@@ -36,10 +36,10 @@ from backends.slurm_transport import (
     parse_slurm_duration,
     split_wait_status,
 )
+from ground.errors import InvalidInput, NoSiteAvailable
+from ground.models import EntryState, ResourceRequest, Resources, SiteStatus
 from mcp_server.http_app import create_http_app
 from orchestrator.engine import Engine
-from orchestrator.errors import InvalidInput, NoSiteAvailable
-from orchestrator.models import EntryState, ResourceRequest, Resources, SiteStatus
 from tests.conftest import ALICE, make_settings, shutdown
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,11 +26,11 @@ from fastmcp import Client, FastMCP
 from fastmcp.exceptions import ToolError
 from mcp.client.subscriptions import ResourceUpdated
 
+from ground.config import load_settings
+from ground.errors import InvalidInput
+from ground.models import Principal, Role
 from mcp_server.server import create_server
-from orchestrator.config import load_settings
 from orchestrator.engine import Engine
-from orchestrator.errors import InvalidInput
-from orchestrator.models import Principal, Role
 from orchestrator.payloads.surfaces import SURFACES
 from orchestrator.store import Store
 from steering.manager import CampaignManager, manager_for

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import load_settings
+from ground.config import load_settings
+from ground.errors import InvalidInput, SciorchError
+from ground.models import Entry, EntryState, Event, Resources
 from orchestrator.database import DIALECTS, migrations, split_schema
-from orchestrator.errors import InvalidInput, SciorchError
-from orchestrator.models import Entry, EntryState, Event, Resources
 from orchestrator.store import Store
 from steering.manager import new_record
 from steering.models import Attempt, CampaignState, EvalState, EvaluationRecord

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.models import (
+from ground.models import (
     Entry,
     EntryState,
     Event,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from ground.models import Entry, Message, Principal, Role
 from orchestrator.engine import Engine
-from orchestrator.models import Entry, Message, Principal, Role
 from tools.models import (
     CreateEventInput,
     EntryPage,

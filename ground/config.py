@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import InvalidInput, invalid_input
+from ground.errors import InvalidInput, invalid_input
 
 # A job's result is kept in the store and sent whole by get_entry and read_results; a bigger
 # one fails the entry and stays a file (see backends.base.OVERSIZE_RESULT). An answer carries

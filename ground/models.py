@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.errors import FieldValueError
+from ground.errors import FieldValueError
 
 # ----------------------------------------------------------------------------- states
 
