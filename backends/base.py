@@ -1,5 +1,6 @@
-"""What every backend shares: the launch spec, the reporter it talks back through, the job
-contract's file layout and the Backend protocol.
+"""What every backend shares below the supervisor: the job contract's file layout (`WorkDir`),
+its readers, site options and `tell`. The contract types (LaunchSpec, Reporter, Backend, the
+log and result types) live in backends.contract and are re-exported here.
 
 Backends never touch the store. They are told what to run (`LaunchSpec`), and they report what
 happens through `Reporter`; the engine persists each report before it announces it.
@@ -14,48 +15,20 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from backends.contract import (
+    Backend,
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    Outcome,
+    Reporter,
+    ResultData,
+)
 from orchestrator.errors import InvalidInput
-from orchestrator.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
-
-
-class HealthSpec(BaseModel):
-    path: str = "/"
-    timeout_s: float = 60
-    interval_s: float = 0.2
-
-
-class LaunchSpec(BaseModel):
-    """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
-
-    entry_id: str
-    event_id: str
-    service: str
-    kind: ServiceKind
-    argv: list[str] = Field(description="command with every placeholder already filled")
-    parameters: dict[str, Any]
-    env: dict[str, str] = Field(default_factory=dict)
-    resources: Resources
-    health: HealthSpec | None = None
-    restart_policy: str = "never"
-    max_restarts: int = 0
-    base_path: str = Field(description="URL prefix the proxy serves this entry under")
-    image: str | None = None
-    priority: Literal["normal", "urgent"] = Field(
-        "normal", description="urgent: time-sensitive work (a scheduler may use a higher QoS)"
-    )
-
-
-class Outcome(BaseModel):
-    """How a finished process ended, as its wrapper recorded it."""
-
-    exit_code: int | None = None
-    signal: int | None = None
-    finished_at: float | None = None
-
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -74,27 +47,6 @@ def site_options(model: type[M], site: str, options: Mapping[str, Any]) -> M:
         ) from exc
 
 
-@runtime_checkable
-class Reporter(Protocol):
-    """The engine's side of the conversation. Each call is persisted before it returns."""
-
-    async def transition(
-        self,
-        entry_id: str,
-        state: EntryState,
-        *,
-        reason: str | None = None,
-        exit_code: int | None = None,
-        handle: Mapping[str, Any] | None = None,
-        endpoint: str | None = None,
-        restarts: int | None = None,
-    ) -> None: ...
-
-    async def log_grew(self, entry_id: str, size: int) -> None: ...
-
-    async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None: ...
-
-
 async def tell(
     reporter: Reporter | None, entry_id: str, method: str, *args: Any, **kw: Any
 ) -> None:
@@ -108,70 +60,6 @@ async def tell(
         raise
     except Exception:
         log.exception("reporter.%s for %s failed", method, entry_id)
-
-
-class LogChunk(BaseModel):
-    data: str
-    offset: int
-    next_offset: int
-    size: int
-
-
-class ResultData(BaseModel):
-    result: dict[str, Any] | None = None
-    records: list[dict[str, Any]] = Field(default_factory=list)
-    next_record: int = 0
-    artifacts: list[str] = Field(default_factory=list)
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """One site's backend. All methods are async and must not block the event loop.
-
-    Optional, looked up with getattr (so it is not a member of this protocol):
-
-        async def release_event(self, event_id: str) -> None
-            Called by the engine after an event has stopped or expired and its entries were
-            asked to stop: free what the backend holds for the event as a whole (the
-            kubernetes backend deletes the event's namespace). Idempotent.
-    """
-
-    name: str
-    kind: str
-
-    async def start(self, reporter: Reporter) -> None:
-        """Connect; called once before anything else."""
-
-    async def close(self) -> None:
-        """Stop watching. Running work is left running (the server may be restarting)."""
-
-    async def capabilities(self) -> Capabilities: ...
-
-    async def status(self) -> tuple[SiteStatus, str | None]: ...
-
-    async def estimate_wait(self, resources: Resources) -> float:
-        """Seconds until an entry with these resources would start, best estimate."""
-
-    async def submit(self, spec: LaunchSpec) -> None:
-        """Queue or start the entry. Transitions arrive through the reporter, beginning with
-        the first one after `pending`. Returns once the backend has taken responsibility."""
-
-    async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
-        """Stop it; the final `cancelled` arrives through the reporter. Idempotent."""
-
-    async def adopt(
-        self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
-    ) -> None:
-        """After a server restart: re-attach to an entry that was active, or report its true
-        final state (reporting `failed` with a reason when the truth cannot be known)."""
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk: ...
-
-    async def read_results(
-        self, entry_id: str, handle: Mapping[str, Any], since_record: int
-    ) -> ResultData: ...
 
 
 # ----------------------------------------------------------------------------- job contract
@@ -385,3 +273,21 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+__all__ = [
+    "Backend",
+    "ContractTail",
+    "HealthSpec",
+    "LaunchSpec",
+    "LogChunk",
+    "Outcome",
+    "Reporter",
+    "ResultData",
+    "WorkDir",
+    "file_size",
+    "read_new_records",
+    "read_stream",
+    "site_options",
+    "tell",
+]

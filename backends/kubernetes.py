@@ -108,7 +108,7 @@ from backends.kube_manifests import (
     object_name,
     params_name,
 )
-from backends.local import log_tail
+from backends.supervisor import log_tail
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
     Capabilities,

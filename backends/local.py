@@ -19,17 +19,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
-from watchfiles import awatch
 
 from backends.base import (
-    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
@@ -38,7 +35,16 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
+)
+from backends.supervisor import (
+    DirWatcher,
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    restart_reason,
+    script_text,
+    signal_name,
+    wait_healthy,
 )
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
@@ -51,27 +57,7 @@ from orchestrator.models import (
 
 log = logging.getLogger("sciorch.backends.local")
 
-# The job wrapper, run as: /bin/sh -c WRAPPER_SCRIPT sciorch-job WORKDIR COMMAND [ARG...]
-# It shares the command's process group and traps TERM/INT/HUP (a trap with an action is not
-# inherited by the command), so signalling the group stops the command while the wrapper lives
-# on to record the exit status. Other backends may reuse it (it only needs a POSIX shell).
-WRAPPER_SCRIPT = r"""wd=$1
-shift
-trap ':' TERM INT HUP
-"$@" >>"$wd/log" 2>&1 </dev/null
-rc=$?
-PATH=/usr/local/bin:/usr/bin:/bin:$PATH
-if [ "$rc" -gt 128 ]; then sig=$((rc - 128)); else sig=null; fi
-t=$(date +%s.%N 2>/dev/null)
-case $t in ''|*[!0-9.]*) t=$(date +%s 2>/dev/null || echo null) ;; esac
-printf '{"exit_code": %d, "signal": %s, "finished_at": %s}\n' "$rc" "$sig" "$t" \
-  >"$wd/exit.json.tmp" && mv -f "$wd/exit.json.tmp" "$wd/exit.json"
-exit "$rc"
-"""
-
 _EPS = 1e-9
-_TAIL_LINES = 20
-_TAIL_BYTES = 8192
 
 
 class LocalOptions(BaseModel):
@@ -116,11 +102,8 @@ class _Pool:
         self.gpus |= set(gpus)
 
 
-@dataclass(eq=False)
-class _Entry:
-    spec: LaunchSpec
-    workdir: WorkDir
-    state: EntryState = EntryState.PENDING  # the last state reported (or known at adoption)
+@dataclass(eq=False, kw_only=True)
+class _Entry(EntryRecord):
     phase: _Phase = _Phase.QUEUED
     queued_at: float = field(default_factory=time.time)
     # allocation
@@ -132,29 +115,11 @@ class _Entry:
     pid: int | None = None
     pgid: int | None = None
     start_time: int | None = None
-    started_at: float | None = None  # epoch of the first start (walltime counts from here)
     spawned_at: float | None = None  # epoch of the latest (re)start
     pidfd: int | None = None
     exited: asyncio.Future[int | None] | None = None  # raw exit status; None when unknown
-    # intent
-    cancel_requested: bool = False
-    expired: bool = False
-    fail_reason: str | None = None
-    ready: bool = False
-    restarts: int = 0
-    # timers and tasks
-    walltime_timer: asyncio.TimerHandle | None = None
     kill_timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
-    # reporting
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    finished: bool = False
-    tail: ContractTail = field(default_factory=ContractTail)
-    flush_pending: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
 
     @property
     def resources(self) -> Resources:
@@ -187,13 +152,6 @@ def _members(pgid: int) -> list[int]:
             if st is not None and st[1] == pgid and st[0] != "Z":
                 out.append(int(name))
     return out
-
-
-def _signal_name(n: int) -> str:
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
 
 
 def _total_memory_mb() -> int:
@@ -232,115 +190,17 @@ def _free_port(host: str, avoid: set[int]) -> int:
     raise BackendError(f"no free TCP port on {host}")
 
 
-def log_tail(workdir: WorkDir, lines: int = _TAIL_LINES) -> str:
-    """The last lines of an entry's log (empty when there is none)."""
-    try:
-        with workdir.log.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - _TAIL_BYTES))
-            raw = f.read()
-    except OSError:
-        return ""
-    text = raw.decode("utf-8", errors="replace").rstrip("\n")
-    return "\n".join(text.split("\n")[-lines:]) if text else ""
-
-
-def _with_tail(reason: str, workdir: WorkDir) -> str:
-    tail = log_tail(workdir)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-# ----------------------------------------------------------------------------- file watching
-
-
-class DirWatcher:
-    """One `watchfiles.awatch` over the work dirs of all running entries, so a thousand entries
-    cost one watcher thread, not a thousand. The watch restarts when the set of dirs changes;
-    after each restart every watched entry is swept once, so nothing written in between is
-    missed."""
-
-    def __init__(self, on_change: Callable[[str], None]) -> None:
-        self._on_change = on_change
-        self._dirs: dict[str, str] = {}
-        self._wake = asyncio.Event()
-        self._stop: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def add(self, path: Path, entry_id: str) -> None:
-        self._dirs[str(path)] = entry_id
-        self._changed()
-
-    def remove(self, path: Path) -> None:
-        if self._dirs.pop(str(path), None) is not None:
-            self._changed()
-
-    def _changed(self) -> None:
-        if self._closed:
-            return
-        self._wake.set()
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-
-    def _existing(self) -> dict[str, str]:
-        return {p: eid for p, eid in self._dirs.items() if os.path.isdir(p)}
-
-    async def _run(self) -> None:
-        while not self._closed:
-            self._wake.clear()
-            dirs = self._existing()
-            if not dirs:
-                await self._wake.wait()
-                continue
-            stop = self._stop = asyncio.Event()
-            for eid in set(dirs.values()):
-                self._on_change(eid)
-            try:
-                async for changes in awatch(
-                    *dirs,
-                    stop_event=stop,
-                    watch_filter=None,
-                    debounce=20,
-                    step=10,
-                    recursive=False,
-                    ignore_permission_denied=True,
-                ):
-                    seen = {dirs.get(os.path.dirname(path)) for _, path in changes}
-                    for changed in seen:
-                        if changed is not None:
-                            self._on_change(changed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a dir vanished under us, or the watcher failed
-                log.debug("file watcher restarting after: %s", exc)
-                await asyncio.sleep(0.05)
-
-
 # ----------------------------------------------------------------------------- the backend
 
 
-class LocalBackend:
+class LocalBackend(Supervisor[_Entry]):
     """Runs entries as processes on this machine. See the module docstring."""
 
     kind = "local"
 
     def __init__(self, name: str, options: Mapping[str, Any], entries_dir: Path) -> None:
         opts = site_options(LocalOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.host = opts.host
@@ -355,13 +215,8 @@ class LocalBackend:
             i: opts.gpu_type or "" for i in range(opts.gpus or 0)
         }
         self._pool = self._full_pool()
-        self._reporter: Reporter | None = None
-        self._entries: dict[str, _Entry] = {}
         self._queue: list[_Entry] = []
         self._ports: set[int] = set()
-        self._watcher: DirWatcher | None = None
-        self._bg: set[asyncio.Task[Any]] = set()
-        self._closed = False
 
     # ------------------------------------------------------------------ protocol: lifecycle
 
@@ -728,17 +583,10 @@ class LocalBackend:
                 status = await self._until_exit(e)
                 outcome = self._outcome(e, status)
                 code = outcome.exit_code
-                if (
-                    e.spec.kind == "service"
-                    and e.ready
-                    and not (e.cancel_requested or e.expired or e.fail_reason)
-                    and code not in (0, None)
-                    and e.spec.restart_policy == "on-failure"
-                    and e.restarts < e.spec.max_restarts
-                ):
+                if code not in (0, None) and e.may_restart():
                     e.restarts += 1
                     what = (
-                        f"signal {_signal_name(outcome.signal)}"
+                        f"signal {signal_name(outcome.signal)}"
                         if outcome.signal
                         else f"exit code {code}"
                     )
@@ -746,8 +594,7 @@ class LocalBackend:
                     await self._report(
                         e,
                         EntryState.PROVISIONING,
-                        reason=f"restarting after {what} "
-                        f"(restart {e.restarts}/{e.spec.max_restarts})",
+                        reason=restart_reason(what, e.restarts, e.spec),
                         restarts=e.restarts,
                         handle=self._handle(e, running=False),
                     )
@@ -790,7 +637,7 @@ class LocalBackend:
             env["PORT"] = env["SCIORCH_PORT"] = str(e.port)
         argv = [self._fill(a, e) for a in spec.argv]
         try:
-            self._spawn(e, argv, env)
+            self._popen(e, argv, env)
         except OSError as exc:
             await self._finish(
                 e, EntryState.FAILED, f"could not start {argv[0]}: {exc}", None
@@ -812,13 +659,13 @@ class LocalBackend:
             self._terminate(e)
         return True
 
-    def _spawn(self, e: _Entry, argv: list[str], env: dict[str, str]) -> None:
+    def _popen(self, e: _Entry, argv: list[str], env: dict[str, str]) -> None:
         root = e.workdir.root
         with contextlib.suppress(FileNotFoundError):
             e.workdir.exit.unlink()
         with open(e.workdir.log, "ab") as logf:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", WRAPPER_SCRIPT, "sciorch-job", str(root), *argv],
+                ["/bin/sh", "-c", script_text("job-wrapper.sh"), "sciorch-job", str(root), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -891,7 +738,7 @@ class LocalBackend:
         if (
             e.spec.kind == "service"
             and not e.ready
-            and not (e.cancel_requested or e.expired or e.fail_reason)
+            and not e.stopping
         ):
             health = e.spec.health or HealthSpec()
             check = asyncio.get_running_loop().create_task(self._health(e, health))
@@ -909,31 +756,14 @@ class LocalBackend:
                         e.ready = True
                         await self._report(e, EntryState.READY, endpoint=self._endpoint(e))
                 else:
-                    e.fail_reason = _with_tail(
-                        f"health check GET {health.path} did not pass within "
-                        f"{health.timeout_s:g}s",
-                        e.workdir,
-                    )
+                    e.fail_reason = health_failure(health, e.workdir)
                     self._terminate(e)
         return await fut
 
     async def _health(self, e: _Entry, health: HealthSpec) -> bool:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         url = f"http://{host}:{e.port}{health.path}"
-        deadline = (e.spawned_at or time.time()) + health.timeout_s
-        timeout = httpx.Timeout(min(5.0, max(0.5, health.interval_s * 5)))
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
-            while True:
-                try:
-                    resp = await client.get(url)
-                    if resp.status_code < 400:
-                        return True
-                except httpx.HTTPError:
-                    pass
-                left = deadline - time.time()
-                if left <= 0:
-                    return False
-                await asyncio.sleep(min(health.interval_s, left))
+        return await wait_healthy(url, health, (e.spawned_at or time.time()) + health.timeout_s)
 
     def _outcome(self, e: _Entry, status: int | None) -> _OutcomeView:
         recorded = e.workdir.read_outcome()
@@ -948,46 +778,17 @@ class LocalBackend:
     def _verdict(
         self, e: _Entry, o: Outcome | _OutcomeView
     ) -> tuple[EntryState, str | None, int | None]:
-        code: int | None = o.exit_code
-        sig: int | None = o.signal
-        if e.cancel_requested:
-            return EntryState.CANCELLED, "cancelled by request", code
-        if e.expired:
-            walltime = format_duration(e.resources.walltime_s)
-            return EntryState.EXPIRED, f"walltime {walltime} exceeded", code
-        if e.fail_reason:
-            return EntryState.FAILED, e.fail_reason, code
-        if code is None:
-            return (
-                EntryState.FAILED,
-                _with_tail("the process ended without recording an exit status", e.workdir),
-                None,
-            )
-        if code == 0:
-            return EntryState.SUCCEEDED, None, 0
-        if sig:
-            return (
-                EntryState.FAILED,
-                _with_tail(f"killed by signal {_signal_name(sig)}", e.workdir),
-                code,
-            )
-        return EntryState.FAILED, _with_tail(f"exit code {code}", e.workdir), code
+        asked = e.intent_verdict()
+        if asked is not None:
+            return (*asked, o.exit_code)
+        state, reason = e.exit_verdict(
+            o.exit_code, o.signal, "the process ended without recording an exit status"
+        )
+        return state, reason, o.exit_code
 
     # ------------------------------------------------------------------ stopping
 
-    def _arm_walltime(self, e: _Entry) -> None:
-        if e.walltime_timer is not None or e.started_at is None:
-            return
-        left = e.started_at + e.resources.walltime_s - time.time()
-        e.walltime_timer = asyncio.get_running_loop().call_later(
-            max(0.0, left), self._on_walltime, e
-        )
-
-    def _on_walltime(self, e: _Entry) -> None:
-        e.walltime_timer = None
-        if e.finished or e.cancel_requested:
-            return
-        e.expired = True
+    def _expire(self, e: _Entry) -> None:
         self._terminate(e)
 
     def _terminate(self, e: _Entry) -> None:
@@ -1041,63 +842,13 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ reporting
 
-    async def _report(self, e: _Entry, state: EntryState, **kw: Any) -> None:
-        async with e.lock:
-            if e.finished or state == e.state:
-                return
-            e.state = state
-            await self._call(e.id, "transition", state, **kw)
-
-    async def _finish(
-        self, e: _Entry, state: EntryState, reason: str | None, exit_code: int | None
-    ) -> None:
-        """Report the final state (after a last flush of logs and stream) and forget it."""
-        if e.finished:
-            return
+    def _stop_watching(self, e: _Entry) -> None:
         e.phase = _Phase.DONE
         self._detach(e)
-        if self._watcher is not None:
-            self._watcher.remove(e.workdir.root)
+        super()._stop_watching(e)
         self._release(e)
-        async with e.lock:
-            if e.finished:
-                return
-            try:
-                await self._flush_locked(e)
-            except Exception:
-                log.exception("entry %s: final flush failed", e.id)
-            e.finished = True
-            e.state = state
-            await self._call(e.id, "transition", state, reason=reason, exit_code=exit_code)
-        if self._entries.get(e.id) is e:
-            del self._entries[e.id]
-
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
-
-    def _request_flush(self, entry_id: str) -> None:
-        e = self._entries.get(entry_id)
-        if e is None or e.finished or e.flush_pending or self._closed:
-            return
-        e.flush_pending = True
-        task = asyncio.get_running_loop().create_task(self._flush(e))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def _flush(self, e: _Entry) -> None:
-        async with e.lock:
-            e.flush_pending = False
-            if not e.finished:
-                await self._flush_locked(e)
-
-    async def _flush_locked(self, e: _Entry) -> None:
-        await e.tail.report(self._reporter, e.id, e.workdir)
 
     # ------------------------------------------------------------------ small parts
-
-    def _require_started(self) -> None:
-        if self._reporter is None or self._closed:
-            raise BackendError(f"local backend {self.name!r} is not started")
 
     def _detach(self, e: _Entry) -> None:
         """Stop timers and the exit watch (not the process)."""
@@ -1210,4 +961,4 @@ class _OutcomeView:
     signal: int | None
 
 
-__all__ = ["WRAPPER_SCRIPT", "LocalBackend", "LocalOptions", "log_tail"]
+__all__ = ["LocalBackend", "LocalOptions"]

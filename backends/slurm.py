@@ -61,7 +61,7 @@ from backends.base import (
     site_options,
     tell,
 )
-from backends.local import DirWatcher, log_tail
+from backends.supervisor import DirWatcher, log_tail
 from backends.slurm_transport import (
     CliTransport,
     JobInfo,

@@ -419,13 +419,10 @@ class Engine:
         )
         await self._stop_entries(entries, entry_state, reason, wait_s)
         for name, backend in self.backends.items():
-            # Optional hook: backends with per-event resources (a Kubernetes namespace).
-            release = getattr(backend, "release_event", None)
-            if release is not None:
-                try:
-                    await release(event.id)
-                except Exception as exc:
-                    log.warning("site %s: releasing event %s failed: %s", name, event.id, exc)
+            try:
+                await backend.release_event(event.id)
+            except Exception as exc:
+                log.warning("site %s: releasing event %s failed: %s", name, event.id, exc)
         self.bus.publish(Message(kind="event", event_id=event.id, at=now()))
 
     async def share_event(
