@@ -47,11 +47,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import (
-    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
@@ -59,9 +57,7 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
 )
-from backends.supervisor import DirWatcher, log_tail
 from backends.slurm_transport import (
     CliTransport,
     JobInfo,
@@ -74,6 +70,17 @@ from backends.slurm_transport import (
     SlurmRejected,
     SlurmTransport,
     SlurmUnavailable,
+)
+from backends.supervisor import (
+    DirWatcher,
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    render_script,
+    restart_reason,
+    wait_healthy,
+    walltime_exceeded,
+    with_tail,
 )
 from orchestrator.errors import BackendError, InvalidInput, SciorchError
 from orchestrator.models import (
@@ -206,33 +213,16 @@ class SlurmOptions(BaseModel):
     slurm_conf: str | None = Field(None, description="SLURM_CONF for the Slurm commands")
 
 
-@dataclass(eq=False)
-class _Job:
-    spec: LaunchSpec
-    workdir: WorkDir
-    state: EntryState = EntryState.PENDING
-    reason: str | None = None
+@dataclass(eq=False, kw_only=True)
+class _Job(EntryRecord):
     job_id: str | None = None
     node: str | None = None
-    started_at: float | None = None
     endpoint: str | None = None
-    ready: bool = False
-    restarts: int = 0
-    cancel_requested: bool = False
     cancel_sent: bool = False
-    fail_reason: str | None = None
-    finished: bool = False
     missing: int = 0
     running_seen_at: float | None = None
     hot_until: float = 0.0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     health_task: asyncio.Task[None] | None = None
-    flush_pending: bool = False
-    tail: ContractTail = field(default_factory=ContractTail)
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
 
 
 @dataclass
@@ -249,67 +239,7 @@ class _View:
 
 # ----------------------------------------------------------------------------- the batch script
 
-_SCRIPT = r"""#!/bin/bash
-# sciorch entry {entry_id} ({service}), written by the Slurm backend. The job contract's files are
-# in {wd}; the command's output goes to its log (Slurm's --output).
-wd={wd_q}
-walltime={walltime}
-trap ':' TERM INT HUP
-rm -f "$wd/exit.json" "$wd/started.json"
-sciorch_now() {{
-  local t
-  t=$(date +%s.%N 2>/dev/null)
-  case $t in '' | *[!0-9.]*) t=$(date +%s) ;; esac
-  echo "$t"
-}}
-sciorch_write() {{ printf '%s\n' "$2" >"$wd/$1.tmp" && mv -f "$wd/$1.tmp" "$wd/$1"; }}
-sciorch_notify() {{
-  [ -n "${{SCIORCH_CALLBACK_HOST:-}}" ] || return 0
-  timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1" || exit 1
-    printf "POST %s HTTP/1.0\r\nHost: %s\r\nContent-Length: 0\r\n\r\n" "$2" "$0" >&3
-    head -c 12 <&3 >/dev/null' "$SCIORCH_CALLBACK_HOST" "$SCIORCH_CALLBACK_PORT" \
-    "$SCIORCH_CALLBACK_PATH/$1" 2>/dev/null || true
-}}
-sciorch_free_port() {{
-  local used=" " f local_addr p i
-  for f in /proc/net/tcp /proc/net/tcp6; do
-    [ -r "$f" ] || continue
-    while read -r _ local_addr _; do
-      case $local_addr in *:*) used="$used$((16#${{local_addr##*:}})) " ;; esac
-    done < <(tail -n +2 "$f")
-  done
-  for ((i = 0; i < 500; i++)); do
-    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
-    case $used in *" $p "*) continue ;; esac
-    echo "$p"
-    return 0
-  done
-  return 1
-}}
-port=null
-if [ {service_flag} = 1 ]; then
-  port=$(sciorch_free_port) || {{ echo "sciorch: no free TCP port on $(hostname)" >&2; exit 1; }}
-  export PORT=$port SCIORCH_PORT=$port
-fi
-host=$(hostname -s 2>/dev/null || hostname)
-printf -v info '{{"job_id": "%s", "host": "%s", "port": %s, "started_at": %s}}' \
-  "${{SLURM_JOB_ID:-}}" "$host" "$port" "$(sciorch_now)"
-sciorch_write started.json "$info"
-sciorch_notify started
-start=$(date +%s)
-timeout -k 10 "$walltime" {command} </dev/null
-rc=$?
-expired=false
-if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-  [ $(($(date +%s) - start)) -ge $((walltime - 1)) ] && expired=true
-fi
-if [ "$rc" -gt 128 ] && [ "$expired" = false ]; then sig=$((rc - 128)); else sig=null; fi
-printf -v info '{{"exit_code": %d, "signal": %s, "finished_at": %s, "expired": %s}}' \
-  "$rc" "$sig" "$(sciorch_now)" "$expired"
-sciorch_write exit.json "$info"
-sciorch_notify exited
-exit "$rc"
-"""
+# The batch script is backends/scripts/slurm-batch.sh, its @NAME@ placeholders filled here.
 
 
 def _shell_word(arg: str) -> str:
@@ -331,14 +261,17 @@ def build_script(spec: LaunchSpec, wd: WorkDir) -> str:
         ):
             arg = arg.replace("{" + key + "}", value)
         argv.append(_shell_word(arg))
-    return _SCRIPT.format(
-        entry_id=spec.entry_id,
-        service=spec.service,
-        wd=wd.root,
-        wd_q=shlex.quote(str(wd.root)),
-        walltime=int(spec.resources.walltime_s),
-        service_flag=1 if spec.kind == "service" else 0,
-        command=" ".join(argv),
+    return render_script(
+        "slurm-batch.sh",
+        {
+            "entry_id": spec.entry_id,
+            "service": spec.service,
+            "wd": str(wd.root),
+            "wd_q": shlex.quote(str(wd.root)),
+            "walltime": str(int(spec.resources.walltime_s)),
+            "service_flag": "1" if spec.kind == "service" else "0",
+            "command": " ".join(argv),
+        },
     )
 
 
@@ -359,24 +292,10 @@ def _started_file(j: _Job) -> dict[str, Any] | None:
     return started
 
 
-def _with_tail(reason: str, wd: WorkDir) -> str:
-    tail = log_tail(wd)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-def _signal_name(n: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
-
-
 # ----------------------------------------------------------------------------- the backend
 
 
-class SlurmBackend:
+class SlurmBackend(Supervisor[_Job]):
     """Runs entries as Slurm batch jobs. See the module docstring."""
 
     kind = "slurm"
@@ -390,7 +309,7 @@ class SlurmBackend:
         transport: SlurmTransport | None = None,
     ) -> None:
         opts = site_options(SlurmOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.shared_dir = Path(opts.shared_dir or entries_dir).expanduser()
@@ -401,21 +320,16 @@ class SlurmBackend:
         if opts.slurm_conf:
             self._cmd_env["SLURM_CONF"] = opts.slurm_conf
         self.transport: SlurmTransport = transport or self._make_transport()
-        self._reporter: Reporter | None = None
-        self._jobs: dict[str, _Job] = {}
         self._view = _View()
         self._view_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
-        self._watcher: DirWatcher | None = None
         self._callback: asyncio.Server | None = None
         self._callback_env: dict[str, str] = {}
-        self._bg: set[asyncio.Task[Any]] = set()
         self._poll_failures = 0
         self._poll_error: str | None = None
         self._next_full_poll = 0.0
         self._queue_task: asyncio.Task[None] | None = None
-        self._closed = False
 
     def _make_transport(self) -> SlurmTransport:
         o = self.options
@@ -437,7 +351,7 @@ class SlurmBackend:
         self._closed = False
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         if self.options.watch:
-            self._watcher = DirWatcher(self._on_files)
+            self._watcher = DirWatcher(self._request_flush)
         if self.options.callback_listen:
             await self._start_callback(self.options.callback_listen)
         self._poller = asyncio.get_running_loop().create_task(
@@ -451,7 +365,7 @@ class SlurmBackend:
         self._closed = True
         self._wake.set()
         tasks: list[asyncio.Task[Any]] = [*self._bg]
-        for j in self._jobs.values():
+        for j in self._entries.values():
             if j.health_task is not None:
                 tasks.append(j.health_task)
         if self._poller is not None:
@@ -468,13 +382,13 @@ class SlurmBackend:
             with contextlib.suppress(Exception):
                 await self._callback.wait_closed()
             self._callback = None
-        self._jobs.clear()
+        self._entries.clear()
         await self.transport.aclose()
 
     async def shutdown_all(self, timeout_s: float = 15.0) -> None:
         """Cancel every job this backend tracks, wait (bounded) for Slurm to end them, close.
         For tests and for an operator who wants nothing left behind."""
-        jobs = [j for j in self._jobs.values() if not j.finished]
+        jobs = [j for j in self._entries.values() if not j.finished]
         for j in jobs:
             j.cancel_requested = True
             if j.job_id:
@@ -588,7 +502,7 @@ class SlurmBackend:
 
     async def submit(self, spec: LaunchSpec) -> None:
         self._require_started()
-        if spec.entry_id in self._jobs:
+        if spec.entry_id in self._entries:
             log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
             return
         if not spec.argv:
@@ -596,11 +510,11 @@ class SlurmBackend:
         wd = WorkDir(self.shared_dir / spec.entry_id)
         await asyncio.to_thread(self._prepare_dir, wd, spec)
         j = _Job(spec=spec, workdir=wd)
-        self._jobs[spec.entry_id] = j
+        self._entries[spec.entry_id] = j
         try:
             await self._submit_job(j)
         except BaseException:
-            self._jobs.pop(spec.entry_id, None)
+            self._entries.pop(spec.entry_id, None)
             raise
         self._track(j)
         if j.cancel_requested and j.job_id:  # cancelled while it was being queued
@@ -609,7 +523,7 @@ class SlurmBackend:
                 j.cancel_sent = True
 
     async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
-        j = self._jobs.get(entry_id)
+        j = self._entries.get(entry_id)
         job_id = j.job_id if j is not None else handle.get("job_id")
         if j is not None:
             if j.finished or j.cancel_requested:
@@ -638,7 +552,7 @@ class SlurmBackend:
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
         self._require_started()
-        if entry_id in self._jobs or state.terminal:
+        if entry_id in self._entries or state.terminal:
             return
         wd = WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
         j = _Job(spec=spec, workdir=wd, state=state)
@@ -649,7 +563,7 @@ class SlurmBackend:
         j.restarts = int(handle.get("restarts") or 0)
         j.ready = state == EntryState.READY
         j.endpoint = handle.get("endpoint")
-        self._jobs[entry_id] = j
+        self._entries[entry_id] = j
         if j.job_id is None:
             if state == EntryState.PENDING:
                 # Recorded but never queued (the server stopped in between): queue it now.
@@ -797,15 +711,8 @@ class SlurmBackend:
 
     # ------------------------------------------------------------------ push: files, callbacks
 
-    def _on_files(self, entry_id: str) -> None:
-        """The watcher saw a change in an entry's directory (or swept it)."""
-        j = self._jobs.get(entry_id)
-        if j is None or j.finished or j.flush_pending or self._closed:
-            return
-        j.flush_pending = True
-        self._spawn(self._check_files(j))
-
-    async def _check_files(self, j: _Job) -> None:
+    async def _flush(self, j: _Job) -> None:
+        """The watcher saw a change in the job's directory (or swept it), or a callback came."""
         async with j.lock:
             j.flush_pending = False
             if j.finished:
@@ -868,11 +775,11 @@ class SlurmBackend:
         if len(segs) < 2:
             return
         entry_id, what = segs[-2], segs[-1]
-        j = self._jobs.get(entry_id)
+        j = self._entries.get(entry_id)
         if j is None or j.finished:
             return
         if what == "started":
-            self._on_files(entry_id)
+            self._request_flush(entry_id)
         self._poke(j)
 
     # ------------------------------------------------------------------ polling
@@ -893,7 +800,7 @@ class SlurmBackend:
             if self._closed:
                 return
             now = time.time()
-            active = [j for j in self._jobs.values() if not j.finished and j.job_id]
+            active = [j for j in self._entries.values() if not j.finished and j.job_id]
             if now >= self._next_full_poll:
                 jobs = active
                 self._next_full_poll = now + self._poll_interval()
@@ -910,14 +817,14 @@ class SlurmBackend:
         base = self.options.poll_interval_s
         if not self.transport.batch_queries:
             # One request per active job (slurmrestd): cap the load on slurmctld.
-            active = sum(1 for j in self._jobs.values() if not j.finished and j.job_id)
+            active = sum(1 for j in self._entries.values() if not j.finished and j.job_id)
             base = max(base, active / self.options.max_job_queries_per_s)
         if self._poll_failures:
             return float(min(max(base, MAX_BACKOFF_S), base * 2 ** min(self._poll_failures, 6)))
         return base
 
     def _next_wait(self) -> float | None:
-        active = [j for j in self._jobs.values() if not j.finished and j.job_id]
+        active = [j for j in self._entries.values() if not j.finished and j.job_id]
         if not active:
             return None
         now = time.time()
@@ -1084,14 +991,7 @@ class SlurmBackend:
         if info.state == "COMPLETED" and code is None:
             code = 0
         state, reason = self._verdict(j, info, code, sig, expired)
-        if (
-            state == EntryState.FAILED
-            and j.spec.kind == "service"
-            and j.ready
-            and not (j.cancel_requested or j.fail_reason)
-            and j.spec.restart_policy == "on-failure"
-            and j.restarts < j.spec.max_restarts
-        ):
+        if state == EntryState.FAILED and j.may_restart():
             await self._restart(j, reason or "it failed")
             return
         await self._finish(j, state, reason, code)
@@ -1104,16 +1004,17 @@ class SlurmBackend:
         if j.fail_reason:
             return EntryState.FAILED, j.fail_reason
         if st == "CANCELLED" or (j.cancel_requested and st != "COMPLETED"):
-            if j.cancel_requested:
-                return EntryState.CANCELLED, "cancelled by request"
+            asked = j.intent_verdict()
+            if asked is not None:
+                return asked
             who = f" ({info.reason})" if info.reason and " by " in info.reason else ""
             return EntryState.CANCELLED, f"cancelled outside sciorch (scancel){who}"
         if expired:
-            return EntryState.EXPIRED, f"walltime {walltime} exceeded"
+            return EntryState.EXPIRED, walltime_exceeded(j.spec)
         if st in ("TIMEOUT", "DEADLINE"):
             return EntryState.EXPIRED, f"Slurm time limit reached (walltime {walltime})"
         if st == "OUT_OF_MEMORY":
-            return EntryState.FAILED, _with_tail(
+            return EntryState.FAILED, with_tail(
                 f"out of memory: it used more than its {j.spec.resources.memory_mb} MiB "
                 "(Slurm OUT_OF_MEMORY)",
                 j.workdir,
@@ -1122,13 +1023,7 @@ class SlurmBackend:
             return EntryState.FAILED, f"node failure ({st} on {j.node or info.node or '?'})"
         if st == "PREEMPTED":
             return EntryState.FAILED, "preempted by Slurm (and not requeued)"
-        if code == 0:
-            return EntryState.SUCCEEDED, None
-        if sig:
-            return EntryState.FAILED, _with_tail(f"killed by signal {_signal_name(sig)}", j.workdir)
-        if code is not None:
-            return EntryState.FAILED, _with_tail(f"exit code {code}", j.workdir)
-        return EntryState.FAILED, _with_tail(f"Slurm ended the job in state {st}", j.workdir)
+        return j.exit_verdict(code, sig, f"Slurm ended the job in state {st}")
 
     async def _restart(self, j: _Job, why: str) -> None:
         j.restarts += 1
@@ -1144,8 +1039,7 @@ class SlurmBackend:
             await self._report_locked(
                 j,
                 EntryState.PROVISIONING,
-                reason=f"restarting after {first_line} (restart {j.restarts}/"
-                f"{j.spec.max_restarts})",
+                reason=restart_reason(first_line, j.restarts, j.spec),
                 restarts=j.restarts,
                 handle={**self._handle(j), "job_id": None},
             )
@@ -1167,33 +1061,18 @@ class SlurmBackend:
         url = f"{j.endpoint}{health.path}"
         deadline = (j.started_at or time.time()) + health.timeout_s
         deadline = max(deadline, time.time() + min(5.0, health.timeout_s))
-        timeout = httpx.Timeout(min(5.0, max(0.5, health.interval_s * 5)))
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
-            while not j.finished:
-                try:
-                    resp = await client.get(url)
-                    if resp.status_code < 400:
-                        async with j.lock:
-                            if j.finished or j.cancel_requested:
-                                return
-                            j.ready = True
-                            await self._report_locked(
-                                j, EntryState.READY, endpoint=j.endpoint, handle=self._handle(j)
-                            )
-                        return
-                except httpx.HTTPError:
-                    pass
-                left = deadline - time.time()
-                if left <= 0:
-                    break
-                await asyncio.sleep(min(health.interval_s, left))
+        if await wait_healthy(url, health, deadline, stop=lambda: j.finished):
+            async with j.lock:
+                if j.finished or j.cancel_requested:
+                    return
+                j.ready = True
+                await self._report_locked(
+                    j, EntryState.READY, endpoint=j.endpoint, handle=self._handle(j)
+                )
+            return
         if j.finished:
             return
-        j.fail_reason = _with_tail(
-            f"health check GET {health.path} at {j.endpoint} did not pass within "
-            f"{health.timeout_s:g}s",
-            j.workdir,
-        )
+        j.fail_reason = health_failure(health, j.workdir, at=j.endpoint)
         if j.job_id:
             with contextlib.suppress(SlurmError):
                 await self.transport.cancel(j.job_id)
@@ -1213,50 +1092,13 @@ class SlurmBackend:
             "restarts": j.restarts,
         }
 
-    async def _report(self, j: _Job, state: EntryState, **kw: Any) -> None:
-        async with j.lock:
-            await self._report_locked(j, state, **kw)
+    def _final_facts(self, j: _Job) -> dict[str, Any]:
+        return {"handle": self._handle(j)}
 
-    async def _report_locked(
-        self, j: _Job, state: EntryState, *, force: bool = False, **kw: Any
-    ) -> None:
-        if j.finished or (state == j.state and not force):
-            return
-        j.state = state
-        if "reason" in kw:
-            j.reason = kw["reason"]
-        await self._call(j.id, "transition", state, **kw)
-
-    async def _finish(
-        self, j: _Job, state: EntryState, reason: str | None, exit_code: int | None
-    ) -> None:
-        if j.finished:
-            return
+    def _stop_watching(self, j: _Job) -> None:
         if j.health_task is not None and j.health_task is not asyncio.current_task():
             j.health_task.cancel()
-        if self._watcher is not None:
-            self._watcher.remove(j.workdir.root)
-        async with j.lock:
-            if j.finished:
-                return
-            try:
-                await self._flush_locked(j)
-            except Exception:
-                log.exception("entry %s: final flush failed", j.id)
-            j.finished = True
-            j.state = state
-            await self._call(
-                j.id, "transition", state, reason=reason, exit_code=exit_code,
-                handle=self._handle(j),
-            )
-        if self._jobs.get(j.id) is j:
-            del self._jobs[j.id]
-
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
-
-    async def _flush_locked(self, j: _Job) -> None:
-        await j.tail.report(self._reporter, j.id, j.workdir)
+        super()._stop_watching(j)
 
     # ------------------------------------------------------------------ site view
 
@@ -1336,17 +1178,8 @@ class SlurmBackend:
 
     # ------------------------------------------------------------------ small parts
 
-    def _require_started(self) -> None:
-        if self._reporter is None or self._closed:
-            raise BackendError(f"slurm backend {self.name!r} is not started")
-
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
 
 
 def _node_problems(nodes: list[NodeInfo]) -> str:
