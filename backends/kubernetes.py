@@ -70,10 +70,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -88,15 +86,14 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
 )
 from backends.kube_api import KubeApi, KubeApiError, KubeGone, KubeUnreachable
+from backends.kube_log import Mirror
 from backends.kube_manifests import (
     CONTAINER,
     ENTRY_LABEL,
     MANAGED_BY,
     MANAGER,
-    MARK,
     SITE_LABEL,
     KubernetesOptions,
     build_manifests,
@@ -108,7 +105,15 @@ from backends.kube_manifests import (
     object_name,
     params_name,
 )
-from backends.supervisor import log_tail
+from backends.supervisor import (
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    restart_allowed,
+    restart_reason,
+    walltime_exceeded,
+    with_tail,
+)
 from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import (
     Capabilities,
@@ -204,202 +209,23 @@ def parse_quantity(value: Any) -> float:
     return float(m.group(1)) * _SUFFIX[m.group(2)]
 
 
-def _with_tail(reason: str, wd: WorkDir) -> str:
-    tail = log_tail(wd)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-# ----------------------------------------------------------------------------- the log mirror
-
-
-class _Mirror:
-    """The local copy of an entry's pod logs, split along the job contract's markers into a
-    WorkDir (log, stream.jsonl, result.json) plus artifact names and the exit status.
-
-    `source` names the log being read (a pod, or pod#restart for services) and `raw_offset`
-    how many bytes of it were consumed (whole lines only), so a reconnect or a restarted server
-    resumes where it was. Stream records are numbered across sources."""
-
-    STATE = "kube-log.json"
-
-    def __init__(self, wd: WorkDir, markers: bool) -> None:
-        self.wd = wd
-        self.markers = markers
-        self.source: str | None = None
-        self.raw_offset = 0
-        self.stream_base = 0
-        self.artifacts: list[str] = []
-        self.exit_code: int | None = None
-        self._pending = b""
-        self._result: list[str] | None = None
-        self.stream_count = 0
-        self._load()
-
-    @property
-    def state_file(self) -> Path:
-        return self.wd.root / self.STATE
-
-    def _load(self) -> None:
-        self.wd.root.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            data = {}
-        self.source = data.get("source")
-        self.raw_offset = int(data.get("raw_offset") or 0)
-        self.stream_base = int(data.get("stream_base") or 0)
-        self.artifacts = [str(a) for a in data.get("artifacts") or []]
-        code = data.get("exit_code")
-        self.exit_code = int(code) if code is not None else None
-        try:
-            self.stream_count = self.wd.stream.read_bytes().count(b"\n")
-        except OSError:
-            self.stream_count = 0
-
-    def save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "source": self.source,
-                    "raw_offset": self.raw_offset,
-                    "stream_base": self.stream_base,
-                    "artifacts": self.artifacts,
-                    "exit_code": self.exit_code,
-                }
-            )
-        )
-        os.replace(tmp, self.state_file)
-
-    def switch(self, source: str) -> None:
-        """Start reading another log (a retry's pod, a restarted container)."""
-        if source == self.source:
-            return
-        if self.source is not None and self.log_size() > 0:
-            with self.wd.log.open("a") as f:
-                f.write(f"----- sciorch: log of {source} -----\n")
-        self.source = source
-        self.raw_offset = 0
-        self.stream_base = self.stream_count
-        self.exit_code = None
-        self._pending = b""
-        self._result = None
-        self.save()
-
-    def reconnecting(self) -> int:
-        """A new read of the same source starts: the bytes to skip."""
-        self._pending = b""
-        self._result = None
-        return self.raw_offset
-
-    def log_size(self) -> int:
-        try:
-            return self.wd.log.stat().st_size
-        except OSError:
-            return 0
-
-    def feed(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
-        self._pending += data
-        end = self._pending.rfind(b"\n")
-        if end < 0:
-            return []
-        complete, self._pending = self._pending[: end + 1], self._pending[end + 1 :]
-        self.raw_offset += len(complete)
-        records = self._lines(complete.decode("utf-8", errors="replace").split("\n")[:-1])
-        self.save()
-        return records
-
-    def finish(self) -> list[tuple[int, dict[str, Any]]]:
-        """The source has ended: its last, unterminated line counts too."""
-        if not self._pending:
-            return []
-        rest, self._pending = self._pending, b""
-        self.raw_offset += len(rest)
-        records = self._lines([rest.decode("utf-8", errors="replace")])
-        self.save()
-        return records
-
-    def _lines(self, lines: list[str]) -> list[tuple[int, dict[str, Any]]]:
-        out_log: list[str] = []
-        records: list[tuple[int, dict[str, Any]]] = []
-        new_stream: list[str] = []
-        for line in lines:
-            if self._result is not None:
-                if line.strip() == MARK + "result-end":
-                    self._write_result("\n".join(self._result))
-                    self._result = None
-                else:
-                    self._result.append(line)
-                continue
-            idx = line.find(MARK) if self.markers else -1
-            if idx < 0:
-                out_log.append(line)
-                continue
-            if idx > 0:
-                out_log.append(line[:idx])
-            for segment in line[idx:].split(MARK)[1:]:
-                word, _, rest = segment.rstrip("\r").partition(" ")
-                if word == "stream":
-                    num, _, text = rest.partition(" ")
-                    if not num.isdigit():
-                        continue
-                    index = self.stream_base + int(num)
-                    if index != self.stream_count:
-                        continue  # seen already, or a gap the replay at exit will fill
-                    try:
-                        rec = json.loads(text)
-                    except ValueError:
-                        rec = {"raw": text}
-                    new_stream.append(text)
-                    self.stream_count += 1
-                    records.append((index, rec if isinstance(rec, dict) else {"value": rec}))
-                elif word == "result-begin":
-                    self._result = []
-                elif word == "artifact" and rest and rest not in self.artifacts:
-                    self.artifacts.append(rest)
-                elif word == "exit":
-                    with contextlib.suppress(ValueError):
-                        self.exit_code = int(rest.strip())
-        if out_log:
-            with self.wd.log.open("a", encoding="utf-8") as f:
-                f.write("\n".join(out_log) + "\n")
-        if new_stream:
-            with self.wd.stream.open("a", encoding="utf-8") as f:
-                f.write("\n".join(new_stream) + "\n")
-        return records
-
-    def _write_result(self, text: str) -> None:
-        tmp = self.wd.result.with_suffix(".tmp")
-        tmp.write_text(text.strip() + "\n")
-        os.replace(tmp, self.wd.result)
-
-
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-@dataclass(eq=False)
-class _Entry:
-    spec: LaunchSpec
+@dataclass(eq=False, kw_only=True)
+class _Entry(EntryRecord):
     namespace: str
     name: str
-    mirror: _Mirror
+    mirror: Mirror
     endpoint: str | None
-    state: EntryState = EntryState.PENDING
-    reason: str | None = None
-    finished: bool = False
-    cancel_requested: bool = False
-    started_at: float | None = None
     job: dict[str, Any] | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     pod_restarts: dict[str, int] = field(default_factory=dict)
     failed_pods: set[str] = field(default_factory=set)
-    restarts: int = 0
-    ready: bool = False
     events: dict[str, tuple[str, str]] = field(default_factory=dict)  # object -> (kind, text)
     stuck_kind: str | None = None
     stuck_text: str | None = None
     stuck_timer: asyncio.TimerHandle | None = None
-    walltime_timer: asyncio.TimerHandle | None = None
     health_timer: asyncio.TimerHandle | None = None
     follow_task: asyncio.Task[None] | None = None
     follow_source: str | None = None
@@ -407,12 +233,7 @@ class _Entry:
     log_size: int = 0
     log_final: bool = False
     reported: dict[str, Any] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     log_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
 
     @property
     def workload(self) -> str:
@@ -442,7 +263,7 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[None]]
 # ----------------------------------------------------------------------------- the backend
 
 
-class KubernetesBackend:
+class KubernetesBackend(Supervisor[_Entry]):
     """Runs entries on a Kubernetes cluster. See the module docstring."""
 
     kind = "kubernetes"
@@ -455,17 +276,13 @@ class KubernetesBackend:
         api: KubeApi | None = None,
     ) -> None:
         opts = site_options(KubernetesOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.api = api
         self._own_api = api is None
-        self._reporter: Reporter | None = None
-        self._entries: dict[str, _Entry] = {}
         self._watchers: dict[str, _Watcher] = {}
         self._namespaces: set[str] = set()
-        self._bg: set[asyncio.Task[Any]] = set()
-        self._closed = False
         self._nodes: list[_Node] | None = None
         self._nodes_note: str | None = None
         self._pending_pods: int | None = None
@@ -515,6 +332,26 @@ class KubernetesBackend:
         if self._own_api and self.api is not None:
             await self.api.close()
             self.api = None
+
+    async def shutdown_all(self, timeout_s: float = 5.0) -> None:
+        """Cancel every entry this backend tracks (deleting its objects), then close. For tests
+        and for an operator who wants nothing left behind."""
+
+        async def stop(entry_id: str) -> None:
+            with contextlib.suppress(Exception):
+                await self.cancel(entry_id, {})
+
+        tasks = [
+            asyncio.get_running_loop().create_task(stop(e.id))
+            for e in list(self._entries.values())
+            if not e.finished
+        ]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self.close()
 
     # ------------------------------------------------------------------ protocol: site facts
 
@@ -620,7 +457,7 @@ class KubernetesBackend:
             raise
         async with e.lock:
             if e.state == EntryState.PENDING and e.reason is None:  # nothing newer reported
-                await self._report(
+                await self._report_locked(
                     e,
                     EntryState.PENDING,
                     reason=f"submitted to namespace {e.namespace}; waiting for a pod",
@@ -700,7 +537,7 @@ class KubernetesBackend:
         wd = self._workdir(entry_id, handle)
         data = await wd.read_results_async(since_record)
         e = self._entries.get(entry_id)
-        mirror = e.mirror if e is not None else _Mirror(wd, markers=True)
+        mirror = e.mirror if e is not None else Mirror(wd, markers=True)
         data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))
         return data
 
@@ -723,9 +560,10 @@ class KubernetesBackend:
         ep = endpoint(spec, self.options, self.name) if spec.kind == "service" else None
         return _Entry(
             spec=spec,
+            workdir=wd,
             namespace=namespace_name(self.options.namespace_prefix, spec.event_id),
             name=object_name(spec.entry_id),
-            mirror=_Mirror(wd, markers=spec.kind == "job"),
+            mirror=Mirror(wd, markers=spec.kind == "job"),
             endpoint=ep,
             state=state,
         )
@@ -1061,14 +899,14 @@ class KubernetesBackend:
                 tries = len(e.failed_pods) or 1
                 what = f"exit code {code}" + (f" (after {tries} attempts)" if tries > 1 else "")
                 await self._end(
-                    e, EntryState.FAILED, _with_tail(what, e.mirror.wd), code, delete=False
+                    e, EntryState.FAILED, with_tail(what, e.mirror.wd), code, delete=False
                 )
             else:
                 text = str(failed.get("message") or "").strip()
                 await self._end(
                     e,
                     EntryState.FAILED,
-                    _with_tail(f"{why or 'failed'}: {text}" if text else why, e.mirror.wd),
+                    with_tail(f"{why or 'failed'}: {text}" if text else why, e.mirror.wd),
                     code,
                     delete=False,
                 )
@@ -1094,7 +932,9 @@ class KubernetesBackend:
         self._unstuck(e)
         if phase == "Running" and e.state in (EntryState.PENDING, EntryState.PROVISIONING):
             e.started_at = e.started_at or time.time()
-            await self._report(e, EntryState.RUNNING, reason=None, handle=self._handle(e, name))
+            await self._report_locked(
+                e, EntryState.RUNNING, reason=None, handle=self._handle(e, name)
+            )
         # Followed only now: a record announced from the log never precedes 'running'.
         if phase in ("Running", "Succeeded", "Failed"):
             self._follow(e, name, name)
@@ -1104,7 +944,7 @@ class KubernetesBackend:
             if len(e.failed_pods) <= limit and not _true(e.job, "Failed"):
                 code = self._exit_code(e, pod)
                 e.restarts = len(e.failed_pods)
-                await self._report(
+                await self._report_locked(
                     e,
                     EntryState.PROVISIONING,
                     reason=f"retrying after exit code {code} (retry {e.restarts}/{limit})",
@@ -1117,7 +957,7 @@ class KubernetesBackend:
         if pod is None:
             if e.state in (EntryState.RUNNING, EntryState.READY):
                 e.ready = False
-                await self._report(
+                await self._report_locked(
                     e, EntryState.PROVISIONING, reason="its pod is gone; waiting for a new one"
                 )
             else:
@@ -1138,12 +978,12 @@ class KubernetesBackend:
             code = last.get("exitCode")
             what = f"exit code {code}" if code is not None else "its container ended"
             policy, most = e.spec.restart_policy, e.spec.max_restarts
-            if policy != "on-failure" or e.restarts > most:
+            if not restart_allowed(e.spec, e.restarts):
                 allowed = "no restarts" if policy != "on-failure" else f"{most} restarts"
                 await self._end(
                     e,
                     EntryState.FAILED,
-                    _with_tail(
+                    with_tail(
                         f"the service exited ({what}); its restart policy {policy!r} allows "
                         f"{allowed}",
                         e.mirror.wd,
@@ -1154,10 +994,10 @@ class KubernetesBackend:
                 return
             e.ready = False
             self._cancel_timer(e, "health_timer")
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.PROVISIONING,
-                reason=f"restarting after {what} (restart {e.restarts}/{most})",
+                reason=restart_reason(what, e.restarts, e.spec),
                 restarts=e.restarts,
                 handle=self._handle(e),
             )
@@ -1169,7 +1009,7 @@ class KubernetesBackend:
             self._follow(e, name, f"{name}#{count}")
             e.ready = False
             why = _dig(pod, "status", "reason") or phase
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.PROVISIONING,
                 reason=f"pod {name} ended ({why}); waiting for a new one",
@@ -1179,7 +1019,7 @@ class KubernetesBackend:
         if e.state in (EntryState.PENDING, EntryState.PROVISIONING):
             first = e.started_at is None
             e.started_at = e.started_at or time.time()
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.RUNNING,
                 reason=None,
@@ -1195,10 +1035,10 @@ class KubernetesBackend:
         if ready and e.state != EntryState.READY:
             self._cancel_timer(e, "health_timer")
             e.ready = True
-            await self._report(e, EntryState.READY, reason=None, endpoint=e.endpoint)
+            await self._report_locked(e, EntryState.READY, reason=None, endpoint=e.endpoint)
         elif not ready and e.state == EntryState.READY:
             e.ready = False
-            await self._report(e, EntryState.RUNNING, reason="the readiness probe fails")
+            await self._report_locked(e, EntryState.RUNNING, reason="the readiness probe fails")
 
     async def _pending_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
         name = _name(pod)
@@ -1232,14 +1072,14 @@ class KubernetesBackend:
             node = _dig(pod, "spec", "nodeName")
             where = f" on {node}" if node else ""
             doing = f" ({wreason})" if wreason else ""
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.PROVISIONING,
                 reason=f"pod {name} scheduled{where}; starting its container{doing}",
                 handle=self._handle(e, pod=name),
             )
         else:
-            await self._report(
+            await self._report_locked(
                 e, EntryState.PENDING, reason=f"pod {name} is waiting for the scheduler"
             )
 
@@ -1257,7 +1097,7 @@ class KubernetesBackend:
             )
             if grace is not None:
                 e.stuck_timer = asyncio.get_running_loop().call_later(
-                    grace, self._spawn, self._give_up, e, kind, grace
+                    grace, self._later, self._give_up, e, kind, grace
                 )
         e.stuck_text = text
         target = (
@@ -1265,7 +1105,7 @@ class KubernetesBackend:
             if e.state in (EntryState.PENDING, EntryState.PROVISIONING)
             else e.state
         )
-        await self._report(e, target, reason=text)
+        await self._report_locked(e, target, reason=text)
 
     def _unstuck(self, e: _Entry) -> None:
         if e.stuck_kind is not None:
@@ -1283,20 +1123,14 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------ timers
 
-    def _arm_walltime(self, e: _Entry) -> None:
-        if e.walltime_timer is not None or e.started_at is None:
-            return
-        left = e.started_at + e.spec.resources.walltime_s - time.time()
-        e.walltime_timer = asyncio.get_running_loop().call_later(
-            max(0.0, left), self._spawn, self._expire, e
-        )
+    def _expire(self, e: _Entry) -> None:
+        self._later(self._expire_now, e)
 
-    async def _expire(self, e: _Entry) -> None:
+    async def _expire_now(self, e: _Entry) -> None:
         async with e.lock:
             if not e.finished:
-                walltime = format_duration(e.spec.resources.walltime_s)
                 await self._end(
-                    e, EntryState.EXPIRED, f"walltime {walltime} exceeded", None, delete=True
+                    e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True
                 )
 
     def _arm_health(self, e: _Entry) -> None:
@@ -1304,7 +1138,7 @@ class KubernetesBackend:
         if health is None or e.health_timer is not None:
             return
         e.health_timer = asyncio.get_running_loop().call_later(
-            health.timeout_s, self._spawn, self._unhealthy, e
+            health.timeout_s, self._later, self._unhealthy, e
         )
 
     async def _unhealthy(self, e: _Entry) -> None:
@@ -1317,10 +1151,7 @@ class KubernetesBackend:
             await self._end(
                 e,
                 EntryState.FAILED,
-                _with_tail(
-                    f"readiness probe GET {health.path} did not pass within {health.timeout_s:g}s",
-                    e.mirror.wd,
-                ),
+                health_failure(health, e.mirror.wd, probe="readiness probe"),
                 None,
                 delete=True,
             )
@@ -1448,22 +1279,21 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------ reporting
 
-    async def _report(self, e: _Entry, state: EntryState, **kw: Any) -> None:
-        """Report a state (or, for the same state, a new reason, handle or restart count);
-        e.lock held. Steps the state machine does not allow are not reported."""
-        if e.finished:
-            return
+    def _accept(
+        self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool
+    ) -> bool:
+        """A state, or for the same state a new reason, handle or restart count, is news;
+        steps the state machine does not allow are not."""
         reason = kw.get("reason")
         facts = {k: kw[k] for k in ("handle", "restarts", "endpoint") if kw.get(k) is not None}
         if state == e.state:
             if reason == e.reason and all(e.reported.get(k) == v for k, v in facts.items()):
-                return
+                return False
         elif not can_transition(e.state, state):
-            return
-        e.state = state
+            return False
         e.reason = reason
         e.reported.update(facts)
-        await self._call(e.id, "transition", state, **kw)
+        return True
 
     async def _end(
         self,
@@ -1486,22 +1316,11 @@ class KubernetesBackend:
                 if state == EntryState.CANCELLED:
                     raise
                 reason = f"{reason}; deleting its objects failed: {exc.message}"
-        e.finished = True
-        e.state = state
-        await self._call(
-            e.id,
-            "transition",
-            state,
-            reason=reason,
-            exit_code=exit_code,
-            handle=self._handle(e),
-        )
-        if self._entries.get(e.id) is e:
-            del self._entries[e.id]
+        await self._finished_locked(e, state, reason, exit_code)
         self._maybe_unwatch(e.namespace)
 
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
+    def _final_facts(self, e: _Entry) -> dict[str, Any]:
+        return {"handle": self._handle(e)}
 
     def _handle(self, e: _Entry, pod: str | None = None) -> dict[str, Any]:
         return {
@@ -1616,13 +1435,10 @@ class KubernetesBackend:
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
 
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+    def _later(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run fn(*args) as a background task (timers call this when they fire)."""
-        if self._closed:
-            return
-        task = asyncio.get_running_loop().create_task(fn(*args))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        if not self._closed:
+            self._spawn(fn(*args))
 
 
 __all__ = ["KubernetesBackend", "KubernetesOptions", "parse_quantity"]

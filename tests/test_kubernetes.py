@@ -27,6 +27,7 @@ import kubernetes_validate
 import pytest
 
 from backends.base import HealthSpec, LaunchSpec, WorkDir
+from backends.kube_log import Mirror
 from backends.kube_manifests import (
     JOB_WRAPPER,
     KubernetesOptions,
@@ -41,7 +42,7 @@ from backends.kube_manifests import (
     namespace_name,
     service_manifest,
 )
-from backends.kubernetes import KubernetesBackend, _Mirror, parse_quantity
+from backends.kubernetes import KubernetesBackend, parse_quantity
 from orchestrator.engine import Engine
 from orchestrator.errors import BackendError, InvalidInput, NoSiteAvailable
 from orchestrator.models import Entry, EntryState, EventState, ResourceRequest, Resources
@@ -310,7 +311,7 @@ def test_the_wrapper_reports_through_the_log(tmp_path: Path) -> None:
         env=env, capture_output=True, timeout=30, check=False,
     )
     assert out.returncode == 3
-    mirror = _Mirror(WorkDir(tmp_path / "mirror"), markers=True)
+    mirror = Mirror(WorkDir(tmp_path / "mirror"), markers=True)
     mirror.switch("pod-1")
     records = []
     raw = out.stdout
@@ -329,7 +330,7 @@ def test_the_wrapper_reports_through_the_log(tmp_path: Path) -> None:
     assert 'params: {"x": 1}' in text and "partial line without newline" in text
     assert "@@sciorch" not in text
     # A restarted reader resumes from the byte it reached: nothing twice.
-    again = _Mirror(wd, markers=True)
+    again = Mirror(wd, markers=True)
     assert again.source == "pod-1" and again.raw_offset == len(raw)
     assert again.stream_count == 3
 
