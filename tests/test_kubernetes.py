@@ -6,8 +6,8 @@
   catch what the schemas miss.
 * The job wrapper runs for real under /bin/sh and its log is parsed back by the backend's mirror.
 * Integration: the real engine and backend talk real HTTP to a kmock-based emulator
-  (tests/kube_emulator.py) started here; the test plays the controllers and the kubelet, scripts
-  logs, and injects 403/409/410/500 and dropped watches.
+  (tests/fakes/kube_emulator.py) started here; the test plays the controllers and the kubelet,
+  scripts logs, and injects 403/409/410/500 and dropped watches.
 * Opt-in tier: with KUBECONFIG set, the same scenarios run against that cluster (its own
   controllers and kubelets do the work); without it those tests are skipped.
 """
@@ -47,7 +47,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import BackendError, InvalidInput, NoSiteAvailable
 from orchestrator.models import Entry, EntryState, EventState, ResourceRequest, Resources
 from tests.conftest import ALICE, make_settings, shutdown
-from tests.kube_emulator import KubeEmulator
+from tests.fakes.kube_emulator import KubeEmulator
 
 K8S_VERSION = "1.33"
 REAL = os.environ.get("KUBECONFIG")
