@@ -1,16 +1,41 @@
-"""The kubernetes backend's local mirror of a pod's log: the job wrapper's `@@sciorch:` markers
-split back into the job contract's files (see backends.kubernetes for the whole story)."""
+"""The kubernetes backend's local mirror of a pod's log, and following the log into it.
+
+The job contract on Kubernetes goes through the pod log. The work dir is an emptyDir (or a
+sub-path of the `results_pvc` claim) mounted at /sciorch, with the same layout as everywhere
+else: params.json (a ConfigMap key mounted read-only; $SCIORCH_PARAMS), result.json
+($SCIORCH_RESULT), stream.jsonl ($SCIORCH_STREAM), output/ ($SCIORCH_OUTPUT_DIR). The command
+runs under a POSIX-sh wrapper (`kube_manifests.JOB_WRAPPER`) that writes to the pod log, besides
+the command's own output:
+    @@sciorch:stream <index> <json>   each stream record as it is written (and all of them
+                                      once more at exit: the backend keeps the first copy)
+    @@sciorch:result-begin / -end     the result file, between the two markers, at exit
+    @@sciorch:artifact <path>         one line per file under output/ (names only: the files
+                                      stay on the volume; use `results_pvc` to keep them)
+    @@sciorch:exit <code>             the command's exit status
+The backend follows the log of every running pod (streaming, with follow) and splits it into a
+local mirror of the work dir (<entries_dir>/<entry id>/: log without the markers, stream.jsonl,
+result.json), which `read_logs` and `read_results` serve, which outlives the pods and the
+namespace, and from which stream records and log growth are reported as they arrive. A
+restarted server re-reads the log from the byte it had reached (kube-log.json)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from backends.base import WorkDir
-from backends.kube_manifests import MARK
+from backends.kube_api import KubeApi, KubeApiError, KubeUnreachable, retry
+from backends.kube_manifests import CONTAINER, MARK
+
+log = logging.getLogger("sciorch.backends.kubernetes")
+
+Records = list[tuple[int, dict[str, Any]]]
 
 # ----------------------------------------------------------------------------- the log mirror
 
@@ -177,4 +202,116 @@ class Mirror:
         os.replace(tmp, self.wd.result)
 
 
-__all__ = ["Mirror"]
+# ----------------------------------------------------------------------------- following
+
+
+class LogFollower:
+    """Follows one entry's pod logs into its Mirror, one log (`source`) at a time, and hands
+    what each chunk adds to `publish`. `pod_done(pod)` says whether a pod's log is complete;
+    `stopped()` whether to stop following at all."""
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        entry_id: str,
+        namespace: str,
+        *,
+        is_job: bool,
+        publish: Callable[[Records], Awaitable[None]],
+        pod_done: Callable[[str], bool],
+        stopped: Callable[[], bool],
+    ) -> None:
+        self.mirror = mirror
+        self.entry_id = entry_id
+        self.namespace = namespace
+        self.is_job = is_job
+        self.task: asyncio.Task[None] | None = None
+        self.source: str | None = None
+        self.pod: str | None = None
+        self.final = False
+        self._lock = asyncio.Lock()
+        self._publish = publish
+        self._pod_done = pod_done
+        self._stopped = stopped
+
+    def follow(self, api: KubeApi, pod: str, source: str) -> None:
+        """Follow this pod's log into the mirror (once per source)."""
+        if self.source == source or self._stopped():
+            return
+        previous = self.pod if self.is_job else None
+        if self.task is not None:
+            self.task.cancel()
+        self.source, self.pod = source, pod
+        self.task = asyncio.get_running_loop().create_task(
+            self._loop(api, pod, source, previous), name=f"sciorch-kube-log-{self.entry_id}"
+        )
+
+    async def stop(self) -> None:
+        """Before the final report: no more following (the rest is read with read_rest)."""
+        self.final = True
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _loop(self, api: KubeApi, pod: str, source: str, previous: str | None) -> None:
+        mirror = self.mirror
+        if previous is not None and previous != pod and mirror.source == previous:
+            await self.read_rest(api, previous)  # the end of the last attempt's log
+        backoff = 0.1
+        while not self._stopped():
+            async with self._lock:
+                mirror.switch(source)
+                skip = mirror.reconnecting()
+            got = 0
+            try:
+                async for chunk in api.follow_log(self.namespace, pod, CONTAINER):
+                    if got + len(chunk) <= skip:
+                        got += len(chunk)
+                        continue
+                    if got < skip:
+                        chunk = chunk[skip - got :]
+                        got = skip
+                    got += len(chunk)
+                    async with self._lock:
+                        if mirror.source != source:
+                            return
+                        records = mirror.feed(chunk)
+                    await self._publish(records)
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except KubeApiError as exc:
+                if exc.status == 404:
+                    return  # the pod is gone
+                log.debug("following %s/%s: %s", self.namespace, pod, exc)
+            except KubeUnreachable as exc:
+                log.debug("following %s/%s: %s", self.namespace, pod, exc)
+            if self._pod_done(pod):
+                async with self._lock:
+                    records = mirror.finish() if mirror.source == source else []
+                await self._publish(records)
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def read_rest(self, api: KubeApi, pod: str) -> None:
+        """Read a pod's whole log once and mirror what was not mirrored yet."""
+        try:
+            data = await retry(lambda: api.read_log(self.namespace, pod, CONTAINER))
+        except (KubeApiError, KubeUnreachable) as exc:
+            log.info("entry %s: last read of %s's log failed: %s", self.entry_id, pod, exc)
+            return
+        mirror = self.mirror
+        async with self._lock:
+            if mirror.source != pod and mirror.source is not None:
+                if not (mirror.source or "").startswith(pod + "#"):
+                    return
+            if mirror.source is None:
+                mirror.switch(pod)
+            skip = mirror.reconnecting()
+            records = mirror.feed(data[skip:]) + mirror.finish()
+        await self._publish(records)
+
+
+__all__ = ["LogFollower", "Mirror", "Records"]

@@ -4,7 +4,8 @@ Each entry runs under a tiny /bin/sh wrapper in its own session and process grou
 appends the command's output to `<workdir>/log` and records how it ended in `<workdir>/exit.json`,
 so the true outcome survives the server. Exits are awaited through pidfds (no polling), log and
 stream growth through one shared file watcher, and resources (cpus, memory, whole GPUs, real or
-virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill.
+virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill
+(backends.local_pool).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from backends.base import (
     WorkDir,
     site_options,
 )
+from backends.local_pool import ResourcePool, detect_gpus
 from backends.supervisor import (
     DirWatcher,
     EntryRecord,
@@ -52,12 +54,9 @@ from orchestrator.models import (
     EntryState,
     Resources,
     SiteStatus,
-    format_duration,
 )
 
 log = logging.getLogger("sciorch.backends.local")
-
-_EPS = 1e-9
 
 
 class LocalOptions(BaseModel):
@@ -80,26 +79,6 @@ class _Phase(enum.Enum):
     QUEUED = "queued"
     ACTIVE = "active"
     DONE = "done"
-
-
-@dataclass
-class _Pool:
-    cpus: float
-    memory_mb: int
-    gpus: set[int]
-
-    def copy(self) -> _Pool:
-        return _Pool(self.cpus, self.memory_mb, set(self.gpus))
-
-    def take(self, res: Resources, gpus: list[int]) -> None:
-        self.cpus -= res.cpus
-        self.memory_mb -= res.memory_mb
-        self.gpus -= set(gpus)
-
-    def give(self, res: Resources, gpus: list[int]) -> None:
-        self.cpus += res.cpus
-        self.memory_mb += res.memory_mb
-        self.gpus |= set(gpus)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -154,23 +133,6 @@ def _members(pgid: int) -> list[int]:
     return out
 
 
-def _total_memory_mb() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1024
-
-
-def _cpu_count() -> float:
-    try:
-        return float(len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return float(os.cpu_count() or 1)
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -206,16 +168,13 @@ class LocalBackend(Supervisor[_Entry]):
         self.host = opts.host
         self.term_grace_s = opts.term_grace_s
         self.max_walltime_s = opts.max_walltime_s
-        self.total_cpus = opts.cpus if opts.cpus is not None else _cpu_count()
-        self.total_memory_mb = (
-            opts.memory_mb if opts.memory_mb is not None else _total_memory_mb()
+        # virtual GPUs now; real ones are detected in start()
+        self._pool: ResourcePool[_Entry] = ResourcePool(
+            opts.cpus,
+            opts.memory_mb,
+            {i: opts.gpu_type or "" for i in range(opts.gpus or 0)},
+            opts.max_walltime_s,
         )
-        # index -> type name; virtual GPUs now, real ones are detected in start()
-        self.gpu_names: dict[int, str] = {
-            i: opts.gpu_type or "" for i in range(opts.gpus or 0)
-        }
-        self._pool = self._full_pool()
-        self._queue: list[_Entry] = []
         self._ports: set[int] = set()
 
     # ------------------------------------------------------------------ protocol: lifecycle
@@ -224,8 +183,7 @@ class LocalBackend(Supervisor[_Entry]):
         self._reporter = reporter
         self._closed = False
         if self.options.gpus is None:
-            self.gpu_names = await self._detect_gpus()
-            self._pool = self._full_pool()
+            self._pool.set_gpus(await detect_gpus(self.name))
         self._watcher = DirWatcher(self._request_flush)
 
     async def close(self) -> None:
@@ -242,14 +200,13 @@ class LocalBackend(Supervisor[_Entry]):
         if self._watcher is not None:
             await self._watcher.close()
         self._entries.clear()
-        self._queue.clear()
         self._ports.clear()
-        self._pool = self._full_pool()
+        self._pool.reset()
 
     async def shutdown_all(self, timeout_s: float = 5.0) -> None:
         """Kill everything this backend runs (reporting `cancelled`), then close. For tests and
         for an operator who wants nothing left behind."""
-        for e in list(self._queue):
+        for e in list(self._pool.queue):
             await self.cancel(e.id, {})
         waiting = []
         for e in list(self._entries.values()):
@@ -265,80 +222,28 @@ class LocalBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ protocol: site facts
 
-    @property
-    def gpu_types(self) -> list[str]:
-        return sorted({n for n in self.gpu_names.values() if n})
-
     async def capabilities(self) -> Capabilities:
+        pool = self._pool
         return Capabilities(
-            cpus=self.total_cpus,
-            memory_mb=self.total_memory_mb,
-            gpus=len(self.gpu_names),
-            gpu_types=self.gpu_types,
-            max_walltime_s=self.max_walltime_s,
+            cpus=pool.total_cpus,
+            memory_mb=pool.total_memory_mb,
+            gpus=len(pool.gpu_names),
+            gpu_types=pool.gpu_types,
+            max_walltime_s=pool.max_walltime_s,
         )
 
     async def status(self) -> tuple[SiteStatus, str | None]:
         return SiteStatus.UP, None
 
     async def estimate_wait(self, resources: Resources) -> float:
-        """Seconds until an entry with these resources would start if submitted now: a FIFO
-        simulation assuming that running and queued entries use their whole walltime."""
-        if self._never_fits(resources) is not None:
-            return float("inf")
-        now = time.time()
-        # (deadline, resources, gpus) of everything holding or going to hold resources
-        allocs: list[tuple[float, Resources, list[int]]] = [
-            (e.deadline(now), e.resources, e.gpus)
-            for e in self._entries.values()
-            if e.allocated
-        ]
-        t = now
-        start = now
-        for res in [*(q.resources for q in self._queue[:1000]), resources]:
-            times = [t, *sorted(d for d, _, _ in allocs if d > t)]
-            start = times[-1]
-            gpus: list[int] = []
-            for c in times:
-                pool = self._full_pool()
-                for d, r, g in allocs:
-                    if d > c:
-                        pool.take(r, g)
-                fit = self._fit(pool, res)
-                if fit is not None:
-                    start, gpus = c, fit
-                    break
-            allocs.append((start + res.walltime_s, res, gpus))
-            t = start
-        return max(0.0, start - now)
+        return self._pool.estimate_wait(resources, self._entries.values())
 
     def queue_reason(self, entry_id: str) -> str | None:
         """Why a queued entry waits (None when it is not queued here)."""
         e = self._entries.get(entry_id)
         if e is None or e.phase is not _Phase.QUEUED:
             return None
-        res = e.resources
-        missing = []
-        if res.gpus:
-            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
-            free = [i for i in matching if i in self._pool.gpus]
-            if len(free) < res.gpus:
-                busy = len(matching) - len(free)
-                kind = f" {res.gpu_type}" if res.gpu_type else ""
-                missing.append(
-                    f"needs {res.gpus}{kind} GPU{'s' if res.gpus != 1 else ''}, "
-                    f"{len(free)} free ({busy} busy)"
-                )
-        if res.cpus > self._pool.cpus + _EPS:
-            missing.append(f"needs {res.cpus:g} CPUs, {max(0.0, self._pool.cpus):g} free")
-        if res.memory_mb > self._pool.memory_mb:
-            missing.append(
-                f"needs {res.memory_mb} MiB memory, {max(0, self._pool.memory_mb)} MiB free"
-            )
-        ahead = self._queue.index(e) if e in self._queue else 0
-        if missing:
-            return "waiting for resources: " + "; ".join(missing)
-        return f"waiting behind {ahead} earlier entr{'y' if ahead == 1 else 'ies'} in the queue"
+        return self._pool.queue_reason(e)
 
     # ------------------------------------------------------------------ protocol: entries
 
@@ -347,7 +252,7 @@ class LocalBackend(Supervisor[_Entry]):
         if spec.entry_id in self._entries:
             log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
             return
-        problem = self._never_fits(spec.resources)
+        problem = self._pool.never_fits(spec.resources)
         if problem is not None:
             raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
         if not spec.argv:
@@ -366,7 +271,7 @@ class LocalBackend(Supervisor[_Entry]):
         e.cancel_requested = True
         if e.phase is _Phase.QUEUED:
             with contextlib.suppress(ValueError):
-                self._queue.remove(e)
+                self._pool.queue.remove(e)
             await self._finish(e, EntryState.CANCELLED, "cancelled before it started", None)
         elif e.pid is not None:
             self._terminate(e)
@@ -428,8 +333,7 @@ class LocalBackend(Supervisor[_Entry]):
         e.spawned_at = float(spawned) if spawned else e.started_at
         e.ready = state == EntryState.READY
         e.phase = _Phase.ACTIVE
-        e.allocated = True
-        self._pool.take(e.resources, e.gpus)
+        self._pool.take(e, e.gpus)
         if e.port is not None:
             self._ports.add(e.port)
         # What is already written counts as reported; only growth from now on is reported.
@@ -453,119 +357,25 @@ class LocalBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ scheduling
 
-    def _full_pool(self) -> _Pool:
-        return _Pool(self.total_cpus, self.total_memory_mb, set(self.gpu_names))
-
-    def _gpu_matches(self, index: int, gpu_type: str | None) -> bool:
-        if not gpu_type:
-            return True
-        name = self.gpu_names.get(index, "").lower()
-        want = gpu_type.lower()
-        return bool(name) and (want == name or want in name)
-
-    def _fit(self, pool: _Pool, res: Resources) -> list[int] | None:
-        """GPU indices to assign if `res` fits in `pool` (an empty list without GPUs)."""
-        if res.cpus > pool.cpus + _EPS or res.memory_mb > pool.memory_mb:
-            return None
-        if not res.gpus:
-            return []
-        cand = sorted(i for i in pool.gpus if self._gpu_matches(i, res.gpu_type))
-        return cand[: res.gpus] if len(cand) >= res.gpus else None
-
-    def _never_fits(self, res: Resources) -> tuple[str, str] | None:
-        """(field, why) when this site can never run an entry with these resources."""
-        if res.gpus:
-            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
-            if res.gpu_type and not matching:
-                have = ", ".join(self.gpu_types) or "none"
-                return (
-                    "resources.gpu_type",
-                    f"has no GPUs of type {res.gpu_type!r} (types here: {have})",
-                )
-            if len(matching) < res.gpus:
-                return (
-                    "resources.gpus",
-                    f"needs {res.gpus} GPUs but the site has {len(matching)}",
-                )
-        if res.cpus > self.total_cpus + _EPS:
-            return "resources.cpus", f"needs {res.cpus:g} CPUs but the site has {self.total_cpus:g}"
-        if res.memory_mb > self.total_memory_mb:
-            return (
-                "resources.memory_mb",
-                f"needs {res.memory_mb} MiB but the site has {self.total_memory_mb} MiB",
-            )
-        if self.max_walltime_s is not None and res.walltime_s > self.max_walltime_s:
-            return (
-                "resources.walltime_s",
-                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
-                f"{format_duration(self.max_walltime_s)}",
-            )
-        return None
-
     def _enqueue(self, e: _Entry) -> None:
         e.phase = _Phase.QUEUED
         self._entries[e.id] = e
-        self._queue.append(e)
+        self._pool.queue.append(e)
         self._schedule()
 
     def _schedule(self) -> None:
-        """Start queued entries in FIFO order. Later entries may jump ahead (backfill) only if
-        they do not delay the first blocked entry: they end before it could start anyway, or
-        fit in what will be left over when it starts."""
-        if self._closed or not self._queue:
+        """Start what the pool says may start now."""
+        if self._closed:
             return
-        now = time.time()
-        free = self._pool.copy()
-        shadow_t: float | None = None
-        shadow_extra: _Pool | None = None
-        for e in list(self._queue):
-            gpus = self._fit(free, e.resources)
-            if gpus is None:
-                if shadow_t is None:
-                    shadow_t, shadow_extra = self._shadow(free, e, now)
-                continue
-            if (
-                shadow_t is not None
-                and shadow_extra is not None
-                and now + e.resources.walltime_s > shadow_t
-            ):
-                # It would still hold resources when the blocked entry can start: only if
-                # they are left over then.
-                spare = self._fit(shadow_extra, e.resources)
-                if spare is None:
-                    continue
-                shadow_extra.take(e.resources, spare)
-            free.take(e.resources, gpus)
-            self._activate(e, gpus)
-
-    def _shadow(self, free: _Pool, blocked: _Entry, now: float) -> tuple[float, _Pool]:
-        """When the blocked entry could start (running entries ending at their walltime) and
-        what would be left over then."""
-        pool = free.copy()
-        running = sorted(
-            (e for e in self._entries.values() if e.allocated), key=lambda x: x.deadline(now)
-        )
-        for r in running:
-            pool.give(r.resources, r.gpus)
-            gpus = self._fit(pool, blocked.resources)
-            if gpus is not None:
-                pool.take(blocked.resources, gpus)
-                return r.deadline(now), pool
-        return float("inf"), pool
-
-    def _activate(self, e: _Entry, gpus: list[int]) -> None:
-        with contextlib.suppress(ValueError):
-            self._queue.remove(e)
-        e.phase = _Phase.ACTIVE
-        e.allocated = True
-        e.gpus = gpus
-        self._pool.take(e.resources, gpus)
-        e.task = asyncio.get_running_loop().create_task(self._life(e))
+        for e, gpus in self._pool.schedule(self._entries.values()):
+            with contextlib.suppress(ValueError):
+                self._pool.queue.remove(e)
+            e.phase = _Phase.ACTIVE
+            self._pool.take(e, gpus)
+            e.task = asyncio.get_running_loop().create_task(self._life(e))
 
     def _release(self, e: _Entry) -> None:
-        if e.allocated:
-            e.allocated = False
-            self._pool.give(e.resources, e.gpus)
+        if self._pool.give(e):
             if e.port is not None:
                 self._ports.discard(e.port)
             self._schedule()
@@ -930,29 +740,6 @@ class LocalBackend(Supervisor[_Entry]):
 
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
-
-    async def _detect_gpus(self) -> dict[int, str]:
-        exe = shutil.which("nvidia-smi")
-        if exe is None:
-            return {}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                exe,
-                "--query-gpu=index,name",
-                "--format=csv,noheader",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            out, _ = await asyncio.wait_for(proc.communicate(), 20)
-        except (OSError, TimeoutError) as exc:
-            log.warning("nvidia-smi failed: %s; no GPUs on site %s", exc, self.name)
-            return {}
-        gpus: dict[int, str] = {}
-        for line in out.decode(errors="replace").splitlines():
-            index, _, name = line.partition(",")
-            if index.strip().isdigit():
-                gpus[int(index)] = name.strip()
-        return gpus
 
 
 @dataclass(frozen=True)

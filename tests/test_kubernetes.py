@@ -42,7 +42,8 @@ from backends.kube_manifests import (
     namespace_name,
     service_manifest,
 )
-from backends.kubernetes import KubernetesBackend, parse_quantity
+from backends.kube_status import parse_quantity
+from backends.kubernetes import KubernetesBackend
 from orchestrator.engine import Engine
 from orchestrator.errors import BackendError, InvalidInput, NoSiteAvailable
 from orchestrator.models import Entry, EntryState, EventState, ResourceRequest, Resources

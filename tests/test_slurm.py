@@ -25,7 +25,10 @@ import jwt
 import pytest
 
 from backends.base import LaunchSpec, WorkDir
-from backends.slurm import SlurmBackend, _Job, _View, build_script, describe_pending
+from backends.slurm import SlurmBackend, _Job
+from backends.slurm_job import build_script
+from backends.slurm_site import View
+from backends.slurm_states import describe_pending, job_verdict
 from backends.slurm_transport import (
     JobInfo,
     NodeInfo,
@@ -721,10 +724,10 @@ def test_slurm_states_map_to_entry_states(
     tmp_path: Path, slurm_state: str, code: int | None, sig: int | None, expired: bool,
     cancel: bool, want: EntryState, words: str | None,
 ) -> None:
-    backend, job = _backend_and_job(tmp_path)
+    _, job = _backend_and_job(tmp_path)
     job.cancel_requested = cancel
     info = JobInfo(job_id="7", state=slurm_state)
-    state, reason = backend._verdict(job, info, code, sig, expired)
+    state, reason = job_verdict(job, job.node, info, code, sig, expired)
     assert state == want
     if words is None:
         assert reason is None
@@ -774,7 +777,7 @@ async def test_the_wrapper_records_start_exit_and_port(tmp_path: Path) -> None:
 
 async def test_site_with_some_nodes_out_is_degraded(tmp_path: Path) -> None:
     backend = SlurmBackend("cluster", {"transport": "cli", "status_ttl_s": 3600}, tmp_path)
-    backend._view = _View(
+    backend.site.view = View(
         at=time.time(),
         nodes=[
             NodeInfo("n1", "mixed", cpus=4, gpus=2, gpu_types=("a100",), partitions=("debug",)),
