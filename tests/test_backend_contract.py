@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from orchestrator.engine import Engine
@@ -49,6 +50,22 @@ parameters:
     sleep: {type: number, default: 0}
     code: {type: integer, default: 0}
 resources: {cpus: 0.25, memory: 64Mi, walltime: "00:05:00"}
+"""
+
+# One service every backend runs: the built-in HTTP app (GET /health), one restart allowed.
+CSVC = r"""
+name: csvc
+kind: service
+image: python:3.12-slim
+command: ["{python}", "-m", "orchestrator.payloads.http_app", "--port", "{port}"]
+parameters:
+  type: object
+  additionalProperties: false
+  properties:
+    crash_after_s: {type: [number, "null"], default: null}
+resources: {cpus: 0.25, memory: 256Mi, walltime: "00:05:00"}
+health: {path: /health, timeout_s: 30}
+restart: {policy: on-failure, max_restarts: 1}
 """
 
 
@@ -87,6 +104,45 @@ class Site:
         pod = self.pods[entry.id] = self.emu.create_pod(ns, "jobs", entry.id)
         self.emu.start_kubelet(ns, pod, finish_job=True)
 
+    async def serve(self, entry: Entry) -> None:
+        """A service's pod becomes Ready, on the emulator (elsewhere the real process starts
+        and the backend's own health check passes)."""
+        if self.emu is None:
+            return
+        ns = "sciorch-" + entry.event_id
+        await self.emu.wait_object("deployments", ns, entry.id)
+        pod = self.pods[entry.id] = self.emu.create_pod(ns, "deployments", entry.id)
+        self.emu.schedule(ns, pod)
+        self.emu.run(ns, pod, ready=False)
+        await asyncio.sleep(0.1)
+        self.emu.set_ready(ns, pod)
+
+    async def crash(self, entry: Entry, ready_again: bool) -> None:
+        """The service's process exits with code 1 (elsewhere it does so by itself, after
+        crash_after_s); on the emulator the kubelet restarts the container, Ready again if
+        `ready_again`."""
+        if self.emu is None:
+            return
+        ns = "sciorch-" + entry.event_id
+        pod = self.pods[entry.id]
+        self.emu.restart_container(ns, pod, 1)
+        if ready_again:
+            await asyncio.sleep(0.1)
+            self.emu.set_ready(ns, pod)
+
+    async def answers(self, entry: Entry) -> None:
+        """The ready service answers its health check at its endpoint (on the emulator: the
+        readiness probe the kubelet ran is the template's health check)."""
+        if self.emu is None:
+            assert entry.endpoint
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as c:
+                assert (await c.get(f"{entry.endpoint}/health")).json() == {"ok": True}
+            return
+        dep = self.emu.get("deployments", "sciorch-" + entry.event_id, entry.id)
+        assert dep is not None
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
     async def deadline(self, entry: Entry) -> None:
         """The Job controller's activeDeadlineSeconds, on the emulator (elsewhere the backend or
         the scheduler enforces the walltime itself)."""
@@ -106,6 +162,7 @@ async def site(request: pytest.FixtureRequest, home: Path, tmp_path: Path) -> As
     cat = tmp_path / "catalogue"
     cat.mkdir()
     (cat / "cjob.yaml").write_text(CJOB)
+    (cat / "csvc.yaml").write_text(CSVC)
     name = str(request.param)
     cleanup: Callable[[], Awaitable[None]] | None = None
     emu: KubeEmulator | None = None
@@ -232,3 +289,35 @@ async def test_a_restarted_server_re_adopts_and_finishes_it(site: Site) -> None:
     assert end.result == {"value": 5}
     _, data = await eng.read_results(ALICE, entry.id)
     assert [r["i"] for r in data.records] == [0]
+
+
+async def test_a_service_becomes_ready_once_its_health_check_answers(site: Site) -> None:
+    eng = await site.open()
+    entry = await eng.launch(ALICE, "csvc")
+    await site.serve(entry)
+    ready = await until(eng, entry.id, lambda e: e.state == EntryState.READY)
+    assert [t.state.value for t in ready.transitions][-2:] == ["running", "ready"]
+    assert ready.endpoint
+    await site.answers(ready)
+    await eng.cancel(ALICE, entry.id)
+    end = await until(eng, entry.id, done, within=30)
+    assert end.state == EntryState.CANCELLED
+
+
+async def test_a_service_that_dies_is_restarted_then_fails_after_max_restarts(site: Site) -> None:
+    eng = await site.open()
+    entry = await eng.launch(ALICE, "csvc", {"crash_after_s": 3})
+    await site.serve(entry)
+    first = await until(eng, entry.id, lambda e: e.state == EntryState.READY)
+    await site.crash(entry, ready_again=True)
+    again = await until(eng, entry.id, lambda e: e.restarts == 1 and e.state == EntryState.READY)
+    assert any(
+        t.state == EntryState.PROVISIONING
+        and "restarting after exit code 1 (restart 1/1)" in (t.reason or "")
+        for t in again.transitions
+    ), [(t.state, t.reason) for t in again.transitions]
+    assert first.restarts == 0
+    await site.crash(entry, ready_again=False)
+    end = await until(eng, entry.id, done)
+    assert end.state == EntryState.FAILED and end.exit_code == 1, end.reason
+    assert "exit code 1" in (end.reason or "") and end.restarts == 1
