@@ -16,7 +16,8 @@ from typing import Any
 from backends.kube_api import KubeApi, KubeApiError, KubeUnreachable
 from backends.kube_manifests import KubernetesOptions
 from backends.kube_status import dig, is_true, name_of, parse_quantity
-from orchestrator.models import Capabilities, Resources, format_duration
+from backends.supervisor import walltime_over_limit
+from orchestrator.models import Capabilities, Resources
 
 log = logging.getLogger("sciorch.backends.kubernetes")
 
@@ -153,13 +154,7 @@ class ClusterFacts:
         most_gpus = o.gpus if o.gpus is not None else max((n.gpus for n in nodes), default=0)
         if res.gpus and (nodes or o.gpus is not None) and res.gpus > most_gpus:
             return "resources.gpus", f"needs {res.gpus} GPUs; the largest node has {most_gpus}"
-        if o.max_walltime_s is not None and res.walltime_s > o.max_walltime_s:
-            return (
-                "resources.walltime_s",
-                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
-                f"{format_duration(o.max_walltime_s)}",
-            )
-        return None
+        return walltime_over_limit(res.walltime_s, o.max_walltime_s)
 
     def estimate_wait(self, resources: Resources, active: Iterable[Running]) -> float:
         """Pending pods times `pending_pod_wait_s`, plus the shortest remaining walltime of the

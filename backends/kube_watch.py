@@ -133,13 +133,5 @@ class NamespaceWatch:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    async def _dispatch(self, handler: Handler, typ: str, obj: dict[str, Any]) -> None:
-        try:
-            await handler(typ, obj)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("handling %s %s failed", typ, name_of(obj))
-
 
 __all__ = ["Handler", "NamespaceWatch", "dispatch"]

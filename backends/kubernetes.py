@@ -108,7 +108,7 @@ from backends.supervisor import (
     walltime_exceeded,
     with_tail,
 )
-from orchestrator.errors import BackendError, InvalidInput
+from orchestrator.errors import BackendError
 from orchestrator.models import (
     Capabilities,
     EntryState,
@@ -269,15 +269,8 @@ class KubernetesBackend(Supervisor[_Entry]):
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._entries:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec, self.cluster.never_fits(spec.resources)):
             return
-        problem = self.cluster.never_fits(spec.resources)
-        if problem is not None:
-            raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         manifests = build_manifests(spec, self.options, self.name)
         problems = check_bundle(manifests)
         if problems:
@@ -336,8 +329,7 @@ class KubernetesBackend(Supervisor[_Entry]):
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._entries or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         if not handle.get("name"):
             # The server stopped before the objects were created: submit again (idempotent).

@@ -48,7 +48,7 @@ from backends.supervisor import (
     signal_name,
     wait_healthy,
 )
-from orchestrator.errors import BackendError, InvalidInput
+from orchestrator.errors import BackendError
 from orchestrator.models import (
     Capabilities,
     EntryState,
@@ -248,15 +248,8 @@ class LocalBackend(Supervisor[_Entry]):
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._entries:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec, self._pool.never_fits(spec.resources)):
             return
-        problem = self._pool.never_fits(spec.resources)
-        if problem is not None:
-            raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         wd = WorkDir(self.entries_dir / spec.entry_id)
         wd.prepare(spec.parameters)
         self._enqueue(_Entry(spec=spec, workdir=wd))
@@ -280,8 +273,7 @@ class LocalBackend(Supervisor[_Entry]):
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._entries or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         root = Path(handle.get("workdir") or self.entries_dir / entry_id)
         e = _Entry(spec=spec, workdir=WorkDir(root), state=state)

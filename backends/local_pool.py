@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from orchestrator.models import Resources, format_duration
+from backends.supervisor import walltime_over_limit
+from orchestrator.models import Resources
 
 log = logging.getLogger("sciorch.backends.local")
 
@@ -131,13 +132,7 @@ class ResourcePool(Generic[A]):
                 "resources.memory_mb",
                 f"needs {res.memory_mb} MiB but the site has {self.total_memory_mb} MiB",
             )
-        if self.max_walltime_s is not None and res.walltime_s > self.max_walltime_s:
-            return (
-                "resources.walltime_s",
-                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
-                f"{format_duration(self.max_walltime_s)}",
-            )
-        return None
+        return walltime_over_limit(res.walltime_s, self.max_walltime_s)
 
     # ------------------------------------------------------------------ holding
 

@@ -256,12 +256,8 @@ class SlurmBackend(Supervisor[_Job]):
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._entries:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec):
             return
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         wd = WorkDir(self.shared_dir / spec.entry_id)
         await asyncio.to_thread(self._prepare_dir, wd, spec)
         j = _Job(spec=spec, workdir=wd)
@@ -306,8 +302,7 @@ class SlurmBackend(Supervisor[_Job]):
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._entries or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         wd = WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
         j = _Job(spec=spec, workdir=wd, state=state)

@@ -32,7 +32,7 @@ from watchfiles import awatch
 
 from backends.base import ContractTail, WorkDir, tell
 from backends.contract import HealthSpec, LaunchSpec, Reporter
-from orchestrator.errors import BackendError
+from orchestrator.errors import BackendError, InvalidInput
 from orchestrator.models import EntryState, format_duration
 
 log = logging.getLogger("sciorch.backends")
@@ -108,6 +108,17 @@ def health_failure(
     where = f" at {at}" if at else ""
     return with_tail(
         f"{probe} GET {health.path}{where} did not pass within {health.timeout_s:g}s", workdir
+    )
+
+
+def walltime_over_limit(walltime_s: int, limit_s: int | None) -> tuple[str, str] | None:
+    """(field, why) when a walltime exceeds the site's maximum."""
+    if limit_s is None or walltime_s <= limit_s:
+        return None
+    return (
+        "resources.walltime_s",
+        f"walltime {format_duration(walltime_s)} exceeds the site's maximum "
+        f"{format_duration(limit_s)}",
     )
 
 
@@ -338,6 +349,24 @@ class Supervisor(Generic[R]):
 
     # ------------------------------------------------------------------ small parts
 
+    def _is_new(self, spec: LaunchSpec, never_fits: tuple[str, str] | None = None) -> bool:
+        """The checks of submit() every backend makes: started, not submitted before (False),
+        fits the site (`never_fits`: (field, why) when it cannot), has a command."""
+        self._require_started()
+        if spec.entry_id in self._entries:
+            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+            return False
+        if never_fits is not None:
+            raise InvalidInput(f"site {self.name!r}: {never_fits[1]}", field=never_fits[0])
+        if not spec.argv:
+            raise InvalidInput("the command is empty", field="argv")
+        return True
+
+    def _adoptable(self, entry_id: str, state: EntryState) -> bool:
+        """Whether adopt() has anything to do: started, not tracked yet, not final."""
+        self._require_started()
+        return entry_id not in self._entries and not state.terminal
+
     def _require_started(self) -> None:
         if self._reporter is None or self._closed:
             raise BackendError(f"{self.kind} backend {self.name!r} is not started")
@@ -441,5 +470,6 @@ __all__ = [
     "signal_name",
     "wait_healthy",
     "walltime_exceeded",
+    "walltime_over_limit",
     "with_tail",
 ]

@@ -265,6 +265,8 @@ async def test_the_walltime_ends_it_as_expired(site: Site) -> None:
     end = await until(eng, entry.id, done, within=30)
     assert end.state == EntryState.EXPIRED, end.reason
     assert end.reason == "walltime 00:00:03 exceeded"
+    assert end.started_at is not None and end.finished_at is not None
+    assert 2.5 < (end.finished_at - end.started_at).total_seconds() < 15
 
 
 async def test_cancel_stops_a_running_job(site: Site) -> None:
@@ -276,6 +278,8 @@ async def test_cancel_stops_a_running_job(site: Site) -> None:
     end = await until(eng, entry.id, done, within=30)
     assert end.state == EntryState.CANCELLED
     assert end.reason == "cancelled by alice"
+    again = await eng.cancel(ALICE, entry.id)  # cancelling twice changes nothing
+    assert (again.state, again.reason) == (EntryState.CANCELLED, "cancelled by alice")
 
 
 async def test_a_restarted_server_re_adopts_and_finishes_it(site: Site) -> None:

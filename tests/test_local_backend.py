@@ -273,15 +273,6 @@ async def test_stream_records_and_log_arrive_while_running(
     await recorder.final(s.entry_id)
 
 
-async def test_nonzero_exit_fails_with_log_tail(backend: LocalBackend, recorder: Recorder) -> None:
-    s = sim(fail=True)
-    await backend.submit(s)
-    end = await recorder.final(s.entry_id)
-    assert end.state == S.FAILED and end.exit_code == 3
-    assert end.reason is not None and end.reason.startswith("exit code 3")
-    assert "simulated instrument fault" in end.reason
-
-
 async def test_log_tail_is_the_last_lines(backend: LocalBackend, recorder: Recorder) -> None:
     s = sh("for i in $(seq 1 100); do echo line-$i; done; exit 9")
     await backend.submit(s)

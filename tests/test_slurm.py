@@ -320,42 +320,6 @@ async def test_completion_is_pushed_within_a_second(cluster: Cluster, push: str)
     assert running.at < done.finished_at
 
 
-async def test_nonzero_exit_fails_with_exit_code_and_log_tail(cluster: Cluster) -> None:
-    eng = await cluster.open()
-    entry = await eng.launch(ALICE, "sim-instrument", {**FAST, "fail": True})
-    done = await wait_done(eng, entry.id)
-    assert done.state == EntryState.FAILED
-    assert done.exit_code == 3
-    assert "exit code 3" in (done.reason or "")
-    assert "simulated instrument fault" in (done.reason or "")  # the log tail
-    assert job_field(done.handle["job_id"], "%T") == "FAILED"
-
-
-async def test_walltime_is_enforced_and_reported_as_expired(cluster: Cluster) -> None:
-    eng = await cluster.open()
-    entry = await eng.launch(
-        ALICE, "sleeper", {"seconds": 60}, resources=ResourceRequest(walltime_s=3)
-    )
-    done = await wait_done(eng, entry.id, limit_s=30)
-    assert done.state == EntryState.EXPIRED, done.reason
-    assert "walltime 00:00:03 exceeded" in (done.reason or "")
-    assert done.started_at is not None and done.finished_at is not None
-    assert 2.5 < (done.finished_at - done.started_at).total_seconds() < 15
-
-
-async def test_cancel_through_sciorch(cluster: Cluster) -> None:
-    eng = await cluster.open()
-    entry = await eng.launch(ALICE, "sleeper", {"seconds": 60})
-    await wait_state(eng, entry.id, {EntryState.RUNNING})
-    done = await eng.cancel(ALICE, entry.id)
-    assert done.state == EntryState.CANCELLED
-    assert done.reason == "cancelled by alice"
-    assert job_field(done.handle["job_id"], "%T") in ("CANCELLED", "COMPLETING")
-    # A pending job cancels too (and cancelling twice changes nothing).
-    again = await eng.cancel(ALICE, entry.id)
-    assert again.state == EntryState.CANCELLED
-
-
 async def test_scancel_from_outside_is_cancelled_with_reason(cluster: Cluster) -> None:
     eng = await cluster.open()
     entry = await eng.launch(ALICE, "sleeper", {"seconds": 60})
