@@ -1,5 +1,6 @@
-"""What every backend shares: the launch spec, the reporter it talks back through, the job
-contract's file layout and the Backend protocol.
+"""What every backend shares below the supervisor: the job contract's file layout (`WorkDir`),
+its readers, site options and `tell`. The contract types (LaunchSpec, Reporter, Backend, the
+log and result types) live in ground.contract and are re-exported here.
 
 Backends never touch the store. They are told what to run (`LaunchSpec`), and they report what
 happens through `Reporter`; the engine persists each report before it announces it.
@@ -15,49 +16,26 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import IO, Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ground.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
+from ground.contract import (
+    MAX_RECORD_BYTES,
+    OVERSIZE_RESULT,
+    PAGE_BYTES,
+    PAGE_RECORDS,
+    Backend,
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    Outcome,
+    Reporter,
+    ResultData,
+    omitted_record,
+)
 from ground.errors import invalid_input
-from ground.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
-
-
-class HealthSpec(BaseModel):
-    path: str = "/"
-    timeout_s: float = 60
-    interval_s: float = 0.2
-
-
-class LaunchSpec(BaseModel):
-    """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
-
-    entry_id: str
-    event_id: str
-    service: str
-    kind: ServiceKind
-    argv: list[str] = Field(description="command with every placeholder already filled")
-    parameters: dict[str, Any]
-    env: dict[str, str] = Field(default_factory=dict)
-    resources: Resources
-    health: HealthSpec | None = None
-    restart_policy: str = "never"
-    max_restarts: int = 0
-    base_path: str = Field(description="URL prefix the proxy serves this entry under")
-    image: str | None = None
-    priority: Literal["normal", "urgent"] = Field(
-        "normal", description="urgent: time-sensitive work (a scheduler may use a higher QoS)"
-    )
-
-
-class Outcome(BaseModel):
-    """How a finished process ended, as its wrapper recorded it."""
-
-    exit_code: int | None = None
-    signal: int | None = None
-    finished_at: float | None = None
-
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -70,27 +48,6 @@ def site_options(model: type[M], site: str, options: Mapping[str, Any]) -> M:
         return model.model_validate(dict(options))
     except ValidationError as exc:
         raise invalid_input(exc, where=f"site {site!r}", field_prefix=f"sites.{site}.") from exc
-
-
-@runtime_checkable
-class Reporter(Protocol):
-    """The engine's side of the conversation. Each call is persisted before it returns."""
-
-    async def transition(
-        self,
-        entry_id: str,
-        state: EntryState,
-        *,
-        reason: str | None = None,
-        exit_code: int | None = None,
-        handle: Mapping[str, Any] | None = None,
-        endpoint: str | None = None,
-        restarts: int | None = None,
-    ) -> None: ...
-
-    async def log_grew(self, entry_id: str, size: int) -> None: ...
-
-    async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None: ...
 
 
 async def tell(
@@ -106,100 +63,6 @@ async def tell(
         raise
     except Exception:
         log.exception("reporter.%s for %s failed", method, entry_id)
-
-
-class LogChunk(BaseModel):
-    data: str
-    offset: int
-    next_offset: int
-    size: int
-
-
-class ResultData(BaseModel):
-    result: dict[str, Any] | None = Field(None, description="None too when it is over the cap")
-    result_bytes: int = Field(0, description="size of the result file (0: none)")
-    records: list[dict[str, Any]] = Field(default_factory=list)
-    next_record: int = 0
-    more_records: bool = Field(False, description="records after this page are waiting")
-    artifacts: list[str] = Field(default_factory=list)
-
-
-# A page of stream records holds at most this many records and bytes; a record over
-# MAX_RECORD_BYTES is replaced by `omitted_record`, so no page, bus message or progress
-# notification carries a record whole however long the job's line is.
-PAGE_RECORDS = 1000
-PAGE_BYTES = 1 << 20
-MAX_RECORD_BYTES = 64 * 1024
-# Where a result over the cap is kept, in output/, so it is listed and can still be fetched.
-OVERSIZE_RESULT = "sciorch-result.json"
-
-
-def omitted_record(size: int) -> dict[str, Any]:
-    """What stands in for a stream record over MAX_RECORD_BYTES."""
-    return {
-        "omitted": True,
-        "bytes": size,
-        "reason": f"record is {size} bytes; records over {MAX_RECORD_BYTES} bytes are not kept",
-    }
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """One site's backend. All methods are async and must not block the event loop.
-
-    Optional, looked up with getattr (so it is not a member of this protocol):
-
-        async def release_event(self, event_id: str) -> None
-            Called by the engine after an event has stopped or expired and its entries were
-            asked to stop: free what the backend holds for the event as a whole (the
-            kubernetes backend deletes the event's namespace). Idempotent.
-    """
-
-    name: str
-    kind: str
-
-    async def start(self, reporter: Reporter) -> None:
-        """Connect; called once before anything else."""
-
-    async def close(self) -> None:
-        """Stop watching. Running work is left running (the server may be restarting)."""
-
-    async def capabilities(self) -> Capabilities: ...
-
-    async def status(self) -> tuple[SiteStatus, str | None]: ...
-
-    async def estimate_wait(self, resources: Resources) -> float:
-        """Seconds until an entry with these resources would start, best estimate."""
-
-    async def submit(self, spec: LaunchSpec) -> None:
-        """Queue or start the entry. Transitions arrive through the reporter, beginning with
-        the first one after `pending`. Returns once the backend has taken responsibility."""
-
-    async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
-        """Stop it; the final `cancelled` arrives through the reporter. Idempotent."""
-
-    async def adopt(
-        self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
-    ) -> None:
-        """After a server restart: re-attach to an entry that was active, or report its true
-        final state (reporting `failed` with a reason when the truth cannot be known)."""
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk: ...
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        """The result (unread and kept as the artifact OVERSIZE_RESULT when its file is over
-        `max_result_bytes`) and one page of stream records from `since_record` on."""
-
-
-# ----------------------------------------------------------------------------- job contract
 
 
 @dataclass(frozen=True)
@@ -491,3 +354,21 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+__all__ = [
+    "Backend",
+    "ContractTail",
+    "HealthSpec",
+    "LaunchSpec",
+    "LogChunk",
+    "Outcome",
+    "Reporter",
+    "ResultData",
+    "WorkDir",
+    "file_size",
+    "read_new_records",
+    "read_stream",
+    "site_options",
+    "tell",
+]

@@ -19,7 +19,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import aiohttp
@@ -397,4 +397,33 @@ class KubeApi:
             resp.close()
 
 
-__all__ = ["KINDS", "KubeApi", "KubeApiError", "KubeGone", "KubeUnreachable", "WatchEvent"]
+_T = TypeVar("_T")
+_RETRYABLE = {429, 500, 502, 503, 504}
+
+
+async def retry(call: Callable[[], Awaitable[_T]], attempts: int = 4) -> _T:
+    """Retry server errors and lost connections with a short backoff."""
+    delay = 0.1
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except KubeApiError as exc:
+            if exc.status not in _RETRYABLE or attempt == attempts - 1:
+                raise
+        except KubeUnreachable:
+            if attempt == attempts - 1:
+                raise
+        await asyncio.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+__all__ = [
+    "KINDS",
+    "KubeApi",
+    "KubeApiError",
+    "KubeGone",
+    "KubeUnreachable",
+    "WatchEvent",
+    "retry",
+]

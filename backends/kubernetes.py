@@ -12,23 +12,10 @@ Layout on the cluster
     access goes through `backends.kube_api.KubeApi`.
 
 The job contract on Kubernetes (results through the pod log)
-    The work dir is an emptyDir (or a sub-path of the `results_pvc` claim) mounted at /sciorch,
-    with the same layout as everywhere else: params.json (a ConfigMap key mounted read-only;
-    $SCIORCH_PARAMS), result.json ($SCIORCH_RESULT), stream.jsonl ($SCIORCH_STREAM), output/
-    ($SCIORCH_OUTPUT_DIR). The command runs under a POSIX-sh wrapper
-    (`kube_manifests.JOB_WRAPPER`) that writes to the pod log, besides the command's own output:
-        @@sciorch:stream <index> <json>   each stream record as it is written (and all of them
-                                          once more at exit: the backend keeps the first copy)
-        @@sciorch:result-begin / -end     the result file, between the two markers, at exit
-        @@sciorch:artifact <path>         one line per file under output/ (names only: the
-                                          files stay on the volume; use `results_pvc` to keep
-                                          them)
-        @@sciorch:exit <code>             the command's exit status
-    The backend follows the log of every running pod (streaming, with follow) and splits it into
-    a local mirror of the work dir (<entries_dir>/<entry id>/: log without the markers,
-    stream.jsonl, result.json), which `read_logs` and `read_results` serve, which outlives the
-    pods and the namespace, and from which stream records and log growth are reported as they
-    arrive. A restarted server re-reads the log from the byte it had reached (kube-log.json).
+    The command's wrapper writes stream records, the result, artifact names and the exit status
+    into the pod log between `@@sciorch:` markers; the backend follows each running pod's log
+    into a local mirror of the work dir that `read_logs` and `read_results` serve (the markers
+    and the mirror: backends.kube_log).
 
 Status
     Pods, Jobs and core/v1 Events of each active namespace are watched (list, then watch from
@@ -69,17 +56,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
-import math
-import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from backends.base import (
     DEFAULT_MAX_RESULT_BYTES,
@@ -89,28 +71,45 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
 )
-from backends.kube_api import KubeApi, KubeApiError, KubeGone, KubeUnreachable
+from backends.kube_api import KubeApi, KubeApiError, KubeUnreachable, retry
+from backends.kube_cluster import ClusterFacts, Running
+from backends.kube_log import LogFollower, Mirror, Records
 from backends.kube_manifests import (
-    CONTAINER,
     ENTRY_LABEL,
     MANAGED_BY,
     MANAGER,
-    MARK,
     SITE_LABEL,
     KubernetesOptions,
     build_manifests,
     check_bundle,
     endpoint,
     label_value,
-    namespace_manifest,
     namespace_name,
     object_name,
     params_name,
 )
-from backends.local import log_tail
-from ground.errors import BackendError, InvalidInput
+from backends.kube_objects import SiteObjects
+from backends.kube_status import (
+    condition,
+    dig,
+    event_problem,
+    is_true,
+    main_status,
+    name_of,
+    pending_pod,
+)
+from backends.kube_watch import Handler, NamespaceWatch, dispatch
+from backends.supervisor import (
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    restart_allowed,
+    restart_reason,
+    walltime_exceeded,
+    with_tail,
+)
+from ground.errors import BackendError
 from ground.models import (
     Capabilities,
     EntryState,
@@ -122,328 +121,42 @@ from ground.models import (
 
 log = logging.getLogger("sciorch.backends.kubernetes")
 
-_IMAGE_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-_FATAL_REASONS = {"InvalidImageName", "ErrImageNeverPull"}
-_CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
-_EVENT_KINDS = {
-    "FailedScheduling": "unschedulable",
-    "ErrImagePull": "image",
-    "ImagePullBackOff": "image",
-    "ErrImageNeverPull": "image",
-    "InspectFailed": "image",
-    "FailedMount": "config",
-    "FailedAttachVolume": "config",
-    "FailedCreatePodSandBox": "config",
-    "FailedCreate": "config",
-}
-_T = TypeVar("_T")
-_RETRYABLE = {429, 500, 502, 503, 504}
-_UNKNOWN_CPUS = 64.0
-_UNKNOWN_MEMORY_MB = 256 * 1024
 
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-def _dig(obj: Mapping[str, Any] | None, *keys: str) -> Any:
-    cur: Any = obj
-    for key in keys:
-        if not isinstance(cur, Mapping):
-            return None
-        cur = cur.get(key)
-    return cur
-
-
-def _condition(obj: Mapping[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    for cond in _dig(obj, "status", "conditions") or []:
-        if isinstance(cond, dict) and cond.get("type") == kind:
-            return cond
-    return None
-
-
-def _true(obj: Mapping[str, Any] | None, kind: str) -> bool:
-    cond = _condition(obj, kind)
-    return cond is not None and cond.get("status") == "True"
-
-
-def _main_status(pod: Mapping[str, Any]) -> dict[str, Any]:
-    statuses = [s for s in _dig(pod, "status", "containerStatuses") or [] if isinstance(s, dict)]
-    for s in statuses:
-        if s.get("name") == CONTAINER:
-            return s
-    return statuses[0] if statuses else {}
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str(_dig(obj, "metadata", "name") or "")
-
-
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
-_SUFFIX = {
-    "": 1.0,
-    "m": 1e-3,
-    "k": 1e3,
-    "M": 1e6,
-    "G": 1e9,
-    "T": 1e12,
-    "P": 1e15,
-    "E": 1e18,
-    "Ki": 1024.0,
-    "Mi": 1024.0**2,
-    "Gi": 1024.0**3,
-    "Ti": 1024.0**4,
-    "Pi": 1024.0**5,
-    "Ei": 1024.0**6,
-}
-
-
-def parse_quantity(value: Any) -> float:
-    """A Kubernetes quantity ('15900m', '64Gi', '4') as a number (0 when unreadable)."""
-    m = _QUANTITY.match(str(value or "0").strip())
-    if not m or m.group(2) not in _SUFFIX:
-        return 0.0
-    return float(m.group(1)) * _SUFFIX[m.group(2)]
-
-
-def _with_tail(reason: str, wd: WorkDir) -> str:
-    tail = log_tail(wd)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-# ----------------------------------------------------------------------------- the log mirror
-
-
-class _Mirror:
-    """The local copy of an entry's pod logs, split along the job contract's markers into a
-    WorkDir (log, stream.jsonl, result.json) plus artifact names and the exit status.
-
-    `source` names the log being read (a pod, or pod#restart for services) and `raw_offset`
-    how many bytes of it were consumed (whole lines only), so a reconnect or a restarted server
-    resumes where it was. Stream records are numbered across sources."""
-
-    STATE = "kube-log.json"
-
-    def __init__(self, wd: WorkDir, markers: bool) -> None:
-        self.wd = wd
-        self.markers = markers
-        self.source: str | None = None
-        self.raw_offset = 0
-        self.stream_base = 0
-        self.artifacts: list[str] = []
-        self.exit_code: int | None = None
-        self._pending = b""
-        self._result: list[str] | None = None
-        self.stream_count = 0
-        self._load()
-
-    @property
-    def state_file(self) -> Path:
-        return self.wd.root / self.STATE
-
-    def _load(self) -> None:
-        self.wd.root.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            data = {}
-        self.source = data.get("source")
-        self.raw_offset = int(data.get("raw_offset") or 0)
-        self.stream_base = int(data.get("stream_base") or 0)
-        self.artifacts = [str(a) for a in data.get("artifacts") or []]
-        code = data.get("exit_code")
-        self.exit_code = int(code) if code is not None else None
-        try:
-            self.stream_count = self.wd.stream.read_bytes().count(b"\n")
-        except OSError:
-            self.stream_count = 0
-
-    def save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "source": self.source,
-                    "raw_offset": self.raw_offset,
-                    "stream_base": self.stream_base,
-                    "artifacts": self.artifacts,
-                    "exit_code": self.exit_code,
-                }
-            )
-        )
-        os.replace(tmp, self.state_file)
-
-    def switch(self, source: str) -> None:
-        """Start reading another log (a retry's pod, a restarted container)."""
-        if source == self.source:
-            return
-        if self.source is not None and self.log_size() > 0:
-            with self.wd.log.open("a") as f:
-                f.write(f"----- sciorch: log of {source} -----\n")
-        self.source = source
-        self.raw_offset = 0
-        self.stream_base = self.stream_count
-        self.exit_code = None
-        self._pending = b""
-        self._result = None
-        self.save()
-
-    def reconnecting(self) -> int:
-        """A new read of the same source starts: the bytes to skip."""
-        self._pending = b""
-        self._result = None
-        return self.raw_offset
-
-    def log_size(self) -> int:
-        try:
-            return self.wd.log.stat().st_size
-        except OSError:
-            return 0
-
-    def feed(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
-        self._pending += data
-        end = self._pending.rfind(b"\n")
-        if end < 0:
-            return []
-        complete, self._pending = self._pending[: end + 1], self._pending[end + 1 :]
-        self.raw_offset += len(complete)
-        records = self._lines(complete.decode("utf-8", errors="replace").split("\n")[:-1])
-        self.save()
-        return records
-
-    def finish(self) -> list[tuple[int, dict[str, Any]]]:
-        """The source has ended: its last, unterminated line counts too."""
-        if not self._pending:
-            return []
-        rest, self._pending = self._pending, b""
-        self.raw_offset += len(rest)
-        records = self._lines([rest.decode("utf-8", errors="replace")])
-        self.save()
-        return records
-
-    def _lines(self, lines: list[str]) -> list[tuple[int, dict[str, Any]]]:
-        out_log: list[str] = []
-        records: list[tuple[int, dict[str, Any]]] = []
-        new_stream: list[str] = []
-        for line in lines:
-            if self._result is not None:
-                if line.strip() == MARK + "result-end":
-                    self._write_result("\n".join(self._result))
-                    self._result = None
-                else:
-                    self._result.append(line)
-                continue
-            idx = line.find(MARK) if self.markers else -1
-            if idx < 0:
-                out_log.append(line)
-                continue
-            if idx > 0:
-                out_log.append(line[:idx])
-            for segment in line[idx:].split(MARK)[1:]:
-                word, _, rest = segment.rstrip("\r").partition(" ")
-                if word == "stream":
-                    num, _, text = rest.partition(" ")
-                    if not num.isdigit():
-                        continue
-                    index = self.stream_base + int(num)
-                    if index != self.stream_count:
-                        continue  # seen already, or a gap the replay at exit will fill
-                    try:
-                        rec = json.loads(text)
-                    except ValueError:
-                        rec = {"raw": text}
-                    new_stream.append(text)
-                    self.stream_count += 1
-                    records.append((index, rec if isinstance(rec, dict) else {"value": rec}))
-                elif word == "result-begin":
-                    self._result = []
-                elif word == "artifact" and rest and rest not in self.artifacts:
-                    self.artifacts.append(rest)
-                elif word == "exit":
-                    with contextlib.suppress(ValueError):
-                        self.exit_code = int(rest.strip())
-        if out_log:
-            with self.wd.log.open("a", encoding="utf-8") as f:
-                f.write("\n".join(out_log) + "\n")
-        if new_stream:
-            with self.wd.stream.open("a", encoding="utf-8") as f:
-                f.write("\n".join(new_stream) + "\n")
-        return records
-
-    def _write_result(self, text: str) -> None:
-        tmp = self.wd.result.with_suffix(".tmp")
-        tmp.write_text(text.strip() + "\n")
-        os.replace(tmp, self.wd.result)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-@dataclass(eq=False)
-class _Entry:
-    spec: LaunchSpec
+@dataclass(eq=False, kw_only=True)
+class _Entry(EntryRecord):
     namespace: str
     name: str
-    mirror: _Mirror
+    mirror: Mirror
     endpoint: str | None
-    state: EntryState = EntryState.PENDING
-    reason: str | None = None
-    finished: bool = False
-    cancel_requested: bool = False
-    started_at: float | None = None
     job: dict[str, Any] | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     pod_restarts: dict[str, int] = field(default_factory=dict)
     failed_pods: set[str] = field(default_factory=set)
-    restarts: int = 0
-    ready: bool = False
     events: dict[str, tuple[str, str]] = field(default_factory=dict)  # object -> (kind, text)
     stuck_kind: str | None = None
     stuck_text: str | None = None
     stuck_timer: asyncio.TimerHandle | None = None
-    walltime_timer: asyncio.TimerHandle | None = None
     health_timer: asyncio.TimerHandle | None = None
-    follow_task: asyncio.Task[None] | None = None
-    follow_source: str | None = None
-    follow_pod: str | None = None
+    follower: LogFollower
     log_size: int = 0
-    log_final: bool = False
     reported: dict[str, Any] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    log_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
 
     @property
     def workload(self) -> str:
         return "Job" if self.spec.kind == "job" else "Deployment"
 
 
-@dataclass(eq=False)
-class _Watcher:
-    namespace: str
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    problems: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Node:
-    name: str
-    cpus: float
-    memory_mb: int
-    gpus: int
-    gpu_type: str | None
-    ready: bool
-
-
-Handler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 # ----------------------------------------------------------------------------- the backend
 
 
-class KubernetesBackend:
+class KubernetesBackend(Supervisor[_Entry]):
     """Runs entries on a Kubernetes cluster. See the module docstring."""
 
     kind = "kubernetes"
@@ -456,23 +169,14 @@ class KubernetesBackend:
         api: KubeApi | None = None,
     ) -> None:
         opts = site_options(KubernetesOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.api = api
         self._own_api = api is None
-        self._reporter: Reporter | None = None
-        self._entries: dict[str, _Entry] = {}
-        self._watchers: dict[str, _Watcher] = {}
-        self._namespaces: set[str] = set()
-        self._bg: set[asyncio.Task[Any]] = set()
-        self._closed = False
-        self._nodes: list[_Node] | None = None
-        self._nodes_note: str | None = None
-        self._pending_pods: int | None = None
-        self._unreachable: str | None = None
-        self._refreshed = 0.0
-        self._refreshing: asyncio.Task[None] | None = None
+        self._watchers: dict[str, NamespaceWatch] = {}
+        self.objects = SiteObjects(name, opts, self._api)
+        self.cluster = ClusterFacts(name, opts)
 
     # ------------------------------------------------------------------ protocol: lifecycle
 
@@ -492,7 +196,7 @@ class KubernetesBackend:
                 trust_env=o.trust_env,
             )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._refresh_cluster(), timeout=5)
+            await asyncio.wait_for(self.cluster.refresh(self.api), timeout=5)
 
     async def close(self) -> None:
         """Stop watching and following; what runs on the cluster keeps running."""
@@ -502,45 +206,51 @@ class KubernetesBackend:
             tasks += w.tasks
         for e in self._entries.values():
             self._stop_timers(e)
-            if e.follow_task is not None:
-                tasks.append(e.follow_task)
+            if e.follower.task is not None:
+                tasks.append(e.follower.task)
         tasks += list(self._bg)
-        if self._refreshing is not None:
-            tasks.append(self._refreshing)
+        tasks += self.cluster.tasks()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._watchers.clear()
         self._entries.clear()
-        self._namespaces.clear()
+        self.objects.namespaces.clear()
         if self._own_api and self.api is not None:
             await self.api.close()
             self.api = None
+
+    async def shutdown_all(self, timeout_s: float = 5.0) -> None:
+        """Cancel every entry this backend tracks (deleting its objects), then close. For tests
+        and for an operator who wants nothing left behind."""
+
+        async def stop(entry_id: str) -> None:
+            with contextlib.suppress(Exception):
+                await self.cancel(entry_id, {})
+
+        tasks = [
+            asyncio.get_running_loop().create_task(stop(e.id))
+            for e in list(self._entries.values())
+            if not e.finished
+        ]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self.close()
 
     # ------------------------------------------------------------------ protocol: site facts
 
     async def capabilities(self) -> Capabilities:
         self._maybe_refresh()
-        o = self.options
-        # What one pod can get: the largest Ready node (unknown: generous guesses).
-        nodes = [n for n in self._nodes or [] if n.ready]
-        cpus = max((n.cpus for n in nodes), default=_UNKNOWN_CPUS)
-        memory = max((n.memory_mb for n in nodes), default=_UNKNOWN_MEMORY_MB)
-        gpus = max((n.gpus for n in nodes), default=0)
-        types = o.gpu_types if o.gpu_types is not None else sorted(o.gpu_node_selectors)
-        return Capabilities(
-            cpus=o.cpus if o.cpus is not None else cpus,
-            memory_mb=o.memory_mb if o.memory_mb is not None else memory,
-            gpus=o.gpus if o.gpus is not None else gpus,
-            gpu_types=list(types),
-            max_walltime_s=o.max_walltime_s,
-        )
+        return self.cluster.capabilities()
 
     async def status(self) -> tuple[SiteStatus, str | None]:
         self._maybe_refresh()
-        if self._unreachable:
-            return SiteStatus.DOWN, self._unreachable
-        if self._nodes is not None and self._nodes and not any(n.ready for n in self._nodes):
+        if self.cluster.unreachable:
+            return SiteStatus.DOWN, self.cluster.unreachable
+        if self.cluster.no_node_ready():
             return SiteStatus.DEGRADED, "no node is Ready and schedulable"
         problems = sorted({p for w in self._watchers.values() for p in w.problems.values()})
         if problems:
@@ -548,52 +258,20 @@ class KubernetesBackend:
         return SiteStatus.UP, None
 
     async def estimate_wait(self, resources: Resources) -> float:
-        """Pending pods times `pending_pod_wait_s`, plus the shortest remaining walltime of this
-        site's running entries when the request does not fit beside them."""
-        if self._never_fits(resources) is not None:
-            return float("inf")
         self._maybe_refresh()
-        ours = sum(
-            1
+        waiting = (EntryState.PENDING, EntryState.PROVISIONING)
+        active = [
+            Running(e.spec.resources, e.started_at, e.state in waiting)
             for e in self._entries.values()
-            if not e.finished and e.state in (EntryState.PENDING, EntryState.PROVISIONING)
-        )
-        pending = max(ours, self._pending_pods or 0)
-        wait = pending * self.options.pending_pod_wait_s
-        caps = await self.capabilities()
-        nodes = [n for n in self._nodes or [] if n.ready]
-        total_cpus = sum(n.cpus for n in nodes) if nodes else caps.cpus
-        total_mem = sum(n.memory_mb for n in nodes) if nodes else caps.memory_mb
-        total_gpus = sum(n.gpus for n in nodes) if nodes else caps.gpus
-        active = [e for e in self._entries.values() if not e.finished]
-        used = [e.spec.resources for e in active]
-        fits = (
-            resources.cpus <= total_cpus - sum(r.cpus for r in used) + 1e-9
-            and resources.memory_mb <= total_mem - sum(r.memory_mb for r in used)
-            and resources.gpus <= total_gpus - sum(r.gpus for r in used)
-        )
-        if not fits:
-            now = time.time()
-            left = [
-                max(0.0, e.started_at + e.spec.resources.walltime_s - now)
-                for e in active
-                if e.started_at is not None
-            ]
-            wait += min(left) if left else self.options.pending_pod_wait_s
-        return wait
+            if not e.finished
+        ]
+        return self.cluster.estimate_wait(resources, active)
 
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._entries:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec, self.cluster.never_fits(spec.resources)):
             return
-        problem = self._never_fits(spec.resources)
-        if problem is not None:
-            raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         manifests = build_manifests(spec, self.options, self.name)
         problems = check_bundle(manifests)
         if problems:
@@ -605,10 +283,10 @@ class KubernetesBackend:
         self._entries[e.id] = e
         created: list[dict[str, Any]] = []
         try:
-            await self._ensure_namespace(spec.event_id)
+            await self.objects.ensure_namespace(spec.event_id)
             self._watch(e.namespace)
             for body in manifests:
-                await self._create(body, spec.entry_id)
+                await self.objects.create(body, spec.entry_id)
                 created.append(body)
         except BaseException:
             self._entries.pop(e.id, None)
@@ -621,7 +299,7 @@ class KubernetesBackend:
             raise
         async with e.lock:
             if e.state == EntryState.PENDING and e.reason is None:  # nothing newer reported
-                await self._report(
+                await self._report_locked(
                     e,
                     EntryState.PENDING,
                     reason=f"submitted to namespace {e.namespace}; waiting for a pod",
@@ -634,7 +312,7 @@ class KubernetesBackend:
             ns, name = handle.get("namespace"), handle.get("name")
             if ns and name:
                 kind = "Job" if handle.get("kind") == "Job" else "Deployment"
-                await self._delete_objects(str(ns), str(name), kind)
+                await self.objects.delete_objects(str(ns), str(name), kind)
             await self._call(
                 entry_id, "transition", EntryState.CANCELLED, reason="cancelled by request"
             )
@@ -652,15 +330,13 @@ class KubernetesBackend:
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._entries or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         if not handle.get("name"):
             # The server stopped before the objects were created: submit again (idempotent).
             await self.submit(spec)
             return
-        e = self._new_entry(spec, state)
-        e.namespace = str(handle.get("namespace") or e.namespace)
+        e = self._new_entry(spec, state, str(handle.get("namespace") or "") or None)
         e.restarts = int(handle.get("restarts") or 0)
         started = handle.get("started_at")
         e.started_at = float(started) if started else None
@@ -684,7 +360,7 @@ class KubernetesBackend:
                 )
             return
         self._entries[entry_id] = e
-        self._namespaces.add(e.namespace)
+        self.objects.namespaces.add(e.namespace)
         if spec.kind == "service" and e.started_at is not None:
             self._arm_walltime(e)
         self._watch(e.namespace)
@@ -705,7 +381,7 @@ class KubernetesBackend:
         wd = self._workdir(entry_id, handle)
         data = await wd.read_results_async(since_record, max_result_bytes)
         e = self._entries.get(entry_id)
-        mirror = e.mirror if e is not None else _Mirror(wd, markers=True)
+        mirror = e.mirror if e is not None else Mirror(wd, markers=True)
         data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))
         return data
 
@@ -718,231 +394,86 @@ class KubernetesBackend:
                     e.cancel_requested = True
                     await self._end(e, EntryState.CANCELLED, "event stopped", None, delete=False)
         await self._unwatch(ns)
-        self._namespaces.discard(ns)
-        await self._retry(lambda: self._api().delete("Namespace", None, ns))
+        self.objects.namespaces.discard(ns)
+        await retry(lambda: self._api().delete("Namespace", None, ns))
 
     # ------------------------------------------------------------------ creating
 
-    def _new_entry(self, spec: LaunchSpec, state: EntryState) -> _Entry:
+    def _new_entry(
+        self, spec: LaunchSpec, state: EntryState, namespace: str | None = None
+    ) -> _Entry:
         wd = WorkDir(self.entries_dir / spec.entry_id)
         ep = endpoint(spec, self.options, self.name) if spec.kind == "service" else None
-        return _Entry(
+        ns = namespace or namespace_name(self.options.namespace_prefix, spec.event_id)
+        mirror = Mirror(wd, markers=spec.kind == "job")
+        e = _Entry(
             spec=spec,
-            namespace=namespace_name(self.options.namespace_prefix, spec.event_id),
+            workdir=wd,
+            namespace=ns,
             name=object_name(spec.entry_id),
-            mirror=_Mirror(wd, markers=spec.kind == "job"),
+            mirror=mirror,
+            follower=LogFollower(
+                mirror,
+                spec.entry_id,
+                ns,
+                is_job=spec.kind == "job",
+                publish=lambda records: self._publish(e, records),
+                pod_done=lambda pod: self._pod_done(e, pod),
+                stopped=lambda: e.finished or self._closed,
+            ),
             endpoint=ep,
             state=state,
         )
-
-    async def _ensure_namespace(self, event_id: str) -> str:
-        body = namespace_manifest(event_id, self.name, self.options)
-        ns = str(body["metadata"]["name"])
-        if ns in self._namespaces:
-            return ns
-        try:
-            await self._retry(lambda: self._api().create(body))
-        except KubeApiError as exc:
-            if exc.status != 409:
-                raise self._refusal(exc, f"create namespace {ns}") from exc
-            found = await self._retry(lambda: self._api().get("Namespace", None, ns))
-            labels = _dig(found, "metadata", "labels") or {}
-            if labels.get(MANAGED_BY) != MANAGER or labels.get("sciorch.io/event") != label_value(
-                event_id
-            ):
-                raise BackendError(
-                    f"site {self.name!r}: namespace {ns} already exists and does not belong to "
-                    f"event {event_id}; choose another namespace_prefix",
-                    field=f"sites.{self.name}.namespace_prefix",
-                ) from exc
-            if _dig(found, "status", "phase") == "Terminating":
-                raise BackendError(
-                    f"site {self.name!r}: namespace {ns} is still being deleted; try again "
-                    "in a moment"
-                ) from exc
-        self._namespaces.add(ns)
-        return ns
-
-    async def _create(self, body: dict[str, Any], entry_id: str) -> None:
-        kind = str(body["kind"])
-        ns = str(body["metadata"]["namespace"])
-        name = str(body["metadata"]["name"])
-        try:
-            await self._retry(lambda: self._api().create(body))
-        except KubeApiError as exc:
-            if exc.status != 409:
-                raise self._refusal(exc, f"create {kind} {ns}/{name}") from exc
-            found = await self._retry(lambda: self._api().get(kind, ns, name))
-            owner = (_dig(found, "metadata", "labels") or {}).get(ENTRY_LABEL)
-            if owner != label_value(entry_id):
-                raise BackendError(
-                    f"site {self.name!r}: {kind} {ns}/{name} already exists and is not "
-                    f"entry {entry_id}'s",
-                ) from exc
-            # Ours already (a retried submit, an adoption): nothing to do.
-
-    def _refusal(self, exc: KubeApiError, what: str) -> BackendError:
-        if exc.status == 403:
-            return BackendError(
-                f"site {self.name!r}: the cluster refused to {what} (403 Forbidden: "
-                f"{exc.detail}); the account sciorch uses needs that permission"
-            )
-        if exc.status == 422:
-            return BackendError(
-                f"site {self.name!r}: the cluster rejected {what} as invalid: {exc.detail}"
-            )
-        return BackendError(f"site {self.name!r}: could not {what}: {exc.message}")
-
-    async def _retry(self, call: Callable[[], Awaitable[_T]], attempts: int = 4) -> _T:
-        """Retry server errors and lost connections with a short backoff."""
-        delay = 0.1
-        for attempt in range(attempts):
-            try:
-                return await call()
-            except KubeApiError as exc:
-                if exc.status not in _RETRYABLE or attempt == attempts - 1:
-                    raise
-            except KubeUnreachable:
-                if attempt == attempts - 1:
-                    raise
-            await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
-
-    async def _delete_objects(self, ns: str, name: str, workload: str) -> None:
-        for kind, obj in (
-            (workload, name),
-            ("Ingress", name),
-            ("Service", name),
-            ("ConfigMap", name + "-params"),
-        ):
-            if kind in ("Ingress", "Service") and workload == "Job":
-                continue
-            try:
-                await self._retry(functools.partial(self._api().delete, kind, ns, obj))
-            except KubeApiError as exc:
-                raise self._refusal(exc, f"delete {kind} {ns}/{obj}") from exc
+        return e
 
     # ------------------------------------------------------------------ watching
 
     def _watch(self, ns: str) -> None:
         if ns in self._watchers or self._closed:
             return
-        w = self._watchers[ns] = _Watcher(ns)
         ours = f"{MANAGED_BY}={MANAGER},{SITE_LABEL}={label_value(self.name)}"
-        loop = asyncio.get_running_loop()
-        for kind, selector, handler in (
-            ("Pod", ours, self._on_pod),
-            ("Job", ours, self._on_job),
-            ("Event", None, self._on_event),
-        ):
-            w.tasks.append(
-                loop.create_task(
-                    self._watch_loop(w, kind, selector, handler),
-                    name=f"sciorch-kube-watch-{kind}-{ns}",
-                )
-            )
+        self._watchers[ns] = NamespaceWatch(
+            self._api(),
+            ns,
+            [
+                ("Pod", ours, self._on_pod),
+                ("Job", ours, self._on_job),
+                ("Event", None, self._on_event),
+            ],
+            relisted=self._relisted,
+            reachable=self._reachable,
+            closed=lambda: self._closed,
+            timeout_s=self.options.watch_timeout_s,
+        )
+
+    def _reachable(self, why: str | None) -> None:
+        self.cluster.unreachable = why
 
     def _maybe_unwatch(self, ns: str) -> None:
         if any(e.namespace == ns and not e.finished for e in self._entries.values()):
             return
         w = self._watchers.pop(ns, None)
         if w is not None:
-            for t in w.tasks:
-                t.cancel()
+            w.cancel()
 
     async def _unwatch(self, ns: str) -> None:
         w = self._watchers.pop(ns, None)
         if w is not None:
-            for t in w.tasks:
-                t.cancel()
-            await asyncio.gather(*w.tasks, return_exceptions=True)
-
-    async def _watch_loop(
-        self, w: _Watcher, kind: str, selector: str | None, handler: Handler
-    ) -> None:
-        """List, then watch from the list's resourceVersion; reconnect from the last version
-        seen when the stream ends or drops; list again on 410 Gone; back off on errors."""
-        api = self._api()
-        rv: str | None = None
-        backoff = 0.1
-        while not self._closed:
-            began = time.monotonic()
-            seen = 0
-            try:
-                if rv is None:
-                    items, rv = await api.list(kind, w.namespace, label_selector=selector)
-                    await self._relisted(kind, w.namespace, items, handler)
-                async for ev in api.watch(
-                    kind,
-                    w.namespace,
-                    label_selector=selector,
-                    resource_version=rv,
-                    timeout_s=self.options.watch_timeout_s,
-                ):
-                    if ev.type == "CONNECTED":
-                        w.problems.pop(kind, None)
-                        self._unreachable = None
-                        continue
-                    seen += 1
-                    if ev.resource_version:
-                        rv = ev.resource_version
-                    if ev.type in ("ADDED", "MODIFIED", "DELETED"):
-                        await self._dispatch(handler, ev.type, ev.object)
-                if seen or time.monotonic() - began > 1.0:
-                    backoff = 0.1
-                    continue
-                # Closed at once with nothing in it: do not spin.
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            except asyncio.CancelledError:
-                raise
-            except KubeGone:
-                log.info(
-                    "watch %s in %s: resourceVersion %s is gone; listing again",
-                    kind,
-                    w.namespace,
-                    rv,
-                )
-                rv = None
-            except KubeApiError as exc:
-                if exc.status == 403:
-                    w.problems[kind] = f"forbidden to watch {kind} in {w.namespace}: {exc.detail}"
-                log.warning(
-                    "watch %s in %s: %s; retrying in %.1fs", kind, w.namespace, exc, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-            except KubeUnreachable as exc:
-                self._unreachable = f"API server unreachable: {exc.message}"
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-            except Exception:
-                log.exception("watch %s in %s failed", kind, w.namespace)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    async def _dispatch(self, handler: Handler, typ: str, obj: dict[str, Any]) -> None:
-        try:
-            await handler(typ, obj)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("handling %s %s failed", typ, _name(obj))
+            await w.aclose()
 
     async def _relisted(
         self, kind: str, ns: str, items: list[dict[str, Any]], handler: Handler
     ) -> None:
         """A fresh list: what it lacks was deleted while nobody watched."""
-        names = {_name(i) for i in items}
+        names = {name_of(i) for i in items}
         for e in [x for x in self._entries.values() if x.namespace == ns and not x.finished]:
             if kind == "Pod":
                 for gone in [p for p in e.pods if p not in names]:
-                    await self._dispatch(handler, "DELETED", e.pods[gone])
+                    await dispatch(handler, "DELETED", e.pods[gone])
             elif kind == "Job" and e.job is not None and e.name not in names:
-                await self._dispatch(handler, "DELETED", e.job)
+                await dispatch(handler, "DELETED", e.job)
         for item in items:
-            await self._dispatch(handler, "ADDED", item)
+            await dispatch(handler, "ADDED", item)
 
     async def _sync_entry(self, e: _Entry) -> None:
         """Feed the entry's current objects through the handlers (after an adoption)."""
@@ -956,12 +487,12 @@ class KubernetesBackend:
             log.warning("syncing %s: %s; the watches will tell", e.id, exc)
             return
         for pod in pods:
-            await self._dispatch(self._on_pod, "ADDED", pod)
+            await dispatch(self._on_pod, "ADDED", pod)
         for job in jobs:
-            await self._dispatch(self._on_job, "ADDED", job)
+            await dispatch(self._on_job, "ADDED", job)
 
     def _entry_of(self, obj: Mapping[str, Any]) -> _Entry | None:
-        eid = (_dig(obj, "metadata", "labels") or {}).get(ENTRY_LABEL)
+        eid = (dig(obj, "metadata", "labels") or {}).get(ENTRY_LABEL)
         e = self._entries.get(str(eid)) if eid else None
         return None if e is None or e.finished else e
 
@@ -972,7 +503,7 @@ class KubernetesBackend:
         async with e.lock:
             if e.finished:
                 return
-            name = _name(pod)
+            name = name_of(pod)
             if typ == "DELETED":
                 e.pods.pop(name, None)
             else:
@@ -981,7 +512,7 @@ class KubernetesBackend:
 
     async def _on_job(self, typ: str, job: dict[str, Any]) -> None:
         e = self._entry_of(job)
-        if e is None or _name(job) != e.name:
+        if e is None or name_of(job) != e.name:
             return
         async with e.lock:
             if e.finished:
@@ -1002,15 +533,11 @@ class KubernetesBackend:
     async def _on_event(self, typ: str, ev: dict[str, Any]) -> None:
         if typ == "DELETED":
             return
-        reason = str(ev.get("reason") or "")
-        message = str(ev.get("message") or "").strip()
-        kind = _EVENT_KINDS.get(reason)
-        if kind is None and reason in ("Failed", "BackOff") and "image" in message.lower():
-            kind = "image"
-        if kind is None or ev.get("type") not in (None, "Warning"):
+        said = event_problem(ev)
+        if said is None:
             return
-        target = str(_dig(ev, "involvedObject", "name") or "")
-        ns = str(_dig(ev, "involvedObject", "namespace") or _dig(ev, "metadata", "namespace"))
+        target = str(dig(ev, "involvedObject", "name") or "")
+        ns = str(dig(ev, "involvedObject", "namespace") or dig(ev, "metadata", "namespace"))
         for e in list(self._entries.values()):
             if e.finished or e.namespace != ns:
                 continue
@@ -1018,7 +545,7 @@ class KubernetesBackend:
                 async with e.lock:
                     if e.finished:
                         return
-                    e.events[target] = (kind, f"{reason}: {message}" if message else reason)
+                    e.events[target] = said
                     await self._evaluate(e)
                 return
 
@@ -1037,8 +564,8 @@ class KubernetesBackend:
         pods = list(e.pods.values())
         if not pods:
             return None
-        live = [p for p in pods if not _dig(p, "metadata", "deletionTimestamp")] or pods
-        return max(live, key=lambda p: (str(_dig(p, "metadata", "creationTimestamp")), _name(p)))
+        live = [p for p in pods if not dig(p, "metadata", "deletionTimestamp")] or pods
+        return max(live, key=lambda p: (str(dig(p, "metadata", "creationTimestamp")), name_of(p)))
 
     async def _evaluate_job(self, e: _Entry) -> None:
         pod = self._current_pod(e)
@@ -1047,18 +574,18 @@ class KubernetesBackend:
             if e.finished:
                 return
         job = e.job
-        if job is not None and (_true(job, "Complete") or _true(job, "SuccessCriteriaMet")):
+        if job is not None and (is_true(job, "Complete") or is_true(job, "SuccessCriteriaMet")):
             await self._end(e, EntryState.SUCCEEDED, None, 0, delete=False)
             return
-        failed = _condition(job, "Failed")
+        failed = condition(job, "Failed")
         if failed is None or failed.get("status") != "True":
-            failed = _condition(job, "FailureTarget")
+            failed = condition(job, "FailureTarget")
         if failed is not None and failed.get("status") == "True":
             why = str(failed.get("reason") or "")
             await self._final_log(e)  # the exit code may be in it, and the pods are fresh
             code = self._exit_code(e, self._current_pod(e))
             if why == "DeadlineExceeded":
-                walltime = format_duration(int(_dig(job, "spec", "activeDeadlineSeconds") or 0))
+                walltime = format_duration(int(dig(job, "spec", "activeDeadlineSeconds") or 0))
                 await self._end(
                     e, EntryState.EXPIRED, f"walltime {walltime} exceeded", code, delete=False
                 )
@@ -1066,14 +593,14 @@ class KubernetesBackend:
                 tries = len(e.failed_pods) or 1
                 what = f"exit code {code}" + (f" (after {tries} attempts)" if tries > 1 else "")
                 await self._end(
-                    e, EntryState.FAILED, _with_tail(what, e.mirror.wd), code, delete=False
+                    e, EntryState.FAILED, with_tail(what, e.mirror.wd), code, delete=False
                 )
             else:
                 text = str(failed.get("message") or "").strip()
                 await self._end(
                     e,
                     EntryState.FAILED,
-                    _with_tail(f"{why or 'failed'}: {text}" if text else why, e.mirror.wd),
+                    with_tail(f"{why or 'failed'}: {text}" if text else why, e.mirror.wd),
                     code,
                     delete=False,
                 )
@@ -1085,31 +612,33 @@ class KubernetesBackend:
 
     def _exit_code(self, e: _Entry, pod: Mapping[str, Any] | None) -> int | None:
         if pod is not None:
-            term = _dig(_main_status(pod), "state", "terminated")
+            term = dig(main_status(pod), "state", "terminated")
             if isinstance(term, dict) and term.get("exitCode") is not None:
                 return int(term["exitCode"])
         return e.mirror.exit_code
 
     async def _observe_job_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
-        phase = _dig(pod, "status", "phase")
-        name = _name(pod)
+        phase = dig(pod, "status", "phase")
+        name = name_of(pod)
         if phase == "Pending" or phase is None:
             await self._pending_pod(e, pod)
             return
         self._unstuck(e)
         if phase == "Running" and e.state in (EntryState.PENDING, EntryState.PROVISIONING):
             e.started_at = e.started_at or time.time()
-            await self._report(e, EntryState.RUNNING, reason=None, handle=self._handle(e, name))
+            await self._report_locked(
+                e, EntryState.RUNNING, reason=None, handle=self._handle(e, name)
+            )
         # Followed only now: a record announced from the log never precedes 'running'.
         if phase in ("Running", "Succeeded", "Failed"):
             self._follow(e, name, name)
         if phase == "Failed" and name not in e.failed_pods:
             e.failed_pods.add(name)
-            limit = int(_dig(e.job, "spec", "backoffLimit") or 0)
-            if len(e.failed_pods) <= limit and not _true(e.job, "Failed"):
+            limit = int(dig(e.job, "spec", "backoffLimit") or 0)
+            if len(e.failed_pods) <= limit and not is_true(e.job, "Failed"):
                 code = self._exit_code(e, pod)
                 e.restarts = len(e.failed_pods)
-                await self._report(
+                await self._report_locked(
                     e,
                     EntryState.PROVISIONING,
                     reason=f"retrying after exit code {code} (retry {e.restarts}/{limit})",
@@ -1122,7 +651,7 @@ class KubernetesBackend:
         if pod is None:
             if e.state in (EntryState.RUNNING, EntryState.READY):
                 e.ready = False
-                await self._report(
+                await self._report_locked(
                     e, EntryState.PROVISIONING, reason="its pod is gone; waiting for a new one"
                 )
             else:
@@ -1131,24 +660,24 @@ class KubernetesBackend:
                 if stuck is not None:
                     await self._stuck(e, stuck[0], stuck[1])
             return
-        name = _name(pod)
-        phase = _dig(pod, "status", "phase")
-        cs = _main_status(pod)
+        name = name_of(pod)
+        phase = dig(pod, "status", "phase")
+        cs = main_status(pod)
         count = int(cs.get("restartCount") or 0)
         seen = e.pod_restarts.get(name, 0)
         if count > seen:
             e.pod_restarts[name] = count
             e.restarts += count - seen
-            last = _dig(cs, "lastState", "terminated") or {}
+            last = dig(cs, "lastState", "terminated") or {}
             code = last.get("exitCode")
             what = f"exit code {code}" if code is not None else "its container ended"
             policy, most = e.spec.restart_policy, e.spec.max_restarts
-            if policy != "on-failure" or e.restarts > most:
+            if not restart_allowed(e.spec, e.restarts):
                 allowed = "no restarts" if policy != "on-failure" else f"{most} restarts"
                 await self._end(
                     e,
                     EntryState.FAILED,
-                    _with_tail(
+                    with_tail(
                         f"the service exited ({what}); its restart policy {policy!r} allows "
                         f"{allowed}",
                         e.mirror.wd,
@@ -1159,10 +688,10 @@ class KubernetesBackend:
                 return
             e.ready = False
             self._cancel_timer(e, "health_timer")
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.PROVISIONING,
-                reason=f"restarting after {what} (restart {e.restarts}/{most})",
+                reason=restart_reason(what, e.restarts, e.spec),
                 restarts=e.restarts,
                 handle=self._handle(e),
             )
@@ -1173,18 +702,18 @@ class KubernetesBackend:
         if phase != "Running":
             self._follow(e, name, f"{name}#{count}")
             e.ready = False
-            why = _dig(pod, "status", "reason") or phase
-            await self._report(
+            why = dig(pod, "status", "reason") or phase
+            await self._report_locked(
                 e,
                 EntryState.PROVISIONING,
                 reason=f"pod {name} ended ({why}); waiting for a new one",
             )
             return
-        ready = _true(pod, "Ready")
+        ready = is_true(pod, "Ready")
         if e.state in (EntryState.PENDING, EntryState.PROVISIONING):
             first = e.started_at is None
             e.started_at = e.started_at or time.time()
-            await self._report(
+            await self._report_locked(
                 e,
                 EntryState.RUNNING,
                 reason=None,
@@ -1200,53 +729,24 @@ class KubernetesBackend:
         if ready and e.state != EntryState.READY:
             self._cancel_timer(e, "health_timer")
             e.ready = True
-            await self._report(e, EntryState.READY, reason=None, endpoint=e.endpoint)
+            await self._report_locked(e, EntryState.READY, reason=None, endpoint=e.endpoint)
         elif not ready and e.state == EntryState.READY:
             e.ready = False
-            await self._report(e, EntryState.RUNNING, reason="the readiness probe fails")
+            await self._report_locked(e, EntryState.RUNNING, reason="the readiness probe fails")
 
     async def _pending_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
-        name = _name(pod)
-        sched = _condition(pod, "PodScheduled")
-        waiting = _dig(_main_status(pod), "state", "waiting") or {}
-        wreason = str(waiting.get("reason") or "")
-        wmessage = str(waiting.get("message") or "").strip()
-        event = e.events.get(name)
-        if sched is not None and sched.get("status") == "False":
-            text = str(sched.get("message") or "").strip()
-            if not text and event is not None:
-                text = event[1]
-            await self._stuck(
-                e, "unschedulable", f"Unschedulable: {text}" if text else "Unschedulable"
-            )
-            return
-        if wreason in _IMAGE_REASONS or wreason in _CONFIG_REASONS:
-            kind = "image" if wreason in _IMAGE_REASONS else "config"
-            text = f"{wreason}: {wmessage}" if wmessage else wreason
-            if event is not None and event[0] == kind and event[1] not in text:
-                text += f" ({event[1]})"
-            await self._stuck(e, kind, text, fatal=wreason in _FATAL_REASONS)
-            return
-        if event is not None and not (
-            sched is not None and sched.get("status") == "True" and event[0] == "unschedulable"
-        ):
-            await self._stuck(e, event[0], event[1])
+        name = name_of(pod)
+        seen = pending_pod(pod, e.events.get(name))
+        if seen.stuck is not None:
+            await self._stuck(e, seen.stuck, seen.text, fatal=seen.fatal)
             return
         self._unstuck(e)
-        if sched is not None and sched.get("status") == "True":
-            node = _dig(pod, "spec", "nodeName")
-            where = f" on {node}" if node else ""
-            doing = f" ({wreason})" if wreason else ""
-            await self._report(
-                e,
-                EntryState.PROVISIONING,
-                reason=f"pod {name} scheduled{where}; starting its container{doing}",
-                handle=self._handle(e, pod=name),
+        if seen.scheduled:
+            await self._report_locked(
+                e, EntryState.PROVISIONING, reason=seen.text, handle=self._handle(e, pod=name)
             )
         else:
-            await self._report(
-                e, EntryState.PENDING, reason=f"pod {name} is waiting for the scheduler"
-            )
+            await self._report_locked(e, EntryState.PENDING, reason=seen.text)
 
     async def _stuck(self, e: _Entry, kind: str, text: str, fatal: bool = False) -> None:
         """A pod that does not get going: show why; give up after the grace period."""
@@ -1262,7 +762,7 @@ class KubernetesBackend:
             )
             if grace is not None:
                 e.stuck_timer = asyncio.get_running_loop().call_later(
-                    grace, self._spawn, self._give_up, e, kind, grace
+                    grace, self._later, self._give_up, e, kind, grace
                 )
         e.stuck_text = text
         target = (
@@ -1270,7 +770,7 @@ class KubernetesBackend:
             if e.state in (EntryState.PENDING, EntryState.PROVISIONING)
             else e.state
         )
-        await self._report(e, target, reason=text)
+        await self._report_locked(e, target, reason=text)
 
     def _unstuck(self, e: _Entry) -> None:
         if e.stuck_kind is not None:
@@ -1288,20 +788,14 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------ timers
 
-    def _arm_walltime(self, e: _Entry) -> None:
-        if e.walltime_timer is not None or e.started_at is None:
-            return
-        left = e.started_at + e.spec.resources.walltime_s - time.time()
-        e.walltime_timer = asyncio.get_running_loop().call_later(
-            max(0.0, left), self._spawn, self._expire, e
-        )
+    def _expire(self, e: _Entry) -> None:
+        self._later(self._expire_now, e)
 
-    async def _expire(self, e: _Entry) -> None:
+    async def _expire_now(self, e: _Entry) -> None:
         async with e.lock:
             if not e.finished:
-                walltime = format_duration(e.spec.resources.walltime_s)
                 await self._end(
-                    e, EntryState.EXPIRED, f"walltime {walltime} exceeded", None, delete=True
+                    e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True
                 )
 
     def _arm_health(self, e: _Entry) -> None:
@@ -1309,7 +803,7 @@ class KubernetesBackend:
         if health is None or e.health_timer is not None:
             return
         e.health_timer = asyncio.get_running_loop().call_later(
-            health.timeout_s, self._spawn, self._unhealthy, e
+            health.timeout_s, self._later, self._unhealthy, e
         )
 
     async def _unhealthy(self, e: _Entry) -> None:
@@ -1322,10 +816,7 @@ class KubernetesBackend:
             await self._end(
                 e,
                 EntryState.FAILED,
-                _with_tail(
-                    f"readiness probe GET {health.path} did not pass within {health.timeout_s:g}s",
-                    e.mirror.wd,
-                ),
+                health_failure(health, e.mirror.wd, probe="readiness probe"),
                 None,
                 delete=True,
             )
@@ -1342,108 +833,38 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------ logs
 
-    def _follow(self, e: _Entry, pod: str, source: str) -> None:
-        """Follow this pod's log into the mirror (once per source)."""
-        if e.follow_source == source or e.finished or self._closed:
-            return
-        previous = e.follow_pod if e.spec.kind == "job" else None
-        if e.follow_task is not None:
-            e.follow_task.cancel()
-        e.follow_source, e.follow_pod = source, pod
-        e.follow_task = asyncio.get_running_loop().create_task(
-            self._follow_loop(e, pod, source, previous), name=f"sciorch-kube-log-{e.id}"
-        )
-
-    async def _follow_loop(self, e: _Entry, pod: str, source: str, previous: str | None) -> None:
-        api = self._api()
-        if previous is not None and previous != pod and e.mirror.source == previous:
-            await self._read_rest(e, previous)  # the end of the last attempt's log
-        backoff = 0.1
-        while not e.finished and not self._closed:
-            async with e.log_lock:
-                e.mirror.switch(source)
-                skip = e.mirror.reconnecting()
-            got = 0
-            try:
-                async for chunk in api.follow_log(e.namespace, pod, CONTAINER):
-                    if got + len(chunk) <= skip:
-                        got += len(chunk)
-                        continue
-                    if got < skip:
-                        chunk = chunk[skip - got :]
-                        got = skip
-                    got += len(chunk)
-                    async with e.log_lock:
-                        if e.mirror.source != source:
-                            return
-                        records = e.mirror.feed(chunk)
-                    await self._publish(e, records)
-                    backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except KubeApiError as exc:
-                if exc.status == 404:
-                    return  # the pod is gone
-                log.debug("following %s/%s: %s", e.namespace, pod, exc)
-            except KubeUnreachable as exc:
-                log.debug("following %s/%s: %s", e.namespace, pod, exc)
-            if self._pod_done(e, pod):
-                async with e.log_lock:
-                    records = e.mirror.finish() if e.mirror.source == source else []
-                await self._publish(e, records)
-                return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
     def _pod_done(self, e: _Entry, pod: str) -> bool:
         p = e.pods.get(pod)
         if p is None:
             return True
-        if _dig(p, "status", "phase") in ("Succeeded", "Failed"):
+        if dig(p, "status", "phase") in ("Succeeded", "Failed"):
             return True
-        return e.spec.kind == "job" and bool(_dig(_main_status(p), "state", "terminated"))
-
-    async def _read_rest(self, e: _Entry, pod: str) -> None:
-        """Read a pod's whole log once and mirror what was not mirrored yet."""
-        try:
-            data = await self._retry(lambda: self._api().read_log(e.namespace, pod, CONTAINER))
-        except (KubeApiError, KubeUnreachable) as exc:
-            log.info("entry %s: last read of %s's log failed: %s", e.id, pod, exc)
-            return
-        async with e.log_lock:
-            if e.mirror.source != pod and e.mirror.source is not None:
-                if not (e.mirror.source or "").startswith(pod + "#"):
-                    return
-            if e.mirror.source is None:
-                e.mirror.switch(pod)
-            skip = e.mirror.reconnecting()
-            records = e.mirror.feed(data[skip:]) + e.mirror.finish()
-        await self._publish(e, records)
+        return e.spec.kind == "job" and bool(dig(main_status(p), "state", "terminated"))
 
     async def _final_log(self, e: _Entry) -> None:
         """Before the final report: stop following and mirror the rest of the log."""
-        if e.log_final:
+        if e.follower.final:
             return
-        e.log_final = True
-        task, e.follow_task = e.follow_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        pod = e.follow_pod
+        await e.follower.stop()
+        pod = e.follower.pod
         if pod is None:
             # The Job's end can arrive before its pod's news (separate watches): ask.
             with contextlib.suppress(KubeApiError, KubeUnreachable):
                 pods, _ = await self._api().list(
                     "Pod", e.namespace, label_selector=f"{ENTRY_LABEL}={label_value(e.id)}"
                 )
-                e.pods.update({_name(p): p for p in pods})
+                e.pods.update({name_of(p): p for p in pods})
             current = self._current_pod(e)
-            if current is not None and _dig(current, "status", "phase") != "Pending":
-                pod = _name(current)
+            if current is not None and dig(current, "status", "phase") != "Pending":
+                pod = name_of(current)
         if pod is not None:
-            await self._read_rest(e, pod)
+            await e.follower.read_rest(self._api(), pod)
 
-    async def _publish(self, e: _Entry, records: list[tuple[int, dict[str, Any]]]) -> None:
+    def _follow(self, e: _Entry, pod: str, source: str) -> None:
+        if not self._closed:
+            e.follower.follow(self._api(), pod, source)
+
+    async def _publish(self, e: _Entry, records: Records) -> None:
         size = e.mirror.log_size()
         if size > e.log_size:
             e.log_size = size
@@ -1453,22 +874,21 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------ reporting
 
-    async def _report(self, e: _Entry, state: EntryState, **kw: Any) -> None:
-        """Report a state (or, for the same state, a new reason, handle or restart count);
-        e.lock held. Steps the state machine does not allow are not reported."""
-        if e.finished:
-            return
+    def _accept(
+        self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool
+    ) -> bool:
+        """A state, or for the same state a new reason, handle or restart count, is news;
+        steps the state machine does not allow are not."""
         reason = kw.get("reason")
         facts = {k: kw[k] for k in ("handle", "restarts", "endpoint") if kw.get(k) is not None}
         if state == e.state:
             if reason == e.reason and all(e.reported.get(k) == v for k, v in facts.items()):
-                return
+                return False
         elif not can_transition(e.state, state):
-            return
-        e.state = state
+            return False
         e.reason = reason
         e.reported.update(facts)
-        await self._call(e.id, "transition", state, **kw)
+        return True
 
     async def _end(
         self,
@@ -1486,27 +906,16 @@ class KubernetesBackend:
         await self._final_log(e)
         if delete:
             try:
-                await self._delete_objects(e.namespace, e.name, e.workload)
+                await self.objects.delete_objects(e.namespace, e.name, e.workload)
             except (BackendError, KubeUnreachable) as exc:
                 if state == EntryState.CANCELLED:
                     raise
                 reason = f"{reason}; deleting its objects failed: {exc.message}"
-        e.finished = True
-        e.state = state
-        await self._call(
-            e.id,
-            "transition",
-            state,
-            reason=reason,
-            exit_code=exit_code,
-            handle=self._handle(e),
-        )
-        if self._entries.get(e.id) is e:
-            del self._entries[e.id]
+        await self._finished_locked(e, state, reason, exit_code)
         self._maybe_unwatch(e.namespace)
 
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
+    def _final_facts(self, e: _Entry) -> dict[str, Any]:
+        return {"handle": self._handle(e)}
 
     def _handle(self, e: _Entry, pod: str | None = None) -> dict[str, Any]:
         return {
@@ -1523,89 +932,15 @@ class KubernetesBackend:
                     else []
                 ),
             ],
-            "pod": pod or e.follow_pod,
+            "pod": pod or e.follower.pod,
             "workdir": str(e.mirror.wd.root),
             "started_at": e.started_at,
             "restarts": e.restarts,
         }
 
-    # ------------------------------------------------------------------ cluster facts
-
     def _maybe_refresh(self) -> None:
-        if self._closed or self.api is None:
-            return
-        stale = time.monotonic() - self._refreshed > self.options.refresh_s
-        if stale and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_cluster())
-
-    async def _refresh_cluster(self) -> None:
-        try:
-            await self._refresh_cluster_once()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("site %s: reading the cluster's nodes failed", self.name)
-
-    async def _refresh_cluster_once(self) -> None:
-        api = self._api()
-        self._refreshed = time.monotonic()
-        try:
-            nodes, _ = await api.list("Node")
-            self._nodes = [self._node(n) for n in nodes]
-            self._nodes_note = None
-        except KubeApiError as exc:
-            self._nodes_note = f"cannot list nodes ({exc.status} {exc.reason})"
-        except KubeUnreachable as exc:
-            self._unreachable = f"API server unreachable: {exc.message}"
-            return
-        self._unreachable = None
-        try:
-            pending, _ = await api.list("Pod", None, field_selector="status.phase=Pending")
-            self._pending_pods = len(pending)
-        except (KubeApiError, KubeUnreachable):
-            self._pending_pods = None
-
-    def _node(self, n: Mapping[str, Any]) -> _Node:
-        alloc = _dig(n, "status", "allocatable") or {}
-        labels = _dig(n, "metadata", "labels") or {}
-        gpu_type = next(
-            (
-                t
-                for t, sel in self.options.gpu_node_selectors.items()
-                if sel and all(labels.get(k) == v for k, v in sel.items())
-            ),
-            None,
-        )
-        return _Node(
-            name=_name(n),
-            cpus=parse_quantity(alloc.get("cpu")),
-            memory_mb=int(parse_quantity(alloc.get("memory")) / (1024 * 1024)),
-            gpus=math.floor(parse_quantity(alloc.get(self.options.gpu_resource))),
-            gpu_type=gpu_type,
-            ready=_true(n, "Ready") and not _dig(n, "spec", "unschedulable"),
-        )
-
-    def _never_fits(self, res: Resources) -> tuple[str, str] | None:
-        o = self.options
-        if res.gpus and res.gpu_type:
-            if res.gpu_type not in o.gpu_node_selectors:
-                have = ", ".join(sorted(o.gpu_node_selectors)) or "none configured"
-                return (
-                    "resources.gpu_type",
-                    f"has no node selector for GPU type {res.gpu_type!r} "
-                    f"(gpu_node_selectors: {have})",
-                )
-        nodes = [n for n in self._nodes or [] if n.ready]
-        most_gpus = o.gpus if o.gpus is not None else max((n.gpus for n in nodes), default=0)
-        if res.gpus and (nodes or o.gpus is not None) and res.gpus > most_gpus:
-            return "resources.gpus", f"needs {res.gpus} GPUs; the largest node has {most_gpus}"
-        if o.max_walltime_s is not None and res.walltime_s > o.max_walltime_s:
-            return (
-                "resources.walltime_s",
-                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
-                f"{format_duration(o.max_walltime_s)}",
-            )
-        return None
+        if not self._closed:
+            self.cluster.maybe_refresh(self.api)
 
     # ------------------------------------------------------------------ small parts
 
@@ -1621,13 +956,10 @@ class KubernetesBackend:
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
 
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+    def _later(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run fn(*args) as a background task (timers call this when they fire)."""
-        if self._closed:
-            return
-        task = asyncio.get_running_loop().create_task(fn(*args))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        if not self._closed:
+            self._spawn(fn(*args))
 
 
-__all__ = ["KubernetesBackend", "KubernetesOptions", "parse_quantity"]
+__all__ = ["KubernetesBackend", "KubernetesOptions"]

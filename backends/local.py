@@ -4,7 +4,8 @@ Each entry runs under a tiny /bin/sh wrapper in its own session and process grou
 appends the command's output to `<workdir>/log` and records how it ended in `<workdir>/exit.json`,
 so the true outcome survives the server. Exits are awaited through pidfds (no polling), log and
 stream growth through one shared file watcher, and resources (cpus, memory, whole GPUs, real or
-virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill.
+virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill
+(backends.local_pool).
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
-from watchfiles import awatch
 
 from backends.base import (
     DEFAULT_MAX_RESULT_BYTES,
-    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
@@ -39,40 +37,27 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
 )
-from ground.errors import BackendError, InvalidInput
+from backends.local_pool import ResourcePool, detect_gpus
+from backends.supervisor import (
+    DirWatcher,
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    restart_reason,
+    script_text,
+    signal_name,
+    wait_healthy,
+)
+from ground.errors import BackendError
 from ground.models import (
     Capabilities,
     EntryState,
     Resources,
     SiteStatus,
-    format_duration,
 )
 
 log = logging.getLogger("sciorch.backends.local")
-
-# The job wrapper, run as: /bin/sh -c WRAPPER_SCRIPT sciorch-job WORKDIR COMMAND [ARG...]
-# It shares the command's process group and traps TERM/INT/HUP (a trap with an action is not
-# inherited by the command), so signalling the group stops the command while the wrapper lives
-# on to record the exit status. Other backends may reuse it (it only needs a POSIX shell).
-WRAPPER_SCRIPT = r"""wd=$1
-shift
-trap ':' TERM INT HUP
-"$@" >>"$wd/log" 2>&1 </dev/null
-rc=$?
-PATH=/usr/local/bin:/usr/bin:/bin:$PATH
-if [ "$rc" -gt 128 ]; then sig=$((rc - 128)); else sig=null; fi
-t=$(date +%s.%N 2>/dev/null)
-case $t in ''|*[!0-9.]*) t=$(date +%s 2>/dev/null || echo null) ;; esac
-printf '{"exit_code": %d, "signal": %s, "finished_at": %s}\n' "$rc" "$sig" "$t" \
-  >"$wd/exit.json.tmp" && mv -f "$wd/exit.json.tmp" "$wd/exit.json"
-exit "$rc"
-"""
-
-_EPS = 1e-9
-_TAIL_LINES = 20
-_TAIL_BYTES = 8192
 
 
 class LocalOptions(BaseModel):
@@ -97,31 +82,8 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
-@dataclass
-class _Pool:
-    cpus: float
-    memory_mb: int
-    gpus: set[int]
-
-    def copy(self) -> _Pool:
-        return _Pool(self.cpus, self.memory_mb, set(self.gpus))
-
-    def take(self, res: Resources, gpus: list[int]) -> None:
-        self.cpus -= res.cpus
-        self.memory_mb -= res.memory_mb
-        self.gpus -= set(gpus)
-
-    def give(self, res: Resources, gpus: list[int]) -> None:
-        self.cpus += res.cpus
-        self.memory_mb += res.memory_mb
-        self.gpus |= set(gpus)
-
-
-@dataclass(eq=False)
-class _Entry:
-    spec: LaunchSpec
-    workdir: WorkDir
-    state: EntryState = EntryState.PENDING  # the last state reported (or known at adoption)
+@dataclass(eq=False, kw_only=True)
+class _Entry(EntryRecord):
     phase: _Phase = _Phase.QUEUED
     queued_at: float = field(default_factory=time.time)
     # allocation
@@ -133,29 +95,11 @@ class _Entry:
     pid: int | None = None
     pgid: int | None = None
     start_time: int | None = None
-    started_at: float | None = None  # epoch of the first start (walltime counts from here)
     spawned_at: float | None = None  # epoch of the latest (re)start
     pidfd: int | None = None
     exited: asyncio.Future[int | None] | None = None  # raw exit status; None when unknown
-    # intent
-    cancel_requested: bool = False
-    expired: bool = False
-    fail_reason: str | None = None
-    ready: bool = False
-    restarts: int = 0
-    # timers and tasks
-    walltime_timer: asyncio.TimerHandle | None = None
     kill_timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
-    # reporting
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    finished: bool = False
-    tail: ContractTail = field(default_factory=ContractTail)
-    flush_pending: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
 
     @property
     def resources(self) -> Resources:
@@ -190,30 +134,6 @@ def _members(pgid: int) -> list[int]:
     return out
 
 
-def _signal_name(n: int) -> str:
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
-
-
-def _total_memory_mb() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1024
-
-
-def _cpu_count() -> float:
-    try:
-        return float(len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return float(os.cpu_count() or 1)
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -233,136 +153,30 @@ def _free_port(host: str, avoid: set[int]) -> int:
     raise BackendError(f"no free TCP port on {host}")
 
 
-def log_tail(workdir: WorkDir, lines: int = _TAIL_LINES) -> str:
-    """The last lines of an entry's log (empty when there is none)."""
-    try:
-        with workdir.log.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - _TAIL_BYTES))
-            raw = f.read()
-    except OSError:
-        return ""
-    text = raw.decode("utf-8", errors="replace").rstrip("\n")
-    return "\n".join(text.split("\n")[-lines:]) if text else ""
-
-
-def _with_tail(reason: str, workdir: WorkDir) -> str:
-    tail = log_tail(workdir)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-# ----------------------------------------------------------------------------- file watching
-
-
-class DirWatcher:
-    """One `watchfiles.awatch` over the work dirs of all running entries, so a thousand entries
-    cost one watcher thread, not a thousand. The watch restarts when the set of dirs changes;
-    after each restart every watched entry is swept once, so nothing written in between is
-    missed."""
-
-    def __init__(self, on_change: Callable[[str], None]) -> None:
-        self._on_change = on_change
-        self._dirs: dict[str, str] = {}
-        self._wake = asyncio.Event()
-        self._stop: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def add(self, path: Path, entry_id: str) -> None:
-        self._dirs[str(path)] = entry_id
-        self._changed()
-
-    def remove(self, path: Path) -> None:
-        if self._dirs.pop(str(path), None) is not None:
-            self._changed()
-
-    def _changed(self) -> None:
-        if self._closed:
-            return
-        self._wake.set()
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        if self._stop is not None:
-            self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-
-    def _existing(self) -> dict[str, str]:
-        return {p: eid for p, eid in self._dirs.items() if os.path.isdir(p)}
-
-    async def _run(self) -> None:
-        while not self._closed:
-            self._wake.clear()
-            dirs = self._existing()
-            if not dirs:
-                await self._wake.wait()
-                continue
-            stop = self._stop = asyncio.Event()
-            for eid in set(dirs.values()):
-                self._on_change(eid)
-            try:
-                async for changes in awatch(
-                    *dirs,
-                    stop_event=stop,
-                    watch_filter=None,
-                    debounce=20,
-                    step=10,
-                    recursive=False,
-                    ignore_permission_denied=True,
-                ):
-                    seen = {dirs.get(os.path.dirname(path)) for _, path in changes}
-                    for changed in seen:
-                        if changed is not None:
-                            self._on_change(changed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a dir vanished under us, or the watcher failed
-                log.debug("file watcher restarting after: %s", exc)
-                await asyncio.sleep(0.05)
-
-
 # ----------------------------------------------------------------------------- the backend
 
 
-class LocalBackend:
+class LocalBackend(Supervisor[_Entry]):
     """Runs entries as processes on this machine. See the module docstring."""
 
     kind = "local"
 
     def __init__(self, name: str, options: Mapping[str, Any], entries_dir: Path) -> None:
         opts = site_options(LocalOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.host = opts.host
         self.term_grace_s = opts.term_grace_s
         self.max_walltime_s = opts.max_walltime_s
-        self.total_cpus = opts.cpus if opts.cpus is not None else _cpu_count()
-        self.total_memory_mb = (
-            opts.memory_mb if opts.memory_mb is not None else _total_memory_mb()
+        # virtual GPUs now; real ones are detected in start()
+        self._pool: ResourcePool[_Entry] = ResourcePool(
+            opts.cpus,
+            opts.memory_mb,
+            {i: opts.gpu_type or "" for i in range(opts.gpus or 0)},
+            opts.max_walltime_s,
         )
-        # index -> type name; virtual GPUs now, real ones are detected in start()
-        self.gpu_names: dict[int, str] = {
-            i: opts.gpu_type or "" for i in range(opts.gpus or 0)
-        }
-        self._pool = self._full_pool()
-        self._reporter: Reporter | None = None
-        self._entries: dict[str, _Entry] = {}
-        self._queue: list[_Entry] = []
         self._ports: set[int] = set()
-        self._watcher: DirWatcher | None = None
-        self._bg: set[asyncio.Task[Any]] = set()
-        self._closed = False
 
     # ------------------------------------------------------------------ protocol: lifecycle
 
@@ -370,8 +184,7 @@ class LocalBackend:
         self._reporter = reporter
         self._closed = False
         if self.options.gpus is None:
-            self.gpu_names = await self._detect_gpus()
-            self._pool = self._full_pool()
+            self._pool.set_gpus(await detect_gpus(self.name))
         self._watcher = DirWatcher(self._request_flush)
 
     async def close(self) -> None:
@@ -388,14 +201,13 @@ class LocalBackend:
         if self._watcher is not None:
             await self._watcher.close()
         self._entries.clear()
-        self._queue.clear()
         self._ports.clear()
-        self._pool = self._full_pool()
+        self._pool.reset()
 
     async def shutdown_all(self, timeout_s: float = 5.0) -> None:
         """Kill everything this backend runs (reporting `cancelled`), then close. For tests and
         for an operator who wants nothing left behind."""
-        for e in list(self._queue):
+        for e in list(self._pool.queue):
             await self.cancel(e.id, {})
         waiting = []
         for e in list(self._entries.values()):
@@ -411,93 +223,34 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ protocol: site facts
 
-    @property
-    def gpu_types(self) -> list[str]:
-        return sorted({n for n in self.gpu_names.values() if n})
-
     async def capabilities(self) -> Capabilities:
+        pool = self._pool
         return Capabilities(
-            cpus=self.total_cpus,
-            memory_mb=self.total_memory_mb,
-            gpus=len(self.gpu_names),
-            gpu_types=self.gpu_types,
-            max_walltime_s=self.max_walltime_s,
+            cpus=pool.total_cpus,
+            memory_mb=pool.total_memory_mb,
+            gpus=len(pool.gpu_names),
+            gpu_types=pool.gpu_types,
+            max_walltime_s=pool.max_walltime_s,
         )
 
     async def status(self) -> tuple[SiteStatus, str | None]:
         return SiteStatus.UP, None
 
     async def estimate_wait(self, resources: Resources) -> float:
-        """Seconds until an entry with these resources would start if submitted now: a FIFO
-        simulation assuming that running and queued entries use their whole walltime."""
-        if self._never_fits(resources) is not None:
-            return float("inf")
-        now = time.time()
-        # (deadline, resources, gpus) of everything holding or going to hold resources
-        allocs: list[tuple[float, Resources, list[int]]] = [
-            (e.deadline(now), e.resources, e.gpus)
-            for e in self._entries.values()
-            if e.allocated
-        ]
-        t = now
-        start = now
-        for res in [*(q.resources for q in self._queue[:1000]), resources]:
-            times = [t, *sorted(d for d, _, _ in allocs if d > t)]
-            start = times[-1]
-            gpus: list[int] = []
-            for c in times:
-                pool = self._full_pool()
-                for d, r, g in allocs:
-                    if d > c:
-                        pool.take(r, g)
-                fit = self._fit(pool, res)
-                if fit is not None:
-                    start, gpus = c, fit
-                    break
-            allocs.append((start + res.walltime_s, res, gpus))
-            t = start
-        return max(0.0, start - now)
+        return self._pool.estimate_wait(resources, self._entries.values())
 
     def queue_reason(self, entry_id: str) -> str | None:
         """Why a queued entry waits (None when it is not queued here)."""
         e = self._entries.get(entry_id)
         if e is None or e.phase is not _Phase.QUEUED:
             return None
-        res = e.resources
-        missing = []
-        if res.gpus:
-            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
-            free = [i for i in matching if i in self._pool.gpus]
-            if len(free) < res.gpus:
-                busy = len(matching) - len(free)
-                kind = f" {res.gpu_type}" if res.gpu_type else ""
-                missing.append(
-                    f"needs {res.gpus}{kind} GPU{'s' if res.gpus != 1 else ''}, "
-                    f"{len(free)} free ({busy} busy)"
-                )
-        if res.cpus > self._pool.cpus + _EPS:
-            missing.append(f"needs {res.cpus:g} CPUs, {max(0.0, self._pool.cpus):g} free")
-        if res.memory_mb > self._pool.memory_mb:
-            missing.append(
-                f"needs {res.memory_mb} MiB memory, {max(0, self._pool.memory_mb)} MiB free"
-            )
-        ahead = self._queue.index(e) if e in self._queue else 0
-        if missing:
-            return "waiting for resources: " + "; ".join(missing)
-        return f"waiting behind {ahead} earlier entr{'y' if ahead == 1 else 'ies'} in the queue"
+        return self._pool.queue_reason(e)
 
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._entries:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec, self._pool.never_fits(spec.resources)):
             return
-        problem = self._never_fits(spec.resources)
-        if problem is not None:
-            raise InvalidInput(f"site {self.name!r}: {problem[1]}", field=problem[0])
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         wd = WorkDir(self.entries_dir / spec.entry_id)
         wd.prepare(spec.parameters)
         self._enqueue(_Entry(spec=spec, workdir=wd))
@@ -512,7 +265,7 @@ class LocalBackend:
         e.cancel_requested = True
         if e.phase is _Phase.QUEUED:
             with contextlib.suppress(ValueError):
-                self._queue.remove(e)
+                self._pool.queue.remove(e)
             await self._finish(e, EntryState.CANCELLED, "cancelled before it started", None)
         elif e.pid is not None:
             self._terminate(e)
@@ -521,8 +274,7 @@ class LocalBackend:
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._entries or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         root = Path(handle.get("workdir") or self.entries_dir / entry_id)
         e = _Entry(spec=spec, workdir=WorkDir(root), state=state)
@@ -574,8 +326,7 @@ class LocalBackend:
         e.spawned_at = float(spawned) if spawned else e.started_at
         e.ready = state == EntryState.READY
         e.phase = _Phase.ACTIVE
-        e.allocated = True
-        self._pool.take(e.resources, e.gpus)
+        self._pool.take(e, e.gpus)
         if e.port is not None:
             self._ports.add(e.port)
         # What is already written counts as reported; only growth from now on is reported.
@@ -604,119 +355,25 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _full_pool(self) -> _Pool:
-        return _Pool(self.total_cpus, self.total_memory_mb, set(self.gpu_names))
-
-    def _gpu_matches(self, index: int, gpu_type: str | None) -> bool:
-        if not gpu_type:
-            return True
-        name = self.gpu_names.get(index, "").lower()
-        want = gpu_type.lower()
-        return bool(name) and (want == name or want in name)
-
-    def _fit(self, pool: _Pool, res: Resources) -> list[int] | None:
-        """GPU indices to assign if `res` fits in `pool` (an empty list without GPUs)."""
-        if res.cpus > pool.cpus + _EPS or res.memory_mb > pool.memory_mb:
-            return None
-        if not res.gpus:
-            return []
-        cand = sorted(i for i in pool.gpus if self._gpu_matches(i, res.gpu_type))
-        return cand[: res.gpus] if len(cand) >= res.gpus else None
-
-    def _never_fits(self, res: Resources) -> tuple[str, str] | None:
-        """(field, why) when this site can never run an entry with these resources."""
-        if res.gpus:
-            matching = [i for i in self.gpu_names if self._gpu_matches(i, res.gpu_type)]
-            if res.gpu_type and not matching:
-                have = ", ".join(self.gpu_types) or "none"
-                return (
-                    "resources.gpu_type",
-                    f"has no GPUs of type {res.gpu_type!r} (types here: {have})",
-                )
-            if len(matching) < res.gpus:
-                return (
-                    "resources.gpus",
-                    f"needs {res.gpus} GPUs but the site has {len(matching)}",
-                )
-        if res.cpus > self.total_cpus + _EPS:
-            return "resources.cpus", f"needs {res.cpus:g} CPUs but the site has {self.total_cpus:g}"
-        if res.memory_mb > self.total_memory_mb:
-            return (
-                "resources.memory_mb",
-                f"needs {res.memory_mb} MiB but the site has {self.total_memory_mb} MiB",
-            )
-        if self.max_walltime_s is not None and res.walltime_s > self.max_walltime_s:
-            return (
-                "resources.walltime_s",
-                f"walltime {format_duration(res.walltime_s)} exceeds the site's maximum "
-                f"{format_duration(self.max_walltime_s)}",
-            )
-        return None
-
     def _enqueue(self, e: _Entry) -> None:
         e.phase = _Phase.QUEUED
         self._entries[e.id] = e
-        self._queue.append(e)
+        self._pool.queue.append(e)
         self._schedule()
 
     def _schedule(self) -> None:
-        """Start queued entries in FIFO order. Later entries may jump ahead (backfill) only if
-        they do not delay the first blocked entry: they end before it could start anyway, or
-        fit in what will be left over when it starts."""
-        if self._closed or not self._queue:
+        """Start what the pool says may start now."""
+        if self._closed:
             return
-        now = time.time()
-        free = self._pool.copy()
-        shadow_t: float | None = None
-        shadow_extra: _Pool | None = None
-        for e in list(self._queue):
-            gpus = self._fit(free, e.resources)
-            if gpus is None:
-                if shadow_t is None:
-                    shadow_t, shadow_extra = self._shadow(free, e, now)
-                continue
-            if (
-                shadow_t is not None
-                and shadow_extra is not None
-                and now + e.resources.walltime_s > shadow_t
-            ):
-                # It would still hold resources when the blocked entry can start: only if
-                # they are left over then.
-                spare = self._fit(shadow_extra, e.resources)
-                if spare is None:
-                    continue
-                shadow_extra.take(e.resources, spare)
-            free.take(e.resources, gpus)
-            self._activate(e, gpus)
-
-    def _shadow(self, free: _Pool, blocked: _Entry, now: float) -> tuple[float, _Pool]:
-        """When the blocked entry could start (running entries ending at their walltime) and
-        what would be left over then."""
-        pool = free.copy()
-        running = sorted(
-            (e for e in self._entries.values() if e.allocated), key=lambda x: x.deadline(now)
-        )
-        for r in running:
-            pool.give(r.resources, r.gpus)
-            gpus = self._fit(pool, blocked.resources)
-            if gpus is not None:
-                pool.take(blocked.resources, gpus)
-                return r.deadline(now), pool
-        return float("inf"), pool
-
-    def _activate(self, e: _Entry, gpus: list[int]) -> None:
-        with contextlib.suppress(ValueError):
-            self._queue.remove(e)
-        e.phase = _Phase.ACTIVE
-        e.allocated = True
-        e.gpus = gpus
-        self._pool.take(e.resources, gpus)
-        e.task = asyncio.get_running_loop().create_task(self._life(e))
+        for e, gpus in self._pool.schedule(self._entries.values()):
+            with contextlib.suppress(ValueError):
+                self._pool.queue.remove(e)
+            e.phase = _Phase.ACTIVE
+            self._pool.take(e, gpus)
+            e.task = asyncio.get_running_loop().create_task(self._life(e))
 
     def _release(self, e: _Entry) -> None:
-        if e.allocated:
-            e.allocated = False
-            self._pool.give(e.resources, e.gpus)
+        if self._pool.give(e):
             if e.port is not None:
                 self._ports.discard(e.port)
             self._schedule()
@@ -734,17 +391,10 @@ class LocalBackend:
                 status = await self._until_exit(e)
                 outcome = self._outcome(e, status)
                 code = outcome.exit_code
-                if (
-                    e.spec.kind == "service"
-                    and e.ready
-                    and not (e.cancel_requested or e.expired or e.fail_reason)
-                    and code not in (0, None)
-                    and e.spec.restart_policy == "on-failure"
-                    and e.restarts < e.spec.max_restarts
-                ):
+                if code not in (0, None) and e.may_restart():
                     e.restarts += 1
                     what = (
-                        f"signal {_signal_name(outcome.signal)}"
+                        f"signal {signal_name(outcome.signal)}"
                         if outcome.signal
                         else f"exit code {code}"
                     )
@@ -752,8 +402,7 @@ class LocalBackend:
                     await self._report(
                         e,
                         EntryState.PROVISIONING,
-                        reason=f"restarting after {what} "
-                        f"(restart {e.restarts}/{e.spec.max_restarts})",
+                        reason=restart_reason(what, e.restarts, e.spec),
                         restarts=e.restarts,
                         handle=self._handle(e, running=False),
                     )
@@ -796,7 +445,7 @@ class LocalBackend:
             env["PORT"] = env["SCIORCH_PORT"] = str(e.port)
         argv = [self._fill(a, e) for a in spec.argv]
         try:
-            self._spawn(e, argv, env)
+            self._popen(e, argv, env)
         except OSError as exc:
             await self._finish(
                 e, EntryState.FAILED, f"could not start {argv[0]}: {exc}", None
@@ -818,13 +467,13 @@ class LocalBackend:
             self._terminate(e)
         return True
 
-    def _spawn(self, e: _Entry, argv: list[str], env: dict[str, str]) -> None:
+    def _popen(self, e: _Entry, argv: list[str], env: dict[str, str]) -> None:
         root = e.workdir.root
         with contextlib.suppress(FileNotFoundError):
             e.workdir.exit.unlink()
         with open(e.workdir.log, "ab") as logf:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", WRAPPER_SCRIPT, "sciorch-job", str(root), *argv],
+                ["/bin/sh", "-c", script_text("job-wrapper.sh"), "sciorch-job", str(root), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -897,7 +546,7 @@ class LocalBackend:
         if (
             e.spec.kind == "service"
             and not e.ready
-            and not (e.cancel_requested or e.expired or e.fail_reason)
+            and not e.stopping
         ):
             health = e.spec.health or HealthSpec()
             check = asyncio.get_running_loop().create_task(self._health(e, health))
@@ -915,31 +564,14 @@ class LocalBackend:
                         e.ready = True
                         await self._report(e, EntryState.READY, endpoint=self._endpoint(e))
                 else:
-                    e.fail_reason = _with_tail(
-                        f"health check GET {health.path} did not pass within "
-                        f"{health.timeout_s:g}s",
-                        e.workdir,
-                    )
+                    e.fail_reason = health_failure(health, e.workdir)
                     self._terminate(e)
         return await fut
 
     async def _health(self, e: _Entry, health: HealthSpec) -> bool:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         url = f"http://{host}:{e.port}{health.path}"
-        deadline = (e.spawned_at or time.time()) + health.timeout_s
-        timeout = httpx.Timeout(min(5.0, max(0.5, health.interval_s * 5)))
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
-            while True:
-                try:
-                    resp = await client.get(url)
-                    if resp.status_code < 400:
-                        return True
-                except httpx.HTTPError:
-                    pass
-                left = deadline - time.time()
-                if left <= 0:
-                    return False
-                await asyncio.sleep(min(health.interval_s, left))
+        return await wait_healthy(url, health, (e.spawned_at or time.time()) + health.timeout_s)
 
     def _outcome(self, e: _Entry, status: int | None) -> _OutcomeView:
         recorded = e.workdir.read_outcome()
@@ -954,46 +586,17 @@ class LocalBackend:
     def _verdict(
         self, e: _Entry, o: Outcome | _OutcomeView
     ) -> tuple[EntryState, str | None, int | None]:
-        code: int | None = o.exit_code
-        sig: int | None = o.signal
-        if e.cancel_requested:
-            return EntryState.CANCELLED, "cancelled by request", code
-        if e.expired:
-            walltime = format_duration(e.resources.walltime_s)
-            return EntryState.EXPIRED, f"walltime {walltime} exceeded", code
-        if e.fail_reason:
-            return EntryState.FAILED, e.fail_reason, code
-        if code is None:
-            return (
-                EntryState.FAILED,
-                _with_tail("the process ended without recording an exit status", e.workdir),
-                None,
-            )
-        if code == 0:
-            return EntryState.SUCCEEDED, None, 0
-        if sig:
-            return (
-                EntryState.FAILED,
-                _with_tail(f"killed by signal {_signal_name(sig)}", e.workdir),
-                code,
-            )
-        return EntryState.FAILED, _with_tail(f"exit code {code}", e.workdir), code
+        asked = e.intent_verdict()
+        if asked is not None:
+            return (*asked, o.exit_code)
+        state, reason = e.exit_verdict(
+            o.exit_code, o.signal, "the process ended without recording an exit status"
+        )
+        return state, reason, o.exit_code
 
     # ------------------------------------------------------------------ stopping
 
-    def _arm_walltime(self, e: _Entry) -> None:
-        if e.walltime_timer is not None or e.started_at is None:
-            return
-        left = e.started_at + e.resources.walltime_s - time.time()
-        e.walltime_timer = asyncio.get_running_loop().call_later(
-            max(0.0, left), self._on_walltime, e
-        )
-
-    def _on_walltime(self, e: _Entry) -> None:
-        e.walltime_timer = None
-        if e.finished or e.cancel_requested:
-            return
-        e.expired = True
+    def _expire(self, e: _Entry) -> None:
         self._terminate(e)
 
     def _terminate(self, e: _Entry) -> None:
@@ -1047,63 +650,13 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ reporting
 
-    async def _report(self, e: _Entry, state: EntryState, **kw: Any) -> None:
-        async with e.lock:
-            if e.finished or state == e.state:
-                return
-            e.state = state
-            await self._call(e.id, "transition", state, **kw)
-
-    async def _finish(
-        self, e: _Entry, state: EntryState, reason: str | None, exit_code: int | None
-    ) -> None:
-        """Report the final state (after a last flush of logs and stream) and forget it."""
-        if e.finished:
-            return
+    def _stop_watching(self, e: _Entry) -> None:
         e.phase = _Phase.DONE
         self._detach(e)
-        if self._watcher is not None:
-            self._watcher.remove(e.workdir.root)
+        super()._stop_watching(e)
         self._release(e)
-        async with e.lock:
-            if e.finished:
-                return
-            try:
-                await self._flush_locked(e)
-            except Exception:
-                log.exception("entry %s: final flush failed", e.id)
-            e.finished = True
-            e.state = state
-            await self._call(e.id, "transition", state, reason=reason, exit_code=exit_code)
-        if self._entries.get(e.id) is e:
-            del self._entries[e.id]
-
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
-
-    def _request_flush(self, entry_id: str) -> None:
-        e = self._entries.get(entry_id)
-        if e is None or e.finished or e.flush_pending or self._closed:
-            return
-        e.flush_pending = True
-        task = asyncio.get_running_loop().create_task(self._flush(e))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def _flush(self, e: _Entry) -> None:
-        async with e.lock:
-            e.flush_pending = False
-            if not e.finished:
-                await self._flush_locked(e)
-
-    async def _flush_locked(self, e: _Entry) -> None:
-        await e.tail.report(self._reporter, e.id, e.workdir)
 
     # ------------------------------------------------------------------ small parts
-
-    def _require_started(self) -> None:
-        if self._reporter is None or self._closed:
-            raise BackendError(f"local backend {self.name!r} is not started")
 
     def _detach(self, e: _Entry) -> None:
         """Stop timers and the exit watch (not the process)."""
@@ -1186,29 +739,6 @@ class LocalBackend:
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
 
-    async def _detect_gpus(self) -> dict[int, str]:
-        exe = shutil.which("nvidia-smi")
-        if exe is None:
-            return {}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                exe,
-                "--query-gpu=index,name",
-                "--format=csv,noheader",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            out, _ = await asyncio.wait_for(proc.communicate(), 20)
-        except (OSError, TimeoutError) as exc:
-            log.warning("nvidia-smi failed: %s; no GPUs on site %s", exc, self.name)
-            return {}
-        gpus: dict[int, str] = {}
-        for line in out.decode(errors="replace").splitlines():
-            index, _, name = line.partition(",")
-            if index.strip().isdigit():
-                gpus[int(index)] = name.strip()
-        return gpus
-
 
 @dataclass(frozen=True)
 class _OutcomeView:
@@ -1216,4 +746,4 @@ class _OutcomeView:
     signal: int | None
 
 
-__all__ = ["WRAPPER_SCRIPT", "LocalBackend", "LocalOptions", "log_tail"]
+__all__ = ["LocalBackend", "LocalOptions"]

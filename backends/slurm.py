@@ -26,6 +26,11 @@ Slurm is reached through a `SlurmTransport` (backends.slurm_transport): slurmres
 with a JWT (`transport = "rest"`, the main path) or the Slurm commands (`transport = "cli"`).
 There is no pyslurm transport: no pyslurm that matches Slurm 22.05 can be installed here to test
 it against (see the project's Slurm notes).
+
+Beside this module: the options, batch script and job request (backends.slurm_job), what
+Slurm's states and pending reasons mean (backends.slurm_states), the site's cached view for
+status, capabilities and wait estimates (backends.slurm_site) and the poke listener
+(backends.slurm_callback).
 """
 
 from __future__ import annotations
@@ -35,24 +40,16 @@ import contextlib
 import getpass
 import json
 import logging
-import math
 import os
 import pwd
-import shlex
-import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
-
-import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from backends.base import (
     DEFAULT_MAX_RESULT_BYTES,
-    ContractTail,
     HealthSpec,
     LaunchSpec,
     LogChunk,
@@ -60,21 +57,32 @@ from backends.base import (
     ResultData,
     WorkDir,
     site_options,
-    tell,
 )
-from backends.local import DirWatcher, log_tail
+from backends.slurm_callback import CallbackListener
+from backends.slurm_job import SlurmOptions, build_script, job_request
+from backends.slurm_site import SlurmSite
+from backends.slurm_states import (
+    ACTIVE_STATES,
+    PENDING_STATES,
+    TERMINAL_STATES,
+    describe_pending,
+    job_verdict,
+)
 from backends.slurm_transport import (
     CliTransport,
     JobInfo,
-    JobRequest,
-    NodeInfo,
-    PartitionInfo,
     RestTransport,
-    SlurmAuthError,
     SlurmError,
     SlurmRejected,
     SlurmTransport,
-    SlurmUnavailable,
+)
+from backends.supervisor import (
+    DirWatcher,
+    EntryRecord,
+    Supervisor,
+    health_failure,
+    restart_reason,
+    wait_healthy,
 )
 from ground.errors import BackendError, InvalidInput, SciorchError
 from ground.models import (
@@ -82,7 +90,6 @@ from ground.models import (
     EntryState,
     Resources,
     SiteStatus,
-    format_duration,
 )
 
 log = logging.getLogger("sciorch.backends.slurm")
@@ -93,254 +100,16 @@ MAX_BACKOFF_S = 5.0  # polling interval ceiling while Slurm cannot be reached
 MISSING_POLLS = 3  # a job Slurm does not list this many polls in a row is looked up once more
 NO_START_FILE_S = 20.0  # running in Slurm without started.json for this long: say so
 
-_PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
-_ACTIVE_STATES = {
-    "RUNNING",
-    "COMPLETING",
-    "SUSPENDED",
-    "STOPPED",
-    "RESIZING",
-    "SIGNALING",
-    "STAGE_OUT",
-}
-_TERMINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "SPECIAL_EXIT",
-    "REVOKED",
-}
-
-# What the common pending reasons mean, for the entry's `reason`.
-PENDING_REASONS = {
-    "Resources": "waiting for CPUs, memory or GPUs to become free",
-    "Priority": "jobs with a higher priority are ahead of it in the queue",
-    "Dependency": "waiting for a job it depends on",
-    "BeginTime": "its start time has not been reached",
-    "JobHeldUser": "held by its user",
-    "JobHeldAdmin": "held by an administrator",
-    "ReqNodeNotAvail": "a node it needs is not available (down, drained or reserved)",
-    "Reservation": "waiting for its reservation to start",
-    "PartitionDown": "the partition is down",
-    "PartitionInactive": "the partition is inactive",
-    "PartitionTimeLimit": "its time limit exceeds the partition's limit",
-    "PartitionNodeLimit": "it needs more nodes than the partition allows",
-    "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions": (
-        "the nodes it needs are down, drained or reserved"
-    ),
-    "QOSMaxJobsPerUserLimit": "QoS limit: the user already runs the most jobs the QoS allows",
-    "QOSMaxCpuPerUserLimit": "QoS limit: the user already uses the most CPUs the QoS allows",
-    "QOSMaxGRESPerUser": "QoS limit: the user already uses the most GPUs the QoS allows",
-    "QOSGrpJobsLimit": "QoS limit: the QoS already runs the most jobs it allows",
-    "QOSGrpCpuLimit": "QoS limit: the QoS already uses the most CPUs it allows",
-    "AssocMaxJobsLimit": "account limit: the association already runs the most jobs it allows",
-    "AssocGrpCpuLimit": "account limit: the account already uses the most CPUs it allows",
-    "None": "queued; the scheduler has not looked at it yet",
-}
-
-
-def describe_pending(reason: str | None) -> str:
-    """'Resources' -> 'Slurm: Resources (waiting for CPUs, memory or GPUs to become free)'."""
-    key = reason or "None"
-    text = PENDING_REASONS.get(key)
-    if text is None and key.startswith("QOS"):
-        text = "a QoS limit holds it"
-    elif text is None and key.startswith("Assoc"):
-        text = "an account (association) limit holds it"
-    return f"Slurm: {key} ({text})" if text else f"Slurm: {key}"
-
-
-class SlurmOptions(BaseModel):
-    """The `[[sites]]` keys a Slurm site understands."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    transport: Literal["rest", "cli"] = Field(
-        "rest", description="rest: slurmrestd over HTTP (JWT); cli: sbatch, squeue, scontrol"
-    )
-    rest_url: str = Field("http://127.0.0.1:6820", description="slurmrestd base URL")
-    user: str | None = Field(
-        None,
-        description="slurmrestd: the Slurm user requests act as and jobs run as (default: this "
-        "process's user; slurmrestd refuses root). The Slurm commands run as this process's user",
-    )
-    token: str | None = Field(
-        None, description="slurmrestd JWT; unset: sciorch gets its own with `scontrol token`"
-    )
-    token_lifespan_s: int = Field(3600, ge=10, description="lifespan of tokens sciorch gets")
-    partition: str | None = Field(None, description="partition (default: the cluster's)")
-    account: str | None = None
-    qos: str | None = Field(None, description="QoS for normal work")
-    qos_urgent: str | None = Field(None, description="QoS for time-sensitive (urgent) work")
-    reservation: str | None = None
-    shared_dir: Path | None = Field(
-        None,
-        description="job files, on a filesystem the compute nodes share (default: the "
-        "server's entries dir)",
-    )
-    poll_interval_s: float = Field(0.5, gt=0, le=300, description="fallback polling interval")
-    watch: bool = Field(True, description="watch the job dirs for the wrapper's files")
-    callback_listen: str | None = Field(
-        None, description="'host:port' for the wrappers' HTTP pokes (port 0: any free one)"
-    )
-    callback_url: str | None = Field(
-        None, description="URL jobs use to reach the listener (default: http://<fqdn>:<port>)"
-    )
-    max_job_queries_per_s: float = Field(
-        50.0, gt=0, description="slurmrestd: fallback polling asks about at most this many "
-        "jobs a second (the interval grows with the number of active jobs)"
-    )
-    status_ttl_s: float = Field(2.0, ge=0, description="cache site facts this long")
-    queue_ttl_s: float = Field(
-        10.0, ge=0, description="refresh the queue snapshot for wait estimates at most this often"
-    )
-    request_timeout_s: float = Field(10.0, gt=0)
-    env: dict[str, str] = Field(
-        default_factory=dict, description="environment added for every job (PATH, modules)"
-    )
-    slurm_conf: str | None = Field(None, description="SLURM_CONF for the Slurm commands")
-
-
-@dataclass(eq=False)
-class _Job:
-    spec: LaunchSpec
-    workdir: WorkDir
-    state: EntryState = EntryState.PENDING
-    reason: str | None = None
+@dataclass(eq=False, kw_only=True)
+class _Job(EntryRecord):
     job_id: str | None = None
     node: str | None = None
-    started_at: float | None = None
     endpoint: str | None = None
-    ready: bool = False
-    restarts: int = 0
-    cancel_requested: bool = False
     cancel_sent: bool = False
-    fail_reason: str | None = None
-    finished: bool = False
     missing: int = 0
     running_seen_at: float | None = None
     hot_until: float = 0.0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     health_task: asyncio.Task[None] | None = None
-    flush_pending: bool = False
-    tail: ContractTail = field(default_factory=ContractTail)
-
-    @property
-    def id(self) -> str:
-        return self.spec.entry_id
-
-
-@dataclass
-class _View:
-    """What the site looked like at `at` (for status, capabilities and the wait estimate)."""
-
-    at: float = 0.0
-    error: str | None = None
-    nodes: list[NodeInfo] = field(default_factory=list)
-    partitions: list[PartitionInfo] = field(default_factory=list)
-    jobs: list[JobInfo] | None = None
-    jobs_at: float = 0.0
-
-
-# ----------------------------------------------------------------------------- the batch script
-
-_SCRIPT = r"""#!/bin/bash
-# sciorch entry {entry_id} ({service}), written by the Slurm backend. The job contract's files are
-# in {wd}; the command's output goes to its log (Slurm's --output).
-wd={wd_q}
-walltime={walltime}
-trap ':' TERM INT HUP
-rm -f "$wd/exit.json" "$wd/started.json"
-sciorch_now() {{
-  local t
-  t=$(date +%s.%N 2>/dev/null)
-  case $t in '' | *[!0-9.]*) t=$(date +%s) ;; esac
-  echo "$t"
-}}
-sciorch_write() {{ printf '%s\n' "$2" >"$wd/$1.tmp" && mv -f "$wd/$1.tmp" "$wd/$1"; }}
-sciorch_notify() {{
-  [ -n "${{SCIORCH_CALLBACK_HOST:-}}" ] || return 0
-  timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1" || exit 1
-    printf "POST %s HTTP/1.0\r\nHost: %s\r\nContent-Length: 0\r\n\r\n" "$2" "$0" >&3
-    head -c 12 <&3 >/dev/null' "$SCIORCH_CALLBACK_HOST" "$SCIORCH_CALLBACK_PORT" \
-    "$SCIORCH_CALLBACK_PATH/$1" 2>/dev/null || true
-}}
-sciorch_free_port() {{
-  local used=" " f local_addr p i
-  for f in /proc/net/tcp /proc/net/tcp6; do
-    [ -r "$f" ] || continue
-    while read -r _ local_addr _; do
-      case $local_addr in *:*) used="$used$((16#${{local_addr##*:}})) " ;; esac
-    done < <(tail -n +2 "$f")
-  done
-  for ((i = 0; i < 500; i++)); do
-    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
-    case $used in *" $p "*) continue ;; esac
-    echo "$p"
-    return 0
-  done
-  return 1
-}}
-port=null
-if [ {service_flag} = 1 ]; then
-  port=$(sciorch_free_port) || {{ echo "sciorch: no free TCP port on $(hostname)" >&2; exit 1; }}
-  export PORT=$port SCIORCH_PORT=$port
-fi
-host=$(hostname -s 2>/dev/null || hostname)
-printf -v info '{{"job_id": "%s", "host": "%s", "port": %s, "started_at": %s}}' \
-  "${{SLURM_JOB_ID:-}}" "$host" "$port" "$(sciorch_now)"
-sciorch_write started.json "$info"
-sciorch_notify started
-start=$(date +%s)
-timeout -k 10 "$walltime" {command} </dev/null
-rc=$?
-expired=false
-if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-  [ $(($(date +%s) - start)) -ge $((walltime - 1)) ] && expired=true
-fi
-if [ "$rc" -gt 128 ] && [ "$expired" = false ]; then sig=$((rc - 128)); else sig=null; fi
-printf -v info '{{"exit_code": %d, "signal": %s, "finished_at": %s, "expired": %s}}' \
-  "$rc" "$sig" "$(sciorch_now)" "$expired"
-sciorch_write exit.json "$info"
-sciorch_notify exited
-exit "$rc"
-"""
-
-
-def _shell_word(arg: str) -> str:
-    """One argv word for bash, with {port} becoming the wrapper's $port."""
-    pieces = arg.split("{port}")
-    return '"$port"'.join(shlex.quote(p) if p else "" for p in pieces) or "''"
-
-
-def build_script(spec: LaunchSpec, wd: WorkDir) -> str:
-    """The batch script for one entry (the same for every transport)."""
-    argv = []
-    for arg in spec.argv:
-        for key, value in (
-            ("workdir", str(wd.root)),
-            ("params_file", str(wd.params)),
-            ("result_file", str(wd.result)),
-            ("stream_file", str(wd.stream)),
-            ("output_dir", str(wd.output)),
-        ):
-            arg = arg.replace("{" + key + "}", value)
-        argv.append(_shell_word(arg))
-    return _SCRIPT.format(
-        entry_id=spec.entry_id,
-        service=spec.service,
-        wd=wd.root,
-        wd_q=shlex.quote(str(wd.root)),
-        walltime=int(spec.resources.walltime_s),
-        service_flag=1 if spec.kind == "service" else 0,
-        command=" ".join(argv),
-    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -360,24 +129,10 @@ def _started_file(j: _Job) -> dict[str, Any] | None:
     return started
 
 
-def _with_tail(reason: str, wd: WorkDir) -> str:
-    tail = log_tail(wd)
-    return f"{reason}; log tail:\n{tail}" if tail else reason
-
-
-def _signal_name(n: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
-
-
 # ----------------------------------------------------------------------------- the backend
 
 
-class SlurmBackend:
+class SlurmBackend(Supervisor[_Job]):
     """Runs entries as Slurm batch jobs. See the module docstring."""
 
     kind = "slurm"
@@ -391,7 +146,7 @@ class SlurmBackend:
         transport: SlurmTransport | None = None,
     ) -> None:
         opts = site_options(SlurmOptions, name, options)
-        self.name = name
+        super().__init__(name)
         self.options = opts
         self.entries_dir = Path(entries_dir)
         self.shared_dir = Path(opts.shared_dir or entries_dir).expanduser()
@@ -402,21 +157,21 @@ class SlurmBackend:
         if opts.slurm_conf:
             self._cmd_env["SLURM_CONF"] = opts.slurm_conf
         self.transport: SlurmTransport = transport or self._make_transport()
-        self._reporter: Reporter | None = None
-        self._jobs: dict[str, _Job] = {}
-        self._view = _View()
-        self._view_lock = asyncio.Lock()
+        self.site = SlurmSite(
+            name,
+            self.transport,
+            partition=opts.partition,
+            status_ttl_s=opts.status_ttl_s,
+            queue_ttl_s=opts.queue_ttl_s,
+            rest_url=opts.rest_url,
+        )
         self._wake = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
-        self._watcher: DirWatcher | None = None
-        self._callback: asyncio.Server | None = None
+        self._callback = CallbackListener(name, self._on_callback)
         self._callback_env: dict[str, str] = {}
-        self._bg: set[asyncio.Task[Any]] = set()
         self._poll_failures = 0
         self._poll_error: str | None = None
         self._next_full_poll = 0.0
-        self._queue_task: asyncio.Task[None] | None = None
-        self._closed = False
 
     def _make_transport(self) -> SlurmTransport:
         o = self.options
@@ -435,12 +190,14 @@ class SlurmBackend:
 
     async def start(self, reporter: Reporter) -> None:
         self._reporter = reporter
-        self._closed = False
+        self._closed = self.site.closed = False
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         if self.options.watch:
-            self._watcher = DirWatcher(self._on_files)
+            self._watcher = DirWatcher(self._request_flush)
         if self.options.callback_listen:
-            await self._start_callback(self.options.callback_listen)
+            self._callback_env = await self._callback.start(
+                self.options.callback_listen, self.options.callback_url
+            )
         self._poller = asyncio.get_running_loop().create_task(
             self._poll_loop(), name=f"sciorch-slurm-{self.name}"
         )
@@ -452,7 +209,7 @@ class SlurmBackend:
         self._closed = True
         self._wake.set()
         tasks: list[asyncio.Task[Any]] = [*self._bg]
-        for j in self._jobs.values():
+        for j in self._entries.values():
             if j.health_task is not None:
                 tasks.append(j.health_task)
         if self._poller is not None:
@@ -464,18 +221,15 @@ class SlurmBackend:
         if self._watcher is not None:
             await self._watcher.close()
             self._watcher = None
-        if self._callback is not None:
-            self._callback.close()
-            with contextlib.suppress(Exception):
-                await self._callback.wait_closed()
-            self._callback = None
-        self._jobs.clear()
+        await self._callback.close()
+        self._entries.clear()
+        await self.site.aclose()
         await self.transport.aclose()
 
     async def shutdown_all(self, timeout_s: float = 15.0) -> None:
         """Cancel every job this backend tracks, wait (bounded) for Slurm to end them, close.
         For tests and for an operator who wants nothing left behind."""
-        jobs = [j for j in self._jobs.values() if not j.finished]
+        jobs = [j for j in self._entries.values() if not j.finished]
         for j in jobs:
             j.cancel_requested = True
             if j.job_id:
@@ -492,116 +246,27 @@ class SlurmBackend:
     # ------------------------------------------------------------------ protocol: site facts
 
     async def capabilities(self) -> Capabilities:
-        with contextlib.suppress(SlurmError):
-            await self._refresh_view()
-        view = self._view
-        part = self._partition(view)
-        nodes = self._partition_nodes(view, part)
-        return Capabilities(
-            cpus=float(max((n.cpus for n in nodes), default=0)),
-            memory_mb=max((n.memory_mb for n in nodes), default=0),
-            gpus=max((n.gpus for n in nodes), default=0),
-            gpu_types=sorted({t for n in nodes for t in n.gpu_types}),
-            max_walltime_s=part.max_time_s if part is not None else None,
-        )
+        return await self.site.capabilities()
 
     async def status(self) -> tuple[SiteStatus, str | None]:
-        try:
-            await self._refresh_view()
-        except SlurmError:
-            pass
-        view = self._view
-        if view.error is not None:
-            return SiteStatus.DOWN, view.error
-        part = self._partition(view)
-        if part is None:
-            want = self.options.partition or "(default)"
-            return SiteStatus.DOWN, f"partition {want} does not exist on this cluster"
-        if not part.up:
-            return SiteStatus.DOWN, f"partition {part.name} is down"
-        nodes = self._partition_nodes(view, part)
-        bad = [n for n in nodes if not n.usable]
-        if not nodes:
-            return SiteStatus.DOWN, f"partition {part.name} has no nodes"
-        if len(bad) == len(nodes):
-            # Slurm refuses new jobs outright ("Required node not available").
-            return SiteStatus.DOWN, f"no node can take jobs: {_node_problems(bad)}"
-        if bad:
-            return SiteStatus.DEGRADED, f"some nodes are out: {_node_problems(bad)}"
-        if self._poll_error is not None:
-            return SiteStatus.DEGRADED, self._poll_error
-        return SiteStatus.UP, None
+        return await self.site.status(self._poll_error)
 
     async def estimate_wait(self, resources: Resources) -> float:
-        """Seconds until an entry with these needs would start: 0 when a node has room now;
-        else when running jobs free enough (at their time limits) or when the jobs already
-        waiting are expected to start (Slurm's backfill estimates), whichever is later."""
-        try:
-            await self._refresh_view()
-        except SlurmError:
-            return float("inf")
-        view = self._view
-        part = self._partition(view)
-        nodes = [n for n in self._partition_nodes(view, part) if n.usable]
-        if part is None or not nodes:
-            return float("inf")
-        need_cpus = max(1, math.ceil(resources.cpus))
-        need_mem, need_gpus = resources.memory_mb, resources.gpus
-
-        def fits(cpus: int, mem: int, gpus: int) -> bool:
-            return cpus >= need_cpus and mem >= need_mem and gpus >= need_gpus
-
-        if not any(fits(n.cpus, n.memory_mb, n.gpus) for n in nodes):
-            return float("inf")
-        free = {
-            n.name: [n.cpus - n.alloc_cpus, n.memory_mb - n.alloc_memory_mb, n.gpus - n.gpus_used]
-            for n in nodes
-        }
-        if any(fits(*f) for f in free.values()):
-            return 0.0  # room now (backfill starts it even with others waiting for more)
-        self._refresh_queue_soon()  # the queue matters only now (and is costly to list)
-        jobs = [j for j in view.jobs or [] if j.partition in (None, part.name)]
-        pending = [j for j in jobs if j.state in _PENDING_STATES]
-        now = time.time()
-        # Running jobs end at their time limit at the latest: give their resources back in order.
-        t_fit = None
-        running = sorted(
-            (j for j in jobs if j.state in _ACTIVE_STATES and j.node in free),
-            key=lambda j: j.end_time or now,
-        )
-        for j in running:
-            assert j.node is not None
-            f = free[j.node]
-            f[0] += j.cpus
-            f[1] += j.memory_mb
-            f[2] += j.gpus
-            if fits(*f):
-                t_fit = max(now, j.end_time or now)
-                break
-        starts = [j.start_time for j in pending if j.start_time]
-        t_queue = max(starts) if starts else None
-        candidates = [t for t in (t_fit, t_queue) if t is not None]
-        if not candidates:
-            return float(part.max_time_s or 3600)
-        return max(0.0, max(candidates) - now)
+        return await self.site.estimate_wait(resources)
 
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
-        self._require_started()
-        if spec.entry_id in self._jobs:
-            log.info("entry %s submitted twice; ignoring the second", spec.entry_id)
+        if not self._is_new(spec):
             return
-        if not spec.argv:
-            raise InvalidInput("the command is empty", field="argv")
         wd = WorkDir(self.shared_dir / spec.entry_id)
         await asyncio.to_thread(self._prepare_dir, wd, spec)
         j = _Job(spec=spec, workdir=wd)
-        self._jobs[spec.entry_id] = j
+        self._entries[spec.entry_id] = j
         try:
             await self._submit_job(j)
         except BaseException:
-            self._jobs.pop(spec.entry_id, None)
+            self._entries.pop(spec.entry_id, None)
             raise
         self._track(j)
         if j.cancel_requested and j.job_id:  # cancelled while it was being queued
@@ -610,7 +275,7 @@ class SlurmBackend:
                 j.cancel_sent = True
 
     async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
-        j = self._jobs.get(entry_id)
+        j = self._entries.get(entry_id)
         job_id = j.job_id if j is not None else handle.get("job_id")
         if j is not None:
             if j.finished or j.cancel_requested:
@@ -638,8 +303,7 @@ class SlurmBackend:
     async def adopt(
         self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
     ) -> None:
-        self._require_started()
-        if entry_id in self._jobs or state.terminal:
+        if not self._adoptable(entry_id, state):
             return
         wd = WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
         j = _Job(spec=spec, workdir=wd, state=state)
@@ -650,7 +314,7 @@ class SlurmBackend:
         j.restarts = int(handle.get("restarts") or 0)
         j.ready = state == EntryState.READY
         j.endpoint = handle.get("endpoint")
-        self._jobs[entry_id] = j
+        self._entries[entry_id] = j
         if j.job_id is None:
             if state == EntryState.PENDING:
                 # Recorded but never queued (the server stopped in between): queue it now.
@@ -707,54 +371,15 @@ class SlurmBackend:
             for path in (wd.root, wd.output, wd.params, wd.root / "job.sh"):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
 
-    def _request(self, j: _Job) -> JobRequest:
-        spec, o = j.spec, self.options
-        res = spec.resources
-        env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
-        for key in ("LANG", "LC_ALL", "TZ"):
-            if key in os.environ:
-                env[key] = os.environ[key]
-        env.update(o.env)
-        env.update(spec.env)
-        env.update(j.workdir.contract_env())
-        env.update(
-            SCIORCH_ENTRY_ID=spec.entry_id,
-            SCIORCH_EVENT_ID=spec.event_id,
-            SCIORCH_BASE_PATH=spec.base_path,
-        )
-        if self._callback_env:
-            env.update(self._callback_env)
-            env["SCIORCH_CALLBACK_PATH"] = f"{self._callback_env['SCIORCH_CALLBACK_PATH']}/{j.id}"
-        qos = o.qos
-        if spec.priority == "urgent" and o.qos_urgent:
-            qos = o.qos_urgent
-        return JobRequest(
-            name=f"sciorch-{spec.service}-{spec.entry_id}"[:200],
-            script=build_script(spec, j.workdir),
-            cwd=str(j.workdir.root),
-            output=str(j.workdir.log),
-            env=env,
-            cpus_per_task=max(1, math.ceil(res.cpus)),
-            memory_mb=res.memory_mb,
-            gpus=res.gpus,
-            gpu_type=res.gpu_type,
-            time_limit_min=max(1, math.ceil(res.walltime_s / 60)),
-            partition=o.partition,
-            account=o.account,
-            qos=qos,
-            reservation=o.reservation,
-            comment=f"sciorch entry {spec.entry_id}",
-        )
-
     async def _submit_job(self, j: _Job) -> None:
         """Queue the entry's job and record its id in the handle before returning."""
-        req = self._request(j)
+        req = job_request(j.spec, j.workdir, self.options, self._callback_env)
         try:
             job_id = await self.transport.submit(req)
         except SlurmRejected as exc:
             raise InvalidInput(
                 f"site {self.name!r}: Slurm rejected the job: {exc.message}"
-                f"{self._rejection_hint(j.spec.resources, exc.message)}",
+                f"{self.site.rejection_hint(j.spec.resources, exc.message)}",
                 field="resources",
             ) from exc
         except SlurmError as exc:
@@ -772,30 +397,6 @@ class SlurmBackend:
             handle=self._handle(j),
         )
 
-    def _rejection_hint(self, res: Resources, message: str) -> str:
-        low = message.lower()
-        part = self._partition(self._view)
-        nodes = self._partition_nodes(self._view, part)
-        if "node configuration is not available" in low and nodes:
-            most_gpus = max(n.gpus for n in nodes)
-            most_cpus = max(n.cpus for n in nodes)
-            most_mem = max(n.memory_mb for n in nodes)
-            asked = (
-                f"{math.ceil(res.cpus)} CPUs, {res.memory_mb} MiB, {res.gpus} GPU(s)"
-                + (f" of type {res.gpu_type}" if res.gpu_type else "")
-            )
-            return (
-                f" (asked for {asked}; the largest node in partition "
-                f"{part.name if part else '?'} has {most_cpus} CPUs, {most_mem} MiB, "
-                f"{most_gpus} GPU(s))"
-            )
-        if "time limit" in low and part is not None and part.max_time_s:
-            return (
-                f" (asked for {format_duration(res.walltime_s)}; partition {part.name} allows "
-                f"{format_duration(part.max_time_s)})"
-            )
-        return ""
-
     def _track(self, j: _Job) -> None:
         if self._watcher is not None:
             self._watcher.add(j.workdir.root, j.id)
@@ -803,15 +404,8 @@ class SlurmBackend:
 
     # ------------------------------------------------------------------ push: files, callbacks
 
-    def _on_files(self, entry_id: str) -> None:
-        """The watcher saw a change in an entry's directory (or swept it)."""
-        j = self._jobs.get(entry_id)
-        if j is None or j.finished or j.flush_pending or self._closed:
-            return
-        j.flush_pending = True
-        self._spawn(self._check_files(j))
-
-    async def _check_files(self, j: _Job) -> None:
+    async def _flush(self, j: _Job) -> None:
+        """The watcher saw a change in the job's directory (or swept it), or a callback came."""
         async with j.lock:
             j.flush_pending = False
             if j.finished:
@@ -829,56 +423,12 @@ class SlurmBackend:
         j.hot_until = time.time() + HOT_FOR_S
         self._wake.set()
 
-    async def _start_callback(self, listen: str) -> None:
-        host, _, port_s = listen.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise InvalidInput(
-                f"site {self.name!r}: callback_listen must be 'host:port', not {listen!r}",
-                field=f"sites.{self.name}.callback_listen",
-            ) from None
-        self._callback = await asyncio.start_server(self._on_callback, host, port)
-        bound = int(self._callback.sockets[0].getsockname()[1])
-        reach = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-        url = self.options.callback_url or f"http://{reach}:{bound}"
-        parts = urlsplit(url)
-        self._callback_env = {
-            "SCIORCH_CALLBACK_HOST": parts.hostname or "127.0.0.1",
-            "SCIORCH_CALLBACK_PORT": str(parts.port or bound),
-            "SCIORCH_CALLBACK_PATH": parts.path.rstrip("/") + f"/slurm/{self.name}",
-        }
-
-    async def _on_callback(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """POST <path>/slurm/<site>/<entry id>/<started|exited>: a hint, never trusted for the
-        outcome (the state always comes from Slurm), so it needs no secret."""
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            for _ in range(100):
-                header = await asyncio.wait_for(reader.readline(), 5)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-            writer.write(b"HTTP/1.0 204 No Content\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-        except (TimeoutError, OSError):
-            return
-        finally:
-            writer.close()
-        parts = line.decode(errors="replace").split()
-        if len(parts) < 2:
-            return
-        segs = [s for s in parts[1].split("/") if s]
-        if len(segs) < 2:
-            return
-        entry_id, what = segs[-2], segs[-1]
-        j = self._jobs.get(entry_id)
+    def _on_callback(self, entry_id: str, what: str) -> None:
+        j = self._entries.get(entry_id)
         if j is None or j.finished:
             return
         if what == "started":
-            self._on_files(entry_id)
+            self._request_flush(entry_id)
         self._poke(j)
 
     # ------------------------------------------------------------------ polling
@@ -899,7 +449,7 @@ class SlurmBackend:
             if self._closed:
                 return
             now = time.time()
-            active = [j for j in self._jobs.values() if not j.finished and j.job_id]
+            active = [j for j in self._entries.values() if not j.finished and j.job_id]
             if now >= self._next_full_poll:
                 jobs = active
                 self._next_full_poll = now + self._poll_interval()
@@ -916,14 +466,14 @@ class SlurmBackend:
         base = self.options.poll_interval_s
         if not self.transport.batch_queries:
             # One request per active job (slurmrestd): cap the load on slurmctld.
-            active = sum(1 for j in self._jobs.values() if not j.finished and j.job_id)
+            active = sum(1 for j in self._entries.values() if not j.finished and j.job_id)
             base = max(base, active / self.options.max_job_queries_per_s)
         if self._poll_failures:
             return float(min(max(base, MAX_BACKOFF_S), base * 2 ** min(self._poll_failures, 6)))
         return base
 
     def _next_wait(self) -> float | None:
-        active = [j for j in self._jobs.values() if not j.finished and j.job_id]
+        active = [j for j in self._entries.values() if not j.finished and j.job_id]
         if not active:
             return None
         now = time.time()
@@ -985,16 +535,16 @@ class SlurmBackend:
                     return
         j.missing = 0
         state = info.state
-        if state in _TERMINAL_STATES:
+        if state in TERMINAL_STATES:
             await self._terminal(j, info)
             return
         async with j.lock:
             if j.finished:
                 return
-            if info.start_time and state not in _PENDING_STATES:
+            if info.start_time and state not in PENDING_STATES:
                 j.started_at = info.start_time
             j.node = info.node or j.node
-            if state in _PENDING_STATES:
+            if state in PENDING_STATES:
                 if j.state in (EntryState.RUNNING, EntryState.READY):
                     await self._report_locked(
                         j, EntryState.PROVISIONING, reason="requeued by Slurm",
@@ -1013,7 +563,7 @@ class SlurmBackend:
                         handle=self._handle(j),
                     )
                 return
-            if state in _ACTIVE_STATES:
+            if state in ACTIVE_STATES:
                 if state == "COMPLETING":
                     j.hot_until = max(j.hot_until, time.time() + HOT_FOR_S)
                 if j.state in (EntryState.PENDING, EntryState.PROVISIONING):
@@ -1089,52 +639,11 @@ class SlurmBackend:
                     code, sig = detail.exit_code, detail.signal
         if info.state == "COMPLETED" and code is None:
             code = 0
-        state, reason = self._verdict(j, info, code, sig, expired)
-        if (
-            state == EntryState.FAILED
-            and j.spec.kind == "service"
-            and j.ready
-            and not (j.cancel_requested or j.fail_reason)
-            and j.spec.restart_policy == "on-failure"
-            and j.restarts < j.spec.max_restarts
-        ):
+        state, reason = job_verdict(j, j.node, info, code, sig, expired)
+        if state == EntryState.FAILED and j.may_restart():
             await self._restart(j, reason or "it failed")
             return
         await self._finish(j, state, reason, code)
-
-    def _verdict(
-        self, j: _Job, info: JobInfo, code: int | None, sig: int | None, expired: bool
-    ) -> tuple[EntryState, str | None]:
-        st = info.state
-        walltime = format_duration(j.spec.resources.walltime_s)
-        if j.fail_reason:
-            return EntryState.FAILED, j.fail_reason
-        if st == "CANCELLED" or (j.cancel_requested and st != "COMPLETED"):
-            if j.cancel_requested:
-                return EntryState.CANCELLED, "cancelled by request"
-            who = f" ({info.reason})" if info.reason and " by " in info.reason else ""
-            return EntryState.CANCELLED, f"cancelled outside sciorch (scancel){who}"
-        if expired:
-            return EntryState.EXPIRED, f"walltime {walltime} exceeded"
-        if st in ("TIMEOUT", "DEADLINE"):
-            return EntryState.EXPIRED, f"Slurm time limit reached (walltime {walltime})"
-        if st == "OUT_OF_MEMORY":
-            return EntryState.FAILED, _with_tail(
-                f"out of memory: it used more than its {j.spec.resources.memory_mb} MiB "
-                "(Slurm OUT_OF_MEMORY)",
-                j.workdir,
-            )
-        if st in ("NODE_FAIL", "BOOT_FAIL"):
-            return EntryState.FAILED, f"node failure ({st} on {j.node or info.node or '?'})"
-        if st == "PREEMPTED":
-            return EntryState.FAILED, "preempted by Slurm (and not requeued)"
-        if code == 0:
-            return EntryState.SUCCEEDED, None
-        if sig:
-            return EntryState.FAILED, _with_tail(f"killed by signal {_signal_name(sig)}", j.workdir)
-        if code is not None:
-            return EntryState.FAILED, _with_tail(f"exit code {code}", j.workdir)
-        return EntryState.FAILED, _with_tail(f"Slurm ended the job in state {st}", j.workdir)
 
     async def _restart(self, j: _Job, why: str) -> None:
         j.restarts += 1
@@ -1150,8 +659,7 @@ class SlurmBackend:
             await self._report_locked(
                 j,
                 EntryState.PROVISIONING,
-                reason=f"restarting after {first_line} (restart {j.restarts}/"
-                f"{j.spec.max_restarts})",
+                reason=restart_reason(first_line, j.restarts, j.spec),
                 restarts=j.restarts,
                 handle={**self._handle(j), "job_id": None},
             )
@@ -1173,33 +681,18 @@ class SlurmBackend:
         url = f"{j.endpoint}{health.path}"
         deadline = (j.started_at or time.time()) + health.timeout_s
         deadline = max(deadline, time.time() + min(5.0, health.timeout_s))
-        timeout = httpx.Timeout(min(5.0, max(0.5, health.interval_s * 5)))
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
-            while not j.finished:
-                try:
-                    resp = await client.get(url)
-                    if resp.status_code < 400:
-                        async with j.lock:
-                            if j.finished or j.cancel_requested:
-                                return
-                            j.ready = True
-                            await self._report_locked(
-                                j, EntryState.READY, endpoint=j.endpoint, handle=self._handle(j)
-                            )
-                        return
-                except httpx.HTTPError:
-                    pass
-                left = deadline - time.time()
-                if left <= 0:
-                    break
-                await asyncio.sleep(min(health.interval_s, left))
+        if await wait_healthy(url, health, deadline, stop=lambda: j.finished):
+            async with j.lock:
+                if j.finished or j.cancel_requested:
+                    return
+                j.ready = True
+                await self._report_locked(
+                    j, EntryState.READY, endpoint=j.endpoint, handle=self._handle(j)
+                )
+            return
         if j.finished:
             return
-        j.fail_reason = _with_tail(
-            f"health check GET {health.path} at {j.endpoint} did not pass within "
-            f"{health.timeout_s:g}s",
-            j.workdir,
-        )
+        j.fail_reason = health_failure(health, j.workdir, at=j.endpoint)
         if j.job_id:
             with contextlib.suppress(SlurmError):
                 await self.transport.cancel(j.job_id)
@@ -1219,150 +712,18 @@ class SlurmBackend:
             "restarts": j.restarts,
         }
 
-    async def _report(self, j: _Job, state: EntryState, **kw: Any) -> None:
-        async with j.lock:
-            await self._report_locked(j, state, **kw)
+    def _final_facts(self, j: _Job) -> dict[str, Any]:
+        return {"handle": self._handle(j)}
 
-    async def _report_locked(
-        self, j: _Job, state: EntryState, *, force: bool = False, **kw: Any
-    ) -> None:
-        if j.finished or (state == j.state and not force):
-            return
-        j.state = state
-        if "reason" in kw:
-            j.reason = kw["reason"]
-        await self._call(j.id, "transition", state, **kw)
-
-    async def _finish(
-        self, j: _Job, state: EntryState, reason: str | None, exit_code: int | None
-    ) -> None:
-        if j.finished:
-            return
+    def _stop_watching(self, j: _Job) -> None:
         if j.health_task is not None and j.health_task is not asyncio.current_task():
             j.health_task.cancel()
-        if self._watcher is not None:
-            self._watcher.remove(j.workdir.root)
-        async with j.lock:
-            if j.finished:
-                return
-            try:
-                await self._flush_locked(j)
-            except Exception:
-                log.exception("entry %s: final flush failed", j.id)
-            j.finished = True
-            j.state = state
-            await self._call(
-                j.id, "transition", state, reason=reason, exit_code=exit_code,
-                handle=self._handle(j),
-            )
-        if self._jobs.get(j.id) is j:
-            del self._jobs[j.id]
-
-    async def _call(self, entry_id: str, method: str, *args: Any, **kw: Any) -> None:
-        await tell(self._reporter, entry_id, method, *args, **kw)
-
-    async def _flush_locked(self, j: _Job) -> None:
-        await j.tail.report(self._reporter, j.id, j.workdir)
-
-    # ------------------------------------------------------------------ site view
-
-    async def _refresh_view(self, *, force: bool = False) -> None:
-        """Ping Slurm and learn nodes and partitions, at most every status_ttl_s; errors land
-        in the view (status() reports them) and are raised."""
-        async with self._view_lock:
-            now = time.time()
-            view = self._view
-            ttl = self.options.status_ttl_s
-            stale = force or now - view.at >= ttl
-            if stale:
-                try:
-                    await self.transport.ping()
-                    nodes = await self.transport.nodes()
-                    parts = await self.transport.partitions()
-                except SlurmError as exc:
-                    view.at = now
-                    view.error = self._describe_error(exc)
-                    raise
-                self._view = view = _View(
-                    at=now, nodes=nodes, partitions=parts,
-                    jobs=view.jobs, jobs_at=view.jobs_at,
-                )
-            elif view.error is not None:
-                raise SlurmUnavailable(view.error)
-
-    def _refresh_queue_soon(self) -> None:
-        """The queue (every job of the partition) costs slurmctld more than anything else we
-        ask: fetch it in the background, at most every queue_ttl_s; estimates use the latest."""
-        now = time.time()
-        fresh = now - self._view.jobs_at < self.options.queue_ttl_s
-        if self._queue_task is not None or fresh or self._closed:
-            return
-
-        async def fetch() -> None:
-            try:
-                jobs = await self.transport.jobs(None)
-                self._view.jobs, self._view.jobs_at = jobs, time.time()
-            except SlurmError as exc:
-                log.debug("slurm site %s: queue snapshot failed: %s", self.name, exc)
-                self._view.jobs_at = time.time()
-            finally:
-                self._queue_task = None
-
-        self._queue_task = asyncio.get_running_loop().create_task(fetch())
-        self._bg.add(self._queue_task)
-        self._queue_task.add_done_callback(self._bg.discard)
-
-    def _describe_error(self, exc: SlurmError) -> str:
-        where = (
-            f"slurmrestd at {self.options.rest_url}"
-            if self.transport.name == "rest"
-            else "the Slurm commands"
-        )
-        if isinstance(exc, SlurmAuthError):
-            return f"{where} refused sciorch's credentials: {exc.message}"
-        if isinstance(exc, SlurmUnavailable):
-            return f"Slurm cannot be reached through {where}: {exc.message}"
-        return f"Slurm error through {where}: {exc.message}"
-
-    def _partition(self, view: _View) -> PartitionInfo | None:
-        want = self.options.partition
-        for p in view.partitions:
-            if (want is not None and p.name == want) or (want is None and p.default):
-                return p
-        if want is None and view.partitions:
-            return view.partitions[0]
-        return None
-
-    @staticmethod
-    def _partition_nodes(view: _View, part: PartitionInfo | None) -> list[NodeInfo]:
-        if part is None:
-            return []
-        names = set(part.nodes)
-        return [n for n in view.nodes if n.name in names or part.name in n.partitions]
+        super()._stop_watching(j)
 
     # ------------------------------------------------------------------ small parts
 
-    def _require_started(self) -> None:
-        if self._reporter is None or self._closed:
-            raise BackendError(f"slurm backend {self.name!r} is not started")
-
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         return WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-
-def _node_problems(nodes: list[NodeInfo]) -> str:
-    parts = []
-    for n in nodes[:5]:
-        flags = "+".join(sorted(n.flags))
-        what = n.state + (f"+{flags.lower()}" if flags else "")
-        parts.append(f"node {n.name} is {what}" + (f" ({n.reason})" if n.reason else ""))
-    more = f" and {len(nodes) - 5} more" if len(nodes) > 5 else ""
-    return "; ".join(parts) + more
 
 
 def _opt_int(value: Any) -> int | None:
@@ -1372,4 +733,4 @@ def _opt_int(value: Any) -> int | None:
         return None
 
 
-__all__ = ["PENDING_REASONS", "SlurmBackend", "SlurmOptions", "build_script", "describe_pending"]
+__all__ = ["SlurmBackend", "SlurmOptions", "build_script"]

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import jwt
 
-from backends import create_backend
-from backends.base import (
+from ground.config import Settings, load_settings
+from ground.contract import (
     MAX_RECORD_BYTES,
     OVERSIZE_RESULT,
     PAGE_RECORDS,
@@ -33,7 +33,6 @@ from backends.base import (
     ResultData,
     omitted_record,
 )
-from ground.config import Settings, load_settings
 from ground.errors import (
     Conflict,
     InvalidInput,
@@ -65,6 +64,7 @@ from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, validate_parameters
 from orchestrator.database import IntegrityError
 from orchestrator.locks import try_lock
+from orchestrator.registry import create_backend
 from orchestrator.routing import choose_site
 from orchestrator.store import Store, now
 
@@ -457,13 +457,10 @@ class Engine:
         )
         await self._stop_entries(entries, entry_state, reason, wait_s)
         for name, backend in self.backends.items():
-            # Optional hook: backends with per-event resources (a Kubernetes namespace).
-            release = getattr(backend, "release_event", None)
-            if release is not None:
-                try:
-                    await release(event.id)
-                except Exception as exc:
-                    log.warning("site %s: releasing event %s failed: %s", name, event.id, exc)
+            try:
+                await backend.release_event(event.id)
+            except Exception as exc:
+                log.warning("site %s: releasing event %s failed: %s", name, event.id, exc)
         self.bus.publish(Message(kind="event", event_id=event.id, at=now()))
 
     async def share_event(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from backends.base import Backend
+from ground.contract import Backend
 from ground.errors import InvalidInput, NoSiteAvailable
 from ground.models import (
     Capabilities,

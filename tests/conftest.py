@@ -95,9 +95,7 @@ async def engine(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
 async def shutdown(eng: Engine) -> None:
     """Close an engine and kill what it still runs (tests must not leak processes)."""
     for backend in eng.backends.values():
-        kill = getattr(backend, "shutdown_all", None)
-        if kill is not None:
-            await kill()
+        await backend.shutdown_all()
     await eng.close()
 
 

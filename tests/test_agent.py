@@ -1,5 +1,5 @@
 """The Claude agent runner: the real anthropic client and its tool runner against a scripted
-Messages API (tests/messages_api.py), driving the real MCP server over a real engine (local
+Messages API (tests/fakes/messages_api.py), driving the real MCP server over a real engine (local
 backend, real processes). In-process by default; one test over streamable HTTP with a bearer
 token, and the `sciorch agent` command as a subprocess against the scripted API over HTTP."""
 
@@ -33,8 +33,7 @@ from mcp_server.agent import (
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
 from tests.conftest import ALICE, make_settings
-from tests.mcp_helpers import free_socket, run_http_server, serve_asgi
-from tests.messages_api import (
+from tests.fakes.messages_api import (
     Conversation,
     Reply,
     ScriptedMessagesAPI,
@@ -44,6 +43,7 @@ from tests.messages_api import (
     text,
     tool_use,
 )
+from tests.mcp_helpers import free_socket, run_http_server, serve_asgi
 from tools.models import EntryRef, ListEntriesInput, SubmitJobInput, WaitEntryInput
 
 MEASURE = {"surface": "branin", "x1": 1.0, "x2": 2.0, "duration_s": 0.2, "records": 1, "seed": 7}

@@ -1,0 +1,188 @@
+"""The backend contract: what the engine and a backend say to each other, and nothing else.
+
+`LaunchSpec` is what to run, `Reporter` is how a backend talks back (each call is persisted
+before it returns), `Backend` is what the engine may ask of a site, and `LogChunk` and
+`ResultData` are what reads return. These types import no backend and no engine, so they can
+sit in the layer every other layer shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from ground.config import DEFAULT_MAX_RESULT_BYTES
+from ground.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
+
+
+class HealthSpec(BaseModel):
+    path: str = "/"
+    timeout_s: float = 60
+    interval_s: float = 0.2
+
+
+class LaunchSpec(BaseModel):
+    """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
+
+    entry_id: str
+    event_id: str
+    service: str
+    kind: ServiceKind
+    argv: list[str] = Field(description="command with every placeholder already filled")
+    parameters: dict[str, Any]
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources
+    health: HealthSpec | None = None
+    restart_policy: str = "never"
+    max_restarts: int = 0
+    base_path: str = Field(description="URL prefix the proxy serves this entry under")
+    image: str | None = None
+    priority: Literal["normal", "urgent"] = Field(
+        "normal", description="urgent: time-sensitive work (a scheduler may use a higher QoS)"
+    )
+
+
+class Outcome(BaseModel):
+    """How a finished process ended, as its wrapper recorded it."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    finished_at: float | None = None
+
+
+class LogChunk(BaseModel):
+    data: str
+    offset: int
+    next_offset: int
+    size: int
+
+
+class ResultData(BaseModel):
+    result: dict[str, Any] | None = Field(None, description="None too when it is over the cap")
+    result_bytes: int = Field(0, description="size of the result file (0: none)")
+    records: list[dict[str, Any]] = Field(default_factory=list)
+    next_record: int = 0
+    more_records: bool = Field(False, description="records after this page are waiting")
+    artifacts: list[str] = Field(default_factory=list)
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """The engine's side of the conversation. Each call is persisted before it returns."""
+
+    async def transition(
+        self,
+        entry_id: str,
+        state: EntryState,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        handle: Mapping[str, Any] | None = None,
+        endpoint: str | None = None,
+        restarts: int | None = None,
+    ) -> None: ...
+
+    async def log_grew(self, entry_id: str, size: int) -> None: ...
+
+    async def stream_record(self, entry_id: str, index: int, record: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One site's backend. All methods are async and must not block the event loop."""
+
+    name: str
+    kind: str
+
+    async def start(self, reporter: Reporter) -> None:
+        """Connect; called once before anything else."""
+
+    async def close(self) -> None:
+        """Stop watching. Running work is left running (the server may be restarting)."""
+
+    async def shutdown_all(self, timeout_s: float = 5.0) -> None:
+        """Stop everything this backend runs (each entry reports its final state, bounded by
+        timeout_s), then close. For tests and for an operator who wants nothing left behind."""
+
+    async def release_event(self, event_id: str) -> None:
+        """Called after an event has stopped or expired and its entries were asked to stop:
+        free what the backend holds for the event as a whole (the kubernetes backend deletes
+        the event's namespace; most backends hold nothing). Idempotent."""
+
+    async def capabilities(self) -> Capabilities: ...
+
+    async def status(self) -> tuple[SiteStatus, str | None]: ...
+
+    async def estimate_wait(self, resources: Resources) -> float:
+        """Seconds until an entry with these resources would start, best estimate."""
+
+    async def submit(self, spec: LaunchSpec) -> None:
+        """Queue or start the entry. Transitions arrive through the reporter, beginning with
+        the first one after `pending`. Returns once the backend has taken responsibility."""
+
+    async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
+        """Stop it; the final `cancelled` arrives through the reporter. Idempotent."""
+
+    async def adopt(
+        self, entry_id: str, state: EntryState, handle: Mapping[str, Any], spec: LaunchSpec
+    ) -> None:
+        """After a server restart: re-attach to an entry that was active, or report its true
+        final state (reporting `failed` with a reason when the truth cannot be known)."""
+
+    async def read_logs(
+        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
+    ) -> LogChunk: ...
+
+    async def read_results(
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    ) -> ResultData: ...
+
+
+class BackendFactory(Protocol):
+    """What a backend kind is registered as (entry point group `sciorch.backends`): called with
+    the site's name, its own options from config and the directory for entries' files."""
+
+    def __call__(self, name: str, options: dict[str, Any], entries_dir: Path) -> Backend: ...
+
+
+# A page of stream records holds at most this many records and bytes; a record over
+# MAX_RECORD_BYTES is replaced by `omitted_record`, so no page, bus message or progress
+# notification carries a record whole however long the job's line is.
+PAGE_RECORDS = 1000
+PAGE_BYTES = 1 << 20
+MAX_RECORD_BYTES = 64 * 1024
+# Where a result over the cap is kept, in output/, so it is listed and can still be fetched.
+OVERSIZE_RESULT = "sciorch-result.json"
+
+
+def omitted_record(size: int) -> dict[str, Any]:
+    """What stands in for a stream record over MAX_RECORD_BYTES."""
+    return {
+        "omitted": True,
+        "bytes": size,
+        "reason": f"record is {size} bytes; records over {MAX_RECORD_BYTES} bytes are not kept",
+    }
+
+
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "OVERSIZE_RESULT",
+    "PAGE_BYTES",
+    "PAGE_RECORDS",
+    "Backend",
+    "BackendFactory",
+    "HealthSpec",
+    "LaunchSpec",
+    "LogChunk",
+    "Outcome",
+    "Reporter",
+    "ResultData",
+    "omitted_record",
+]
