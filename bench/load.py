@@ -142,7 +142,7 @@ async def run(clients: int, calls: int, principals: int, baseline_calls: int) ->
             return create_token(keys, sub, ["read", "submit"], 3600)
 
         def serve(port: int) -> list[str]:
-            cli = [sys.executable, "-m", "mcp_server.cli", "--home", str(home)]
+            cli = [sys.executable, "-m", "sciorch.cli", "--home", str(home)]
             return [*cli, "serve", "--port", str(port)]
 
         with http_server(home, serve) as (base, pid):

@@ -48,9 +48,9 @@ from mcp.client.streamable_http import streamable_http_client
 from ground.config import load_settings
 from ground.models import Principal
 from mcp_server.auth import create_token, ensure_keys, verifier
-from mcp_server.http_app import serve_http
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
+from sciorch.web.app import serve_http
 
 RATIO_TARGET = 1.5
 THROUGHPUT_TARGET = 300.0

@@ -20,7 +20,7 @@ from typing import Any
 from anthropic import AsyncAnthropic
 from fastmcp import Client
 
-from mcp_server.agent import AgentConfig, connect, run_agent
+from sciorch.agent import AgentConfig, connect, run_agent
 
 
 async def failing_entry(client: Client[Any]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from anthropic import AsyncAnthropic
 
-from mcp_server.agent import AgentConfig, connect, run_agent
+from sciorch.agent import AgentConfig, connect, run_agent
 
 GOAL = (
     "Launch a GPU notebook and give me the link: start the http-app service with 1 GPU if a "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from anthropic import AsyncAnthropic
 
-from mcp_server.agent import AgentConfig, connect, run_agent
+from sciorch.agent import AgentConfig, connect, run_agent
 
 
 def goal(n: int, steering: bool) -> str:

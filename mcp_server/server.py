@@ -50,12 +50,14 @@ def create_server(
     disable_destructive: bool = False,
     rate_per_second: float = 50.0,
     rate_burst: int | None = 200,
+    campaign_runner: bool = False,
 ) -> FastMCP:
     """Build the server.
 
     With `auth`, every request needs a bearer token: its `sub` is the principal and its scopes
     (read, submit, admin) gate the tools. Without it (stdio, in-process), every call acts as
-    `principal` (default: the local user).
+    `principal` (default: the local user). `campaign_runner`: the server a campaign's runner
+    calls through (tools and resources only: it does not resume or pause campaigns).
     """
     fallback = principal or local_principal()
 
@@ -96,6 +98,7 @@ def create_server(
         auth=auth is not None,
         read_only=read_only,
         disable_destructive=disable_destructive,
+        internal=campaign_runner,
     )
     registered += steering.tools
     steering.publish_to(attach_subscriptions(mcp, engine, principal_of, steering.visible))

@@ -22,6 +22,7 @@ from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
 from ground.errors import SciorchError
 from ground.models import Principal
+from mcp_server.connect import CampaignClients
 from mcp_server.toolset import ToolSpec, refused_read, register_tools
 from orchestrator.engine import Engine
 from steering.manager import CampaignManager, manager_for
@@ -154,6 +155,12 @@ class SteeringSurface:
         self.manager.listeners.append(forward)
 
 
+def campaign_manager(engine: Engine, *, auto_resume: bool | None = None) -> CampaignManager:
+    """The engine's campaign manager, its runners reaching the tools through in-process
+    servers built for each campaign's owner."""
+    return manager_for(engine, CampaignClients(engine), auto_resume=auto_resume)
+
+
 def register_steering(
     mcp: FastMCP,
     engine: Engine,
@@ -162,11 +169,12 @@ def register_steering(
     auth: bool = False,
     read_only: bool = False,
     disable_destructive: bool = False,
+    internal: bool = False,
 ) -> SteeringSurface:
     """Add the steering tools and the campaign resource to `mcp`, and the lifespan hook that
-    resumes running campaigns when the server starts and pauses them when it stops."""
-    manager = manager_for(engine)
-    internal = manager.building_internal  # a runner's own server: tools only
+    resumes running campaigns when the server starts and pauses them when it stops (not on a
+    campaign runner's own server: `internal`)."""
+    manager = campaign_manager(engine)
     registered = register_tools(
         mcp,
         steering_tools(manager),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: creates .venv if missing, installs sciorch with its
-# test extras (again only when pyproject.toml changed), then runs ruff, mypy and pytest.
+# test extras (again only when pyproject.toml changed), then runs ruff, mypy, lint-imports and
+# pytest.
 # Idempotent. Extra arguments go to pytest:  bash scripts/test.sh -k cli -x
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,6 +50,8 @@ echo "test.sh: ruff check ."
 "$VENV/bin/ruff" check . || failed+=(ruff)
 echo "test.sh: mypy"
 "$VENV/bin/mypy" || failed+=(mypy)
+echo "test.sh: lint-imports (the layering contracts in pyproject.toml)"
+"$VENV/bin/lint-imports" --no-cache || failed+=(lint-imports)
 echo "test.sh: pytest -q $*"
 "$VENV/bin/pytest" -q "$@" || failed+=(pytest)
 

@@ -1,5 +1,6 @@
 """The runner's only way into sciorch: MCP tool calls through a fastmcp Client, in memory
-(`Client(server)`) or over HTTP (`Client(url, auth=BearerAuth(token))`)."""
+(`Client(server)`) or over HTTP (`Client(url, auth=BearerAuth(token))`), as mcp_server.connect
+makes them; steering is handed a factory of such clients and never builds one itself."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ from steering.spec import CampaignSpec
 from steering.store import CampaignStore, now
 
 if TYPE_CHECKING:
-    from fastmcp import Client, FastMCP
+    from fastmcp import Client
 
     from orchestrator.engine import Engine
 
@@ -53,11 +53,20 @@ log = logging.getLogger("sciorch.steering")
 _MANAGERS: weakref.WeakKeyDictionary[Any, CampaignManager] = weakref.WeakKeyDictionary()
 
 
-def manager_for(engine: Engine, *, auto_resume: bool | None = None) -> CampaignManager:
-    """The one manager of an engine (created on first use)."""
+# A client acting as the given principal (not connected yet): how a runner reaches the tools.
+# Handed in by the MCP layer (mcp_server.connect.CampaignClients); steering never builds a server.
+Clients = Callable[[Principal], "Client[Any]"]
+
+
+def manager_for(
+    engine: Engine, clients: Clients, *, auto_resume: bool | None = None
+) -> CampaignManager:
+    """The one manager of an engine (created on first use, with the first `clients` given)."""
     mgr = _MANAGERS.get(engine)
     if mgr is None:
-        mgr = CampaignManager(engine, auto_resume=True if auto_resume is None else auto_resume)
+        mgr = CampaignManager(
+            engine, clients, auto_resume=True if auto_resume is None else auto_resume
+        )
         _MANAGERS[engine] = mgr
     elif auto_resume is not None:
         mgr.auto_resume = auto_resume
@@ -178,22 +187,22 @@ class _ServerHold:
     first finished. So the lifespan belongs to a task of its own, in a fresh context, from the
     first user to the last; a later hold of the same server starts once this one has ended."""
 
-    def __init__(self, server: FastMCP, after: asyncio.Task[None] | None) -> None:
+    def __init__(self, client: Callable[[], Client[Any]], after: asyncio.Task[None] | None) -> None:
         self.users = 0
         self.released = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._release = asyncio.Event()
         self.task = asyncio.create_task(
-            self._hold(server, after), name="campaign-server", context=contextvars.Context()
+            self._hold(client, after), name="campaign-server", context=contextvars.Context()
         )
 
-    async def _hold(self, server: FastMCP, after: asyncio.Task[None] | None) -> None:
-        from fastmcp import Client
-
+    async def _hold(
+        self, client: Callable[[], Client[Any]], after: asyncio.Task[None] | None
+    ) -> None:
         if after is not None:
             await asyncio.wait({after})  # the previous lifespan has been torn down
         try:
-            async with Client(server):
+            async with client():
                 self.ready.set_result(None)
                 await self._release.wait()
         except asyncio.CancelledError:
@@ -211,8 +220,9 @@ class _ServerHold:
 
 
 class CampaignManager:
-    def __init__(self, engine: Engine, *, auto_resume: bool = True) -> None:
+    def __init__(self, engine: Engine, clients: Clients, *, auto_resume: bool = True) -> None:
         self.engine = engine
+        self.clients = clients
         self.home = engine.settings.home
         self.auto_resume = auto_resume
         self._store: CampaignStore | None = None
@@ -220,9 +230,7 @@ class CampaignManager:
         self.runners: dict[str, CampaignRunner] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.listeners: list[Callable[[str], None]] = []
-        self._servers: dict[tuple[str, bool], FastMCP] = {}
         self._holds: dict[tuple[str, bool], _ServerHold] = {}
-        self.building_internal = False
         self._serving = 0
 
     @property
@@ -238,42 +246,23 @@ class CampaignManager:
 
     # ------------------------------------------------------------------ MCP plumbing
 
-    def server_for(self, principal: Principal) -> FastMCP:
-        """A server instance acting as `principal` (no auth: in-memory only)."""
-        key = (principal.id, principal.admin)
-        server = self._servers.get(key)
-        if server is None:
-            from mcp_server.server import create_server
-
-            self.building_internal = True
-            try:
-                server = create_server(
-                    self.engine, principal=principal, rate_per_second=1000.0, rate_burst=2000
-                )
-            finally:
-                self.building_internal = False
-            self._servers[key] = server
-        return server
-
     def client_factory(self, principal: Principal) -> Callable[[], Client[Any]]:
-        from fastmcp import Client
-
-        server = self.server_for(principal)
-        return lambda: Client(server)
+        return lambda: self.clients(principal)
 
     @contextlib.asynccontextmanager
-    async def using_server(self, principal: Principal) -> AsyncIterator[FastMCP]:
+    async def using_server(self, principal: Principal) -> AsyncIterator[None]:
         """The principal's in-memory server, kept running until the last user is done."""
         key = (principal.id, principal.admin)
-        server = self.server_for(principal)
         hold = self._holds.get(key)
         if hold is None or hold.released or hold.task.done():
-            hold = _ServerHold(server, after=hold.task if hold is not None else None)
+            hold = _ServerHold(
+                self.client_factory(principal), after=hold.task if hold is not None else None
+            )
             self._holds[key] = hold
         hold.users += 1
         try:
             await asyncio.shield(hold.ready)  # a cancelled waiter must not cancel the others'
-            yield server
+            yield
         finally:
             hold.users -= 1
             if hold.users == 0:
@@ -434,9 +423,7 @@ class CampaignManager:
             return
         evals = await store.evaluations(rec.id)
         principal = Principal(id=rec.owner, admin=rec.admin)
-        from fastmcp import Client
-
-        async with self.using_server(principal) as server, Client(server) as client:
+        async with self.using_server(principal), self.clients(principal) as client:
             for e in evals:
                 if e.state.finished:
                     continue

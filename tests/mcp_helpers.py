@@ -21,10 +21,11 @@ from fastmcp import FastMCP
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.auth import create_token, verifier
-from mcp_server.http_app import create_http_app, mcp_mount
 from mcp_server.server import create_server
 from mcp_server.toolset import TOOLS
+from mcp_server.transport import mcp_mount
 from orchestrator.engine import Engine
+from sciorch.web.app import create_http_app
 from tests.conftest import make_settings, shutdown
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")

@@ -24,10 +24,11 @@ from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
-from mcp_server.http_app import create_http_app, mcp_mount
 from mcp_server.oauth import ResourceServer, resource_server
 from mcp_server.server import create_server
+from mcp_server.transport import mcp_mount
 from orchestrator.engine import Engine
+from sciorch.web.app import create_http_app
 from tests.conftest import make_settings, shutdown
 from tests.idp import CLIENT_ID, REDIRECT_URI, USERS
 from tests.mcp_helpers import free_socket, serve_asgi

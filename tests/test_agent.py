@@ -21,7 +21,9 @@ from fastmcp import Client
 
 import tools
 from ground.models import EntryState, Principal
-from mcp_server.agent import (
+from mcp_server.server import create_server
+from orchestrator.engine import Engine
+from sciorch.agent import (
     AgentConfig,
     AgentError,
     Usage,
@@ -30,8 +32,6 @@ from mcp_server.agent import (
     price_for,
     run_agent,
 )
-from mcp_server.server import create_server
-from orchestrator.engine import Engine
 from tests.conftest import ALICE, make_settings
 from tests.fakes.messages_api import (
     Conversation,
@@ -490,7 +490,7 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mcp_server.cli",
+        "sciorch.cli",
         *args,
         env=env,
         cwd=ROOT,

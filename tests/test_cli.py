@@ -25,7 +25,7 @@ def sciorch(home: Path, *args: str, timeout: float = 60) -> subprocess.Completed
         FASTMCP_CHECK_FOR_UPDATES="off",
     )
     return subprocess.run(
-        [sys.executable, "-m", "mcp_server.cli", *args],
+        [sys.executable, "-m", "sciorch.cli", *args],
         env=env,
         capture_output=True,
         text=True,

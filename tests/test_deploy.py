@@ -36,8 +36,8 @@ import uvicorn
 import yaml
 
 from ground.config import load_settings
-from mcp_server.http_app import create_http_app
 from orchestrator.engine import Engine
+from sciorch.web.app import create_http_app
 from tests.conftest import BOTH_STORES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -71,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("edge") / "home"
     home.mkdir()
     (home / "config.toml").write_text(CONFIG)
-    cli = [sys.executable, "-m", "mcp_server.cli", "--home", str(home)]
+    cli = [sys.executable, "-m", "sciorch.cli", "--home", str(home)]
     made = subprocess.run(
         [*cli, "token", "create", "--sub", "edge", "--scopes", "read,submit"],
         env=_env(home), capture_output=True, text=True, timeout=60, check=True,

@@ -491,7 +491,7 @@ async def _run(*argv: str, cwd: Path | None = None, limit_s: float = 60) -> tupl
 
 async def test_token_create_prints_a_token_that_works(http: HttpServer) -> None:
     home = str(http.engine.settings.home)
-    cli = [sys.executable, "-m", "mcp_server.cli", "--home", home, "token", "create"]
+    cli = [sys.executable, "-m", "sciorch.cli", "--home", home, "token", "create"]
     rc, out, err = await _run(*cli, "--sub", "erin", "--scopes", "read", "--ttl", "10m")
     assert rc == 0, err
     token = out.strip()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def stdio_server(home: Path, *flags: str) -> AsyncIterator[mcp.Client]:
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_server.cli", "serve", "--transport", "stdio", *flags],
+        args=["-m", "sciorch.cli", "serve", "--transport", "stdio", *flags],
         env={
             "SCIORCH_HOME": str(home),
             "SCIORCH_PRINCIPAL": "stdio-user",

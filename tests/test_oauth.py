@@ -222,7 +222,7 @@ def test_sciorch_serve_with_an_idp_configured(tmp_path: Path) -> None:
     sock.close()
     env = {**os.environ, "SCIORCH_HOME": str(home)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mcp_server.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "sciorch.cli", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

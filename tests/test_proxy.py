@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import tools
 from ground.config import load_settings
 from ground.models import EntryState
-from mcp_server.http_app import create_http_app, public_url_for, settings_for_listen
-from mcp_server.proxy import COOKIE_PREFIX, _strip_param
 from orchestrator.engine import Engine
+from sciorch.web.app import create_http_app, public_url_for, settings_for_listen
+from sciorch.web.proxy import COOKIE_PREFIX, _strip_param
 from tests.conftest import ALICE, BOB, make_settings, shutdown
 from tools.models import (
     CreateEventInput,
@@ -393,7 +393,7 @@ def test_public_url_follows_the_listen_address(
 SERVE = """
 import asyncio, logging, sys
 from pathlib import Path
-from mcp_server.http_app import serve_http
+from sciorch.web.app import serve_http
 from tests.conftest import make_settings
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 asyncio.run(serve_http(make_settings(Path(sys.argv[1])), "127.0.0.1", int(sys.argv[2])))

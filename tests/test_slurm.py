@@ -41,8 +41,8 @@ from backends.slurm_transport import (
 )
 from ground.errors import InvalidInput, NoSiteAvailable
 from ground.models import EntryState, ResourceRequest, Resources, SiteStatus
-from mcp_server.http_app import create_http_app
 from orchestrator.engine import Engine
+from sciorch.web.app import create_http_app
 from tests.conftest import ALICE, make_settings, shutdown
 
 REPO = Path(__file__).resolve().parents[1]

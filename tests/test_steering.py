@@ -30,10 +30,11 @@ from ground.config import load_settings
 from ground.errors import InvalidInput
 from ground.models import Principal, Role
 from mcp_server.server import create_server
+from mcp_server.steering_tools import campaign_manager
 from orchestrator.engine import Engine
 from orchestrator.payloads.surfaces import SURFACES
 from orchestrator.store import Store
-from steering.manager import CampaignManager, manager_for
+from steering.manager import CampaignManager
 from steering.models import CampaignState, EvalState
 from steering.optimizer import Optimizer
 from steering.runner import key_for
@@ -80,7 +81,7 @@ async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
     try:
         yield engine
     finally:
-        await manager_for(engine).shutdown()
+        await campaign_manager(engine).shutdown()
         await shutdown(engine)
 
 
@@ -498,7 +499,7 @@ async def test_failing_evaluations_are_retried_then_recorded(home: Path, tmp_pat
         assert sum(keys.values()) == 2 * len(evals)  # two attempts each, nothing else
         assert all(n == 1 for n in keys.values())
     finally:
-        await manager_for(engine).shutdown()
+        await campaign_manager(engine).shutdown()
         await shutdown(engine)
 
 
@@ -526,7 +527,7 @@ async def test_asked_but_unrecorded_submission_is_not_submitted_twice(
 ) -> None:
     """A crash between submit_job and storing the entry id: the stored `asked` evaluation is
     submitted again with the same key, and the server answers with the job already running."""
-    manager: CampaignManager = manager_for(eng)
+    manager: CampaignManager = campaign_manager(eng)
     spec = CampaignSpec.model_validate(branin_spec(budget={"evaluations": 4}, batch_size=2))
     rec = await manager.create(ALICE, spec)
     store = await manager.store()
@@ -601,7 +602,7 @@ def _cli_env(home: Path) -> dict[str, str]:
 
 def _start_steer(home: Path, campaign: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "mcp_server.cli", "steer", str(campaign), "--no-progress"],
+        [sys.executable, "-m", "sciorch.cli", "steer", str(campaign), "--no-progress"],
         env=_cli_env(home),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -693,7 +694,7 @@ async def test_kill_9_mid_campaign_then_resume_evaluates_nothing_twice(tmp_path:
 
     engine = await Engine.open(load_settings(home))  # re-adopts the jobs the dead CLI started
     try:
-        manager = manager_for(engine, auto_resume=False)
+        manager = campaign_manager(engine, auto_resume=False)
         store = await manager.store()
         rec = await store.get_campaign(cid)
         assert rec is not None and rec.state == CampaignState.RUNNING
@@ -702,12 +703,12 @@ async def test_kill_9_mid_campaign_then_resume_evaluates_nothing_twice(tmp_path:
         rec = await store.get_campaign(cid)
         assert rec is not None and rec.state == CampaignState.COMPLETED, rec.reason
     finally:
-        await manager_for(engine).shutdown()
+        await campaign_manager(engine).shutdown()
         await shutdown(engine)
     _assert_each_point_evaluated_once(home, cid, before, budget)
 
 
-SERVE = [sys.executable, "-m", "mcp_server.cli", "serve", "--host", "127.0.0.1"]
+SERVE = [sys.executable, "-m", "sciorch.cli", "serve", "--host", "127.0.0.1"]
 
 
 def _start_serve(home: Path, port: int) -> subprocess.Popen[bytes]:
@@ -802,7 +803,7 @@ def test_steer_cli_reports_and_writes_plots(tmp_path: Path) -> None:
     campaign = tmp_path / "campaign.toml"
     campaign.write_text(CAMPAIGN_TOML.format(duration=0.01, budget=8))
     proc = subprocess.run(
-        [sys.executable, "-m", "mcp_server.cli", "steer", str(campaign), "--no-progress"],
+        [sys.executable, "-m", "sciorch.cli", "steer", str(campaign), "--no-progress"],
         env=_cli_env(home),
         cwd=ROOT,
         capture_output=True,
@@ -824,7 +825,7 @@ def test_steer_cli_reports_and_writes_plots(tmp_path: Path) -> None:
     """)
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "mcp_server.cli", "steer", str(bad)],
+        [sys.executable, "-m", "sciorch.cli", "steer", str(bad)],
         env=_cli_env(home),
         cwd=ROOT,
         capture_output=True,
@@ -1036,7 +1037,7 @@ async def test_server_restart_resumes_its_campaigns(home: Path, store_url: str |
                     break
                 await asyncio.sleep(0.05)
         # The server stopped (its MCP lifespan ended): the campaign is paused, not ended.
-        assert not manager_for(eng).tasks
+        assert not campaign_manager(eng).tasks
     finally:
         await eng.close()  # a restart: the jobs in flight keep running
     paused = {e["seq"]: e["entry_id"] for e in view["evaluations"] if e["entry_id"]}
@@ -1046,7 +1047,7 @@ async def test_server_restart_resumes_its_campaigns(home: Path, store_url: str |
         async with Client(create_server(eng, principal=ALICE)) as alice:
             view = await finished(alice, cid)
     finally:
-        await manager_for(eng).shutdown()
+        await campaign_manager(eng).shutdown()
         await shutdown(eng)
     assert view["state"] == "completed" and view["progress"]["succeeded"] == 8, view
     for e in view["evaluations"]:

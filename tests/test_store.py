@@ -295,7 +295,7 @@ def test_sciorch_runs_a_job_with_its_store_on_postgresql(
 
     def sciorch(*args: str) -> str:
         proc = subprocess.run(
-            [sys.executable, "-m", "mcp_server.cli", *args], env=env, capture_output=True,
+            [sys.executable, "-m", "sciorch.cli", *args], env=env, capture_output=True,
             text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT,
         )
         assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"

@@ -1,43 +1,35 @@
-"""The HTTP application: the per-entry service proxy, a health endpoint and (added by the MCP
+"""The HTTP application: the per-entry service proxy, /healthz and /readyz, and (added by the MCP
 server) the streamable-HTTP MCP endpoint at /mcp.
 
-`create_http_app(engine, extra_routes=routes, lifespans=lifespans)` with `mcp_mount(mcp, settings)`
-is all the MCP server needs to add itself; `serve_http` opens the engine and runs uvicorn.
-"""
+`create_http_app(engine, extra_routes=routes, lifespans=lifespans)` with
+`mcp_server.transport.mcp_mount(mcp, settings)` is all the MCP server needs to add itself;
+`serve_http` opens the engine and runs uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any
-from urllib.parse import urlsplit
 
-import h11
 import uvicorn
 from fastmcp import FastMCP
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ground.config import Settings
-from mcp_server.proxy import EntryProxy
+from mcp_server.transport import Lifespan, mcp_mount
 from orchestrator.engine import Engine
+from sciorch.web.edge import http_protocol
+from sciorch.web.proxy import EntryProxy
 
 log = logging.getLogger("sciorch.http")
 
-Lifespan = Callable[[Starlette], AbstractAsyncContextManager[Any]]
-
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 READY_TIMEOUT_S = 2.0
 
 
@@ -92,119 +84,6 @@ def create_http_app(
     app.state.engine = engine
     app.state.proxy = proxy
     return app
-
-
-def mcp_mount(
-    mcp: FastMCP, settings: Settings, path: str = "/mcp"
-) -> tuple[list[BaseRoute], list[Lifespan]]:
-    """The streamable-HTTP MCP endpoint at `path`, with its session manager's lifespan.
-
-    Answered at `path` itself: mounted as a sub-application it would live at `path/`, and
-    Starlette would redirect every `path` request there with a Location built from the
-    request's Host header, before any check. Host and Origin are checked first of all (DNS
-    rebinding: fastmcp's guard, refusing a foreign Host with 421 and a foreign Origin with 403),
-    before the bearer token. `path/` (where it used to live) is answered the same way."""
-    from mcp_server.oauth import ResourceServer
-
-    hosts, origins = mcp_allowlists(settings)
-    mcp_app = mcp.http_app(
-        path=path, host_origin_protection=True, allowed_hosts=hosts, allowed_origins=origins
-    )
-
-    # RFC 9728 metadata lives at the origin's root, outside the MCP endpoint.
-    well_known = mcp.auth.well_known_routes() if isinstance(mcp.auth, ResourceServer) else []
-    routes: list[BaseRoute] = [
-        *well_known,
-        Route(path, endpoint=mcp_app),
-        Route(path + "/", endpoint=_AtPath(mcp_app, path)),
-    ]
-    return routes, [mcp_app.lifespan]
-
-
-class _AtPath:
-    """An ASGI app handing every request to `app` as if it were made at `path` (an object, not
-    a function: Starlette routes a function for GET only)."""
-
-    def __init__(self, app: ASGIApp, path: str) -> None:
-        self.app, self.path = app, path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app({**scope, "path": self.path}, receive, send)
-
-
-def mcp_allowlists(settings: Settings) -> tuple[list[str], list[str]]:
-    """(Host names, browser Origins) /mcp accepts besides what fastmcp's guard always does (the
-    loopback names, the listen address, and an Origin that is the request's own): public_url's,
-    loopback origins and the configured ones (fnmatch patterns)."""
-    public = urlsplit(settings.public_url)
-    hosts = [*([public.hostname] if public.hostname else []), *settings.allowed_hosts]
-    origins = [
-        *(f"{scheme}://{host}:*" for scheme in ("http", "https") for host in LOOPBACK_NAMES),
-        # A literal, not a pattern: an IPv6 address's brackets would read as a character class.
-        *([glob.escape(f"{public.scheme}://{public.netloc}")] if public.netloc else []),
-        *settings.allowed_origins,
-    ]
-    return hosts, origins
-
-
-REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-
-
-class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, with a deadline for each request's head.
-
-    uvicorn's only timer on a connection is the keep-alive one, and the first byte of the next
-    request stops it: a client that connects and sends nothing, or sends its headers a byte at
-    a time, holds the connection (and a file descriptor and buffer) for as long as it likes. The
-    deadline starts when the connection opens or the previous response ends and stops when a
-    whole request head has arrived; the body and the response have no deadline (SSE streams
-    last). A client cut off mid-head gets 408."""
-
-    header_timeout_s = 10.0
-    _deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._expired)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return
-        if self.conn.trailing_data[0]:
-            self.transport.write(REQUEST_TIMEOUT)
-        log.info("closing %s: no whole request head in %gs", self.client, self.header_timeout_s)
-        self.transport.close()
-
-
-def http_protocol(settings: Settings) -> type[H11Protocol]:
-    """The uvicorn HTTP protocol class with this configuration's header deadline."""
-    return type(
-        "HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": settings.http_header_timeout_s}
-    )
 
 
 def public_url_for(host: str, port: int) -> str:

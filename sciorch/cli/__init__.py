@@ -1,0 +1,23 @@
+"""The `sciorch` command: human mirrors of the typed tools, plus `serve`, `steer`, `demo` and
+`agent`.
+
+Each command parses its arguments, builds the tool's pydantic input, opens the engine in this
+process (it holds the lock on $SCIORCH_HOME while the command runs and re-adopts what earlier
+commands started), calls the tool and renders the answer. No business logic lives here.
+`app` holds the plumbing every command shares, `render` the tables; each other module is one
+area of commands, registered on `app` when imported here."""
+
+# Each area registers its commands on `app` when imported: in this order `sciorch --help` lists
+# them.
+# isort: off
+from sciorch.cli.app import app
+from sciorch.cli import serve, catalogue, entries, events, steer, agent
+
+# isort: on
+
+__all__ = ["agent", "app", "catalogue", "entries", "events", "main", "serve", "steer"]
+
+
+def main() -> None:
+    app()
+
