@@ -20,6 +20,7 @@ import pytest
 from fastmcp import Client
 
 import tools
+from ground.errors import InvalidInput
 from ground.models import EntryState, Principal
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
@@ -468,9 +469,11 @@ async def test_remote_server_over_http_with_a_token(tmp_path: Path) -> None:
         entry_id = result.evidence.entry_ids[0]
         view = await tools.get_entry(srv.engine, Principal(id="carol"), EntryRef(entry_id=entry_id))
         assert view.state == EntryState.SUCCEEDED and view.submitted_by == "carol"
-    with pytest.raises(AgentError, match="bearer token"):
+    # connect() is shared with the campaign runner and `steer --url`: a typed error naming it.
+    with pytest.raises(InvalidInput, match="bearer token") as refused:
         async with connect(url="http://127.0.0.1:9/mcp"):
             pass
+    assert refused.value.field == "token"
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
