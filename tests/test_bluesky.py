@@ -125,7 +125,7 @@ def test_a_bluesky_plan_completes_a_campaign_through_a_server_killed_mid_way(
     assert len({r[2] for r in told}) == BUDGET and len({r[4] for r in told}) == BUDGET
     assert not [r for r in rows if r[1] != "succeeded"], rows  # no ask orphaned by the crash
     assert events["event"] == BUDGET and events["stop"] == 1  # each point measured once
-    for seq, _, point, value, _ in told:  # what the detector read is what sciorch recorded
+    for _seq, _, point, value, _ in told:  # what the detector read is what sciorch recorded
         p = json.loads(point)
         assert math.isclose(value or 0.0, peak(p["motor1"], p["motor2"]), abs_tol=1e-6)
     best = view["best"]
