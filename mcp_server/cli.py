@@ -1355,6 +1355,11 @@ def agent(
         fail(f"{limits[result.stopped_reason]} before the goal was reached", code=1)
 
 
+from mcp_server.cli_campaign import campaign_app  # noqa: E402  (it uses this module's plumbing)
+
+app.add_typer(campaign_app, name="campaign")
+
+
 def main() -> None:
     app()
 

@@ -108,7 +108,6 @@ def steer_plan(
     session = secrets.token_hex(4)
     meta = {"sciorch_campaign": campaign_id, **(md or {})}
 
-    @bpp.run_decorator(md=meta)
     def inner() -> Plan:
         asks = 0
         while True:
@@ -143,4 +142,4 @@ def steer_plan(
                 if told.get("done"):
                     return told
 
-    return (yield from inner())
+    return (yield from bpp.run_wrapper(inner(), md=meta))

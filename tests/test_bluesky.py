@@ -104,7 +104,7 @@ def test_a_bluesky_plan_completes_a_campaign_through_a_server_killed_mid_way(
         cid = asyncio.run(_start(base, token))
         events: Counter[str] = Counter()
         RE = RunEngine({})
-        RE.subscribe(lambda name, doc: events.update([name]))
+        RE.subscribe(lambda name, doc: events.update([name]))  # type: ignore[no-untyped-call]
         killer = threading.Thread(target=kill_and_restart, daemon=True)
         started = time.monotonic()
         with SciorchBridge.connect(base + "/mcp", token, patience_s=90) as bridge:

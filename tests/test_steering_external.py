@@ -22,6 +22,7 @@ from steering.manager import manager_for
 from steering.space import Space, min_distances
 from steering.spec import parse_spec
 from tests.conftest import make_settings, shutdown
+from tests.mcp_helpers import text_of
 
 ALICE = Principal(id="alice")
 BOB = Principal(id="bob")
@@ -118,7 +119,7 @@ async def test_asks_repeat_by_key_leases_pass_and_untold_points_are_accepted(
         "tell_campaign", {"campaign_id": cid, "point": {"x1": 30.0, "x2": 1.0}, "value": 1.0},
         raise_on_error=False,
     )
-    assert bad.is_error and "point.x1" in bad.content[0].text and "outside" in bad.content[0].text
+    assert bad.is_error and "point.x1" in text_of(bad) and "outside" in text_of(bad)
     await asyncio.sleep(1.0)
     view = await call(alice, "get_campaign", campaign_id=cid)
     states = {e["point_id"]: e for e in view["evaluations"]}
@@ -160,7 +161,7 @@ async def test_people_steer_an_external_campaign_and_every_action_is_recorded(
         {"campaign_id": cid, "point_id": suggestion["point_id"], "value": 1.0},
         raise_on_error=False,
     )
-    assert refused.is_error and "rejected" in refused.content[0].text
+    assert refused.is_error and "rejected" in text_of(refused)
     after = (await call(alice, "ask_campaign", campaign_id=cid, n=3))["points"]
     space = Space(parse_spec(external_spec()).space)
     rejected = space.encode([suggestion["point"]])
@@ -191,7 +192,7 @@ async def test_people_steer_an_external_campaign_and_every_action_is_recorded(
     # Another principal sees nothing of it, and can steer nothing.
     async with Client(create_server(eng, principal=BOB)) as bob:
         res = await bob.call_tool("pause_campaign", {"campaign_id": cid}, raise_on_error=False)
-        assert res.is_error and res.content[0].text.startswith("not_found")
+        assert res.is_error and text_of(res).startswith("not_found")
 
 
 async def test_people_steer_a_service_campaign(eng: Engine, alice: Client[Any]) -> None:
