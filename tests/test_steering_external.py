@@ -238,3 +238,54 @@ async def test_people_steer_a_service_campaign(eng: Engine, alice: Client[Any]) 
     assert [a["action"] for a in view["actions"]] == [
         "start", "pause", "add_points", "reject", "update", "resume"
     ]
+
+
+def test_the_campaign_cli_annotates_and_exports(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+
+    async def prepare() -> str:
+        engine = await Engine.open(make_settings(home))
+        try:
+            async with Client(create_server(engine, principal=ALICE)) as client:
+                cid = str((await call(client, "start_campaign", **external_spec()))["id"])
+                for p in (await call(client, "ask_campaign", campaign_id=cid, n=2))["points"]:
+                    await call(client, "tell_campaign", campaign_id=cid,
+                               point_id=p["point_id"], value=branin(p["point"]))
+            return cid
+        finally:
+            await manager_for(engine).shutdown()
+            await shutdown(engine)
+
+    cid = asyncio.run(prepare())
+    env = {"SCIORCH_HOME": str(home), "SCIORCH_PRINCIPAL": "alice", "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mcp_server.cli", "campaign", *args],
+            env=env, capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    done = cli("annotate", cid, "sample changed")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "data.csv"
+    done = cli("export", cid, "-o", str(out))
+    assert done.returncode == 0 and "2 rows" in done.stdout, done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["state"] for r in rows] == ["succeeded", "succeeded"] and rows[0]["x1"]
+    bad = cli("reject", cid, f"{cid}-p0")
+    assert bad.returncode == 2 and "already measured" in bad.stderr, bad.stderr
+
+    async def actions() -> list[tuple[str, str]]:
+        engine = await Engine.open(make_settings(home))
+        try:
+            view = await manager_for(engine, auto_resume=False).get(ALICE, cid)
+            return [(a.principal, a.action) for a in view.actions or []]
+        finally:
+            await manager_for(engine).shutdown()
+            await shutdown(engine)
+
+    assert asyncio.run(actions()) == [("alice", "start"), ("alice", "annotate")]
