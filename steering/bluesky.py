@@ -142,4 +142,4 @@ def steer_plan(
                 if told.get("done"):
                     return told
 
-    return (yield from bpp.run_wrapper(inner(), md=meta))
+    return (yield from bpp.run_wrapper(inner(), md=meta))  # type: ignore[no-untyped-call]
