@@ -46,15 +46,24 @@ class Tools:
         self._stack: contextlib.AsyncExitStack | None = None
         self._patience = patience_s
         self._reconnect_lock = asyncio.Lock()
+        self._entered = False
 
     async def __aenter__(self) -> Tools:
+        await self._open()
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entered = False
+        await self._close()
+
+    async def _open(self) -> None:
         stack = contextlib.AsyncExitStack()
         client = self._make()
         await stack.enter_async_context(client)
         self._client, self._stack = client, stack
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def _close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             try:
@@ -66,8 +75,8 @@ class Tools:
         async with self._reconnect_lock:
             if self._client is not broken:
                 return  # another caller already reconnected
-            await self.__aexit__()
-            await self.__aenter__()
+            await self._close()
+            await self._open()
 
     async def call(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -76,9 +85,11 @@ class Tools:
         delay = 0.5
         while True:
             client = self._client
-            if client is None:
+            if client is None and not self._entered:
                 raise RuntimeError("Tools used outside `async with`")
             try:
+                if client is None:  # the server was still down at the last reconnect
+                    raise ConnectionError("not connected")
                 result = await client.call_tool(name, args or {}, raise_on_error=False)
             except asyncio.CancelledError:
                 raise

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from ground.errors import InvalidInput, NotAllowed, NotFound
 from ground.models import ROLE_RANK, Principal, Role
+from steering.external import ExternalRunner, check_point, seq_of
 from steering.models import (
+    ActionRecord,
+    ActionView,
+    AskResult,
+    Attempt,
     BestView,
     CampaignList,
     CampaignRecord,
@@ -38,9 +43,11 @@ from steering.models import (
     EvaluationView,
     PosteriorView,
     ProgressView,
+    TellCampaignInput,
+    TellResult,
 )
-from steering.runner import CampaignRunner, check_service, decision_stats
-from steering.spec import CampaignSpec
+from steering.runner import CampaignRunner, check_service, decision_stats, key_for
+from steering.spec import CampaignSpec, parse_spec
 from steering.store import CampaignStore, now
 
 if TYPE_CHECKING:
@@ -84,7 +91,7 @@ def campaign_dir(home: Path, campaign_id: str) -> Path:
 def default_name(spec: CampaignSpec) -> str:
     obj = spec.objective
     surface = obj.parameters.get("surface")
-    what = f"{obj.service}" + (f" {surface}" if isinstance(surface, str) else "")
+    what = f"{obj.service or 'external'}" + (f" {surface}" if isinstance(surface, str) else "")
     return spec.name or f"{what}: {obj.goal} {obj.field}"
 
 
@@ -106,7 +113,11 @@ def new_record(principal: Principal, spec: CampaignSpec, endpoint: str) -> Campa
 
 
 def build_view(
-    rec: CampaignRecord, evals: list[EvaluationRecord], active: bool, with_evals: bool = True
+    rec: CampaignRecord,
+    evals: list[EvaluationRecord],
+    active: bool,
+    with_evals: bool = True,
+    actions: list[ActionRecord] | None = None,
 ) -> CampaignView:
     spec = rec.spec
     goal = spec.objective.goal
@@ -126,6 +137,8 @@ def build_view(
         state=rec.state,
         reason=rec.reason,
         active=active,
+        paused=rec.paused,
+        kind=spec.objective.kind,
         service=spec.objective.service,
         goal=goal,
         field=spec.objective.field,
@@ -139,11 +152,17 @@ def build_view(
         finished_at=rec.finished_at,
         progress=ProgressView(
             budget=spec.budget.evaluations,
-            done=sum(1 for e in evals if e.state.finished),
+            done=sum(
+                1
+                for e in evals
+                if e.state in (EvalState.SUCCEEDED, EvalState.FAILED, EvalState.CANCELLED)
+            ),
             succeeded=len(ok),
             failed=sum(1 for e in evals if e.state == EvalState.FAILED),
             cancelled=sum(1 for e in evals if e.state == EvalState.CANCELLED),
             in_flight=sum(1 for e in evals if e.state in (EvalState.ASKED, EvalState.SUBMITTED)),
+            queued=sum(1 for e in evals if e.state == EvalState.QUEUED),
+            rejected=sum(1 for e in evals if e.state == EvalState.REJECTED),
             retries=sum(max(0, e.attempt - 1) for e in evals),
             elapsed_s=(end - rec.created_at).total_seconds(),
             wall_time_s=spec.budget.wall_time_s,
@@ -158,6 +177,7 @@ def build_view(
         evaluations=[
             EvaluationView(
                 seq=e.seq,
+                point_id=e.point_id,
                 point=e.point,
                 source=e.source,
                 state=e.state,
@@ -174,6 +194,25 @@ def build_view(
         ]
         if with_evals
         else None,
+        actions=None
+        if actions is None
+        else [
+            ActionView(at=a.at, principal=a.principal, action=a.action, arguments=a.arguments)
+            for a in actions
+        ],
+    )
+
+
+def _action(
+    campaign_id: str, principal: Principal, action: str, arguments: dict[str, Any]
+) -> ActionRecord:
+    return ActionRecord(
+        id=f"act-{secrets.token_hex(8)}",
+        campaign_id=campaign_id,
+        at=now(),
+        principal=principal.id,
+        action=action,
+        arguments={k: v for k, v in arguments.items() if v is not None},
     )
 
 
@@ -290,14 +329,16 @@ class CampaignManager:
             f"no campaign {campaign_id!r} visible to {principal.id}", field="campaign_id"
         )
 
-    async def _operable(self, principal: Principal, rec: CampaignRecord) -> None:
+    async def _operable(
+        self, principal: Principal, rec: CampaignRecord, what: str = "stop it"
+    ) -> None:
         if principal.admin or rec.owner == principal.id:
             return
         event = await self.engine.store.get_event(rec.event_id) if rec.event_id else None
         role = event.role_of(principal) if event else None
         if role is None or ROLE_RANK[role] < ROLE_RANK[Role.OPERATOR]:
             raise NotAllowed(
-                f"{principal.id} may view campaign {rec.id} but not stop it; that needs the "
+                f"{principal.id} may view campaign {rec.id} but not {what}; that needs the "
                 "owner or an operator of its event",
                 field="campaign_id",
             )
@@ -306,7 +347,8 @@ class CampaignManager:
 
     async def validate(self, principal: Principal, spec: CampaignSpec) -> None:
         """Refuse at start what would fail every evaluation."""
-        check_service(spec, [s.model_dump() for s in self.engine.list_services()])
+        if not spec.objective.external:
+            check_service(spec, [s.model_dump() for s in self.engine.list_services()])
         if spec.event_id is not None:
             # Its jobs are submitted to this event: the caller must be allowed to submit there.
             await self.engine.event_to_submit_to(principal, spec.event_id)
@@ -328,6 +370,8 @@ class CampaignManager:
         """Validate, record and start a campaign in the background."""
         await self.validate(principal, spec)
         rec = await self.create(principal, spec)
+        store = await self.store()
+        await store.insert_action(_action(rec.id, principal, "start", {}))
         self.launch(rec)
         return await self.get(principal, rec.id, with_evals=False)
 
@@ -336,13 +380,22 @@ class CampaignManager:
         task = self.tasks.get(rec.id)
         if task is not None and not task.done():
             return task
-        runner = CampaignRunner(
-            self._store_or_fail(),
-            rec.id,
-            self.client_factory(Principal(id=rec.owner, admin=rec.admin)),
-            campaign_dir(self.home, rec.id),
-            on_update=self.notify,
-        )
+        runner: CampaignRunner
+        if rec.spec.objective.external:
+            runner = ExternalRunner(
+                self._store_or_fail(),
+                rec.id,
+                campaign_dir(self.home, rec.id),
+                on_update=self.notify,
+            )
+        else:
+            runner = CampaignRunner(
+                self._store_or_fail(),
+                rec.id,
+                self.client_factory(Principal(id=rec.owner, admin=rec.admin)),
+                campaign_dir(self.home, rec.id),
+                on_update=self.notify,
+            )
         self.runners[rec.id] = runner
         # A fresh context: the runner must not inherit the request that started it (the servers
         # it calls read the HTTP request and the access token from contextvars).
@@ -360,8 +413,11 @@ class CampaignManager:
 
     async def _run(self, runner: CampaignRunner, principal: Principal) -> None:
         try:
-            async with self.using_server(principal):
+            if isinstance(runner, ExternalRunner):  # no jobs: no server of its own
                 await runner.run()
+            else:
+                async with self.using_server(principal):
+                    await runner.run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -381,7 +437,8 @@ class CampaignManager:
         rec = await self._visible(principal, campaign_id)
         store = await self.store()
         evals = await store.evaluations(rec.id)
-        return build_view(rec, evals, rec.id in self.runners, with_evals)
+        actions = await store.actions(rec.id)
+        return build_view(rec, evals, rec.id in self.runners, with_evals, actions)
 
     async def list_campaigns(
         self, principal: Principal, include_finished: bool = True
@@ -405,6 +462,9 @@ class CampaignManager:
         if rec.state.finished:
             return await self.get(principal, campaign_id)
         store = await self.store()
+        await store.insert_action(
+            _action(rec.id, principal, "stop", {"cancel_in_flight": cancel_in_flight})
+        )
         await store.update_campaign(rec.id, stop_requested=True)
         runner = self.runners.get(rec.id)
         task = self.tasks.get(rec.id)
@@ -444,6 +504,219 @@ class CampaignManager:
         task = self.tasks.get(campaign_id)
         if task is not None:
             await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ ask / tell
+
+    async def _external(self, principal: Principal, campaign_id: str) -> ExternalRunner | None:
+        """The runner of an external campaign (started here if it is not running: a campaign
+        is served by the server whose store holds it); None once the campaign has ended."""
+        rec = await self._visible(principal, campaign_id)
+        await self._operable(principal, rec, "measure for it")
+        if not rec.spec.objective.external:
+            raise InvalidInput(
+                f"campaign_id: {rec.id} measures with the service {rec.spec.objective.service}; "
+                "sciorch asks and tells itself (ask_campaign is for objective.kind = external)",
+                field="campaign_id",
+            )
+        if rec.state.finished:
+            return None
+        if rec.endpoint != "embedded":
+            raise InvalidInput(
+                f"campaign_id: {rec.id} is run against {rec.endpoint}", field="campaign_id"
+            )
+        await self.store()
+        self.launch(rec)
+        runner = self.runners.get(rec.id)
+        if not isinstance(runner, ExternalRunner):
+            return None
+        await asyncio.wait_for(runner.ready.wait(), 60)
+        return None if runner.ended else runner
+
+    async def ask(
+        self, principal: Principal, campaign_id: str, n: int, ask_key: str | None = None
+    ) -> AskResult:
+        runner = await self._external(principal, campaign_id)
+        if runner is not None:
+            return await runner.ask(n, ask_key)
+        store = await self.store()
+        rec = await self._visible(principal, campaign_id)
+        evals = await store.evaluations(rec.id)
+        return AskResult(
+            campaign_id=rec.id,
+            points=[],
+            state=rec.state,
+            done=True,
+            told=sum(1 for e in evals if e.state == EvalState.SUCCEEDED),
+            pending=0,
+            budget=rec.spec.budget.evaluations,
+            paused=rec.paused,
+            reason=f"the campaign has ended: {rec.reason or rec.state.value}",
+        )
+
+    async def tell(self, principal: Principal, req: TellCampaignInput) -> TellResult:
+        runner = await self._external(principal, req.campaign_id)
+        if runner is not None:
+            return await runner.tell(req)
+        # Ended: a retried tell of a recorded point still gets its answer.
+        store = await self.store()
+        rec = await self._visible(principal, req.campaign_id)
+        evals = await store.evaluations(rec.id)
+        e = next((x for x in evals if req.tell_key and x.tell_key == req.tell_key), None)
+        if e is None and req.point_id is not None:
+            seq = seq_of(rec.id, req.point_id)
+            e = next((x for x in evals if x.seq == seq and x.state == EvalState.SUCCEEDED), None)
+        if e is None:
+            raise InvalidInput(
+                f"campaign_id: campaign {rec.id} has ended ({rec.state.value}); it records no "
+                "more measurements",
+                field="campaign_id",
+            )
+        view = build_view(rec, evals, False, with_evals=False)
+        return TellResult(
+            campaign_id=rec.id,
+            point_id=e.point_id,
+            seq=e.seq,
+            recorded=False,
+            value=e.value,
+            state=rec.state,
+            done=True,
+            told=view.progress.succeeded,
+            budget=view.progress.budget,
+            best=view.best,
+        )
+
+    # ------------------------------------------------------------------ people in the loop
+
+    async def _act(
+        self, principal: Principal, campaign_id: str, action: str, arguments: dict[str, Any]
+    ) -> CampaignRecord:
+        """Check the caller may steer the campaign, and record what they do (before doing it)."""
+        rec = await self._visible(principal, campaign_id)
+        await self._operable(principal, rec, f"{action.replace('_', ' ')} it")
+        if rec.state.finished and action != "annotate":
+            raise InvalidInput(
+                f"campaign_id: campaign {rec.id} has ended ({rec.state.value})",
+                field="campaign_id",
+            )
+        store = await self.store()
+        await store.insert_action(_action(rec.id, principal, action, arguments))
+        return rec
+
+    async def _changed(self, campaign_id: str) -> None:
+        runner = self.runners.get(campaign_id)
+        if runner is not None:
+            if isinstance(runner, ExternalRunner):
+                async with runner.lock:
+                    await runner.reload()
+            else:
+                await runner.reload()
+        self.notify(campaign_id)
+
+    async def pause(
+        self, principal: Principal, campaign_id: str, paused: bool, note: str | None = None
+    ) -> CampaignView:
+        rec = await self._act(
+            principal, campaign_id, "pause" if paused else "resume", {"note": note}
+        )
+        store = await self.store()
+        await store.update_campaign(rec.id, paused=paused)
+        await self._changed(rec.id)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    async def update(
+        self,
+        principal: Principal,
+        campaign_id: str,
+        budget: dict[str, Any] | None,
+        stop: dict[str, Any] | None,
+        note: str | None = None,
+    ) -> CampaignView:
+        rec = await self._visible(principal, campaign_id)
+        data = rec.spec.model_dump(exclude_none=True)
+        if budget:
+            data["budget"] = {**data.get("budget", {}), **budget}
+        if stop:
+            data["stop"] = {**data.get("stop", {}), **stop}
+        for section in ("budget", "stop"):  # an explicit null clears a field
+            data[section] = {k: v for k, v in data.get(section, {}).items() if v is not None}
+        spec = parse_spec(data)
+        await self._act(
+            principal, campaign_id, "update", {"budget": budget, "stop": stop, "note": note}
+        )
+        store = await self.store()
+        await store.update_campaign(rec.id, spec=spec)
+        await self._changed(rec.id)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    async def add_points(
+        self,
+        principal: Principal,
+        campaign_id: str,
+        points: list[dict[str, Any]],
+        note: str | None = None,
+    ) -> CampaignView:
+        rec = await self._visible(principal, campaign_id)
+        checked = [check_point(rec.spec, p, f"points.{i}") for i, p in enumerate(points)]
+        await self._act(principal, campaign_id, "add_points", {"points": checked, "note": note})
+        store = await self.store()
+        runner = self.runners.get(rec.id)
+        first = await store.next_seq(rec.id)
+        seqs = runner.reserve_seqs(len(checked)) if runner is not None else None
+        for i, point in enumerate(checked):
+            seq = seqs[i] if seqs is not None else first + i
+            key = key_for(rec.id, seq, 1)
+            await store.insert_evaluation(
+                EvaluationRecord(
+                    campaign_id=rec.id,
+                    seq=seq,
+                    point=point,
+                    source="added",
+                    state=EvalState.QUEUED,
+                    idempotency_key=key,
+                    attempts=[Attempt(attempt=1, idempotency_key=key)],
+                    reason=f"added by {principal.id}",
+                    asked_at=now(),
+                )
+            )
+        await self._changed(rec.id)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    async def reject(
+        self, principal: Principal, campaign_id: str, pid: str, note: str | None = None
+    ) -> CampaignView:
+        """Keep a point out: not measured (cancelled if in flight), not told to the GP, and its
+        neighbourhood not proposed again."""
+        rec = await self._visible(principal, campaign_id)
+        seq = seq_of(rec.id, pid)
+        store = await self.store()
+        e = next((x for x in await store.evaluations(rec.id) if x.seq == seq), None)
+        if e is None:
+            raise NotFound(f"point_id: campaign {rec.id} has no point {pid!r}", field="point_id")
+        if e.state == EvalState.SUCCEEDED:
+            raise InvalidInput(
+                f"point_id: {pid} is already measured; its value stays in the campaign",
+                field="point_id",
+            )
+        if e.state != EvalState.REJECTED:
+            await self._act(principal, campaign_id, "reject", {"point_id": pid, "note": note})
+            reason = f"rejected by {principal.id}" + (f": {note}" if note else "")
+            await store.update_evaluation(
+                rec.id, seq, state=EvalState.REJECTED, reason=reason, finished_at=now()
+            )
+            await self._changed(rec.id)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    async def annotate(self, principal: Principal, campaign_id: str, text: str) -> CampaignView:
+        rec = await self._act(principal, campaign_id, "annotate", {"text": text})
+        self.notify(rec.id)
+        return await self.get(principal, rec.id, with_evals=False)
+
+    async def export(
+        self, principal: Principal, campaign_id: str, max_rows: int
+    ) -> tuple[CampaignRecord, list[EvaluationRecord]]:
+        rec = await self._visible(principal, campaign_id)
+        store = await self.store()
+        return rec, await store.evaluations(rec.id)
 
     # ------------------------------------------------------------------ server lifetime
 

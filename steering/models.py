@@ -6,8 +6,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ground.models import Int, Number, OptInt, OptNumber
 from steering.spec import CampaignFields, CampaignSpec
 
 
@@ -28,10 +29,27 @@ class EvalState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # every attempt failed, or the result had no usable value
     CANCELLED = "cancelled"  # stopped with the campaign
+    QUEUED = "queued"  # added by a person (add_points): measured before the GP's next choice
+    REJECTED = "rejected"  # a person refused it (reject_point): kept out of the GP and of asks
+    RELEASED = "released"  # external: its lease passed untold; it went back to the pool
 
     @property
     def finished(self) -> bool:
-        return self in (EvalState.SUCCEEDED, EvalState.FAILED, EvalState.CANCELLED)
+        return self in (
+            EvalState.SUCCEEDED,
+            EvalState.FAILED,
+            EvalState.CANCELLED,
+            EvalState.REJECTED,
+            EvalState.RELEASED,
+        )
+
+    @property
+    def spends_budget(self) -> bool:
+        """Counts against budget.evaluations (queued, rejected and released points do not)."""
+        return self not in (EvalState.QUEUED, EvalState.REJECTED, EvalState.RELEASED)
+
+
+Source = Literal["design", "gp", "added", "external"]
 
 
 class Attempt(BaseModel):
@@ -46,7 +64,7 @@ class EvaluationRecord(BaseModel):
     campaign_id: str
     seq: int
     point: dict[str, Any]
-    source: Literal["design", "gp"]
+    source: Source
     state: EvalState
     attempt: int = 1
     idempotency_key: str
@@ -60,6 +78,17 @@ class EvaluationRecord(BaseModel):
     asked_at: datetime
     submitted_at: datetime | None = None
     finished_at: datetime | None = None
+    lease_until: datetime | None = None  # external: back to the pool after this, untold
+    ask_key: str | None = None  # the ask_campaign call that chose it (a retried ask repeats)
+    tell_key: str | None = None  # the tell_campaign call that recorded it
+
+    @property
+    def point_id(self) -> str:
+        return point_id(self.campaign_id, self.seq)
+
+
+def point_id(campaign_id: str, seq: int) -> str:
+    return f"{campaign_id}-p{seq}"
 
 
 class CampaignRecord(BaseModel):
@@ -77,6 +106,7 @@ class CampaignRecord(BaseModel):
     updated_at: datetime
     finished_at: datetime | None = None
     stop_requested: bool = False
+    paused: bool = False
     gp_state: dict[str, Any] = Field(default_factory=dict)
     posterior: dict[str, Any] | None = None
     plots: list[str] = Field(default_factory=list)
@@ -85,10 +115,27 @@ class CampaignRecord(BaseModel):
 # ------------------------------------------------------------------------------ views
 
 
+class ActionRecord(BaseModel):
+    id: str
+    campaign_id: str
+    at: datetime
+    principal: str
+    action: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActionView(BaseModel):
+    at: datetime
+    principal: str = Field(description="who did it")
+    action: str
+    arguments: dict[str, Any]
+
+
 class EvaluationView(BaseModel):
     seq: int
+    point_id: str
     point: dict[str, Any]
-    source: Literal["design", "gp"]
+    source: Source
     state: EvalState
     value: float | None
     noise_variance: float | None
@@ -113,7 +160,9 @@ class ProgressView(BaseModel):
     succeeded: int
     failed: int
     cancelled: int
-    in_flight: int
+    in_flight: int = Field(description="asked or submitted, not yet measured")
+    queued: int = Field(0, description="added by a person, to be measured next")
+    rejected: int = Field(0, description="refused by a person, never proposed again")
     retries: int = Field(description="resubmissions after failed attempts")
     elapsed_s: float
     wall_time_s: float | None
@@ -142,7 +191,9 @@ class CampaignView(BaseModel):
     state: CampaignState
     reason: str | None
     active: bool = Field(description="a runner in this server is working on it now")
-    service: str
+    paused: bool = Field(False, description="no new points are chosen until resume_campaign")
+    kind: str = Field("service", description="service (sciorch runs jobs) or external")
+    service: str | None
     goal: str
     field: str
     acquisition: str
@@ -163,6 +214,11 @@ class CampaignView(BaseModel):
     spec: CampaignSpec
     evaluations: list[EvaluationView] | None = Field(
         None, description="every evaluation, oldest first (omitted in lists)"
+    )
+    actions: list[ActionView] | None = Field(
+        None,
+        description="what people did (pause, budget, points, rejections, notes), oldest "
+        "first (omitted in lists)",
     )
 
 
@@ -197,3 +253,126 @@ class StopCampaignInput(CampaignRef):
 class StartCampaignInput(CampaignFields):
     """The campaign itself: the tool's arguments are the spec's sections (the checks across
     sections run in the tool, so their errors name their field too)."""
+
+
+# ------------------------------------------------------------------------------ ask / tell
+
+
+class AskCampaignInput(CampaignRef):
+    n: Int = Field(1, ge=1, le=64, description="how many points to suggest")
+    ask_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="the same key again (a retried call) returns the same points, not new ones",
+    )
+
+
+class AskedPoint(BaseModel):
+    point_id: str = Field(description="give it to tell_campaign with the measured value")
+    point: dict[str, Any]
+    source: Source
+    lease_until: datetime | None = Field(
+        None, description="untold by then, the point goes back to the pool"
+    )
+
+
+class AskResult(BaseModel):
+    campaign_id: str
+    points: list[AskedPoint]
+    state: CampaignState
+    done: bool = Field(description="the campaign has ended: measure nothing more")
+    told: int = Field(description="measurements recorded (against the budget)")
+    pending: int = Field(description="asked points not yet told")
+    budget: int
+    paused: bool
+    reason: str | None = Field(None, description="why fewer points than asked for, if so")
+
+
+class TellCampaignInput(CampaignRef):
+    point_id: str | None = Field(
+        None, min_length=1, max_length=96, description="the id ask_campaign gave the point"
+    )
+    point: dict[str, Any] | None = Field(
+        None, description="or the point itself (one the campaign never suggested, too)"
+    )
+    value: Number = Field(description="the measured value of the objective's field")
+    noise_variance: OptNumber = Field(None, ge=0, description="the measurement's noise variance")
+    tell_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="a retried tell with the same key is recorded once",
+    )
+    data: dict[str, Any] | None = Field(None, description="other readings kept with the point")
+
+    @model_validator(mode="after")
+    def _one(self) -> TellCampaignInput:
+        if (self.point_id is None) == (self.point is None):
+            raise ValueError("give point_id (from ask_campaign) or point, not both")
+        return self
+
+
+class TellResult(BaseModel):
+    campaign_id: str
+    point_id: str
+    seq: int
+    recorded: bool = Field(description="false: this point was already told; the first stands")
+    value: float | None
+    state: CampaignState
+    done: bool
+    told: int
+    budget: int
+    best: BestView | None
+
+
+# ------------------------------------------------------------------------------ people
+
+
+class BudgetPatch(_In):
+    evaluations: OptInt = Field(None, ge=1, le=100_000)
+    wall_time_s: OptNumber | str = Field(None, description="seconds, or '2h', '30m'; null: none")
+
+
+class StopPatch(_In):
+    target: OptNumber = None
+    max_posterior_std: OptNumber = Field(None, gt=0)
+
+
+class PauseCampaignInput(CampaignRef):
+    note: str | None = Field(None, max_length=2000, description="why (kept with the action)")
+
+
+class UpdateCampaignInput(CampaignRef):
+    budget: BudgetPatch | None = Field(None, description="fields given replace the budget's")
+    stop: StopPatch | None = Field(None, description="fields given replace the stop rules'")
+    note: str | None = Field(None, max_length=2000)
+
+
+class AddPointsInput(CampaignRef):
+    points: list[dict[str, Any]] = Field(
+        min_length=1, max_length=100, description="points of the space, measured next in order"
+    )
+    note: str | None = Field(None, max_length=2000)
+
+
+class RejectPointInput(CampaignRef):
+    point_id: str = Field(min_length=1, max_length=96, description="a point id (get_campaign)")
+    note: str | None = Field(None, max_length=2000, description="why")
+
+
+class AnnotateCampaignInput(CampaignRef):
+    text: str = Field(min_length=1, max_length=4000)
+
+
+class ExportCampaignInput(CampaignRef):
+    max_rows: Int = Field(10_000, ge=1, le=100_000, description="rows at most (oldest first)")
+
+
+class ExportResult(BaseModel):
+    campaign_id: str
+    format: Literal["csv"] = "csv"
+    columns: list[str]
+    rows: int
+    truncated: bool
+    text: str

@@ -53,6 +53,9 @@ except ImportError:  # pragma: no cover - a dependency, but only an optimisation
     pass
 
 DUPLICATE_TOL = 1e-3  # unit box
+# A point a person rejected keeps the GP away from its neighbourhood, not only from itself: the
+# next best candidate next to it is the same suggestion in all but name.
+REJECT_RADIUS = 0.03  # unit box
 CHUNK = 256
 SYNC_TRAIN_BELOW = 100
 WARP_FACTOR = 1.0  # c = median gap below the best (steering.frame)
@@ -113,6 +116,7 @@ class Optimizer:
         self._summary: dict[str, Any] | None = None
         self._monitor: Array | None = None
         self._design_rng = np.random.default_rng(seed + 1)
+        self._rejected = np.zeros((0, self.space.dim))
 
     # ================================================================ data
 
@@ -276,11 +280,19 @@ class Optimizer:
 
     # ================================================================ asking
 
-    def ask(self, k: int, pending: Sequence[Point] = (), avoid: Sequence[Point] = ()) -> Decision:
-        """k new points, none within 1e-3 of a told, pending or avoided point; fewer if the
-        space runs out. Before the GP has two values, space-filling points."""
+    def ask(
+        self,
+        k: int,
+        pending: Sequence[Point] = (),
+        avoid: Sequence[Point] = (),
+        rejected: Sequence[Point] = (),
+    ) -> Decision:
+        """k new points, none within 1e-3 of a told, pending or avoided point, nor within
+        REJECT_RADIUS of a rejected one; fewer if the space runs out. Before the GP has two
+        values, space-filling points."""
         started = time.perf_counter()
-        busy = self._encode_all([*pending, *avoid])
+        self._rejected = self._encode_all(rejected)
+        busy = self._encode_all([*pending, *avoid, *rejected])
         taken = np.vstack([self._x, busy]) if len(busy) else self._x
         if self.n < 2:
             pts = self._space_filling(k, taken)
@@ -314,9 +326,15 @@ class Optimizer:
 
     def _space_filling(self, k: int, taken: Array) -> Array:
         cands = self.space.sobol(max(64, 8 * k), self._design_rng)
-        cands = unique_rows(cands)
-        cands = cands[min_distances(cands, taken) > DUPLICATE_TOL]
+        cands = self._free(unique_rows(cands), taken)
         return cands[:k]  # consecutive Sobol points are spread out
+
+    def _free(self, cands: Array, taken: Array) -> Array:
+        """The candidates that are neither (near) taken points nor near a rejected one."""
+        keep = min_distances(cands, taken) > DUPLICATE_TOL
+        if len(self._rejected):
+            keep &= min_distances(cands, self._rejected) > REJECT_RADIUS
+        return cands[keep]
 
     def _typical_noise(self) -> Array | None:
         if self._learn:
@@ -375,8 +393,7 @@ class Optimizer:
             top = self._x[np.argsort(-g)[: min(5, self.n)]]
             parts.append(self._perturb(top, 32, 0.1))
             parts.append(self._perturb(top, 32, 0.3))
-        cands = unique_rows(np.vstack(parts))
-        return cands[min_distances(cands, taken) > DUPLICATE_TOL]
+        return self._free(unique_rows(np.vstack(parts)), taken)
 
     def _maximise(self, model: Any, taken: Array) -> tuple[Array, float] | None:
         cands = self._candidates(taken)
@@ -386,8 +403,7 @@ class Optimizer:
         for scale in (0.2, 0.06, 0.015):
             centres = _distinct_top(cands, vals, 4, 0.05)
             local = self._perturb(centres, 64, scale)
-            local = unique_rows(local)
-            local = local[min_distances(local, taken) > DUPLICATE_TOL]
+            local = self._free(unique_rows(local), taken)
             if len(local) == 0:
                 continue
             lv = self._acq(model, local)
@@ -402,8 +418,7 @@ class Optimizer:
         return cands[i], float(vals[i])
 
     def _ask_set(self, model: Any, k: int, taken: Array) -> tuple[list[Array], list[float]]:
-        cands = unique_rows(self.space.sobol(256, self.rng))
-        cands = cands[min_distances(cands, taken) > DUPLICATE_TOL]
+        cands = self._free(unique_rows(self.space.sobol(256, self.rng)), taken)
         if len(cands) == 0:
             return [], []
         k = min(k, len(cands))

@@ -65,7 +65,8 @@ def objective_plot(rec: CampaignRecord, evals: list[EvaluationRecord], path: Pat
             ax.set_yscale("log")
     ax.set_xlabel("evaluation")
     ax.set_ylabel(spec.objective.field)
-    ax.set_title(f"{rec.name}: {spec.objective.service}, {goal} {spec.objective.field}")
+    what = spec.objective.service or "external"
+    ax.set_title(f"{rec.name}: {what}, {goal} {spec.objective.field}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -63,7 +63,7 @@ def key_for(campaign_id: str, seq: int, attempt: int) -> str:
 def check_service(spec: CampaignSpec, services: list[dict[str, Any]]) -> None:
     """The objective's service exists, is a job, and takes the space's and the fixed
     parameters (as far as its schema says)."""
-    name, _, version = spec.objective.service.partition("@")
+    name, _, version = (spec.objective.service or "").partition("@")
     svc = next((s for s in services if s.get("name") == name), None)
     if svc is None:
         known = ", ".join(sorted(str(s.get("name")) for s in services))
@@ -149,7 +149,7 @@ class CampaignRunner:
         self,
         store: CampaignStore,
         campaign_id: str,
-        make_client: Callable[[], Any],
+        make_client: Callable[[], Any] | None,
         workdir: Path,
         *,
         on_update: Callable[[str], None] | None = None,
@@ -172,12 +172,52 @@ class CampaignRunner:
         self._training: asyncio.Task[Any] | None = None
         self._training_job: Any = None
         self.exhausted = False
+        self.paused = False
+        self._poke = asyncio.Event()  # people changed something (steering.manager)
+        self._seq = 0  # the next evaluation's seq (reserve_seqs hands some out)
 
     # ------------------------------------------------------------------ control
 
     def request_stop(self, cancel_in_flight: bool = True) -> None:
         self._cancel_in_flight = cancel_in_flight
         self._stop.set()
+
+    def reserve_seqs(self, n: int) -> list[int]:
+        """Sequence numbers for evaluations someone else inserts (add_points) while this runs."""
+        first = self._seq
+        self._seq += n
+        return list(range(first, first + n))
+
+    async def reload(self) -> None:
+        """Take in what people changed in the store (written there first): the spec's budget
+        and stop rules, pause, points added, points rejected (an evaluation in flight is
+        cancelled)."""
+        rec = await self.store.get_campaign(self.id)
+        if rec is None or not hasattr(self, "rec"):
+            return
+        self.rec.spec, self.spec, self.paused = rec.spec, rec.spec, rec.paused
+        for e in await self.store.evaluations(self.id):
+            mine = self.evals.get(e.seq)
+            if mine is None:
+                self.evals[e.seq] = e
+                self._seq = max(self._seq, e.seq + 1)
+            elif e.state == EvalState.REJECTED and mine.state != EvalState.REJECTED:
+                await self._drop_rejected(mine, e.reason)
+        self._poke.set()
+
+    async def _drop_rejected(self, e: EvaluationRecord, reason: str | None) -> None:
+        e.state, e.reason = EvalState.REJECTED, reason
+        task = self.waiters.pop(e.seq, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if e.entry_id:
+                with contextlib.suppress(ToolFailed):
+                    await self.tools.call("cancel_entry", {"entry_id": e.entry_id})
+
+    def _spent(self) -> int:
+        return sum(1 for e in self.evals.values() if e.state.spends_budget)
 
     def _notify(self) -> None:
         if self.on_update is not None:
@@ -192,20 +232,25 @@ class CampaignRunner:
         lock = RunnerLock(self.workdir / "runner.lock")
         lock.acquire()
         try:
-            async with Tools(self.make_client, self.patience_s) as tools:
-                self.tools = tools
-                try:
-                    await self._run()
-                except (SciorchError, ToolFailed) as exc:
-                    msg = exc.message if isinstance(exc, SciorchError | ToolFailed) else str(exc)
-                    await self._finish(CampaignState.FAILED, msg)
-                finally:
-                    await self._shutdown_tasks()
+            if self.make_client is None:  # an external campaign calls no tools
+                await self._guarded()
+            else:
+                async with Tools(self.make_client, self.patience_s) as tools:
+                    self.tools = tools
+                    await self._guarded()
         finally:
             lock.release()
         rec = await self.store.get_campaign(self.id)
         assert rec is not None
         return rec
+
+    async def _guarded(self) -> None:
+        try:
+            await self._run()
+        except (SciorchError, ToolFailed) as exc:
+            await self._finish(CampaignState.FAILED, exc.message)
+        finally:
+            await self._shutdown_tasks()
 
     async def _shutdown_tasks(self) -> None:
         tasks: list[asyncio.Task[Any]] = list(self.waiters.values())
@@ -226,21 +271,11 @@ class CampaignRunner:
         self.rec = rec
         spec = self.spec = rec.spec
         self.evals = {e.seq: e for e in await self.store.evaluations(self.id)}
+        self._seq = max(self.evals, default=-1) + 1
+        self.paused = rec.paused
         if rec.stop_requested:
             self.request_stop(True)
-
-        from steering.optimizer import Optimizer  # gpCAM is imported when a campaign runs
-
-        self.opt = Optimizer(spec, rec.seed)
-        self.opt.set_state(rec.gp_state)
-        done = [e for e in self.evals.values() if e.state == EvalState.SUCCEEDED]
-        if done:
-            await asyncio.to_thread(
-                self.opt.tell,
-                [e.point for e in done],
-                [float(e.value or 0.0) for e in done],
-                [e.noise for e in done],
-            )
+        await self._load_optimizer()
 
         services = await self.tools.call("list_services")
         check_service(spec, list(services.get("services") or []))
@@ -253,10 +288,6 @@ class CampaignRunner:
                 event_id = str(ev["id"])
             await self.store.update_campaign(self.id, event_id=event_id)
             self.rec.event_id = event_id
-
-        design = await asyncio.to_thread(self._design)
-        used = sum(1 for e in self.evals.values() if e.source == "design")
-        self.design_queue = design[used:]
 
         # Re-adopt what was in flight, resubmit what was asked but maybe never submitted.
         for e in sorted(self.evals.values(), key=lambda e: e.seq):
@@ -278,15 +309,37 @@ class CampaignRunner:
             if reached:
                 await self._end(CampaignState.COMPLETED, reached, True)
                 return
-            await self._refill()
+            if not self.paused:
+                await self._refill()
             if not self.waiters:
-                if len(self.evals) >= spec.budget.evaluations:
+                if self.paused:
+                    await self._wait_for_news(deadline)
+                    continue
+                if self._spent() >= self.spec.budget.evaluations:
                     await self._end(CampaignState.COMPLETED, "evaluation budget spent", False)
                 else:
                     await self._end(CampaignState.COMPLETED, "search space exhausted", False)
                 return
             await self._maybe_summary()
             await self._wait_for_news(deadline)
+
+    async def _load_optimizer(self) -> None:
+        """The GP told every measurement so far, and what is left of the initial design."""
+        from steering.optimizer import Optimizer  # gpCAM is imported when a campaign runs
+
+        self.opt = Optimizer(self.spec, self.rec.seed)
+        self.opt.set_state(self.rec.gp_state)
+        done = [e for e in self.evals.values() if e.state == EvalState.SUCCEEDED]
+        if done:
+            await asyncio.to_thread(
+                self.opt.tell,
+                [e.point for e in done],
+                [float(e.value or 0.0) for e in done],
+                [e.noise for e in done],
+            )
+        design = await asyncio.to_thread(self._design)
+        used = sum(1 for e in self.evals.values() if e.source == "design")
+        self.design_queue = design[used:]
 
     def _deadline(self) -> float | None:
         wall = self.spec.budget.wall_time_s
@@ -305,9 +358,11 @@ class CampaignRunner:
         """Sleep until an evaluation finishes, training ends, a stop is asked or the deadline
         passes; then record and tell what finished."""
         stop_task = asyncio.ensure_future(self._stop.wait())
+        self._poke.clear()
+        poke_task = asyncio.ensure_future(self._poke.wait())
         tasks: set[asyncio.Future[Any]] = {*self.waiters.values()}
         if stop:
-            tasks.add(stop_task)
+            tasks |= {stop_task, poke_task}
         if self._training is not None:
             tasks.add(self._training)
         timeout = None if deadline is None else max(0.0, deadline - time.time())
@@ -317,6 +372,7 @@ class CampaignRunner:
             )
         finally:
             stop_task.cancel()
+            poke_task.cancel()
         if self._training is not None and self._training in done:
             await self._training_done()
         finished = [seq for seq, t in self.waiters.items() if t in done]
@@ -350,8 +406,16 @@ class CampaignRunner:
 
     async def _refill(self) -> None:
         spec = self.spec
-        want = min(spec.batch_size - len(self.waiters), spec.budget.evaluations - len(self.evals))
+        want = min(spec.batch_size - len(self.waiters), spec.budget.evaluations - self._spent())
         if want <= 0 or self._stop.is_set():
+            return
+        queued = self._queued()[:want]
+        for e in queued:  # a person's points go first
+            e.state = EvalState.ASKED
+            await self.store.update_evaluation(self.id, e.seq, state=e.state)
+            await self._submit(e)
+        want -= len(queued)
+        if want <= 0:
             return
         if self.design_queue:
             points = self.design_queue[:want]
@@ -373,6 +437,11 @@ class CampaignRunner:
             # n >= 100: train in a child process; the loop goes on with the old hyperparameters
             self._training = asyncio.create_task(self._train(self._training_job))
 
+    def _queued(self) -> list[EvaluationRecord]:
+        return sorted(
+            (e for e in self.evals.values() if e.state == EvalState.QUEUED), key=lambda e: e.seq
+        )
+
     def _decide(self, k: int) -> Any:
         """Train if the schedule says so and it is cheap (n < 100), then ask: the decision."""
         started = time.perf_counter()
@@ -389,17 +458,18 @@ class CampaignRunner:
         pending = [
             e.point
             for e in self.evals.values()
-            if e.state in (EvalState.ASKED, EvalState.SUBMITTED)
+            if e.state in (EvalState.ASKED, EvalState.SUBMITTED, EvalState.QUEUED)
         ]
         avoid = [e.point for e in self.evals.values() if e.state == EvalState.FAILED]
-        decision = self.opt.ask(k, pending=pending, avoid=avoid)
+        rejected = [e.point for e in self.evals.values() if e.state == EvalState.REJECTED]
+        decision = self.opt.ask(k, pending=pending, avoid=avoid, rejected=rejected)
         decision.seconds = time.perf_counter() - started
         return decision
 
     async def _ask_and_submit(
         self, point: dict[str, Any], source: str, decision_s: float | None
     ) -> None:
-        seq = len(self.evals)
+        seq = self.reserve_seqs(1)[0]
         e = EvaluationRecord(
             campaign_id=self.id,
             seq=seq,
@@ -412,8 +482,8 @@ class CampaignRunner:
             decision_s=decision_s,
             asked_at=now(),
         )
-        await self.store.insert_evaluation(e)  # before the job exists
         self.evals[seq] = e
+        await self.store.insert_evaluation(e)  # before the job exists
         await self._submit(e)
 
     async def _submit(self, e: EvaluationRecord) -> None:
@@ -637,10 +707,10 @@ class CampaignRunner:
             else:
                 while self.waiters:
                     await self._wait_for_news(None, stop=False)
-        # asked but never submitted (a stop between the two): nothing runs, record it
-        for e in self.evals.values():
-            if e.state == EvalState.ASKED:
-                await self._record_end(e, EvalState.CANCELLED, f"not submitted: {reason}")
+        # asked but never submitted (a stop between the two), or queued: nothing runs
+        for e in list(self.evals.values()):
+            if e.state in (EvalState.ASKED, EvalState.QUEUED):
+                await self._record_end(e, EvalState.CANCELLED, f"not measured: {reason}")
         await self._finish(state, reason)
 
     async def _finish(self, state: CampaignState, reason: str) -> None:

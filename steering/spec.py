@@ -68,10 +68,27 @@ class _Strict(BaseModel):
 
 
 class Objective(_Strict):
-    """What one evaluation is: a job of `service` with `parameters` plus the point's values."""
+    """What one evaluation is: a job of `service` with `parameters` plus the point's values; or,
+    with kind = external, a measurement made elsewhere (an instrument's own control system) that
+    asks for points with `ask_campaign` and reports them with `tell_campaign`."""
 
-    service: str = Field(
-        min_length=1, max_length=128, description="catalogue job to run, optionally name@version"
+    kind: Literal["service", "external"] = Field(
+        "service",
+        description="service: sciorch runs each evaluation as a job; external: the points are "
+        "asked and told over MCP (ask_campaign, tell_campaign). Default: external when no "
+        "service is given",
+    )
+    service: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="catalogue job to run, optionally name@version (kind = service)",
+    )
+    ask_timeout_s: Number = Field(
+        600.0,
+        gt=0,
+        le=MAX_DURATION_S,
+        description="external: an asked point not told within this long goes back to the pool",
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="fixed parameters sent with every evaluation"
@@ -100,6 +117,33 @@ class Objective(_Strict):
         if isinstance(v, str) and v.strip().lower() in _GOAL_ALIASES:
             return _GOAL_ALIASES[v.strip().lower()]
         return v
+
+    @field_validator("ask_timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return parse_duration_s(v) if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" not in data and data.get("service") is None:
+            return {**data, "kind": "external"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Objective:
+        if self.kind == "service" and self.service is None:
+            raise ValueError("a service objective names its job: service = 'name[@version]'")
+        if self.kind == "external":
+            if self.service is not None:
+                raise ValueError("an external objective is measured elsewhere: drop service")
+            if self.parameters:
+                raise ValueError("parameters: fixed job parameters need kind = 'service'")
+        return self
+
+    @property
+    def external(self) -> bool:
+        return self.kind == "external"
 
 
 class Parameter(_Strict):

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.database import Database, Row, open_database
-from steering.models import CampaignRecord, CampaignState, EvaluationRecord
+from steering.models import ActionRecord, CampaignRecord, CampaignState, EvaluationRecord
 
-_JSON = {"spec", "gp_state", "posterior", "plots", "point", "attempts", "result"}
+_JSON = {"spec", "gp_state", "posterior", "plots", "point", "attempts", "result", "arguments"}
 
 
 def now() -> datetime:
@@ -155,3 +155,27 @@ class CampaignStore:
             "SELECT * FROM evaluations WHERE campaign_id = ? ORDER BY seq", (campaign_id,)
         )
         return [EvaluationRecord.model_validate(_decode_row(r)) for r in rows]
+
+    async def next_seq(self, campaign_id: str) -> int:
+        row = await self._db.fetchrow(
+            "SELECT MAX(seq) AS top FROM evaluations WHERE campaign_id = ?", (campaign_id,)
+        )
+        top = row["top"] if row is not None else None
+        return 0 if top is None else int(top) + 1
+
+    # ------------------------------------------------------------------ people's actions
+
+    async def insert_action(self, rec: ActionRecord) -> None:
+        data = rec.model_dump()
+        cols = list(data)
+        await self._exec(
+            f"INSERT INTO campaign_actions ({', '.join(cols)}) "
+            f"VALUES ({', '.join('?' * len(cols))})",
+            [self._enc(c, data[c]) for c in cols],
+        )
+
+    async def actions(self, campaign_id: str) -> list[ActionRecord]:
+        rows = await self._db.fetch(
+            "SELECT * FROM campaign_actions WHERE campaign_id = ? ORDER BY at, id", (campaign_id,)
+        )
+        return [ActionRecord.model_validate(_decode_row(r)) for r in rows]

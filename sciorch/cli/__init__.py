@@ -11,11 +11,11 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, events, steer, agent
+from sciorch.cli import serve, catalogue, entries, events, steer, agent, campaign
 
 # isort: on
 
-__all__ = ["agent", "app", "catalogue", "entries", "events", "main", "serve", "steer"]
+__all__ = ["agent", "app", "campaign", "catalogue", "entries", "events", "main", "serve", "steer"]
 
 
 def main() -> None:
