@@ -336,10 +336,13 @@ class Service(BaseModel):
 
 class ServiceSummary(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="the default version: the newest stable one")
     kind: ServiceKind
     description: str
-    versions: list[str]
+    versions: list[str] = Field(description="every version, oldest first; launch as name@version")
+    dev_versions: list[str] = Field(
+        default_factory=list, description="the pre-releases among them (never the default)"
+    )
     resources: Resources
     parameters: dict[str, Any]
 
