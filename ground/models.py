@@ -246,12 +246,37 @@ RESERVED_PLACEHOLDERS = frozenset(
 )
 
 
+HEALTH_PLACEHOLDERS = frozenset({"base_path", "entry_id"})
+
+
 class HealthCheck(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field("/", description="HTTP path answered with 2xx/3xx once the service is up")
+    path: str = Field(
+        "/",
+        description="HTTP path answered with 2xx/3xx once the service is up; with strip_prefix "
+        "false, put it under the entry's prefix: '{base_path}api/status'",
+    )
     timeout_s: float = Field(60, gt=0, description="give up (entry fails) after this long")
     interval_s: float = Field(0.2, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc})") from exc
+        if unknown := fields - HEALTH_PLACEHOLDERS:
+            raise ValueError(
+                f"placeholders {sorted(unknown)} are not known here; "
+                f"use {sorted(HEALTH_PLACEHOLDERS)}"
+            )
+        if not v.startswith(("/", "{base_path}")):
+            raise ValueError("must start with '/' or '{base_path}'")
+        return v
 
 
 class RestartPolicy(BaseModel):

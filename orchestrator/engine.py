@@ -99,6 +99,17 @@ def fill_command(
     return [arg.format_map(mapping) for arg in service.command]
 
 
+def health_spec(service: Service, base_path: str, entry_id: str) -> HealthSpec | None:
+    """The health check with its path placeholders filled: a service that is not served with its
+    prefix stripped answers its health check under the prefix too."""
+    if service.health is None:
+        return None
+    path = service.health.path.format(base_path=base_path, entry_id=entry_id)
+    # '{base_path}/health' reads naturally but base_path ends with '/' already.
+    path = path.replace(base_path + "/", base_path, 1)
+    return HealthSpec.model_validate({**service.health.model_dump(), "path": path})
+
+
 def _signing_key(folder: Path) -> bytes:
     path = folder / "entry-tokens.key"
     if not path.exists():
@@ -585,7 +596,7 @@ class Engine:
             parameters=params,
             env=dict(svc.env),
             resources=res,
-            health=HealthSpec.model_validate(svc.health.model_dump()) if svc.health else None,
+            health=health_spec(svc, base_path, entry_id),
             restart_policy=svc.restart.policy,
             max_restarts=svc.restart.max_restarts,
             base_path=base_path,
