@@ -236,6 +236,7 @@ RESERVED_PLACEHOLDERS = frozenset(
         "python",
         "port",
         "base_path",
+        "public_origin",
         "entry_id",
         "workdir",
         "params_file",
@@ -320,6 +321,13 @@ class Service(BaseModel):
     strip_prefix: bool = Field(
         True, description="services: the proxy strips /entries/<id> before forwarding"
     )
+    resource_parameters: dict[
+        Literal["cpus", "memory_mb", "gpus", "gpu_type", "walltime_s"], str
+    ] = Field(
+        default_factory=dict,
+        description="resources a parameter sets (resource -> parameter name); a null value "
+        "keeps the template's, the caller's resources override both",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     source: str | None = Field(None, description="file the template was loaded from")
 
@@ -342,6 +350,8 @@ class Service(BaseModel):
         clash = RESERVED_PLACEHOLDERS & set(props)
         if clash:
             raise ValueError(f"parameters: names {sorted(clash)} are reserved placeholders")
+        if unknown := sorted(set(self.resource_parameters.values()) - set(props)):
+            raise ValueError(f"resource_parameters: {unknown} are not parameters")
         import string
 
         known = RESERVED_PLACEHOLDERS | set(props)

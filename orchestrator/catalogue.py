@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from ground.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
-from ground.models import Service, ServiceSummary
+from ground.models import Resources, Service, ServiceSummary
 
 
 def _pieces(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -137,6 +137,24 @@ class Catalogue:
                 )
             )
         return out
+
+
+def resources_for(service: Service, params: dict[str, Any]) -> Resources:
+    """The template's resources with those its resource_parameters take from `params`."""
+    resources = service.resources
+    for field, name in service.resource_parameters.items():
+        if params.get(name) is None:
+            continue
+        try:
+            resources = Resources.model_validate(
+                {**resources.model_dump(), field: params[name]}
+            )
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"]
+            raise InvalidParameters(
+                f"parameters.{name}: not a valid {field}: {why}", field=f"parameters.{name}"
+            ) from exc
+    return resources
 
 
 def validate_parameters(service: Service, parameters: dict[str, Any] | None) -> dict[str, Any]:
