@@ -80,3 +80,10 @@ async def test_versions_side_by_side_over_mcp(tmp_path: Path, catalogue_dir: Pat
         unknown = await client.call_tool("submit_job", {"service": "demo@2.0.0"})
         text = assert_tool_error(unknown, "unknown_service", "2.0.0", "1.1.0-dev", "0.9.0")
         assert "version" in text
+
+        async with sdk_client(http.mcp_url, http.token("bob"), mode="legacy") as legacy:
+            assert legacy.protocol_version == "2025-11-25"
+            services = structured(await legacy.call_tool("list_services", {}))["services"]
+            assert [s["version"] for s in services if s["name"] == "demo"] == ["1.0.0"]
+            dev = await _run(legacy, "demo@1.1.0-dev")
+            assert dev["version"] == "1.1.0-dev" and "ran demo 1.1.0-dev" in dev["log"]
