@@ -99,6 +99,11 @@ class Settings(BaseModel):
     )
     event_ttl_s: int | None = Field(None, description="default lifetime of a new event")
     entry_token_ttl_s: int = 12 * 3600
+    allow_root_services: bool = Field(
+        False,
+        description="let services that refuse root (JupyterLab) run as root when sciorch does "
+        "(tests and throwaway containers only): entries get SCIORCH_ALLOW_ROOT=1",
+    )
     max_result_bytes: int = Field(
         DEFAULT_MAX_RESULT_BYTES,
         ge=1024,

@@ -236,6 +236,7 @@ RESERVED_PLACEHOLDERS = frozenset(
         "python",
         "port",
         "base_path",
+        "public_origin",
         "entry_id",
         "workdir",
         "params_file",
@@ -246,12 +247,37 @@ RESERVED_PLACEHOLDERS = frozenset(
 )
 
 
+HEALTH_PLACEHOLDERS = frozenset({"base_path", "entry_id"})
+
+
 class HealthCheck(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field("/", description="HTTP path answered with 2xx/3xx once the service is up")
+    path: str = Field(
+        "/",
+        description="HTTP path answered with 2xx/3xx once the service is up; with strip_prefix "
+        "false, put it under the entry's prefix: '{base_path}api/status'",
+    )
     timeout_s: float = Field(60, gt=0, description="give up (entry fails) after this long")
     interval_s: float = Field(0.2, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc})") from exc
+        if unknown := fields - HEALTH_PLACEHOLDERS:
+            raise ValueError(
+                f"placeholders {sorted(unknown)} are not known here; "
+                f"use {sorted(HEALTH_PLACEHOLDERS)}"
+            )
+        if not v.startswith(("/", "{base_path}")):
+            raise ValueError("must start with '/' or '{base_path}'")
+        return v
 
 
 class RestartPolicy(BaseModel):
@@ -295,6 +321,13 @@ class Service(BaseModel):
     strip_prefix: bool = Field(
         True, description="services: the proxy strips /entries/<id> before forwarding"
     )
+    resource_parameters: dict[
+        Literal["cpus", "memory_mb", "gpus", "gpu_type", "walltime_s"], str
+    ] = Field(
+        default_factory=dict,
+        description="resources a parameter sets (resource -> parameter name); a null value "
+        "keeps the template's, the caller's resources override both",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     source: str | None = Field(None, description="file the template was loaded from")
 
@@ -317,6 +350,8 @@ class Service(BaseModel):
         clash = RESERVED_PLACEHOLDERS & set(props)
         if clash:
             raise ValueError(f"parameters: names {sorted(clash)} are reserved placeholders")
+        if unknown := sorted(set(self.resource_parameters.values()) - set(props)):
+            raise ValueError(f"resource_parameters: {unknown} are not parameters")
         import string
 
         known = RESERVED_PLACEHOLDERS | set(props)
@@ -336,10 +371,13 @@ class Service(BaseModel):
 
 class ServiceSummary(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="the default version: the newest stable one")
     kind: ServiceKind
     description: str
-    versions: list[str]
+    versions: list[str] = Field(description="every version, oldest first; launch as name@version")
+    dev_versions: list[str] = Field(
+        default_factory=list, description="the pre-releases among them (never the default)"
+    )
     resources: Resources
     parameters: dict[str, Any]
 

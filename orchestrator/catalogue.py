@@ -1,7 +1,10 @@
 """The catalogue: service templates loaded from YAML/TOML files and validated.
 
 Built-in templates ship in `orchestrator/templates/`; extra directories come from configuration.
-Several versions of one name may coexist; the highest version is the default.
+Several versions of one name may coexist (a stable and a dev one side by side). Versions order
+as semver: a pre-release (`1.1.0-dev`, `2.0.0-rc.1`) is a dev version, before its release and never
+the default; the default is the newest stable version (the newest dev one if there is no stable).
+`name@version` names any one of them.
 """
 
 from __future__ import annotations
@@ -18,15 +21,31 @@ import yaml
 from pydantic import ValidationError
 
 from ground.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
-from ground.models import Service, ServiceSummary
+from ground.models import Resources, Service, ServiceSummary
 
 
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Order '1.10.0' after '1.9.2'; numeric parts compare as numbers, others as text."""
-    parts: list[tuple[int, int | str]] = []
-    for piece in version.replace("-", ".").replace("+", ".").split("."):
-        parts.append((1, int(piece)) if piece.isdigit() else (0, piece))
-    return tuple(parts)
+def _pieces(text: str) -> tuple[tuple[int, int | str], ...]:
+    # Numeric pieces sort after text ones, as semver's pre-release identifiers do.
+    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in text.split(".") if p)
+
+
+def version_key(version: str) -> tuple[object, ...]:
+    """Semver order: '1.10.0' after '1.9.2', '1.1.0-dev' after '1.0.0' and before '1.1.0';
+    build metadata ('+...') only breaks ties."""
+    core, _, build = version.partition("+")
+    release, dash, pre = core.partition("-")
+    return (_pieces(release), 0 if dash else 1, _pieces(pre), _pieces(build))
+
+
+def is_prerelease(version: str) -> bool:
+    return "-" in version.partition("+")[0]
+
+
+def default_version(versions: Iterable[str]) -> str:
+    """The newest stable version; the newest pre-release only when there is no stable one."""
+    known = list(versions)
+    stable = [v for v in known if not is_prerelease(v)]
+    return max(stable or known, key=version_key)
 
 
 def load_template(path: Path) -> Service:
@@ -90,7 +109,7 @@ class Catalogue:
                 known=self.names(),
             )
         if version is None:
-            return versions[max(versions, key=version_key)]
+            return versions[default_version(versions)]
         if version not in versions:
             known = sorted(versions, key=version_key)
             raise UnknownService(
@@ -104,18 +123,38 @@ class Catalogue:
         out = []
         for name in self.names():
             latest = self.get(name)
+            versions = sorted(self._by_name[name], key=version_key)
             out.append(
                 ServiceSummary(
                     name=name,
                     version=latest.version,
                     kind=latest.kind,
                     description=latest.description,
-                    versions=sorted(self._by_name[name], key=version_key),
+                    versions=versions,
+                    dev_versions=[v for v in versions if is_prerelease(v)],
                     resources=latest.resources,
                     parameters=latest.parameters,
                 )
             )
         return out
+
+
+def resources_for(service: Service, params: dict[str, Any]) -> Resources:
+    """The template's resources with those its resource_parameters take from `params`."""
+    resources = service.resources
+    for field, name in service.resource_parameters.items():
+        if params.get(name) is None:
+            continue
+        try:
+            resources = Resources.model_validate(
+                {**resources.model_dump(), field: params[name]}
+            )
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"]
+            raise InvalidParameters(
+                f"parameters.{name}: not a valid {field}: {why}", field=f"parameters.{name}"
+            ) from exc
+    return resources
 
 
 def validate_parameters(service: Service, parameters: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import jwt
 
@@ -61,7 +62,7 @@ from ground.models import (
     can_transition,
 )
 from orchestrator.bus import Bus
-from orchestrator.catalogue import Catalogue, validate_parameters
+from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
@@ -97,6 +98,23 @@ def fill_command(
     mapping = _Blank({k: str(v) for k, v in params.items()})
     mapping.update(values)
     return [arg.format_map(mapping) for arg in service.command]
+
+
+def public_origin(public_url: str) -> str:
+    """scheme://host[:port] of the public URL: what a browser sends as Origin to the proxy."""
+    parts = urlsplit(public_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def health_spec(service: Service, base_path: str, entry_id: str) -> HealthSpec | None:
+    """The health check with its path placeholders filled: a service that is not served with its
+    prefix stripped answers its health check under the prefix too."""
+    if service.health is None:
+        return None
+    path = service.health.path.format(base_path=base_path, entry_id=entry_id)
+    # '{base_path}/health' reads naturally but base_path ends with '/' already.
+    path = path.replace(base_path + "/", base_path, 1)
+    return HealthSpec.model_validate({**service.health.model_dump(), "path": path})
 
 
 def _signing_key(folder: Path) -> bytes:
@@ -539,7 +557,7 @@ class Engine:
                 f"{svc.name} is a {svc.kind}, not a {kind}; use {hint}", field="service"
             )
         params = validate_parameters(svc, parameters)
-        res = (resources or ResourceRequest()).apply_to(svc.resources)
+        res = (resources or ResourceRequest()).apply_to(resources_for(svc, params))
         event = await self.event_to_submit_to(principal, event_id)
         request_hash = hashlib.sha256(
             json.dumps(
@@ -574,8 +592,16 @@ class Engine:
         argv = fill_command(
             svc,
             params,
-            {"python": sys.executable, "entry_id": entry_id, "base_path": base_path},
+            {
+                "python": sys.executable,
+                "entry_id": entry_id,
+                "base_path": base_path,
+                "public_origin": public_origin(self.settings.public_url),
+            },
         )
+        env = dict(svc.env)
+        if self.settings.allow_root_services:
+            env["SCIORCH_ALLOW_ROOT"] = "1"
         spec = LaunchSpec(
             entry_id=entry_id,
             event_id=event.id,
@@ -583,9 +609,9 @@ class Engine:
             kind=svc.kind,
             argv=argv,
             parameters=params,
-            env=dict(svc.env),
+            env=env,
             resources=res,
-            health=HealthSpec.model_validate(svc.health.model_dump()) if svc.health else None,
+            health=health_spec(svc, base_path, entry_id),
             restart_policy=svc.restart.policy,
             max_restarts=svc.restart.max_restarts,
             base_path=base_path,

@@ -473,8 +473,10 @@ class EntryProxy:
         ]
         try:
             _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            # Let the other direction finish its close handshake briefly, then stop it.
-            await asyncio.wait(pending, timeout=2.0)
+            # Let the other direction finish its close handshake briefly, then stop it
+            # (both may have ended together; asyncio.wait refuses an empty set).
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
         finally:
             for task in tasks:
                 task.cancel()
