@@ -16,9 +16,9 @@ from fastmcp import Client
 
 from ground.models import Principal
 from mcp_server.server import create_server
+from mcp_server.steering_tools import campaign_manager
 from orchestrator.engine import Engine
 from orchestrator.payloads.surfaces import SURFACES
-from steering.manager import manager_for
 from steering.space import Space, min_distances
 from steering.spec import parse_spec
 from tests.conftest import make_settings, shutdown
@@ -58,7 +58,7 @@ async def eng(home: Path) -> AsyncIterator[Engine]:
     try:
         yield engine
     finally:
-        await manager_for(engine).shutdown()
+        await campaign_manager(engine).shutdown()
         await shutdown(engine)
 
 
@@ -256,7 +256,7 @@ def test_the_campaign_cli_annotates_and_exports(tmp_path: Path) -> None:
                                point_id=p["point_id"], value=branin(p["point"]))
             return cid
         finally:
-            await manager_for(engine).shutdown()
+            await campaign_manager(engine).shutdown()
             await shutdown(engine)
 
     cid = asyncio.run(prepare())
@@ -264,7 +264,7 @@ def test_the_campaign_cli_annotates_and_exports(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "mcp_server.cli", "campaign", *args],
+            [sys.executable, "-m", "sciorch.cli", "campaign", *args],
             env=env, capture_output=True, text=True, timeout=120,
             cwd=Path(__file__).resolve().parent.parent,
         )
@@ -282,10 +282,10 @@ def test_the_campaign_cli_annotates_and_exports(tmp_path: Path) -> None:
     async def actions() -> list[tuple[str, str]]:
         engine = await Engine.open(make_settings(home))
         try:
-            view = await manager_for(engine, auto_resume=False).get(ALICE, cid)
+            view = await campaign_manager(engine, auto_resume=False).get(ALICE, cid)
             return [(a.principal, a.action) for a in view.actions or []]
         finally:
-            await manager_for(engine).shutdown()
+            await campaign_manager(engine).shutdown()
             await shutdown(engine)
 
     assert asyncio.run(actions()) == [("alice", "start"), ("alice", "annotate")]
