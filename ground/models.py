@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     field_validator,
     model_validator,
 )
@@ -84,6 +85,8 @@ Number = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
 # (gt, le) to the int inside the validator, and would publish them as unknown keywords.
 OptInt = Annotated[int | None, BeforeValidator(_not_bool)]
 OptNumber = Annotated[Annotated[float, AllowInfNan(False)] | None, BeforeValidator(_not_bool)]
+# And the flag of inputs: true or false only (lax mode would take 0, 1, "yes", "off").
+Bool = Annotated[bool, Strict()]
 
 _MEM_UNITS = {
     "": 1 / (1024 * 1024),

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ground.models import Int, Number, OptInt, OptNumber
+from ground.errors import FieldValueError
+from ground.models import Bool, Int, Number, OptInt, OptNumber
 from steering.spec import CampaignFields, CampaignSpec
 
 
@@ -237,15 +238,15 @@ class CampaignRef(_In):
 
 
 class GetCampaignInput(CampaignRef):
-    evaluations: bool = Field(True, description="include every evaluation")
+    evaluations: Bool = Field(True, description="include every evaluation")
 
 
 class ListCampaignsInput(_In):
-    include_finished: bool = Field(True, description="also list finished campaigns")
+    include_finished: Bool = Field(True, description="also list finished campaigns")
 
 
 class StopCampaignInput(CampaignRef):
-    cancel_in_flight: bool = Field(
+    cancel_in_flight: Bool = Field(
         True, description="cancel the evaluations still running (they are recorded as cancelled)"
     )
 
@@ -309,7 +310,9 @@ class TellCampaignInput(CampaignRef):
     @model_validator(mode="after")
     def _one(self) -> TellCampaignInput:
         if (self.point_id is None) == (self.point is None):
-            raise ValueError("give point_id (from ask_campaign) or point, not both")
+            raise FieldValueError(
+                "point_id", "give point_id (from ask_campaign) or point, one of them"
+            )
         return self
 
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ground.errors import InvalidInput, invalid_input
-from ground.models import MAX_DURATION_S, Int, Number, OptInt, OptNumber, parse_duration_s
+from ground.models import MAX_DURATION_S, Bool, Int, Number, OptInt, OptNumber, parse_duration_s
 
 Goal = Literal["minimise", "maximise", "explore"]
 
@@ -156,7 +156,7 @@ class Parameter(_Strict):
     choices: list[str | int | float | bool] | None = Field(
         None, description="the values of a categorical parameter"
     )
-    log: bool = Field(False, description="search on a log scale (bounds must be > 0)")
+    log: Bool = Field(False, description="search on a log scale (bounds must be > 0)")
 
     @model_validator(mode="after")
     def _check(self) -> Parameter:
@@ -229,7 +229,7 @@ class Noise(_Strict):
     variance: OptNumber = Field(
         None, ge=0, description="known noise variance, used where the result does not say"
     )
-    learn: bool = Field(False, description="learn one noise level with the hyperparameters")
+    learn: Bool = Field(False, description="learn one noise level with the hyperparameters")
 
     @model_validator(mode="before")
     @classmethod

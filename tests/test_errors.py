@@ -217,6 +217,14 @@ DEFECTS: list[tuple[str, dict[str, Any], str, str]] = [
         "timeout_seconds",
     ),
     ("create_event", {"ttl_seconds": True}, "invalid_input", "ttl_seconds"),
+    # and numbers (or "yes") where a flag is expected
+    ("list_campaigns", {"include_finished": 0}, "invalid_input", "include_finished"),
+    (
+        "get_campaign",
+        {"campaign_id": "cmp-000000000000", "evaluations": "yes"},
+        "invalid_input",
+        "evaluations",
+    ),
     (
         "submit_job",
         {"service": "sim-instrument", "resources": {"gpus": True}},
@@ -386,6 +394,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
         "space": [{"name": "x1", "low": 0, "high": 1}],
     },
     "share_event": {"event_id": "evt-000000000000", "principal": "bob"},
+    "tell_campaign": {"point_id": "cmp-000000000000:0"},  # one of point_id or point
 }
 IDS = {
     "entry_id": "ent-000000000000",
