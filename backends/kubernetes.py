@@ -77,9 +77,6 @@ from backends.kube_cluster import ClusterFacts, Running
 from backends.kube_log import LogFollower, Mirror, Records
 from backends.kube_manifests import (
     ENTRY_LABEL,
-    MANAGED_BY,
-    MANAGER,
-    SITE_LABEL,
     KubernetesOptions,
     build_manifests,
     check_bundle,
@@ -93,15 +90,13 @@ from backends.kube_objects import SiteObjects
 from backends.kube_status import (
     condition,
     dig,
-    event_problem,
     is_true,
     main_status,
     name_of,
     pending_pod,
 )
-from backends.kube_watch import Handler, NamespaceWatch, dispatch
+from backends.kube_watch import SiteWatches, WatchedEntry
 from backends.supervisor import (
-    EntryRecord,
     Supervisor,
     health_failure,
     restart_allowed,
@@ -122,22 +117,15 @@ from ground.models import (
 log = logging.getLogger("sciorch.backends.kubernetes")
 
 
-
-
 # ----------------------------------------------------------------------------- bookkeeping
 
 
 @dataclass(eq=False, kw_only=True)
-class _Entry(EntryRecord):
-    namespace: str
-    name: str
+class _Entry(WatchedEntry):
     mirror: Mirror
     endpoint: str | None
-    job: dict[str, Any] | None = None
-    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     pod_restarts: dict[str, int] = field(default_factory=dict)
     failed_pods: set[str] = field(default_factory=set)
-    events: dict[str, tuple[str, str]] = field(default_factory=dict)  # object -> (kind, text)
     stuck_kind: str | None = None
     stuck_text: str | None = None
     stuck_timer: asyncio.TimerHandle | None = None
@@ -149,8 +137,6 @@ class _Entry(EntryRecord):
     @property
     def workload(self) -> str:
         return "Job" if self.spec.kind == "job" else "Deployment"
-
-
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -174,7 +160,16 @@ class KubernetesBackend(Supervisor[_Entry]):
         self.entries_dir = Path(entries_dir)
         self.api = api
         self._own_api = api is None
-        self._watchers: dict[str, NamespaceWatch] = {}
+        self.watches: SiteWatches[_Entry] = SiteWatches(
+            name,
+            self._api,
+            self._entries,
+            evaluate=self._evaluate,
+            job_deleted=self._job_deleted,
+            reachable=self._reachable,
+            closed=lambda: self._closed,
+            timeout_s=opts.watch_timeout_s,
+        )
         self.objects = SiteObjects(name, opts, self._api)
         self.cluster = ClusterFacts(name, opts)
 
@@ -201,9 +196,7 @@ class KubernetesBackend(Supervisor[_Entry]):
     async def close(self) -> None:
         """Stop watching and following; what runs on the cluster keeps running."""
         self._closed = True
-        tasks: list[asyncio.Task[Any]] = []
-        for w in self._watchers.values():
-            tasks += w.tasks
+        tasks: list[asyncio.Task[Any]] = list(self.watches.tasks())
         for e in self._entries.values():
             self._stop_timers(e)
             if e.follower.task is not None:
@@ -213,7 +206,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watchers.clear()
+        self.watches.by_namespace.clear()
         self._entries.clear()
         self.objects.namespaces.clear()
         if self._own_api and self.api is not None:
@@ -252,7 +245,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             return SiteStatus.DOWN, self.cluster.unreachable
         if self.cluster.no_node_ready():
             return SiteStatus.DEGRADED, "no node is Ready and schedulable"
-        problems = sorted({p for w in self._watchers.values() for p in w.problems.values()})
+        problems = self.watches.problems()
         if problems:
             return SiteStatus.DEGRADED, "; ".join(problems)
         return SiteStatus.UP, None
@@ -284,7 +277,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         created: list[dict[str, Any]] = []
         try:
             await self.objects.ensure_namespace(spec.event_id)
-            self._watch(e.namespace)
+            self.watches.watch(e.namespace)
             for body in manifests:
                 await self.objects.create(body, spec.entry_id)
                 created.append(body)
@@ -295,7 +288,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     await self._api().delete(
                         str(body["kind"]), e.namespace, str(body["metadata"]["name"])
                     )
-            self._maybe_unwatch(e.namespace)
+            self.watches.maybe_unwatch(e.namespace)
             raise
         async with e.lock:
             if e.state == EntryState.PENDING and e.reason is None:  # nothing newer reported
@@ -363,8 +356,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         self.objects.namespaces.add(e.namespace)
         if spec.kind == "service" and e.started_at is not None:
             self._arm_walltime(e)
-        self._watch(e.namespace)
-        await self._sync_entry(e)
+        self.watches.watch(e.namespace)
+        await self.watches.sync_entry(e)
 
     async def read_logs(
         self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
@@ -393,7 +386,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 if not e.finished:
                     e.cancel_requested = True
                     await self._end(e, EntryState.CANCELLED, "event stopped", None, delete=False)
-        await self._unwatch(ns)
+        await self.watches.unwatch(ns)
         self.objects.namespaces.discard(ns)
         await retry(lambda: self._api().delete("Namespace", None, ns))
 
@@ -428,126 +421,18 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ watching
 
-    def _watch(self, ns: str) -> None:
-        if ns in self._watchers or self._closed:
-            return
-        ours = f"{MANAGED_BY}={MANAGER},{SITE_LABEL}={label_value(self.name)}"
-        self._watchers[ns] = NamespaceWatch(
-            self._api(),
-            ns,
-            [
-                ("Pod", ours, self._on_pod),
-                ("Job", ours, self._on_job),
-                ("Event", None, self._on_event),
-            ],
-            relisted=self._relisted,
-            reachable=self._reachable,
-            closed=lambda: self._closed,
-            timeout_s=self.options.watch_timeout_s,
-        )
-
     def _reachable(self, why: str | None) -> None:
         self.cluster.unreachable = why
 
-    def _maybe_unwatch(self, ns: str) -> None:
-        if any(e.namespace == ns and not e.finished for e in self._entries.values()):
-            return
-        w = self._watchers.pop(ns, None)
-        if w is not None:
-            w.cancel()
-
-    async def _unwatch(self, ns: str) -> None:
-        w = self._watchers.pop(ns, None)
-        if w is not None:
-            await w.aclose()
-
-    async def _relisted(
-        self, kind: str, ns: str, items: list[dict[str, Any]], handler: Handler
-    ) -> None:
-        """A fresh list: what it lacks was deleted while nobody watched."""
-        names = {name_of(i) for i in items}
-        for e in [x for x in self._entries.values() if x.namespace == ns and not x.finished]:
-            if kind == "Pod":
-                for gone in [p for p in e.pods if p not in names]:
-                    await dispatch(handler, "DELETED", e.pods[gone])
-            elif kind == "Job" and e.job is not None and e.name not in names:
-                await dispatch(handler, "DELETED", e.job)
-        for item in items:
-            await dispatch(handler, "ADDED", item)
-
-    async def _sync_entry(self, e: _Entry) -> None:
-        """Feed the entry's current objects through the handlers (after an adoption)."""
-        selector = f"{ENTRY_LABEL}={label_value(e.id)}"
-        try:
-            pods, _ = await self._api().list("Pod", e.namespace, label_selector=selector)
-            jobs: list[dict[str, Any]] = []
-            if e.spec.kind == "job":
-                jobs, _ = await self._api().list("Job", e.namespace, label_selector=selector)
-        except (KubeApiError, KubeUnreachable) as exc:
-            log.warning("syncing %s: %s; the watches will tell", e.id, exc)
-            return
-        for pod in pods:
-            await dispatch(self._on_pod, "ADDED", pod)
-        for job in jobs:
-            await dispatch(self._on_job, "ADDED", job)
-
-    def _entry_of(self, obj: Mapping[str, Any]) -> _Entry | None:
-        eid = (dig(obj, "metadata", "labels") or {}).get(ENTRY_LABEL)
-        e = self._entries.get(str(eid)) if eid else None
-        return None if e is None or e.finished else e
-
-    async def _on_pod(self, typ: str, pod: dict[str, Any]) -> None:
-        e = self._entry_of(pod)
-        if e is None:
-            return
-        async with e.lock:
-            if e.finished:
-                return
-            name = name_of(pod)
-            if typ == "DELETED":
-                e.pods.pop(name, None)
-            else:
-                e.pods[name] = pod
-            await self._evaluate(e)
-
-    async def _on_job(self, typ: str, job: dict[str, Any]) -> None:
-        e = self._entry_of(job)
-        if e is None or name_of(job) != e.name:
-            return
-        async with e.lock:
-            if e.finished:
-                return
-            if typ == "DELETED":
-                if not e.cancel_requested:
-                    await self._end(
-                        e,
-                        EntryState.FAILED,
-                        f"its Job {e.namespace}/{e.name} was deleted outside sciorch",
-                        None,
-                        delete=True,
-                    )
-                return
-            e.job = job
-            await self._evaluate(e)
-
-    async def _on_event(self, typ: str, ev: dict[str, Any]) -> None:
-        if typ == "DELETED":
-            return
-        said = event_problem(ev)
-        if said is None:
-            return
-        target = str(dig(ev, "involvedObject", "name") or "")
-        ns = str(dig(ev, "involvedObject", "namespace") or dig(ev, "metadata", "namespace"))
-        for e in list(self._entries.values()):
-            if e.finished or e.namespace != ns:
-                continue
-            if target == e.name or target.startswith(e.name + "-"):
-                async with e.lock:
-                    if e.finished:
-                        return
-                    e.events[target] = said
-                    await self._evaluate(e)
-                return
+    async def _job_deleted(self, e: _Entry) -> None:
+        if not e.cancel_requested:
+            await self._end(
+                e,
+                EntryState.FAILED,
+                f"its Job {e.namespace}/{e.name} was deleted outside sciorch",
+                None,
+                delete=True,
+            )
 
     # ------------------------------------------------------------------ the state machine
 
@@ -794,9 +679,7 @@ class KubernetesBackend(Supervisor[_Entry]):
     async def _expire_now(self, e: _Entry) -> None:
         async with e.lock:
             if not e.finished:
-                await self._end(
-                    e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True
-                )
+                await self._end(e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True)
 
     def _arm_health(self, e: _Entry) -> None:
         health = e.spec.health
@@ -874,9 +757,7 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ reporting
 
-    def _accept(
-        self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool
-    ) -> bool:
+    def _accept(self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool) -> bool:
         """A state, or for the same state a new reason, handle or restart count, is news;
         steps the state machine does not allow are not."""
         reason = kw.get("reason")
@@ -912,7 +793,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     raise
                 reason = f"{reason}; deleting its objects failed: {exc.message}"
         await self._finished_locked(e, state, reason, exit_code)
-        self._maybe_unwatch(e.namespace)
+        self.watches.maybe_unwatch(e.namespace)
 
     def _final_facts(self, e: _Entry) -> dict[str, Any]:
         return {"handle": self._handle(e)}

@@ -23,7 +23,8 @@ state. While Slurm cannot be reached nothing is lost: entries keep their state, 
 why it is down, and polling backs off (at most MAX_BACKOFF_S) until Slurm answers again.
 
 Slurm is reached through a `SlurmTransport` (backends.slurm_transport): slurmrestd over HTTP
-with a JWT (`transport = "rest"`, the main path) or the Slurm commands (`transport = "cli"`).
+with a JWT (`transport = "rest"`, the main path: backends.slurm_rest) or the Slurm commands
+(`transport = "cli"`: backends.slurm_cli).
 There is no pyslurm transport: no pyslurm that matches Slurm 22.05 can be installed here to test
 it against (see the project's Slurm notes).
 
@@ -59,7 +60,9 @@ from backends.base import (
     site_options,
 )
 from backends.slurm_callback import CallbackListener
+from backends.slurm_cli import CliTransport
 from backends.slurm_job import SlurmOptions, build_script, job_request
+from backends.slurm_rest import RestTransport
 from backends.slurm_site import SlurmSite
 from backends.slurm_states import (
     ACTIVE_STATES,
@@ -69,9 +72,7 @@ from backends.slurm_states import (
     job_verdict,
 )
 from backends.slurm_transport import (
-    CliTransport,
     JobInfo,
-    RestTransport,
     SlurmError,
     SlurmRejected,
     SlurmTransport,
