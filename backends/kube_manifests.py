@@ -379,6 +379,16 @@ def container(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, Any]:
     return c
 
 
+def pod_template(
+    spec: LaunchSpec, opts: KubernetesOptions, site: str, restart_policy: str
+) -> dict[str, Any]:
+    """The pod template of a Job or Deployment: the entry's labels and its pod spec."""
+    return {
+        "metadata": {"labels": labels(spec, site)},
+        "spec": pod_spec(spec, opts, restart_policy),
+    }
+
+
 def pod_spec(
     spec: LaunchSpec, opts: KubernetesOptions, restart_policy: str
 ) -> dict[str, Any]:
@@ -456,10 +466,7 @@ def job_manifest(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> dict[s
         "spec": {
             "backoffLimit": int(retries),
             "activeDeadlineSeconds": int(walltime),
-            "template": {
-                "metadata": {"labels": labels(spec, site)},
-                "spec": pod_spec(spec, opts, "Never"),
-            },
+            "template": pod_template(spec, opts, site, "Never"),
         },
     }
 
@@ -475,10 +482,7 @@ def deployment_manifest(spec: LaunchSpec, opts: KubernetesOptions, site: str) ->
             # One replica that may hold GPUs: never run the old and the new pod side by side.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector_labels(spec)},
-            "template": {
-                "metadata": {"labels": labels(spec, site)},
-                "spec": pod_spec(spec, opts, "Always"),
-            },
+            "template": pod_template(spec, opts, site, "Always"),
         },
     }
 

@@ -58,17 +58,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backends.base import (
-    DEFAULT_MAX_RESULT_BYTES,
     LaunchSpec,
-    LogChunk,
     Reporter,
-    ResultData,
     WorkDir,
     site_options,
 )
@@ -89,11 +86,14 @@ from backends.kube_manifests import (
 from backends.kube_objects import SiteObjects
 from backends.kube_status import (
     condition,
+    current_pod,
     dig,
+    exit_code,
     is_true,
     main_status,
     name_of,
     pending_pod,
+    pod_done,
 )
 from backends.kube_watch import SiteWatches, WatchedEntry
 from backends.supervisor import (
@@ -155,9 +155,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         api: KubeApi | None = None,
     ) -> None:
         opts = site_options(KubernetesOptions, name, options)
-        super().__init__(name)
+        super().__init__(name, entries_dir)
         self.options = opts
-        self.entries_dir = Path(entries_dir)
         self.api = api
         self._own_api = api is None
         self.watches: SiteWatches[_Entry] = SiteWatches(
@@ -359,25 +358,6 @@ class KubernetesBackend(Supervisor[_Entry]):
         self.watches.watch(e.namespace)
         await self.watches.sync_entry(e)
 
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk:
-        return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        data = await wd.read_results_async(since_record, max_result_bytes)
-        e = self._entries.get(entry_id)
-        mirror = e.mirror if e is not None else Mirror(wd, markers=True)
-        data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))
-        return data
-
     async def release_event(self, event_id: str) -> None:
         """The event has ended: stop what is left of it and delete its namespace."""
         ns = namespace_name(self.options.namespace_prefix, event_id)
@@ -411,7 +391,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 ns,
                 is_job=spec.kind == "job",
                 publish=lambda records: self._publish(e, records),
-                pod_done=lambda pod: self._pod_done(e, pod),
+                pod_done=lambda pod: pod_done(e.pods.get(pod), spec.kind == "job"),
                 stopped=lambda: e.finished or self._closed,
             ),
             endpoint=ep,
@@ -445,15 +425,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         else:
             await self._evaluate_service(e)
 
-    def _current_pod(self, e: _Entry) -> dict[str, Any] | None:
-        pods = list(e.pods.values())
-        if not pods:
-            return None
-        live = [p for p in pods if not dig(p, "metadata", "deletionTimestamp")] or pods
-        return max(live, key=lambda p: (str(dig(p, "metadata", "creationTimestamp")), name_of(p)))
-
     async def _evaluate_job(self, e: _Entry) -> None:
-        pod = self._current_pod(e)
+        pod = current_pod(e.pods)
         if pod is not None:
             await self._observe_job_pod(e, pod)
             if e.finished:
@@ -468,7 +441,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         if failed is not None and failed.get("status") == "True":
             why = str(failed.get("reason") or "")
             await self._final_log(e)  # the exit code may be in it, and the pods are fresh
-            code = self._exit_code(e, self._current_pod(e))
+            code = self._exit_code(e, current_pod(e.pods))
             if why == "DeadlineExceeded":
                 walltime = format_duration(int(dig(job, "spec", "activeDeadlineSeconds") or 0))
                 await self._end(
@@ -496,11 +469,8 @@ class KubernetesBackend(Supervisor[_Entry]):
                 await self._stuck(e, stuck[0], stuck[1])
 
     def _exit_code(self, e: _Entry, pod: Mapping[str, Any] | None) -> int | None:
-        if pod is not None:
-            term = dig(main_status(pod), "state", "terminated")
-            if isinstance(term, dict) and term.get("exitCode") is not None:
-                return int(term["exitCode"])
-        return e.mirror.exit_code
+        code = exit_code(pod)
+        return code if code is not None else e.mirror.exit_code
 
     async def _observe_job_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
         phase = dig(pod, "status", "phase")
@@ -532,7 +502,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 )
 
     async def _evaluate_service(self, e: _Entry) -> None:
-        pod = self._current_pod(e)
+        pod = current_pod(e.pods)
         if pod is None:
             if e.state in (EntryState.RUNNING, EntryState.READY):
                 e.ready = False
@@ -716,14 +686,6 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ logs
 
-    def _pod_done(self, e: _Entry, pod: str) -> bool:
-        p = e.pods.get(pod)
-        if p is None:
-            return True
-        if dig(p, "status", "phase") in ("Succeeded", "Failed"):
-            return True
-        return e.spec.kind == "job" and bool(dig(main_status(p), "state", "terminated"))
-
     async def _final_log(self, e: _Entry) -> None:
         """Before the final report: stop following and mirror the rest of the log."""
         if e.follower.final:
@@ -737,7 +699,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     "Pod", e.namespace, label_selector=f"{ENTRY_LABEL}={label_value(e.id)}"
                 )
                 e.pods.update({name_of(p): p for p in pods})
-            current = self._current_pod(e)
+            current = current_pod(e.pods)
             if current is not None and dig(current, "status", "phase") != "Pending":
                 pod = name_of(current)
         if pod is not None:
@@ -834,8 +796,10 @@ class KubernetesBackend(Supervisor[_Entry]):
         if self._reporter is None or self._closed or self.api is None:
             raise BackendError(f"kubernetes backend {self.name!r} is not started")
 
-    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
-        return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
+    def _more_artifacts(self, entry_id: str, wd: WorkDir) -> Collection[str]:
+        """What the pod log announced (its files are in the pod, not in the mirror)."""
+        e = self._entries.get(entry_id)
+        return (e.mirror if e is not None else Mirror(wd, markers=True)).artifacts
 
     def _later(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run fn(*args) as a background task (timers call this when they fire)."""

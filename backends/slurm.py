@@ -50,12 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import (
-    DEFAULT_MAX_RESULT_BYTES,
     HealthSpec,
     LaunchSpec,
-    LogChunk,
     Reporter,
-    ResultData,
     WorkDir,
     site_options,
 )
@@ -137,6 +134,7 @@ class SlurmBackend(Supervisor[_Job]):
     """Runs entries as Slurm batch jobs. See the module docstring."""
 
     kind = "slurm"
+    reads_block = True
 
     def __init__(
         self,
@@ -147,9 +145,8 @@ class SlurmBackend(Supervisor[_Job]):
         transport: SlurmTransport | None = None,
     ) -> None:
         opts = site_options(SlurmOptions, name, options)
-        super().__init__(name)
+        super().__init__(name, entries_dir)
         self.options = opts
-        self.entries_dir = Path(entries_dir)
         self.shared_dir = Path(opts.shared_dir or entries_dir).expanduser()
         self.job_user = opts.user or getpass.getuser()
         if opts.transport == "cli":
@@ -342,21 +339,6 @@ class SlurmBackend(Supervisor[_Job]):
                 j.endpoint = j.endpoint or self._endpoint_of(started_file)
                 self._start_health(j)
         self._track(j)
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk:
-        return await asyncio.to_thread(self._workdir(entry_id, handle).read_logs, offset, limit)
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        return await asyncio.to_thread(wd.read_results, since_record, max_result_bytes)
 
     # ------------------------------------------------------------------ submitting
 
@@ -723,8 +705,8 @@ class SlurmBackend(Supervisor[_Job]):
 
     # ------------------------------------------------------------------ small parts
 
-    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
-        return WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
+    def _workdirs(self) -> Path:
+        return self.shared_dir
 
 
 def _opt_int(value: Any) -> int | None:
