@@ -242,6 +242,13 @@ class KubernetesOptions(BaseModel):
     def ingress_enabled(self) -> bool:
         return bool(self.ingress_host_template or self.ingress_host)
 
+    def stuck_grace(self, kind: str, fatal: bool) -> float | None:
+        """How long a pod stuck this way ('unschedulable', 'image', ...) is given (None:
+        forever; 0 for what never gets better)."""
+        if fatal:
+            return 0.0
+        return self.unschedulable_grace_s if kind == "unschedulable" else self.image_pull_grace_s
+
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -565,6 +572,15 @@ def build_manifests(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> lis
     return out
 
 
+def object_refs(spec: LaunchSpec, opts: KubernetesOptions) -> list[str]:
+    """`Kind/name` of each object `build_manifests` makes, in the same order."""
+    name = object_name(spec.entry_id)
+    if spec.kind == "job":
+        return [f"ConfigMap/{params_name(spec.entry_id)}", f"Job/{name}"]
+    refs = [f"ConfigMap/{params_name(spec.entry_id)}", f"Deployment/{name}", f"Service/{name}"]
+    return refs + ([f"Ingress/{name}"] if opts.ingress_enabled else [])
+
+
 def endpoint(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> str:
     """The upstream address the proxy forwards a service's requests to."""
     use_ingress = opts.endpoint == "ingress" or (opts.endpoint == "auto" and opts.ingress_enabled)
@@ -765,4 +781,5 @@ __all__ = [
     "namespace_manifest",
     "namespace_name",
     "object_name",
+    "object_refs",
 ]

@@ -81,7 +81,7 @@ from backends.kube_manifests import (
     label_value,
     namespace_name,
     object_name,
-    params_name,
+    object_refs,
 )
 from backends.kube_objects import SiteObjects
 from backends.kube_status import (
@@ -608,13 +608,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         if e.stuck_kind != kind:
             self._cancel_timer(e, "stuck_timer")
             e.stuck_kind = kind
-            grace = (
-                0.0
-                if fatal
-                else self.options.unschedulable_grace_s
-                if kind == "unschedulable"
-                else self.options.image_pull_grace_s
-            )
+            grace = self.options.stuck_grace(kind, fatal)
             if grace is not None:
                 e.stuck_timer = asyncio.get_running_loop().call_later(
                     grace, self._later, self._give_up, e, kind, grace
@@ -765,16 +759,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             "namespace": e.namespace,
             "kind": e.workload,
             "name": e.name,
-            "objects": [
-                f"ConfigMap/{params_name(e.id)}",
-                f"{e.workload}/{e.name}",
-                *([f"Service/{e.name}"] if e.spec.kind == "service" else []),
-                *(
-                    [f"Ingress/{e.name}"]
-                    if e.spec.kind == "service" and self.options.ingress_enabled
-                    else []
-                ),
-            ],
+            "objects": object_refs(e.spec, self.options),
             "pod": pod or e.follower.pod,
             "workdir": str(e.mirror.wd.root),
             "started_at": e.started_at,
@@ -793,8 +778,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         return self.api
 
     def _require_started(self) -> None:
-        if self._reporter is None or self._closed or self.api is None:
-            raise BackendError(f"kubernetes backend {self.name!r} is not started")
+        super()._require_started()
+        self._api()  # connected too
 
     def _more_artifacts(self, entry_id: str, wd: WorkDir) -> Collection[str]:
         """What the pod log announced (its files are in the pod, not in the mirror)."""
