@@ -34,6 +34,11 @@ log = logging.getLogger("sciorch.backends.kubernetes")
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
+def _given(**kw: Any) -> dict[str, Any]:
+    """The query arguments that have a value (an empty selector or token is left out)."""
+    return {k: v for k, v in kw.items() if v}
+
+
 class KubeApiError(BackendError):
     """The API server answered with an error status."""
 
@@ -282,13 +287,12 @@ class KubeApi:
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            kw: dict[str, Any] = {"limit": 500}
-            if label_selector:
-                kw["label_selector"] = label_selector
-            if field_selector:
-                kw["field_selector"] = field_selector
-            if token:
-                kw["_continue"] = token
+            kw = {
+                "limit": 500,
+                **_given(
+                    label_selector=label_selector, field_selector=field_selector, _continue=token
+                ),
+            }
             call = functools.partial(fn, *self._args(kind, namespace), **kw)
             data = await self._send(f"list {kind}", call)
             items += [i for i in data.get("items") or [] if isinstance(i, dict)]
@@ -312,18 +316,17 @@ class KubeApi:
         server has accepted the watch. Ends when the server closes the stream or the connection
         drops; raises `KubeGone` for a 410 (list again), `KubeApiError` otherwise."""
         fn = self._method(kind, "list", namespace)
-        kw: dict[str, Any] = {
+        kw = {
             "watch": True,
             "allow_watch_bookmarks": True,
             "timeout_seconds": int(timeout_s),
             "_request_timeout": float(timeout_s + 30),
+            **_given(
+                label_selector=label_selector,
+                field_selector=field_selector,
+                resource_version=resource_version,
+            ),
         }
-        if label_selector:
-            kw["label_selector"] = label_selector
-        if field_selector:
-            kw["field_selector"] = field_selector
-        if resource_version:
-            kw["resource_version"] = resource_version
         what = f"watch {kind}" + (f" in {namespace}" if namespace else "")
         try:
             resp: aiohttp.ClientResponse = await fn(*self._args(kind, namespace), **kw)

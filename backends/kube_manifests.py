@@ -242,6 +242,13 @@ class KubernetesOptions(BaseModel):
     def ingress_enabled(self) -> bool:
         return bool(self.ingress_host_template or self.ingress_host)
 
+    def stuck_grace(self, kind: str, fatal: bool) -> float | None:
+        """How long a pod stuck this way ('unschedulable', 'image', ...) is given (None:
+        forever; 0 for what never gets better)."""
+        if fatal:
+            return 0.0
+        return self.unschedulable_grace_s if kind == "unschedulable" else self.image_pull_grace_s
+
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -379,6 +386,16 @@ def container(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, Any]:
     return c
 
 
+def pod_template(
+    spec: LaunchSpec, opts: KubernetesOptions, site: str, restart_policy: str
+) -> dict[str, Any]:
+    """The pod template of a Job or Deployment: the entry's labels and its pod spec."""
+    return {
+        "metadata": {"labels": labels(spec, site)},
+        "spec": pod_spec(spec, opts, restart_policy),
+    }
+
+
 def pod_spec(
     spec: LaunchSpec, opts: KubernetesOptions, restart_policy: str
 ) -> dict[str, Any]:
@@ -456,10 +473,7 @@ def job_manifest(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> dict[s
         "spec": {
             "backoffLimit": int(retries),
             "activeDeadlineSeconds": int(walltime),
-            "template": {
-                "metadata": {"labels": labels(spec, site)},
-                "spec": pod_spec(spec, opts, "Never"),
-            },
+            "template": pod_template(spec, opts, site, "Never"),
         },
     }
 
@@ -475,10 +489,7 @@ def deployment_manifest(spec: LaunchSpec, opts: KubernetesOptions, site: str) ->
             # One replica that may hold GPUs: never run the old and the new pod side by side.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector_labels(spec)},
-            "template": {
-                "metadata": {"labels": labels(spec, site)},
-                "spec": pod_spec(spec, opts, "Always"),
-            },
+            "template": pod_template(spec, opts, site, "Always"),
         },
     }
 
@@ -559,6 +570,15 @@ def build_manifests(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> lis
         if opts.ingress_enabled:
             out.append(ingress_manifest(spec, opts, site))
     return out
+
+
+def object_refs(spec: LaunchSpec, opts: KubernetesOptions) -> list[str]:
+    """`Kind/name` of each object `build_manifests` makes, in the same order."""
+    name = object_name(spec.entry_id)
+    if spec.kind == "job":
+        return [f"ConfigMap/{params_name(spec.entry_id)}", f"Job/{name}"]
+    refs = [f"ConfigMap/{params_name(spec.entry_id)}", f"Deployment/{name}", f"Service/{name}"]
+    return refs + ([f"Ingress/{name}"] if opts.ingress_enabled else [])
 
 
 def endpoint(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> str:
@@ -761,4 +781,5 @@ __all__ = [
     "namespace_manifest",
     "namespace_name",
     "object_name",
+    "object_refs",
 ]

@@ -62,6 +62,32 @@ def name_of(obj: Mapping[str, Any]) -> str:
     return str(dig(obj, "metadata", "name") or "")
 
 
+def current_pod(pods: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest of an entry's pods, preferring those not being deleted."""
+    if not pods:
+        return None
+    live = [p for p in pods.values() if not dig(p, "metadata", "deletionTimestamp")]
+    return max(
+        live or pods.values(),
+        key=lambda p: (str(dig(p, "metadata", "creationTimestamp")), name_of(p)),
+    )
+
+
+def exit_code(pod: Mapping[str, Any] | None) -> int | None:
+    """The main container's exit code, once it has terminated."""
+    term = dig(main_status(pod), "state", "terminated") if pod is not None else None
+    if isinstance(term, dict) and term.get("exitCode") is not None:
+        return int(term["exitCode"])
+    return None
+
+
+def pod_done(pod: Mapping[str, Any] | None, is_job: bool) -> bool:
+    """Whether a pod will write no more log (gone, ended, or a job's container terminated)."""
+    if pod is None or dig(pod, "status", "phase") in ("Succeeded", "Failed"):
+        return True
+    return is_job and bool(dig(main_status(pod), "state", "terminated"))
+
+
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
 _SUFFIX = {
     "": 1.0,

@@ -58,17 +58,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backends.base import (
-    DEFAULT_MAX_RESULT_BYTES,
     LaunchSpec,
-    LogChunk,
     Reporter,
-    ResultData,
     WorkDir,
     site_options,
 )
@@ -77,9 +74,6 @@ from backends.kube_cluster import ClusterFacts, Running
 from backends.kube_log import LogFollower, Mirror, Records
 from backends.kube_manifests import (
     ENTRY_LABEL,
-    MANAGED_BY,
-    MANAGER,
-    SITE_LABEL,
     KubernetesOptions,
     build_manifests,
     check_bundle,
@@ -87,21 +81,22 @@ from backends.kube_manifests import (
     label_value,
     namespace_name,
     object_name,
-    params_name,
+    object_refs,
 )
 from backends.kube_objects import SiteObjects
 from backends.kube_status import (
     condition,
+    current_pod,
     dig,
-    event_problem,
+    exit_code,
     is_true,
     main_status,
     name_of,
     pending_pod,
+    pod_done,
 )
-from backends.kube_watch import Handler, NamespaceWatch, dispatch
+from backends.kube_watch import SiteWatches, WatchedEntry
 from backends.supervisor import (
-    EntryRecord,
     Supervisor,
     health_failure,
     restart_allowed,
@@ -122,22 +117,15 @@ from ground.models import (
 log = logging.getLogger("sciorch.backends.kubernetes")
 
 
-
-
 # ----------------------------------------------------------------------------- bookkeeping
 
 
 @dataclass(eq=False, kw_only=True)
-class _Entry(EntryRecord):
-    namespace: str
-    name: str
+class _Entry(WatchedEntry):
     mirror: Mirror
     endpoint: str | None
-    job: dict[str, Any] | None = None
-    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     pod_restarts: dict[str, int] = field(default_factory=dict)
     failed_pods: set[str] = field(default_factory=set)
-    events: dict[str, tuple[str, str]] = field(default_factory=dict)  # object -> (kind, text)
     stuck_kind: str | None = None
     stuck_text: str | None = None
     stuck_timer: asyncio.TimerHandle | None = None
@@ -149,8 +137,6 @@ class _Entry(EntryRecord):
     @property
     def workload(self) -> str:
         return "Job" if self.spec.kind == "job" else "Deployment"
-
-
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -169,12 +155,20 @@ class KubernetesBackend(Supervisor[_Entry]):
         api: KubeApi | None = None,
     ) -> None:
         opts = site_options(KubernetesOptions, name, options)
-        super().__init__(name)
+        super().__init__(name, entries_dir)
         self.options = opts
-        self.entries_dir = Path(entries_dir)
         self.api = api
         self._own_api = api is None
-        self._watchers: dict[str, NamespaceWatch] = {}
+        self.watches: SiteWatches[_Entry] = SiteWatches(
+            name,
+            self._api,
+            self._entries,
+            evaluate=self._evaluate,
+            job_deleted=self._job_deleted,
+            reachable=self._reachable,
+            closed=lambda: self._closed,
+            timeout_s=opts.watch_timeout_s,
+        )
         self.objects = SiteObjects(name, opts, self._api)
         self.cluster = ClusterFacts(name, opts)
 
@@ -201,9 +195,7 @@ class KubernetesBackend(Supervisor[_Entry]):
     async def close(self) -> None:
         """Stop watching and following; what runs on the cluster keeps running."""
         self._closed = True
-        tasks: list[asyncio.Task[Any]] = []
-        for w in self._watchers.values():
-            tasks += w.tasks
+        tasks: list[asyncio.Task[Any]] = list(self.watches.tasks())
         for e in self._entries.values():
             self._stop_timers(e)
             if e.follower.task is not None:
@@ -213,7 +205,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watchers.clear()
+        self.watches.by_namespace.clear()
         self._entries.clear()
         self.objects.namespaces.clear()
         if self._own_api and self.api is not None:
@@ -252,7 +244,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             return SiteStatus.DOWN, self.cluster.unreachable
         if self.cluster.no_node_ready():
             return SiteStatus.DEGRADED, "no node is Ready and schedulable"
-        problems = sorted({p for w in self._watchers.values() for p in w.problems.values()})
+        problems = self.watches.problems()
         if problems:
             return SiteStatus.DEGRADED, "; ".join(problems)
         return SiteStatus.UP, None
@@ -284,7 +276,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         created: list[dict[str, Any]] = []
         try:
             await self.objects.ensure_namespace(spec.event_id)
-            self._watch(e.namespace)
+            self.watches.watch(e.namespace)
             for body in manifests:
                 await self.objects.create(body, spec.entry_id)
                 created.append(body)
@@ -295,7 +287,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     await self._api().delete(
                         str(body["kind"]), e.namespace, str(body["metadata"]["name"])
                     )
-            self._maybe_unwatch(e.namespace)
+            self.watches.maybe_unwatch(e.namespace)
             raise
         async with e.lock:
             if e.state == EntryState.PENDING and e.reason is None:  # nothing newer reported
@@ -363,27 +355,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         self.objects.namespaces.add(e.namespace)
         if spec.kind == "service" and e.started_at is not None:
             self._arm_walltime(e)
-        self._watch(e.namespace)
-        await self._sync_entry(e)
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk:
-        return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        data = await wd.read_results_async(since_record, max_result_bytes)
-        e = self._entries.get(entry_id)
-        mirror = e.mirror if e is not None else Mirror(wd, markers=True)
-        data.artifacts = sorted(set(data.artifacts) | set(mirror.artifacts))
-        return data
+        self.watches.watch(e.namespace)
+        await self.watches.sync_entry(e)
 
     async def release_event(self, event_id: str) -> None:
         """The event has ended: stop what is left of it and delete its namespace."""
@@ -393,7 +366,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 if not e.finished:
                     e.cancel_requested = True
                     await self._end(e, EntryState.CANCELLED, "event stopped", None, delete=False)
-        await self._unwatch(ns)
+        await self.watches.unwatch(ns)
         self.objects.namespaces.discard(ns)
         await retry(lambda: self._api().delete("Namespace", None, ns))
 
@@ -418,7 +391,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 ns,
                 is_job=spec.kind == "job",
                 publish=lambda records: self._publish(e, records),
-                pod_done=lambda pod: self._pod_done(e, pod),
+                pod_done=lambda pod: pod_done(e.pods.get(pod), spec.kind == "job"),
                 stopped=lambda: e.finished or self._closed,
             ),
             endpoint=ep,
@@ -428,126 +401,18 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ watching
 
-    def _watch(self, ns: str) -> None:
-        if ns in self._watchers or self._closed:
-            return
-        ours = f"{MANAGED_BY}={MANAGER},{SITE_LABEL}={label_value(self.name)}"
-        self._watchers[ns] = NamespaceWatch(
-            self._api(),
-            ns,
-            [
-                ("Pod", ours, self._on_pod),
-                ("Job", ours, self._on_job),
-                ("Event", None, self._on_event),
-            ],
-            relisted=self._relisted,
-            reachable=self._reachable,
-            closed=lambda: self._closed,
-            timeout_s=self.options.watch_timeout_s,
-        )
-
     def _reachable(self, why: str | None) -> None:
         self.cluster.unreachable = why
 
-    def _maybe_unwatch(self, ns: str) -> None:
-        if any(e.namespace == ns and not e.finished for e in self._entries.values()):
-            return
-        w = self._watchers.pop(ns, None)
-        if w is not None:
-            w.cancel()
-
-    async def _unwatch(self, ns: str) -> None:
-        w = self._watchers.pop(ns, None)
-        if w is not None:
-            await w.aclose()
-
-    async def _relisted(
-        self, kind: str, ns: str, items: list[dict[str, Any]], handler: Handler
-    ) -> None:
-        """A fresh list: what it lacks was deleted while nobody watched."""
-        names = {name_of(i) for i in items}
-        for e in [x for x in self._entries.values() if x.namespace == ns and not x.finished]:
-            if kind == "Pod":
-                for gone in [p for p in e.pods if p not in names]:
-                    await dispatch(handler, "DELETED", e.pods[gone])
-            elif kind == "Job" and e.job is not None and e.name not in names:
-                await dispatch(handler, "DELETED", e.job)
-        for item in items:
-            await dispatch(handler, "ADDED", item)
-
-    async def _sync_entry(self, e: _Entry) -> None:
-        """Feed the entry's current objects through the handlers (after an adoption)."""
-        selector = f"{ENTRY_LABEL}={label_value(e.id)}"
-        try:
-            pods, _ = await self._api().list("Pod", e.namespace, label_selector=selector)
-            jobs: list[dict[str, Any]] = []
-            if e.spec.kind == "job":
-                jobs, _ = await self._api().list("Job", e.namespace, label_selector=selector)
-        except (KubeApiError, KubeUnreachable) as exc:
-            log.warning("syncing %s: %s; the watches will tell", e.id, exc)
-            return
-        for pod in pods:
-            await dispatch(self._on_pod, "ADDED", pod)
-        for job in jobs:
-            await dispatch(self._on_job, "ADDED", job)
-
-    def _entry_of(self, obj: Mapping[str, Any]) -> _Entry | None:
-        eid = (dig(obj, "metadata", "labels") or {}).get(ENTRY_LABEL)
-        e = self._entries.get(str(eid)) if eid else None
-        return None if e is None or e.finished else e
-
-    async def _on_pod(self, typ: str, pod: dict[str, Any]) -> None:
-        e = self._entry_of(pod)
-        if e is None:
-            return
-        async with e.lock:
-            if e.finished:
-                return
-            name = name_of(pod)
-            if typ == "DELETED":
-                e.pods.pop(name, None)
-            else:
-                e.pods[name] = pod
-            await self._evaluate(e)
-
-    async def _on_job(self, typ: str, job: dict[str, Any]) -> None:
-        e = self._entry_of(job)
-        if e is None or name_of(job) != e.name:
-            return
-        async with e.lock:
-            if e.finished:
-                return
-            if typ == "DELETED":
-                if not e.cancel_requested:
-                    await self._end(
-                        e,
-                        EntryState.FAILED,
-                        f"its Job {e.namespace}/{e.name} was deleted outside sciorch",
-                        None,
-                        delete=True,
-                    )
-                return
-            e.job = job
-            await self._evaluate(e)
-
-    async def _on_event(self, typ: str, ev: dict[str, Any]) -> None:
-        if typ == "DELETED":
-            return
-        said = event_problem(ev)
-        if said is None:
-            return
-        target = str(dig(ev, "involvedObject", "name") or "")
-        ns = str(dig(ev, "involvedObject", "namespace") or dig(ev, "metadata", "namespace"))
-        for e in list(self._entries.values()):
-            if e.finished or e.namespace != ns:
-                continue
-            if target == e.name or target.startswith(e.name + "-"):
-                async with e.lock:
-                    if e.finished:
-                        return
-                    e.events[target] = said
-                    await self._evaluate(e)
-                return
+    async def _job_deleted(self, e: _Entry) -> None:
+        if not e.cancel_requested:
+            await self._end(
+                e,
+                EntryState.FAILED,
+                f"its Job {e.namespace}/{e.name} was deleted outside sciorch",
+                None,
+                delete=True,
+            )
 
     # ------------------------------------------------------------------ the state machine
 
@@ -560,15 +425,8 @@ class KubernetesBackend(Supervisor[_Entry]):
         else:
             await self._evaluate_service(e)
 
-    def _current_pod(self, e: _Entry) -> dict[str, Any] | None:
-        pods = list(e.pods.values())
-        if not pods:
-            return None
-        live = [p for p in pods if not dig(p, "metadata", "deletionTimestamp")] or pods
-        return max(live, key=lambda p: (str(dig(p, "metadata", "creationTimestamp")), name_of(p)))
-
     async def _evaluate_job(self, e: _Entry) -> None:
-        pod = self._current_pod(e)
+        pod = current_pod(e.pods)
         if pod is not None:
             await self._observe_job_pod(e, pod)
             if e.finished:
@@ -583,7 +441,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         if failed is not None and failed.get("status") == "True":
             why = str(failed.get("reason") or "")
             await self._final_log(e)  # the exit code may be in it, and the pods are fresh
-            code = self._exit_code(e, self._current_pod(e))
+            code = self._exit_code(e, current_pod(e.pods))
             if why == "DeadlineExceeded":
                 walltime = format_duration(int(dig(job, "spec", "activeDeadlineSeconds") or 0))
                 await self._end(
@@ -611,11 +469,8 @@ class KubernetesBackend(Supervisor[_Entry]):
                 await self._stuck(e, stuck[0], stuck[1])
 
     def _exit_code(self, e: _Entry, pod: Mapping[str, Any] | None) -> int | None:
-        if pod is not None:
-            term = dig(main_status(pod), "state", "terminated")
-            if isinstance(term, dict) and term.get("exitCode") is not None:
-                return int(term["exitCode"])
-        return e.mirror.exit_code
+        code = exit_code(pod)
+        return code if code is not None else e.mirror.exit_code
 
     async def _observe_job_pod(self, e: _Entry, pod: dict[str, Any]) -> None:
         phase = dig(pod, "status", "phase")
@@ -647,7 +502,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                 )
 
     async def _evaluate_service(self, e: _Entry) -> None:
-        pod = self._current_pod(e)
+        pod = current_pod(e.pods)
         if pod is None:
             if e.state in (EntryState.RUNNING, EntryState.READY):
                 e.ready = False
@@ -753,13 +608,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         if e.stuck_kind != kind:
             self._cancel_timer(e, "stuck_timer")
             e.stuck_kind = kind
-            grace = (
-                0.0
-                if fatal
-                else self.options.unschedulable_grace_s
-                if kind == "unschedulable"
-                else self.options.image_pull_grace_s
-            )
+            grace = self.options.stuck_grace(kind, fatal)
             if grace is not None:
                 e.stuck_timer = asyncio.get_running_loop().call_later(
                     grace, self._later, self._give_up, e, kind, grace
@@ -794,9 +643,7 @@ class KubernetesBackend(Supervisor[_Entry]):
     async def _expire_now(self, e: _Entry) -> None:
         async with e.lock:
             if not e.finished:
-                await self._end(
-                    e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True
-                )
+                await self._end(e, EntryState.EXPIRED, walltime_exceeded(e.spec), None, delete=True)
 
     def _arm_health(self, e: _Entry) -> None:
         health = e.spec.health
@@ -833,14 +680,6 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ logs
 
-    def _pod_done(self, e: _Entry, pod: str) -> bool:
-        p = e.pods.get(pod)
-        if p is None:
-            return True
-        if dig(p, "status", "phase") in ("Succeeded", "Failed"):
-            return True
-        return e.spec.kind == "job" and bool(dig(main_status(p), "state", "terminated"))
-
     async def _final_log(self, e: _Entry) -> None:
         """Before the final report: stop following and mirror the rest of the log."""
         if e.follower.final:
@@ -854,7 +693,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     "Pod", e.namespace, label_selector=f"{ENTRY_LABEL}={label_value(e.id)}"
                 )
                 e.pods.update({name_of(p): p for p in pods})
-            current = self._current_pod(e)
+            current = current_pod(e.pods)
             if current is not None and dig(current, "status", "phase") != "Pending":
                 pod = name_of(current)
         if pod is not None:
@@ -874,9 +713,7 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ reporting
 
-    def _accept(
-        self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool
-    ) -> bool:
+    def _accept(self, e: _Entry, state: EntryState, kw: Mapping[str, Any], force: bool) -> bool:
         """A state, or for the same state a new reason, handle or restart count, is news;
         steps the state machine does not allow are not."""
         reason = kw.get("reason")
@@ -912,7 +749,7 @@ class KubernetesBackend(Supervisor[_Entry]):
                     raise
                 reason = f"{reason}; deleting its objects failed: {exc.message}"
         await self._finished_locked(e, state, reason, exit_code)
-        self._maybe_unwatch(e.namespace)
+        self.watches.maybe_unwatch(e.namespace)
 
     def _final_facts(self, e: _Entry) -> dict[str, Any]:
         return {"handle": self._handle(e)}
@@ -922,16 +759,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             "namespace": e.namespace,
             "kind": e.workload,
             "name": e.name,
-            "objects": [
-                f"ConfigMap/{params_name(e.id)}",
-                f"{e.workload}/{e.name}",
-                *([f"Service/{e.name}"] if e.spec.kind == "service" else []),
-                *(
-                    [f"Ingress/{e.name}"]
-                    if e.spec.kind == "service" and self.options.ingress_enabled
-                    else []
-                ),
-            ],
+            "objects": object_refs(e.spec, self.options),
             "pod": pod or e.follower.pod,
             "workdir": str(e.mirror.wd.root),
             "started_at": e.started_at,
@@ -950,11 +778,13 @@ class KubernetesBackend(Supervisor[_Entry]):
         return self.api
 
     def _require_started(self) -> None:
-        if self._reporter is None or self._closed or self.api is None:
-            raise BackendError(f"kubernetes backend {self.name!r} is not started")
+        super()._require_started()
+        self._api()  # connected too
 
-    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
-        return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
+    def _more_artifacts(self, entry_id: str, wd: WorkDir) -> Collection[str]:
+        """What the pod log announced (its files are in the pod, not in the mirror)."""
+        e = self._entries.get(entry_id)
+        return (e.mirror if e is not None else Mirror(wd, markers=True)).artifacts
 
     def _later(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run fn(*args) as a background task (timers call this when they fire)."""

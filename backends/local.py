@@ -28,13 +28,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import (
-    DEFAULT_MAX_RESULT_BYTES,
     HealthSpec,
     LaunchSpec,
-    LogChunk,
     Outcome,
     Reporter,
-    ResultData,
     WorkDir,
     site_options,
 )
@@ -163,9 +160,8 @@ class LocalBackend(Supervisor[_Entry]):
 
     def __init__(self, name: str, options: Mapping[str, Any], entries_dir: Path) -> None:
         opts = site_options(LocalOptions, name, options)
-        super().__init__(name)
+        super().__init__(name, entries_dir)
         self.options = opts
-        self.entries_dir = Path(entries_dir)
         self.host = opts.host
         self.term_grace_s = opts.term_grace_s
         self.max_walltime_s = opts.max_walltime_s
@@ -337,21 +333,6 @@ class LocalBackend(Supervisor[_Entry]):
         if self._watcher is not None:
             self._watcher.add(e.workdir.root, entry_id)
         e.task = asyncio.get_running_loop().create_task(self._life(e, adopted=True))
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk:
-        return await self._workdir(entry_id, handle).read_logs_async(offset, limit)
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        return await wd.read_results_async(since_record, max_result_bytes)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -735,9 +716,6 @@ class LocalBackend(Supervisor[_Entry]):
         if shutil.which(cmd, path=path) is None:
             return f"command not found: {cmd}"
         return None
-
-    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
-        return WorkDir(Path(handle.get("workdir") or self.entries_dir / entry_id))
 
 
 @dataclass(frozen=True)

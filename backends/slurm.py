@@ -23,7 +23,8 @@ state. While Slurm cannot be reached nothing is lost: entries keep their state, 
 why it is down, and polling backs off (at most MAX_BACKOFF_S) until Slurm answers again.
 
 Slurm is reached through a `SlurmTransport` (backends.slurm_transport): slurmrestd over HTTP
-with a JWT (`transport = "rest"`, the main path) or the Slurm commands (`transport = "cli"`).
+with a JWT (`transport = "rest"`, the main path: backends.slurm_rest) or the Slurm commands
+(`transport = "cli"`: backends.slurm_cli).
 There is no pyslurm transport: no pyslurm that matches Slurm 22.05 can be installed here to test
 it against (see the project's Slurm notes).
 
@@ -49,17 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import (
-    DEFAULT_MAX_RESULT_BYTES,
     HealthSpec,
     LaunchSpec,
-    LogChunk,
     Reporter,
-    ResultData,
     WorkDir,
     site_options,
 )
 from backends.slurm_callback import CallbackListener
+from backends.slurm_cli import CliTransport
 from backends.slurm_job import SlurmOptions, build_script, job_request
+from backends.slurm_rest import RestTransport
 from backends.slurm_site import SlurmSite
 from backends.slurm_states import (
     ACTIVE_STATES,
@@ -69,9 +69,7 @@ from backends.slurm_states import (
     job_verdict,
 )
 from backends.slurm_transport import (
-    CliTransport,
     JobInfo,
-    RestTransport,
     SlurmError,
     SlurmRejected,
     SlurmTransport,
@@ -136,6 +134,7 @@ class SlurmBackend(Supervisor[_Job]):
     """Runs entries as Slurm batch jobs. See the module docstring."""
 
     kind = "slurm"
+    reads_block = True
 
     def __init__(
         self,
@@ -146,9 +145,8 @@ class SlurmBackend(Supervisor[_Job]):
         transport: SlurmTransport | None = None,
     ) -> None:
         opts = site_options(SlurmOptions, name, options)
-        super().__init__(name)
+        super().__init__(name, entries_dir)
         self.options = opts
-        self.entries_dir = Path(entries_dir)
         self.shared_dir = Path(opts.shared_dir or entries_dir).expanduser()
         self.job_user = opts.user or getpass.getuser()
         if opts.transport == "cli":
@@ -341,21 +339,6 @@ class SlurmBackend(Supervisor[_Job]):
                 j.endpoint = j.endpoint or self._endpoint_of(started_file)
                 self._start_health(j)
         self._track(j)
-
-    async def read_logs(
-        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
-    ) -> LogChunk:
-        return await asyncio.to_thread(self._workdir(entry_id, handle).read_logs, offset, limit)
-
-    async def read_results(
-        self,
-        entry_id: str,
-        handle: Mapping[str, Any],
-        since_record: int,
-        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
-    ) -> ResultData:
-        wd = self._workdir(entry_id, handle)
-        return await asyncio.to_thread(wd.read_results, since_record, max_result_bytes)
 
     # ------------------------------------------------------------------ submitting
 
@@ -722,8 +705,8 @@ class SlurmBackend(Supervisor[_Job]):
 
     # ------------------------------------------------------------------ small parts
 
-    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
-        return WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
+    def _workdirs(self) -> Path:
+        return self.shared_dir
 
 
 def _opt_int(value: Any) -> int | None:

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -30,8 +30,8 @@ from typing import Any, Generic, TypeVar
 import httpx
 from watchfiles import awatch
 
-from backends.base import ContractTail, WorkDir, tell
-from ground.contract import HealthSpec, LaunchSpec, Reporter
+from backends.base import DEFAULT_MAX_RESULT_BYTES, ContractTail, WorkDir, tell
+from ground.contract import HealthSpec, LaunchSpec, LogChunk, Reporter, ResultData
 from ground.errors import BackendError, InvalidInput
 from ground.models import EntryState, format_duration
 
@@ -231,9 +231,13 @@ class Supervisor(Generic[R]):
     their records in `self._entries` and implement the Backend protocol's entry methods."""
 
     kind: str = "backend"
+    # Read work dirs in a thread however small the read (Slurm's are on a shared filesystem,
+    # where any read may stall); otherwise only large reads go to a thread.
+    reads_block: bool = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, entries_dir: Path) -> None:
         self.name = name
+        self.entries_dir = Path(entries_dir)
         self._reporter: Reporter | None = None
         self._entries: dict[str, R] = {}
         self._bg: set[asyncio.Task[Any]] = set()
@@ -241,6 +245,45 @@ class Supervisor(Generic[R]):
 
     async def release_event(self, event_id: str) -> None:
         """Nothing is held per event (the kubernetes backend holds a namespace)."""
+
+    # ------------------------------------------------------------------ reading work dirs
+
+    async def read_logs(
+        self, entry_id: str, handle: Mapping[str, Any], offset: int, limit: int
+    ) -> LogChunk:
+        wd = self._workdir(entry_id, handle)
+        if self.reads_block:
+            return await asyncio.to_thread(wd.read_logs, offset, limit)
+        return await wd.read_logs_async(offset, limit)
+
+    async def read_results(
+        self,
+        entry_id: str,
+        handle: Mapping[str, Any],
+        since_record: int,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    ) -> ResultData:
+        wd = self._workdir(entry_id, handle)
+        if self.reads_block:
+            data = await asyncio.to_thread(wd.read_results, since_record, max_result_bytes)
+        else:
+            data = await wd.read_results_async(since_record, max_result_bytes)
+        more = self._more_artifacts(entry_id, wd)
+        if more:
+            data.artifacts = sorted(set(data.artifacts) | set(more))
+        return data
+
+    def _more_artifacts(self, entry_id: str, wd: WorkDir) -> Collection[str]:
+        """Artifacts an entry has besides the files in its work dir's output/."""
+        return ()
+
+    def _workdirs(self) -> Path:
+        """Where this site keeps its entries' work dirs."""
+        return self.entries_dir
+
+    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
+        """An entry's work dir: the one its handle names, else the site's place for it."""
+        return WorkDir(Path(handle.get("workdir") or self._workdirs() / entry_id))
 
     # ------------------------------------------------------------------ reporting
 

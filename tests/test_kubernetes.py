@@ -952,12 +952,10 @@ async def test_site_facts_for_the_router(kengine: Engine, emu: KubeEmulator) -> 
     # A watch the cluster forbids degrades the site, with the reason.
     emu.inject(403, path="/pods$", watch=True, times=4, message="pods is forbidden")
     emu.drop_watches()
-    await emu.wait_for(lambda: any(
-        "forbidden" in p for w in backend._watchers.values() for p in w.problems.values()
-    ))
+    await emu.wait_for(lambda: any("forbidden" in p for p in backend.watches.problems()))
     status, why = await backend.status()
     assert status.value == "degraded" and "forbidden" in (why or "")
-    await emu.wait_for(lambda: not any(w.problems for w in backend._watchers.values()), 15)
+    await emu.wait_for(lambda: not backend.watches.problems(), 15)
     assert (await backend.status())[0].value == "up"
 
 

@@ -27,13 +27,13 @@ import pytest
 from backends.base import LaunchSpec, WorkDir
 from backends.slurm import SlurmBackend, _Job
 from backends.slurm_job import build_script
+from backends.slurm_rest import RestTransport
 from backends.slurm_site import View
 from backends.slurm_states import describe_pending, job_verdict
 from backends.slurm_transport import (
     JobInfo,
     NodeInfo,
     PartitionInfo,
-    RestTransport,
     base_state,
     parse_gres,
     parse_slurm_duration,
