@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from ground.config import load_settings
 from mcp_server.auth import create_token, ensure_keys
+from tests.processes import serving
 
 SERVICE = """\
 name: big-output
@@ -115,28 +115,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def sciorch_serve(home: Path, port: int) -> Iterator[int]:
     cli = Path(sys.executable).with_name("sciorch")
-    child = subprocess.Popen(
-        [str(cli), "--home", str(home), "serve", "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx2.HTTPError):
-                if httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("sciorch serve did not start")
-            time.sleep(0.1)
+    serve = [str(cli), "--home", str(home), "serve", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with serving(serve, base, what="sciorch serve", stdout=subprocess.DEVNULL) as child:
         yield child.pid
-    finally:
-        child.terminate()
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 @contextlib.asynccontextmanager

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from mcp_server.auth import create_token, ensure_keys, verifier
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
 from sciorch.web.app import serve_http
+from tests.processes import serving
 
 RATIO_TARGET = 1.5
 THROUGHPUT_TARGET = 300.0
@@ -194,27 +194,9 @@ def http_server(home: Path, command: Callable[[int], list[str]] | None = None) -
     ensure_keys(settings_for(home).keys_dir)  # made once, before the child reads them
     port = free_port()
     own = [sys.executable, __file__, "--serve", str(home), "--port", str(port)]
-    child = subprocess.Popen(command(port) if command else own, stdin=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the HTTP server did not start")
-            time.sleep(0.1)
+    base = f"http://127.0.0.1:{port}"
+    with serving(command(port) if command else own, base, what="the HTTP server") as child:
         yield base, child.pid
-    finally:
-        child.terminate()
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -21,6 +21,11 @@ ERROR_META_KEY = "sciorch/error"
 class SciorchError(Exception):
     code = "error"
 
+    def __init_subclass__(cls, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:  # without one a subclass keeps its parent's (SlurmError)
+            cls.code = code
+
     def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
@@ -65,46 +70,20 @@ def _subclasses(cls: type[SciorchError]) -> list[type[SciorchError]]:
     return out
 
 
-class InvalidInput(SciorchError):
-    code = "invalid_input"
+# One line an error kind: its code is what clients match on (`to_dict`, `text`).
+class InvalidInput(SciorchError, code="invalid_input"): ...
+class UnknownService(InvalidInput, code="unknown_service"): ...
+class InvalidParameters(InvalidInput, code="invalid_parameters"): ...
+class NoSiteAvailable(SciorchError, code="no_site"): ...
+class NotAllowed(SciorchError, code="not_allowed"): ...
+class Conflict(SciorchError, code="conflict"): ...
+class LimitExceeded(SciorchError, code="limit_exceeded"): ...
+class InvalidTransition(SciorchError, code="invalid_transition"): ...
+class BackendError(SciorchError, code="backend_error"): ...
 
 
-class UnknownService(InvalidInput):
-    code = "unknown_service"
-
-
-class InvalidParameters(InvalidInput):
-    code = "invalid_parameters"
-
-
-class NoSiteAvailable(SciorchError):
-    code = "no_site"
-
-
-class NotFound(SciorchError):
+class NotFound(SciorchError, code="not_found"):
     """Also raised for objects the caller may not see, so ids of others are not disclosed."""
-
-    code = "not_found"
-
-
-class NotAllowed(SciorchError):
-    code = "not_allowed"
-
-
-class Conflict(SciorchError):
-    code = "conflict"
-
-
-class LimitExceeded(SciorchError):
-    code = "limit_exceeded"
-
-
-class InvalidTransition(SciorchError):
-    code = "invalid_transition"
-
-
-class BackendError(SciorchError):
-    code = "backend_error"
 
 
 class FieldValueError(ValueError):

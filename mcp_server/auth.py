@@ -95,6 +95,28 @@ def create_token(keys_dir: Path, sub: str, scopes: list[str], ttl_s: int) -> str
 
 
 VERIFIED_TOKENS_KEPT = 1024
+
+
+class VerifiedTokens:
+    """Tokens already verified, honoured from memory until they expire (the most recently
+    used VERIFIED_TOKENS_KEPT of them): both verifiers check a token once, not every request."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[str, AccessToken] = OrderedDict()
+
+    def get(self, token: str) -> AccessToken | None:
+        known = self._kept.get(token)
+        if known is not None:
+            if known.expires_at is not None and known.expires_at > time.time():
+                self._kept.move_to_end(token)
+                return known
+            del self._kept[token]
+        return None
+
+    def keep(self, token: str, access: AccessToken) -> None:
+        self._kept[token] = access
+        if len(self._kept) > VERIFIED_TOKENS_KEPT:
+            self._kept.popitem(last=False)
 CLOCK_SKEW_S = 30
 MAX_SUB_CHARS = 200  # Principal.id
 
@@ -140,15 +162,12 @@ class _ExpiringJWTVerifier(JWTVerifier):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._verified: OrderedDict[str, AccessToken] = OrderedDict()
+        self._verified = VerifiedTokens()
 
     async def load_access_token(self, token: str) -> AccessToken | None:
         known = self._verified.get(token)
         if known is not None:
-            if known.expires_at is not None and known.expires_at > time.time():
-                self._verified.move_to_end(token)
-                return known
-            del self._verified[token]
+            return known
         access = await super().load_access_token(token)
         if access is None or access.expires_at is None:
             return None
@@ -156,9 +175,7 @@ class _ExpiringJWTVerifier(JWTVerifier):
         if problem is not None:
             self.logger.info("Bearer token refused: %s", problem)
             raise TokenRefused(problem)
-        self._verified[token] = access
-        if len(self._verified) > VERIFIED_TOKENS_KEPT:
-            self._verified.popitem(last=False)
+        self._verified.keep(token, access)
         return access
 
     def get_middleware(self) -> list[Middleware]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import urlsplit
@@ -34,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ground.config import AuthConfig, Role, Settings
-from mcp_server.auth import AUDIENCE, ISSUER, SCOPES, VERIFIED_TOKENS_KEPT, ensure_keys
+from mcp_server.auth import AUDIENCE, ISSUER, SCOPES, VerifiedTokens, ensure_keys
 
 # Asymmetric only: an HS* token would be checked against a shared secret nobody configured.
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
@@ -201,7 +200,7 @@ class ResourceServer(AuthProvider):
         if keys_dir is not None and (config.self_minted or not config.issuers):
             # loaded once: PyJWT given PEM bytes parses them on every call
             self._self_minted_key = load_pem_public_key(ensure_keys(keys_dir)[1])
-        self._verified: OrderedDict[str, AccessToken] = OrderedDict()
+        self._verified = VerifiedTokens()
 
     # ---- verification ---------------------------------------------------------------------
 
@@ -209,14 +208,9 @@ class ResourceServer(AuthProvider):
         """The token's access, or TokenRefused saying why not."""
         known = self._verified.get(token)
         if known is not None:
-            if known.expires_at is not None and known.expires_at > time.time():
-                self._verified.move_to_end(token)
-                return known
-            del self._verified[token]
+            return known
         access = await self._verify(token)
-        self._verified[token] = access
-        if len(self._verified) > VERIFIED_TOKENS_KEPT:
-            self._verified.popitem(last=False)
+        self._verified.keep(token, access)
         return access
 
     async def verify_token(self, token: str) -> AccessToken | None:

@@ -51,6 +51,19 @@ TRACEBACK_MARKS = ("Traceback (most recent call last)", 'File "', "site-packages
 CORE_TOOLS = {s.name for s in TOOLS}
 CORE_READ_TOOLS = {s.name for s in TOOLS if s.read_only}
 
+# A raw initialize request (a legacy protocol version) and the headers streamable HTTP wants.
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
+MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
 
 def core(names: Iterable[str]) -> set[str]:
     """The tools of the TOOLS table among `names`. Other tools (the steering ones) are

@@ -42,6 +42,8 @@ from steering.client import ToolFailed, Tools
 from tests.conftest import make_settings, shutdown
 from tests.mcp_helpers import (
     ERROR_LINE,
+    INITIALIZE,
+    MCP_HEADERS,
     TRACEBACK_MARKS,
     HttpServer,
     assert_no_traceback,
@@ -630,17 +632,6 @@ def _sign(http: HttpServer, **claims: Any) -> str:
     return jwt.encode({k: v for k, v in base.items() if v is not None}, key, algorithm="RS256")
 
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    },
-}
-MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
 async def test_tokens_without_a_subject_or_not_yet_valid_get_401_with_the_reason(

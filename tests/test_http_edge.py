@@ -23,7 +23,8 @@ import mcp
 import pytest
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.mcp_helpers import free_socket, structured
+from tests.mcp_helpers import INITIALIZE, MCP_HEADERS, free_socket, structured
+from tests.processes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_TIMEOUT_S = 2.0
@@ -40,17 +41,6 @@ name = "local"
 kind = "local"
 cpus = 4
 """
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    },
-}
-MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
 @dataclass
@@ -78,32 +68,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )  # fmt: skip
     with free_socket() as sock:  # a free port; closed so that the server can bind it
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [*cli, "serve", "--port", str(port)],
-        env=_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
-                pytest.fail(f"sciorch serve did not start: {out}")
-            time.sleep(0.1)
+    serve = [*cli, "serve", "--port", str(port)]
+    with serving(
+        serve, base, what="sciorch serve", env=_env(home), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ):  # fmt: skip
         yield Served(base=base, port=port, token=made.stdout.strip())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _post(served: Served, path: str = "/mcp", token: bool = True, **headers: str) -> Any:

@@ -32,6 +32,8 @@ from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
 from tests.mcp_helpers import (
     CORE_READ_TOOLS,
     CORE_TOOLS,
+    INITIALIZE,
+    MCP_HEADERS,
     HttpServer,
     assert_no_traceback,
     assert_only_read_only,
@@ -48,17 +50,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parent.parent
 ALL_TOOLS = CORE_TOOLS
 READ_TOOLS = CORE_READ_TOOLS
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    },
-}
-MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

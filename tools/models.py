@@ -155,7 +155,9 @@ class ReadResultsInput(_In):
 # ------------------------------------------------------------------ outputs
 
 
-class EntryView(BaseModel):
+class _EntryFields(BaseModel):
+    """What an entry view and an entry in a listing both show."""
+
     id: str
     event_id: str
     service: str
@@ -174,6 +176,9 @@ class EntryView(BaseModel):
     url: str | None = Field(None, description="the service's URL (needs access_url's token)")
     access_url: str | None = Field(None, description="URL with your access token; keep private")
     restarts: int
+
+
+class EntryView(_EntryFields):
     result: dict[str, Any] | None
     backend_handle: dict[str, Any] = Field(default_factory=dict)
     transitions: list[Transition]
@@ -190,28 +195,10 @@ class EntryView(BaseModel):
 SUMMARY_RESULT_BYTES = 1024
 
 
-class EntrySummary(BaseModel):
+class EntrySummary(_EntryFields):
     """An entry in a listing: no transitions or backend handle, and its result only when it
     is small (get_entry or read_results give the whole)."""
 
-    id: str
-    event_id: str
-    service: str
-    version: str
-    kind: ServiceKind
-    site: str
-    state: EntryState
-    reason: str | None
-    submitted_by: str
-    parameters: dict[str, Any]
-    resources: Resources
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    exit_code: int | None
-    url: str | None = Field(None, description="the service's URL (needs access_url's token)")
-    access_url: str | None = Field(None, description="URL with your access token; keep private")
-    restarts: int
     result: dict[str, Any] | None = Field(
         description=f"the result when it is at most {SUMMARY_RESULT_BYTES} bytes as JSON"
     )

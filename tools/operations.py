@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ground.models import Entry, Message, Principal, Role
+from ground.models import Entry, Message, Principal, Role, ServiceKind
 from orchestrator.engine import Engine
 from tools.models import (
     CreateEventInput,
@@ -66,19 +66,20 @@ async def share_event(engine: Engine, principal: Principal, req: ShareEventInput
 async def launch_service(
     engine: Engine, principal: Principal, req: LaunchServiceInput
 ) -> EntryView:
-    entry = await engine.launch(
-        principal,
-        req.service,
-        req.parameters,
-        event_id=req.event_id,
-        site=req.site,
-        resources=req.resources,
-        kind="service",
-    )
-    return _view(engine, principal, entry)
+    return await _launch(engine, principal, req, "service")
 
 
 async def submit_job(engine: Engine, principal: Principal, req: SubmitJobInput) -> EntryView:
+    return await _launch(engine, principal, req, "job", req.idempotency_key)
+
+
+async def _launch(
+    engine: Engine,
+    principal: Principal,
+    req: LaunchServiceInput | SubmitJobInput,
+    kind: ServiceKind,
+    idempotency_key: str | None = None,
+) -> EntryView:
     entry = await engine.launch(
         principal,
         req.service,
@@ -86,8 +87,8 @@ async def submit_job(engine: Engine, principal: Principal, req: SubmitJobInput) 
         event_id=req.event_id,
         site=req.site,
         resources=req.resources,
-        idempotency_key=req.idempotency_key,
-        kind="job",
+        idempotency_key=idempotency_key,
+        kind=kind,
     )
     return _view(engine, principal, entry)
 

@@ -8,7 +8,7 @@ import json
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.text import Text
@@ -123,26 +123,11 @@ def submit(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Submit a job; prints the entry id (and with --wait its result)."""
-    req = build(
-        SubmitJobInput,
-        service=service,
-        parameters=parse_params(param or [], params_json),
-        event_id=event,
-        site=site,
-        resources=resource_request(gpus, cpus, memory, walltime),
+    req = _request(
+        SubmitJobInput, service, param, params_json, event, site, gpus, cpus, memory, walltime,
         idempotency_key=idempotency_key,
     )
-
-    async def go(engine: Engine, who: Principal) -> WaitResult | None:
-        view = await tools.submit_job(engine, who, req)
-        out.print(view.id)
-        if not wait:
-            return None
-        return await wait_until_done(engine, who, view.id, timeout, on_message=print_record)
-
-    res = run(ctx, go)
-    if res is not None:
-        report_wait(res, {EntryState.SUCCEEDED})
+    _start(ctx, tools.submit_job, req, wait, timeout, "auto", {EntryState.SUCCEEDED})
 
 
 @app.command()
@@ -163,28 +148,65 @@ def launch(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Launch a long-running service; prints the entry id (and with --wait its URL)."""
-    req = build(
-        LaunchServiceInput,
+    req = _request(
+        LaunchServiceInput, service, param, params_json, event, site, gpus, cpus, memory, walltime
+    )
+    if _start(ctx, tools.launch_service, req, wait, timeout, "ready", _UP):
+        err.print("the URL answers while `sciorch serve` runs on this home", style="dim")
+
+
+_UP = {EntryState.READY, EntryState.RUNNING}
+In = TypeVar("In", SubmitJobInput, LaunchServiceInput)
+
+
+def _request(
+    model: type[In],
+    service: str,
+    param: list[str] | None,
+    params_json: str | None,
+    event: str | None,
+    site: str | None,
+    gpus: int | None,
+    cpus: float | None,
+    memory: str | None,
+    walltime: str | None,
+    **extra: Any,
+) -> In:
+    req: In = build(
+        model,
         service=service,
         parameters=parse_params(param or [], params_json),
         event_id=event,
         site=site,
         resources=resource_request(gpus, cpus, memory, walltime),
+        **extra,
     )
+    return req
+
+
+def _start(
+    ctx: typer.Context,
+    start: Callable[[Engine, Principal, In], Awaitable[EntryView]],
+    req: In,
+    wait: bool,
+    timeout: float | None,
+    until: str,
+    want: set[EntryState],
+) -> bool:
+    """Start the entry and print its id; with `wait`, wait until it gets `until` and report
+    (exit 1 unless it ends in `want`). True when it waited and got there."""
 
     async def go(engine: Engine, who: Principal) -> WaitResult | None:
-        view = await tools.launch_service(engine, who, req)
+        view = await start(engine, who, req)
         out.print(view.id)
         if not wait:
             return None
-        return await wait_until_done(engine, who, view.id, timeout, "ready", print_record)
+        return await wait_until_done(engine, who, view.id, timeout, until, print_record)
 
     res = run(ctx, go)
     if res is not None:
-        report_wait(res, {EntryState.READY, EntryState.RUNNING})
-        err.print("the URL answers while `sciorch serve` runs on this home", style="dim")
-
-
+        report_wait(res, want)
+    return res is not None
 
 
 @app.command()
