@@ -31,7 +31,7 @@ import httpx
 from watchfiles import awatch
 
 from backends.base import ContractTail, WorkDir, tell
-from ground.contract import HealthSpec, LaunchSpec, Reporter
+from ground.contract import ArtifactChunk, ArtifactStat, HealthSpec, LaunchSpec, Reporter
 from ground.errors import BackendError, InvalidInput
 from ground.models import EntryState, format_duration
 
@@ -241,6 +241,22 @@ class Supervisor(Generic[R]):
 
     async def release_event(self, event_id: str) -> None:
         """Nothing is held per event (the kubernetes backend holds a namespace)."""
+
+    # ------------------------------------------------------------------ artifacts
+
+    def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
+        raise NotImplementedError
+
+    # Served from the work dir as this server sees it: the local one, Slurm's shared directory,
+    # the Kubernetes mirror (which holds artifact names only: the files stay on the volume).
+    async def list_artifacts(self, entry_id: str, handle: Mapping[str, Any]) -> list[ArtifactStat]:
+        return await asyncio.to_thread(self._workdir(entry_id, handle).list_artifacts)
+
+    async def read_artifact(
+        self, entry_id: str, handle: Mapping[str, Any], path: str, offset: int, limit: int
+    ) -> ArtifactChunk:
+        wd = self._workdir(entry_id, handle)
+        return await asyncio.to_thread(wd.read_artifact, path, offset, limit)
 
     # ------------------------------------------------------------------ reporting
 
