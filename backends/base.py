@@ -156,11 +156,7 @@ class WorkDir:
             except json.JSONDecodeError as exc:
                 result = {"error": f"result file is not valid JSON: {exc}"}
         records, more = read_stream(self.stream, since_record)
-        artifacts = (
-            sorted(str(p.relative_to(self.output)) for p in self.output.rglob("*") if p.is_file())
-            if self.output.exists()
-            else []
-        )
+        artifacts = [rel for rel, _ in self._artifact_files()]
         return ResultData(
             result=result,
             result_bytes=size,
@@ -223,24 +219,25 @@ class WorkDir:
             raise NotFound(f"no artifact {path!r} in this entry's output", field="path")
         return target
 
-    def list_artifacts(self) -> list[ArtifactStat]:
-        """Every regular file under output/ (symlinks that lead out of it are left out), with
-        its checksum. Blocking: hashes files; call it in a thread."""
+    def _artifact_files(self) -> Iterator[tuple[str, Path]]:
+        """(path relative to output/, the file) for every regular file under output/, in
+        order; symlinks that lead out of it are left out."""
         root = self.output.resolve()
         if not root.is_dir():
-            return []
-        out: list[ArtifactStat] = []
+            return
         for folder, dirs, files in os.walk(root):
             dirs.sort()
             for name in sorted(files):
                 real = (Path(folder) / name).resolve()
-                if not real.is_relative_to(root) or not real.is_file():
-                    continue
-                rel = (Path(folder) / name).relative_to(root).as_posix()
-                digest, st = _sha256(real)
-                out.append(
-                    ArtifactStat(path=rel, size=st.st_size, mtime=st.st_mtime, sha256=digest)
-                )
+                if real.is_relative_to(root) and real.is_file():
+                    yield (Path(folder) / name).relative_to(root).as_posix(), real
+
+    def list_artifacts(self) -> list[ArtifactStat]:
+        """The artifacts with size and checksum. Blocking (hashes files): call it in a thread."""
+        out: list[ArtifactStat] = []
+        for rel, real in self._artifact_files():
+            digest, st = _sha256(real)
+            out.append(ArtifactStat(path=rel, size=st.st_size, mtime=st.st_mtime, sha256=digest))
         return out
 
     def read_artifact(self, path: str, offset: int, limit: int) -> ArtifactChunk:
