@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from jsonschema import Draft202012Validator
 
 from ground.contract import MAX_ARTIFACT_READ
 from tests.mcp_helpers import (
@@ -138,6 +139,9 @@ async def test_an_agent_sees_the_png_as_an_image_and_reads_the_csv(
         assert data.startswith(PNG_SIGNATURE) and data == (out / "plots/red.png").read_bytes()
         meta = structured(shown)
         assert meta["encoding"] == "image" and meta["data"] is None and meta["eof"] is True
+        published = {t.name: t.output_schema for t in (await client.list_tools()).tools}
+        Draft202012Validator(published["read_artifact"]).validate(meta)
+        Draft202012Validator(published["read_results"]).validate(listed)
 
         read = await client.call_tool("read_artifact", {"entry_id": job["id"], "path": "data.csv"})
         assert text_of(read) == CSV

@@ -158,6 +158,7 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "wait_entry",
         "read_logs",
         "read_results",
+        "read_artifact",
     }
     assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
     assert {s.name for s in TOOLS if not s.idempotent} == {"create_event", "launch_service"}
@@ -734,6 +735,7 @@ def _minimal_args(spec: ToolSpec, entry_id: str = "ent-000000000000") -> dict[st
         "event_id": "evt-000000000000",
         "service": "sim-instrument",
         "principal": "bob",
+        "path": "out.csv",
     }
     return {k: v for k, v in base.items() if k in _required(spec.input)}
 
