@@ -9,13 +9,15 @@ happens through `Reporter`; the engine persists each report before it announces 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,6 +28,8 @@ from ground.contract import (
     OVERSIZE_RESULT,
     PAGE_BYTES,
     PAGE_RECORDS,
+    ArtifactChunk,
+    ArtifactStat,
     Backend,
     HealthSpec,
     LaunchSpec,
@@ -34,8 +38,9 @@ from ground.contract import (
     Reporter,
     ResultData,
     omitted_record,
+    whole_utf8,
 )
-from ground.errors import invalid_input
+from ground.errors import InvalidInput, NotFound, invalid_input
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -128,19 +133,8 @@ class WorkDir:
         with self.log.open("rb") as f:
             f.seek(offset)
             raw = f.read(limit)
-        # Never cut a UTF-8 character in two: hand back only whole characters.
-        cut = len(raw)
-        if cut == limit:
-            for back in range(1, min(4, cut) + 1):
-                b = raw[cut - back]
-                if b & 0xC0 == 0xC0:  # a lead byte: is its sequence complete?
-                    need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4
-                    if back < need:
-                        cut -= back
-                    break
-                if b & 0x80 == 0:
-                    break
-        raw = raw[:cut]
+        if len(raw) == limit:
+            raw = whole_utf8(raw)
         return LogChunk(
             data=raw.decode("utf-8", errors="replace"),
             offset=offset,
@@ -162,11 +156,7 @@ class WorkDir:
             except json.JSONDecodeError as exc:
                 result = {"error": f"result file is not valid JSON: {exc}"}
         records, more = read_stream(self.stream, since_record)
-        artifacts = (
-            sorted(str(p.relative_to(self.output)) for p in self.output.rglob("*") if p.is_file())
-            if self.output.exists()
-            else []
-        )
+        artifacts = [rel for rel, _ in self._artifact_files()]
         return ResultData(
             result=result,
             result_bytes=size,
@@ -208,6 +198,64 @@ class WorkDir:
         if file_size(self.stream) + file_size(self.result) > self.BIG_READ:
             return await asyncio.to_thread(self.read_results, since_record, max_result_bytes)
         return self.read_results(since_record, max_result_bytes)
+
+    def artifact_file(self, path: str) -> Path:
+        """output/`path`, refused (naming `path`) when it would lead out of output/."""
+        pure = PurePosixPath(path)
+        if not path or "\0" in path or "\\" in path or pure.is_absolute():
+            raise InvalidInput(
+                f"path must be a relative path under the entry's output directory, got {path!r}",
+                field="path",
+            )
+        if ".." in pure.parts:
+            raise InvalidInput(f"path must not contain '..', got {path!r}", field="path")
+        root = self.output.resolve()
+        target = (root / pure).resolve()
+        if not target.is_relative_to(root):
+            raise InvalidInput(
+                f"path {path!r} leads out of the entry's output directory", field="path"
+            )
+        if not target.is_file():
+            raise NotFound(f"no artifact {path!r} in this entry's output", field="path")
+        return target
+
+    def _artifact_files(self) -> Iterator[tuple[str, Path]]:
+        """(path relative to output/, the file) for every regular file under output/, in
+        order; symlinks that lead out of it are left out."""
+        root = self.output.resolve()
+        if not root.is_dir():
+            return
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                real = (Path(folder) / name).resolve()
+                if real.is_relative_to(root) and real.is_file():
+                    yield (Path(folder) / name).relative_to(root).as_posix(), real
+
+    def list_artifacts(self) -> list[ArtifactStat]:
+        """The artifacts with size and checksum. Blocking (hashes files): call it in a thread."""
+        out: list[ArtifactStat] = []
+        for rel, real in self._artifact_files():
+            digest, st = _sha256(real)
+            out.append(ArtifactStat(path=rel, size=st.st_size, mtime=st.st_mtime, sha256=digest))
+        return out
+
+    def read_artifact(self, path: str, offset: int, limit: int) -> ArtifactChunk:
+        """Blocking: call it in a thread."""
+        target = self.artifact_file(path)
+        with target.open("rb") as f:
+            st = os.fstat(f.fileno())
+            offset = max(0, min(offset, st.st_size))
+            f.seek(offset)
+            data = f.read(limit)
+        return ArtifactChunk(
+            path=path,
+            data=data,
+            offset=offset,
+            next_offset=offset + len(data),
+            size=max(st.st_size, offset + len(data)),
+            mtime=st.st_mtime,
+        )
 
     def read_outcome(self) -> Outcome | None:
         try:
@@ -347,6 +395,31 @@ class ContractTail:
         start = self.stream_index
         self.stream_index += len(records)
         return list(enumerate(records, start))
+
+
+# Artifact checksums by (file, size, mtime): a file is hashed once, again only after it changed.
+_DIGESTS: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_DIGESTS_KEPT = 4096
+
+
+def _sha256(path: Path) -> tuple[str, os.stat_result]:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if (known := _DIGESTS.get(key)) is not None:
+        _DIGESTS.move_to_end(key)
+        return known, st
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        after = os.fstat(f.fileno())
+    digest = h.hexdigest()
+    # A file still being written is hashed again next time rather than remembered wrongly.
+    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+        _DIGESTS[key] = digest
+        if len(_DIGESTS) > _DIGESTS_KEPT:
+            _DIGESTS.popitem(last=False)
+    return digest, after
 
 
 def file_size(path: Path) -> int:

@@ -31,7 +31,15 @@ import httpx
 from watchfiles import awatch
 
 from backends.base import DEFAULT_MAX_RESULT_BYTES, ContractTail, WorkDir, tell
-from ground.contract import HealthSpec, LaunchSpec, LogChunk, Reporter, ResultData
+from ground.contract import (
+    ArtifactChunk,
+    ArtifactStat,
+    HealthSpec,
+    LaunchSpec,
+    LogChunk,
+    Reporter,
+    ResultData,
+)
 from ground.errors import BackendError, InvalidInput
 from ground.models import EntryState, format_duration
 
@@ -284,6 +292,19 @@ class Supervisor(Generic[R]):
     def _workdir(self, entry_id: str, handle: Mapping[str, Any]) -> WorkDir:
         """An entry's work dir: the one its handle names, else the site's place for it."""
         return WorkDir(Path(handle.get("workdir") or self._workdirs() / entry_id))
+
+    # ------------------------------------------------------------------ artifacts
+
+    # Served from the work dir as this server sees it: the local one, Slurm's shared directory,
+    # the Kubernetes mirror (which holds artifact names only: the files stay on the volume).
+    async def list_artifacts(self, entry_id: str, handle: Mapping[str, Any]) -> list[ArtifactStat]:
+        return await asyncio.to_thread(self._workdir(entry_id, handle).list_artifacts)
+
+    async def read_artifact(
+        self, entry_id: str, handle: Mapping[str, Any], path: str, offset: int, limit: int
+    ) -> ArtifactChunk:
+        wd = self._workdir(entry_id, handle)
+        return await asyncio.to_thread(wd.read_artifact, path, offset, limit)
 
     # ------------------------------------------------------------------ reporting
 

@@ -69,6 +69,26 @@ class ResultData(BaseModel):
     artifacts: list[str] = Field(default_factory=list)
 
 
+class ArtifactStat(BaseModel):
+    """A file under the entry's output/ as the site sees it now."""
+
+    path: str = Field(description="relative to output/, '/'-separated")
+    size: int
+    mtime: float
+    sha256: str
+
+
+class ArtifactChunk(BaseModel):
+    """A byte range of one artifact; `size` is the whole file's, `next_offset == size` at EOF."""
+
+    path: str
+    data: bytes
+    offset: int
+    next_offset: int
+    size: int
+    mtime: float
+
+
 @runtime_checkable
 class Reporter(Protocol):
     """The engine's side of the conversation. Each call is persisted before it returns."""
@@ -144,6 +164,17 @@ class Backend(Protocol):
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> ResultData: ...
 
+    async def list_artifacts(self, entry_id: str, handle: Mapping[str, Any]) -> list[ArtifactStat]:
+        """The files under output/ that this server can read, with size and checksum (a site
+        that keeps them elsewhere lists none here; read_results still names them)."""
+
+    async def read_artifact(
+        self, entry_id: str, handle: Mapping[str, Any], path: str, offset: int, limit: int
+    ) -> ArtifactChunk:
+        """At most `limit` bytes of output/`path` from `offset`. A path that leaves output/
+        (.., absolute, a symlink out) is refused with InvalidInput naming `path`; a missing
+        file is NotFound naming `path`."""
+
 
 class BackendFactory(Protocol):
     """What a backend kind is registered as (entry point group `sciorch.backends`): called with
@@ -158,8 +189,26 @@ class BackendFactory(Protocol):
 PAGE_RECORDS = 1000
 PAGE_BYTES = 1 << 20
 MAX_RECORD_BYTES = 64 * 1024
+# One read of an artifact returns at most this many bytes; bigger files are read in ranges.
+MAX_ARTIFACT_READ = 1 << 20
 # Where a result over the cap is kept, in output/, so it is listed and can still be fetched.
 OVERSIZE_RESULT = "sciorch-result.json"
+
+
+def whole_utf8(raw: bytes) -> bytes:
+    """`raw` without a UTF-8 character cut in two at its end (a range read of text hands back
+    whole characters only; the next range starts at the cut)."""
+    cut = len(raw)
+    for back in range(1, min(4, cut) + 1):
+        b = raw[cut - back]
+        if b & 0xC0 == 0xC0:  # a lead byte: is its sequence complete?
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4
+            if back < need:
+                cut -= back
+            break
+        if b & 0x80 == 0:
+            break
+    return raw[:cut]
 
 
 def omitted_record(size: int) -> dict[str, Any]:
@@ -172,10 +221,13 @@ def omitted_record(size: int) -> dict[str, Any]:
 
 
 __all__ = [
+    "MAX_ARTIFACT_READ",
     "MAX_RECORD_BYTES",
     "OVERSIZE_RESULT",
     "PAGE_BYTES",
     "PAGE_RECORDS",
+    "ArtifactChunk",
+    "ArtifactStat",
     "Backend",
     "BackendFactory",
     "HealthSpec",
@@ -185,4 +237,5 @@ __all__ = [
     "Reporter",
     "ResultData",
     "omitted_record",
+    "whole_utf8",
 ]

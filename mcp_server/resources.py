@@ -12,10 +12,12 @@ from typing import Any
 
 import mcp_types
 from fastmcp import FastMCP
+from fastmcp.resources import ResourceContent, ResourceResult
 from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
 from pydantic import ValidationError
 
 import tools
+from ground.contract import whole_utf8
 from ground.errors import SciorchError
 from ground.models import Message, Principal
 from mcp_server.toolset import refused_read
@@ -23,7 +25,7 @@ from orchestrator.engine import Engine
 from tools import models as m
 
 ENTRY = "sciorch://entries/{entry_id}"
-_ENTRY_URI = re.compile(r"^sciorch://entries/([^/]+)(?:/log|/results)?$")
+_ENTRY_URI = re.compile(r"^sciorch://entries/([^/]+)(?:/log|/results|/artifacts/.+)?$")
 LOG_TAIL_BYTES = 256 * 1024
 
 log = logging.getLogger("sciorch.mcp")
@@ -88,6 +90,28 @@ def register_resources(mcp: FastMCP, engine: Engine, principal_of: Callable[[], 
             return json.dumps(res.model_dump(mode="json"))
 
         return await guarded(get)
+
+    @mcp.resource(
+        ENTRY + "/artifacts/{path*}",
+        description="A file the entry wrote to its output dir, with its MIME type: text as "
+        "text, other files as a blob. The first 1 MiB of a bigger file (its `_meta` says the "
+        "size); read_artifact reads on from next_offset",
+    )
+    async def artifact_resource(entry_id: str, path: str) -> ResourceResult:
+        try:
+            _, chunk = await engine.read_artifact(principal_of(), entry_id, path)
+        except SciorchError as exc:
+            raise refused_read(exc) from exc
+        mime = m.mime_type_of(path)
+        raw = chunk.data
+        body: str | bytes = raw
+        if m.is_text(mime):
+            if chunk.next_offset < chunk.size:
+                raw = whole_utf8(raw)
+            body = raw.decode("utf-8", errors="replace")
+        end = chunk.offset + len(raw)
+        meta = {"size": chunk.size, "next_offset": end, "eof": end >= chunk.size}
+        return ResourceResult([ResourceContent(body, mime_type=mime, meta=meta)])
 
 
 class WatchBus:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 
 from fastmcp import FastMCP
-from fastmcp.server.auth import AuthProvider
+from fastmcp.server.auth import AccessToken, AuthProvider
 from fastmcp.server.dependencies import get_access_token
 from fastmcp_tasks import TasksExtension
 
@@ -17,14 +18,15 @@ from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ErrorResults, rat
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
 from mcp_server.steering_tools import register_steering
-from mcp_server.toolset import TOOLS, register_tools
+from mcp_server.toolset import IMPLIED, TOOLS, register_tools
 from orchestrator.engine import Engine
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 INSTRUCTIONS = """\
 sciorch runs jobs and long-running services on scientific facilities (this machine, Slurm, \
-Kubernetes). Start with list_services. Jobs: submit_job, then wait_entry, then read_results. \
+Kubernetes). Start with list_services. Jobs: submit_job, then wait_entry, then read_results; \
+read_artifact shows the files a job wrote (images as images). \
 Services: launch_service, then wait_entry until ready, then give the user access_url. \
 Entries live in events (allocations) you own or that are shared with you; without event_id \
 your default event is used. Errors name the field that was wrong and what was expected."""
@@ -39,6 +41,31 @@ def local_principal() -> Principal:
         except (OSError, KeyError):  # no login name and no passwd entry (some containers)
             who = "local"
     return Principal(id=who)
+
+
+def token_principal(token: AccessToken) -> Principal:
+    # subject: the claim the verifier names the caller by ([auth] principal_claim)
+    sub = str(token.subject or token.claims.get("sub") or token.client_id)
+    return Principal(id=sub, admin="admin" in token.scopes)
+
+
+def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] | None:
+    """Who a bearer token that /mcp accepts with the read scope names (for HTTP reads next to
+    /mcp, such as artifact downloads); None when the server has no auth."""
+    auth = mcp.auth
+    if auth is None:
+        return None
+
+    async def reader(token: str) -> Principal | None:
+        try:
+            access = await auth.verify_token(token)
+        except Exception:  # a refused token (TokenRefused) is no principal
+            return None
+        if access is None or not IMPLIED["read"] & set(access.scopes):
+            return None
+        return token_principal(access)
+
+    return reader
 
 
 def create_server(
@@ -63,11 +90,7 @@ def create_server(
 
     def principal_of() -> Principal:
         token = get_access_token()
-        if token is None:
-            return fallback
-        # subject: the claim the verifier names the caller by ([auth] principal_claim)
-        sub = str(token.subject or token.claims.get("sub") or token.client_id)
-        return Principal(id=sub, admin="admin" in token.scopes)
+        return fallback if token is None else token_principal(token)
 
     mcp: FastMCP = FastMCP(
         "sciorch",

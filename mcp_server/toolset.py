@@ -15,7 +15,7 @@ from fastmcp.exceptions import FastMCPError, ResourceError, ToolError
 from fastmcp.server.auth import AuthCheck, AuthContext
 from fastmcp.tools import FunctionTool, ToolResult
 from fastmcp.utilities.json_schema import dereference_refs
-from mcp.types import TextContent
+from mcp.types import ImageContent, TextContent
 from pydantic import BaseModel, ValidationError
 
 import tools
@@ -41,6 +41,8 @@ class ToolSpec:
     destructive: bool = False
     idempotent: bool = False
     long_running: bool = False  # task-capable, reports progress
+    # How the returned model becomes the tool result, when not as structured JSON alone.
+    render: Callable[[Any], ToolResult] | None = None
 
 
 TOOLS: tuple[ToolSpec, ...] = (
@@ -193,6 +195,20 @@ TOOLS: tuple[ToolSpec, ...] = (
         idempotent=True,
     ),
     ToolSpec(
+        "read_artifact",
+        tools.read_artifact,
+        m.ReadArtifactInput,
+        m.ArtifactContent,
+        "Read one artifact file of an entry (a path from read_results' artifacts). Text "
+        "(CSV, JSON, logs) comes back as text; a PNG, JPEG, GIF or WebP image comes back as "
+        "an image you can look at; other files as base64. At most 1 MiB per call: pass "
+        "next_offset back as offset until eof is true.",
+        "read",
+        read_only=True,
+        idempotent=True,
+        render=lambda c: artifact_result(c),
+    ),
+    ToolSpec(
         "cancel_entry",
         tools.cancel_entry,
         m.EntryRef,
@@ -273,6 +289,26 @@ def as_tool_result(model: BaseModel) -> ToolResult:
     )
 
 
+def artifact_result(content: m.ArtifactContent) -> ToolResult:
+    """Text as text, an image as image content (its bytes only there, not also in the
+    structured content), other bytes as base64 in the structured content."""
+    if content.encoding == "image" and content.data is not None:
+        meta = content.model_copy(update={"data": None})
+        return ToolResult(
+            content=[
+                ImageContent(type="image", data=content.data, mime_type=content.mime_type),
+                TextContent(type="text", text=meta.model_dump_json()),
+            ],
+            structured_content=meta.model_dump(mode="json"),
+        )
+    if content.encoding == "text" and content.data is not None:
+        return ToolResult(
+            content=[TextContent(type="text", text=content.data)],
+            structured_content=content.model_dump(mode="json"),
+        )
+    return as_tool_result(content)
+
+
 def build_tool(
     spec: ToolSpec, engine: Engine, principal_of: Callable[[], Principal]
 ) -> Callable[..., Awaitable[ToolResult]]:
@@ -311,7 +347,7 @@ def build_tool(
     async def call(**kwargs: Any) -> ToolResult:
         ctx = kwargs.pop("ctx", None)
         try:
-            return as_tool_result(await run(kwargs, ctx))
+            return (spec.render or as_tool_result)(await run(kwargs, ctx))
         except Refused as exc:
             # A task-run call's errors never reach the ErrorResults middleware (the tasks
             # extension turns them into a plain error result): answer with the data here.

@@ -24,9 +24,12 @@ import jwt
 
 from ground.config import Settings, load_settings
 from ground.contract import (
+    MAX_ARTIFACT_READ,
     MAX_RECORD_BYTES,
     OVERSIZE_RESULT,
     PAGE_RECORDS,
+    ArtifactChunk,
+    ArtifactStat,
     Backend,
     HealthSpec,
     LaunchSpec,
@@ -671,15 +674,19 @@ class Engine:
             algorithm="HS256",
         )
 
-    async def authorize_proxy(self, token: str, entry_id: str) -> Entry:
-        """The proxy's check: a valid token for this entry whose holder may still see it."""
+    def entry_token_principal(self, token: str, entry_id: str) -> Principal:
+        """Who an entry's access token was issued to, if it is valid and for this entry."""
         try:
             claims = jwt.decode(token, self._key, algorithms=["HS256"])
         except jwt.PyJWTError as exc:
             raise NotAllowed(f"entry token rejected: {exc}") from exc
         if claims.get("ent") != entry_id:
             raise NotAllowed("entry token is for another entry")
-        principal = Principal(id=str(claims["sub"]), admin=bool(claims.get("adm")))
+        return Principal(id=str(claims["sub"]), admin=bool(claims.get("adm")))
+
+    async def authorize_proxy(self, token: str, entry_id: str) -> Entry:
+        """The proxy's check: a valid token for this entry whose holder may still see it."""
+        principal = self.entry_token_principal(token, entry_id)
         entry, _event = await self._entry_for(principal, entry_id, Role.VIEWER)
         return entry
 
@@ -802,6 +809,33 @@ class Engine:
             data.more_records = True
         data.next_record = since_record + len(data.records)
         return entry, data
+
+    async def list_artifacts(self, principal: Principal, entry_id: str) -> list[ArtifactStat]:
+        """The entry's files under output/ that this server can read, with size and sha256."""
+        entry, _ = await self._entry_for(principal, entry_id)
+        backend = self.backends.get(entry.site)
+        return await backend.list_artifacts(entry.id, entry.handle) if backend else []
+
+    async def read_artifact(
+        self,
+        principal: Principal,
+        entry_id: str,
+        path: str,
+        offset: int = 0,
+        limit: int = MAX_ARTIFACT_READ,
+    ) -> tuple[Entry, ArtifactChunk]:
+        """At most `limit` bytes of the artifact `path` from `offset` (pass next_offset on)."""
+        if offset < 0:
+            raise InvalidInput("offset must be >= 0", field="offset")
+        if not 1 <= limit <= MAX_ARTIFACT_READ:
+            raise InvalidInput(
+                f"limit must be between 1 and {MAX_ARTIFACT_READ} bytes", field="limit"
+            )
+        entry, _ = await self._entry_for(principal, entry_id)
+        backend = self.backends.get(entry.site)
+        if backend is None:
+            raise NotFound(f"site {entry.site!r} of entry {entry.id} is gone", field="path")
+        return entry, await backend.read_artifact(entry.id, entry.handle, path, offset, limit)
 
     async def cancel(self, principal: Principal, entry_id: str, wait_s: float = 10.0) -> Entry:
         """Cancel an entry. Idempotent: a finished entry is returned unchanged."""

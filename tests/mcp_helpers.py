@@ -21,7 +21,7 @@ from fastmcp import FastMCP
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_server.auth import create_token, verifier
-from mcp_server.server import create_server
+from mcp_server.server import bearer_reader, create_server
 from mcp_server.toolset import TOOLS
 from mcp_server.transport import mcp_mount
 from orchestrator.engine import Engine
@@ -190,7 +190,9 @@ async def run_http_server(
             extra_routes, extra_lifespans = mcp_mount(extra, engine.settings, path)
             routes += extra_routes
             lifespans += extra_lifespans
-        app = create_http_app(engine, extra_routes=routes, lifespans=lifespans)
+        app = create_http_app(
+            engine, extra_routes=routes, lifespans=lifespans, bearer=bearer_reader(server)
+        )
         async with serve_asgi(app, sock) as base:
             yield HttpServer(engine=engine, mcp=server, base=base, keys_dir=keys)
     finally:

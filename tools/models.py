@@ -4,11 +4,14 @@ field descriptions are written for them."""
 from __future__ import annotations
 
 import json
+import mimetypes
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ground.contract import MAX_ARTIFACT_READ, ArtifactStat
 from ground.models import (
     Entry,
     EntryState,
@@ -152,6 +155,22 @@ class ReadResultsInput(_In):
     limit: Int = Field(100, ge=1, le=1000, description="records per page at most")
 
 
+class ReadArtifactInput(_In):
+    entry_id: str = EntryId
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="the artifact's path as read_results lists it (relative to the output dir)",
+    )
+    offset: Int = Field(0, ge=0, le=2**53, description="byte offset; pass next_offset to continue")
+    limit: Int = Field(
+        MAX_ARTIFACT_READ,
+        ge=1,
+        le=MAX_ARTIFACT_READ,
+        description=f"bytes at most (at most {MAX_ARTIFACT_READ})",
+    )
+
+
 # ------------------------------------------------------------------ outputs
 
 
@@ -231,6 +250,74 @@ class LogsChunk(BaseModel):
     complete: bool = Field(description="the entry has finished and every byte has been read")
 
 
+# Types read as text although they are not text/*.
+_TEXT_TYPES = frozenset(
+    {"application/json", "application/xml", "application/x-ndjson", "application/yaml"}
+)
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def mime_type_of(path: str) -> str:
+    guessed = mimetypes.guess_type(path, strict=False)[0]
+    if guessed is None and path.endswith((".jsonl", ".ndjson")):
+        return "application/x-ndjson"
+    return guessed or "application/octet-stream"
+
+
+def is_text(mime_type: str) -> bool:
+    return (
+        mime_type.startswith("text/")
+        or mime_type in _TEXT_TYPES
+        or mime_type.endswith(("+json", "+xml"))
+    )
+
+
+def artifact_uri(entry_id: str, path: str) -> str:
+    return f"sciorch://entries/{entry_id}/artifacts/{quote(path, safe='/')}"
+
+
+def artifact_url(public_url: str, entry_id: str, path: str) -> str:
+    return f"{public_url.rstrip('/')}/entries/{entry_id}/artifacts/{quote(path, safe='/')}"
+
+
+class ArtifactView(BaseModel):
+    path: str = Field(description="relative to the entry's output dir; read_artifact's path")
+    uri: str = Field(description="the MCP resource with the file's contents")
+    url: str = Field(description="HTTP download (bearer token as for /mcp; Range supported)")
+    mime_type: str
+    size: int | None = Field(description="bytes; null when the file stays on the site")
+    sha256: str | None = Field(description="hex digest; null when the file stays on the site")
+
+    @classmethod
+    def of(
+        cls, entry_id: str, public_url: str, path: str, stat: ArtifactStat | None
+    ) -> ArtifactView:
+        return cls(
+            path=path,
+            uri=artifact_uri(entry_id, path),
+            url=artifact_url(public_url, entry_id, path),
+            mime_type=mime_type_of(path),
+            size=stat.size if stat else None,
+            sha256=stat.sha256 if stat else None,
+        )
+
+
+class ArtifactContent(BaseModel):
+    entry_id: str
+    path: str
+    uri: str
+    mime_type: str
+    size: int = Field(description="the whole file's size in bytes")
+    offset: int
+    next_offset: int = Field(description="offset for the next range; equals size at the end")
+    eof: bool = Field(description="this range reaches the end of the file")
+    encoding: Literal["text", "base64", "image"] = Field(
+        description="text: data is the text; base64: data is the bytes in base64; image: the "
+        "whole image comes as image content next to this (data is null)"
+    )
+    data: str | None = None
+
+
 class Results(BaseModel):
     entry_id: str
     state: EntryState
@@ -245,7 +332,9 @@ class Results(BaseModel):
     more_records: bool = Field(
         False, description="more records follow now: call again with since_record=next_record"
     )
-    artifacts: list[str]
+    artifacts: list[ArtifactView] = Field(
+        description="files in the entry's output dir (read_artifact, the uri or the url)"
+    )
 
 
 class EventView(BaseModel):

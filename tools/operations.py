@@ -3,11 +3,16 @@ tests call these; they know nothing of MCP or of backends."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable
 
+from ground.contract import whole_utf8
 from ground.models import Entry, Message, Principal, Role, ServiceKind
 from orchestrator.engine import Engine
 from tools.models import (
+    IMAGE_TYPES,
+    ArtifactContent,
+    ArtifactView,
     CreateEventInput,
     EntryPage,
     EntryRef,
@@ -19,6 +24,7 @@ from tools.models import (
     LaunchServiceInput,
     ListEntriesInput,
     LogsChunk,
+    ReadArtifactInput,
     ReadLogsInput,
     ReadResultsInput,
     Results,
@@ -28,6 +34,9 @@ from tools.models import (
     SubmitJobInput,
     WaitEntryInput,
     WaitResult,
+    artifact_uri,
+    is_text,
+    mime_type_of,
 )
 
 OnMessage = Callable[[Message], Awaitable[None]]
@@ -138,7 +147,48 @@ async def read_results(engine: Engine, principal: Principal, req: ReadResultsInp
         records=data.records,
         next_record=data.next_record,
         more_records=data.more_records,
-        artifacts=data.artifacts,
+        artifacts=await _artifacts(engine, principal, entry.id, data.artifacts),
+    )
+
+
+async def _artifacts(
+    engine: Engine, principal: Principal, entry_id: str, names: list[str]
+) -> list[ArtifactView]:
+    """The files this server can read, with size and checksum, then those only named by the
+    site (a Kubernetes volume's, for instance)."""
+    stats = {s.path: s for s in await engine.list_artifacts(principal, entry_id)}
+    url = engine.settings.public_url
+    paths = sorted(stats.keys() | set(names))
+    return [ArtifactView.of(entry_id, url, p, stats.get(p)) for p in paths]
+
+
+async def read_artifact(
+    engine: Engine, principal: Principal, req: ReadArtifactInput
+) -> ArtifactContent:
+    _, chunk = await engine.read_artifact(principal, req.entry_id, req.path, req.offset, req.limit)
+    mime = mime_type_of(req.path)
+    eof = chunk.next_offset >= chunk.size
+    raw = chunk.data
+    if is_text(mime):
+        raw = raw if eof else whole_utf8(raw)
+        encoding, data = "text", raw.decode("utf-8", errors="replace")
+    else:
+        data = base64.b64encode(raw).decode("ascii")
+        # An image a model can look at is a whole one; a range of it is only bytes.
+        whole = chunk.offset == 0 and eof
+        encoding = "image" if mime in IMAGE_TYPES and whole else "base64"
+    next_offset = chunk.offset + len(raw)
+    return ArtifactContent(
+        entry_id=req.entry_id,
+        path=req.path,
+        uri=artifact_uri(req.entry_id, req.path),
+        mime_type=mime,
+        size=chunk.size,
+        offset=chunk.offset,
+        next_offset=next_offset,
+        eof=next_offset >= chunk.size,
+        encoding=encoding,
+        data=data,
     )
 
 

@@ -11,11 +11,22 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, events, steer, agent, campaign
+from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign
 
 # isort: on
 
-__all__ = ["agent", "app", "campaign", "catalogue", "entries", "events", "main", "serve", "steer"]
+__all__ = [
+    "agent",
+    "app",
+    "campaign",
+    "catalogue",
+    "entries",
+    "events",
+    "fetch",
+    "main",
+    "serve",
+    "steer",
+]
 
 
 def main() -> None:

@@ -21,8 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ground.config import Settings
+from mcp_server.server import bearer_reader
 from mcp_server.transport import Lifespan, mcp_mount
 from orchestrator.engine import Engine
+from sciorch.web.artifacts import ArtifactDownloads, BearerReader
 from sciorch.web.edge import http_protocol
 from sciorch.web.proxy import EntryProxy
 
@@ -38,11 +40,14 @@ def create_http_app(
     *,
     extra_routes: Sequence[BaseRoute] = (),
     lifespans: Sequence[Lifespan] = (),
+    bearer: BearerReader | None = None,
 ) -> Starlette:
-    """The proxy routes plus GET /healthz (alive) and /readyz (the store answers).
-    `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in order at
-    start-up (e.g. the MCP app's session manager)."""
+    """The proxy routes plus GET /healthz (alive) and /readyz (the store answers) and artifact
+    downloads. `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in
+    order at start-up (e.g. the MCP app's session manager); `bearer` names who an MCP bearer
+    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token."""
     proxy = EntryProxy(lambda: engine)
+    downloads = ArtifactDownloads(engine, bearer, proxy.asgi)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -78,6 +83,7 @@ def create_http_app(
         *extra_routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *downloads.routes(),
         *proxy.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -140,12 +146,18 @@ async def serve_http(
             await close_engine()
 
     try:
+        bearer = None
         if mcp_factory is not None:
-            mcp_routes, mcp_lifespans = mcp_mount(mcp_factory(engine), settings)
+            mcp = mcp_factory(engine)
+            bearer = bearer_reader(mcp)
+            mcp_routes, mcp_lifespans = mcp_mount(mcp, settings)
             extra_routes = [*mcp_routes, *extra_routes]
             lifespans = [*mcp_lifespans, *lifespans]
         app = create_http_app(
-            engine, extra_routes=extra_routes, lifespans=[engine_lifespan, *lifespans]
+            engine,
+            extra_routes=extra_routes,
+            lifespans=[engine_lifespan, *lifespans],
+            bearer=bearer,
         )
         config = uvicorn.Config(
             app,

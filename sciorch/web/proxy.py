@@ -213,10 +213,15 @@ class EntryProxy:
 
     # ------------------------------------------------------------------ plumbing
 
+    @property
+    def asgi(self) -> _ASGI:
+        """The HTTP side as a plain ASGI app (for routes that hand requests on to it)."""
+        return _ASGI(self)
+
     def routes(self) -> list[BaseRoute]:
         return [
             # An ASGI endpoint (not a function) so that every HTTP method is accepted.
-            Route("/entries/{entry_id}/{path:path}", endpoint=_ASGI(self), name="entry_proxy"),
+            Route("/entries/{entry_id}/{path:path}", endpoint=self.asgi, name="entry_proxy"),
             WebSocketRoute(
                 "/entries/{entry_id}/{path:path}", endpoint=self.websocket, name="entry_proxy_ws"
             ),
