@@ -39,6 +39,10 @@ class Subscription:
 
 
 class Bus:
+    # How often a waiter should re-read the store in case a message was lost; None: never
+    # (in process, a message is lost only by a stalled subscriber, which re-reads anyway).
+    recheck_s: float | None = None
+
     def __init__(self, maxsize: int = 10_000) -> None:
         self._subs: set[Subscription] = set()
         self._listeners: list[Callable[[Message], None]] = []

@@ -793,10 +793,20 @@ class Engine:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return await self.get_entry(principal, entry_id), True
+                recheck = self.bus.recheck_s
+                if recheck is not None and (remaining is None or remaining > recheck):
+                    remaining = recheck
                 try:
                     msg = await asyncio.wait_for(sub.get(), timeout=remaining)
                 except TimeoutError:
-                    return await self.get_entry(principal, entry_id), True
+                    # The deadline, or (a bus across replicas) a message that may have been
+                    # lost while it reconnected: the store says.
+                    current = await self.get_entry(principal, entry_id)
+                    if done(current.state, current.kind):
+                        return current, False
+                    if deadline is not None and loop.time() >= deadline:
+                        return current, True
+                    continue
                 if on_message is not None and msg.kind in ("transition", "stream"):
                     await on_message(msg)
                 if (

@@ -41,6 +41,8 @@ Resolve = Callable[[Message], Awaitable[Message | None]]
 
 
 class PgBus(Bus):
+    recheck_s = 10.0
+
     def __init__(self, dsn: str, channel: str, replica: str, maxsize: int = 10_000) -> None:
         super().__init__(maxsize)
         self.dsn = dsn

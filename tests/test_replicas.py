@@ -13,6 +13,7 @@ import time
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -204,6 +205,27 @@ async def test_a_job_submitted_through_a_replica_not_owning_the_site_runs_on_the
         assert one.id == two.id
         keyed = [e for e in await a.store.list_entries(limit=100) if e.idempotency_key == "k-1"]
         assert len(keyed) == 1
+    finally:
+        await shutdown(b)
+        await shutdown(a)
+
+
+async def test_a_waiter_whose_bus_lost_the_end_of_a_job_finds_it_in_the_store(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Notifications are lost while a listener reconnects: wait_entry re-reads the store."""
+    home = tmp_path / "home"
+    a = await Engine.open(make_settings(home))
+    b = await Engine.open(make_settings(home))
+    try:
+        assert isinstance(b.bus, PgBus)
+        b.bus.recheck_s = 0.5
+        b.bus._in = SimpleNamespace(put_nowait=lambda _e: None)  # type: ignore[assignment]
+        job = await b.launch(ALICE, "sim-instrument", {"duration_s": 0.2}, kind="job")
+        t0 = time.monotonic()
+        done, timed_out = await b.wait_entry(ALICE, job.id, 20)
+        assert done.state == EntryState.SUCCEEDED and not timed_out
+        assert time.monotonic() - t0 < 6  # found at a re-read, not at the deadline
     finally:
         await shutdown(b)
         await shutdown(a)
