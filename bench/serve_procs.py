@@ -50,29 +50,27 @@ async def pg_store(base: str | None) -> AsyncIterator[str]:
 
 
 class Replica:
-    """One `sciorch serve --transport http` process."""
+    """One `sciorch serve --transport http` process (or `command`, with {port} filled in)."""
 
-    def __init__(self, home: Path, store: str, *extra: str) -> None:
+    def __init__(self, home: Path, store: str, command: list[str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCIORCH_")}
         env.update(SCIORCH_HOME=str(home), SCIORCH_STORE=store)
+        argv = [sys.executable, "-m", "mcp_server.cli", "serve", "--host", "127.0.0.1",
+                "--port", "{port}"]
         self.log = home / f"replica-{self.port}.log"
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = self._start(env, out, extra)
-
-    def _start(self, env: dict[str, str], out: Any, extra: tuple[str, ...]) -> Any:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mcp_server.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), *extra],
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+            self.proc = subprocess.Popen(
+                [a.replace("{port}", str(self.port)) for a in command or argv],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
