@@ -231,6 +231,84 @@ async def test_a_waiter_whose_bus_lost_the_end_of_a_job_finds_it_in_the_store(
         await shutdown(a)
 
 
+async def test_the_proxy_of_any_replica_reaches_a_service_another_one_runs(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Launched through b, run by a (the site's owner), ready as b hears it; b's proxy takes
+    the entry token a signed (the key is in the shared home) and reaches the service."""
+    import httpx
+
+    import tools
+    from mcp_server.http_app import create_http_app
+    from tests.mcp_helpers import serve_asgi
+    from tools.models import EntryRef, LaunchServiceInput
+
+    home = tmp_path / "home"
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    a = await Engine.open(make_settings(home, public_url=base))
+    b = await Engine.open(make_settings(home, public_url=base))
+    try:
+        view = await tools.launch_service(b, ALICE, LaunchServiceInput(service="http-app"))
+        ready, timed_out = await b.wait_entry(ALICE, view.id, timeout_s=30)
+        assert not timed_out and ready.state == EntryState.READY, ready.reason
+        signed_by_a = await tools.get_entry(a, ALICE, EntryRef(entry_id=view.id))
+        assert signed_by_a.access_url
+        token = signed_by_a.access_url.split("?token=", 1)[1]
+        async with (
+            serve_asgi(create_http_app(b), sock) as served,
+            httpx.AsyncClient(
+                base_url=served, trust_env=False, timeout=20, follow_redirects=True
+            ) as http,
+        ):
+            page = await http.get(f"/entries/{view.id}/", params={"token": token})
+            assert page.status_code == 200, page.text
+            assert view.id in page.text
+            stopped = await b.cancel(ALICE, view.id)
+            assert stopped.state == EntryState.CANCELLED
+            gone = await http.get(f"/entries/{view.id}/")  # the cookie the first one set
+            assert gone.status_code != 200  # b knows at once that a stopped it
+    finally:
+        await shutdown(b)
+        await shutdown(a)
+
+
+async def test_a_campaign_runs_where_its_lease_is_and_stops_or_updates_through_any_replica(
+    tmp_path: Path, pg_url: str
+) -> None:
+    from steering.manager import manager_for
+    from steering.spec import CampaignSpec
+
+    home = tmp_path / "home"
+    a = await Engine.open(make_settings(home))
+    b = await Engine.open(make_settings(home))
+    on_a, on_b = manager_for(a, auto_resume=False), manager_for(b, auto_resume=False)
+    try:
+        heard: list[str] = []
+        on_b.listeners.append(heard.append)
+        spec = CampaignSpec.model_validate(
+            tomllib.loads(CAMPAIGN_TOML.format(duration=0.3, budget=40))
+        )
+        view = await on_a.start(ALICE, spec)
+        assert view.id in on_a.tasks and view.id not in on_b.tasks
+        assert await b.replicas.keeper.holder(f"campaign:{view.id}") == a.replicas.id  # type: ignore[union-attr]
+        for _ in range(200):  # evaluations go on, run by a, heard on b
+            if heard.count(view.id) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert heard.count(view.id) >= 3
+        assert on_b.leases is not None and await on_b.leases.run_elsewhere(view.id)
+        stopped = await on_b.stop(ALICE, view.id)  # asks a, which runs it
+        assert stopped.state == "stopped", stopped.reason
+        await asyncio.wait_for(on_a.wait(view.id), 30)
+        assert await b.replicas.keeper.holder(f"campaign:{view.id}") is None  # type: ignore[union-attr]
+    finally:
+        await on_b.shutdown()
+        await on_a.shutdown()
+        await shutdown(b)
+        await shutdown(a)
+
+
 # ------------------------------------------------------------------------------ real servers
 
 
