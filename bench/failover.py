@@ -33,8 +33,8 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 from bench.serve_procs import Replica, pg_store
 from bench.tool_latency import http_client
+from ground.config import load_settings
 from mcp_server.auth import create_token
-from orchestrator.config import load_settings
 
 TARGET_S = 10.0
 ACTIVE = ("pending", "provisioning", "running")

@@ -33,8 +33,8 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 from bench.serve_procs import Replica, free_port, pg_store
 from bench.tool_latency import cpu_seconds, http_client
+from ground.config import load_settings
 from mcp_server.auth import create_token, ensure_keys
-from orchestrator.config import load_settings
 
 TOOL_LATENCY = Path(__file__).resolve().parent / "tool_latency.py"
 

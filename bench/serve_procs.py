@@ -57,7 +57,7 @@ class Replica:
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCIORCH_")}
         env.update(SCIORCH_HOME=str(home), SCIORCH_STORE=store)
-        argv = [sys.executable, "-m", "mcp_server.cli", "serve", "--host", "127.0.0.1",
+        argv = [sys.executable, "-m", "sciorch.cli", "serve", "--host", "127.0.0.1",
                 "--port", "{port}"]
         self.log = home / f"replica-{self.port}.log"
         home.mkdir(parents=True, exist_ok=True)

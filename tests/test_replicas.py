@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import load_settings
+from ground.config import load_settings
+from ground.models import EntryState, Message
 from orchestrator.database import split_schema
 from orchestrator.engine import Engine
 from orchestrator.leases import LeaseKeeper
-from orchestrator.models import EntryState, Message
 from orchestrator.pg_bus import MAX_PAYLOAD, PgBus
 from orchestrator.store import Store, now
 from tests.conftest import ALICE, drop_schemas, make_settings, postgres_base_url, shutdown
@@ -239,7 +239,7 @@ async def test_the_proxy_of_any_replica_reaches_a_service_another_one_runs(
     import httpx
 
     import tools
-    from mcp_server.http_app import create_http_app
+    from sciorch.web.app import create_http_app
     from tests.mcp_helpers import serve_asgi
     from tools.models import EntryRef, LaunchServiceInput
 
@@ -276,13 +276,14 @@ async def test_the_proxy_of_any_replica_reaches_a_service_another_one_runs(
 async def test_a_campaign_runs_where_its_lease_is_and_stops_or_updates_through_any_replica(
     tmp_path: Path, pg_url: str
 ) -> None:
-    from steering.manager import manager_for
+    from mcp_server.steering_tools import campaign_manager
     from steering.spec import CampaignSpec
 
     home = tmp_path / "home"
     a = await Engine.open(make_settings(home))
     b = await Engine.open(make_settings(home))
-    on_a, on_b = manager_for(a, auto_resume=False), manager_for(b, auto_resume=False)
+    on_a = campaign_manager(a, auto_resume=False)
+    on_b = campaign_manager(b, auto_resume=False)
     try:
         heard: list[str] = []
         on_b.listeners.append(heard.append)
