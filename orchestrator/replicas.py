@@ -82,6 +82,7 @@ class Replicas:
         bus.on_signal(RELEASED, lambda _d: keeper.poke())
         # An event with a lifetime made on another replica: the expiry owner looks again.
         bus.add_listener(lambda m: engine.wake_expiry() if m.kind == "event" else None)
+        bus.add_listener(self._settled)
         for site in engine.backends:
             keeper.want(
                 site_lease(site),
@@ -131,6 +132,12 @@ class Replicas:
             return False
         claimed.add(entry_id)
         return True
+
+    def _settled(self, message: Message) -> None:
+        """An entry that ended is never driven again: forget its claim."""
+        if message.kind == "transition" and message.state is not None and message.state.terminal:
+            for claimed in self._claimed.values():
+                claimed.discard(message.entry_id or "")
 
     def hand_over(self, entry_id: str) -> None:
         self.bus.signal(SUBMIT, {"entry_id": entry_id})

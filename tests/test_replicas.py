@@ -210,6 +210,35 @@ async def test_a_job_submitted_through_a_replica_not_owning_the_site_runs_on_the
         await shutdown(a)
 
 
+async def test_a_replica_that_stalls_stops_driving_and_another_adopts_its_running_job(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """a stops renewing (as a stalled replica would) and lets the site go as on a lost lease;
+    b takes the site after the lease's deadline and re-adopts the job a started, which ends
+    as it truly did, recorded by b."""
+    home = tmp_path / "home"
+    a = await Engine.open(make_settings(home, lease_ttl_s=2))
+    b = await Engine.open(make_settings(home, lease_ttl_s=2))
+    try:
+        assert a.replicas and b.replicas and a.replicas.owns("local")
+        job = await a.launch(ALICE, "sim-instrument", {"duration_s": 3, "records": 2}, kind="job")
+        await b.wait_entry(ALICE, job.id, 20, until="started")
+        await a.replicas.keeper.stop()
+        await a.replicas._leave_site("local")
+        assert not a.backends["local"]._entries  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        while not b.replicas.owns("local"):
+            assert time.monotonic() - t0 < 5, "no takeover"
+            await asyncio.sleep(0.05)
+        done, timed_out = await b.wait_entry(ALICE, job.id, 20)
+        assert not timed_out and done.state == EntryState.SUCCEEDED, done.reason
+        assert done.result and "value" in done.result
+        assert job.id not in b.replicas._claimed["local"]  # ended: its claim is forgotten
+    finally:
+        await shutdown(b)
+        await shutdown(a)
+
+
 async def test_a_waiter_whose_bus_lost_the_end_of_a_job_finds_it_in_the_store(
     tmp_path: Path, pg_url: str
 ) -> None:
