@@ -20,6 +20,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
+from ground.errors import Conflict
 from orchestrator.leases import Want
 from steering.models import CampaignState
 
@@ -74,6 +75,19 @@ class CampaignLeases:
         """The lease of a campaign just created here (nobody else can hold it yet)."""
         want = self._want(campaign_id)
         return await self.keeper.acquire(lease_name(campaign_id), want.on_gain, want.on_loss)
+
+    async def serve_here(self, campaign_id: str) -> None:
+        """Before this replica starts a runner on demand (an external campaign's ask or tell):
+        its lease, or a refusal naming the replica that runs it (two runners would each hand
+        out points from their own optimizer)."""
+        if campaign_id in self.manager.tasks or await self.take(campaign_id):
+            return
+        holder = await self.keeper.holder(lease_name(campaign_id)) or "another replica"
+        raise Conflict(
+            f"campaign_id: {campaign_id} is run by the replica {holder}; send its ask and tell "
+            f"calls there, or again once that replica has stopped",
+            field="campaign_id",
+        )
 
     async def resume(self) -> list[str]:
         """Start wanting the campaigns left running; those whose leases are free start now."""

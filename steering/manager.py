@@ -540,6 +540,8 @@ class CampaignManager:
                 f"campaign_id: {rec.id} is run against {rec.endpoint}", field="campaign_id"
             )
         await self.store()
+        if self.leases is not None:
+            await self.leases.serve_here(rec.id)
         self.launch(rec)
         runner = self.runners.get(rec.id)
         if not isinstance(runner, ExternalRunner):

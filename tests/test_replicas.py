@@ -339,6 +339,33 @@ async def test_a_campaign_runs_where_its_lease_is_and_stops_or_updates_through_a
         await shutdown(a)
 
 
+async def test_an_external_campaign_is_asked_where_it_runs_and_refused_with_the_why_elsewhere(
+    tmp_path: Path, pg_url: str
+) -> None:
+    from ground.errors import Conflict
+    from mcp_server.steering_tools import campaign_manager
+    from steering.spec import CampaignSpec
+    from tests.test_steering_external import external_spec
+
+    home = tmp_path / "home"
+    a = await Engine.open(make_settings(home))
+    b = await Engine.open(make_settings(home))
+    on_a = campaign_manager(a, auto_resume=False)
+    on_b = campaign_manager(b, auto_resume=False)
+    try:
+        view = await on_a.start(ALICE, CampaignSpec.model_validate(external_spec()))
+        asked = await on_a.ask(ALICE, view.id, 1)
+        assert len(asked.points) == 1
+        with pytest.raises(Conflict, match=f"campaign_id: {view.id} is run by the replica"):
+            await on_b.ask(ALICE, view.id, 1)
+        assert view.id not in on_b.runners  # no second optimizer handing out points
+    finally:
+        await on_b.shutdown()
+        await on_a.shutdown()
+        await shutdown(b)
+        await shutdown(a)
+
+
 # ------------------------------------------------------------------------------ real servers
 
 
