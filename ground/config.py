@@ -118,6 +118,12 @@ class Settings(BaseModel):
         4096, ge=64, description="an audited argument value over this is logged as its digest"
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    lease_ttl_s: float = Field(
+        6.0,
+        ge=1.0,
+        le=300.0,
+        description="replicas on PostgreSQL: a dead replica's work is taken over after this",
+    )
 
     @property
     def db_path(self) -> Path:

@@ -1,7 +1,11 @@
 """The event bus: pushes entry transitions, log growth and stream records to subscribers.
 
-In-process today. The engine only calls `publish` and `subscribe`, so a PostgreSQL LISTEN/NOTIFY
-or Redis bus can replace this one when several server replicas share one store.
+In-process for SQLite. The engine only calls `publish` and `subscribe`, so when several server
+replicas share one PostgreSQL store, `orchestrator.pg_bus.PgBus` (LISTEN/NOTIFY) takes its place
+and delivers every replica's messages to each one's subscribers.
+
+Signals are what replicas tell each other (hand this new entry to the site's owner, stop that
+campaign): they only ever reach the other replicas, so on this bus they go nowhere.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from ground.models import Message
 
 Filter = Callable[[Message], bool]
+SignalHandler = Callable[[dict[str, Any]], None]
 
 
 class Subscription:
@@ -33,9 +39,14 @@ class Subscription:
 
 
 class Bus:
+    # How often a waiter should re-read the store in case a message was lost; None: never
+    # (in process, a message is lost only by a stalled subscriber, which re-reads anyway).
+    recheck_s: float | None = None
+
     def __init__(self, maxsize: int = 10_000) -> None:
         self._subs: set[Subscription] = set()
         self._listeners: list[Callable[[Message], None]] = []
+        self._handlers: dict[str, list[SignalHandler]] = {}
         self._maxsize = maxsize
 
     def add_listener(self, listener: Callable[[Message], None]) -> Callable[[], None]:
@@ -55,6 +66,20 @@ class Bus:
                     # A stalled subscriber loses messages rather than stalling the engine; it
                     # can always re-read the store, which is the truth.
                     sub.dropped += 1
+
+    def signal(self, topic: str, data: dict[str, Any]) -> None:
+        """Tell the other replicas (none here)."""
+
+    def on_signal(self, topic: str, handler: SignalHandler) -> None:
+        """Run `handler` (it must not block) on each signal of `topic` from another replica."""
+        self._handlers.setdefault(topic, []).append(handler)
+
+    def _signalled(self, topic: str, data: dict[str, Any]) -> None:
+        for handler in tuple(self._handlers.get(topic, ())):
+            handler(data)
+
+    async def close(self) -> None:
+        """Nothing to release in process."""
 
     @asynccontextmanager
     async def subscribe(self, match: Filter | None = None) -> AsyncIterator[Subscription]:

@@ -1,5 +1,6 @@
 """The engine: one entry state machine for every backend, authorisation by principal, routing,
-reconciliation at start-up, event lifetimes.
+reconciliation at start-up, event lifetimes. On a PostgreSQL store several engines (replicas)
+may run at once; orchestrator.replicas decides which one drives each site.
 
 Backends report through the `Reporter` methods (`transition`, `log_grew`, `stream_record`); a
 transition is written to the store before it is published on the bus.
@@ -69,6 +70,7 @@ from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
+from orchestrator.replicas import Replicas, new_replica_id, open_bus
 from orchestrator.routing import choose_site
 from orchestrator.store import Store, now
 
@@ -166,23 +168,31 @@ class Engine:
         self._expiry_wake = asyncio.Event()
         self._started = False
         self._lock_fd: int | None = None
+        self.replicas: Replicas | None = None
 
     # ================================================================ lifecycle
 
     @classmethod
     async def open(cls, settings: Settings | None = None) -> Engine:
         settings = settings or load_settings()
-        lock_fd = _own_home(settings.home)
+        # On SQLite this process owns the home. On PostgreSQL replicas share it and leases in
+        # the store say who drives what (orchestrator.replicas).
+        lock_fd = None if settings.store_url else _own_home(settings.home)
+        bus: Bus | None = None
+        store: Store | None = None
         try:
             catalogue = Catalogue.load(settings.catalogue_dirs)
             backends = {s.name: create_backend(s, settings) for s in settings.sites}
-            # On PostgreSQL the home lock still guards this home's files (keys, entry dirs);
-            # several replicas on one PostgreSQL store are not supported yet.
             store = await Store.open(settings.store_url or settings.db_path)
+            if settings.store_url:
+                bus = await open_bus(settings.store_url, new_replica_id())
         except BaseException:
-            os.close(lock_fd)
+            if store is not None:
+                await store.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise
-        engine = cls(settings, store, catalogue, backends)
+        engine = cls(settings, store, catalogue, backends, bus)
         engine._lock_fd = lock_fd
         await engine.start()
         return engine
@@ -190,11 +200,16 @@ class Engine:
     async def start(self) -> None:
         for backend in self.backends.values():
             await backend.start(self)
-        await self.reconcile()
-        self._expiry_task = asyncio.create_task(self._expiry_loop(), name="sciorch-expiry")
+        if self.settings.store_url:
+            self.replicas = await Replicas.start(self)
+        else:
+            await self.reconcile()
+            self._expiry_task = asyncio.create_task(self.expiry_loop(), name="sciorch-expiry")
         self._started = True
 
     async def close(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.close()
         if self._expiry_task:
             self._expiry_task.cancel()
             try:
@@ -203,6 +218,9 @@ class Engine:
                 pass
         for backend in self.backends.values():
             await backend.close()
+        if self.replicas is not None:
+            await self.replicas.release()
+        await self.bus.close()
         await self.store.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -225,17 +243,23 @@ class Engine:
                     reason=f"site {entry.site!r} is no longer configured; state unknown",
                 )
                 continue
-            spec = LaunchSpec.model_validate(await self.store.get_spec(entry.id))
-            try:
-                await backend.adopt(entry.id, entry.state, entry.handle, spec)
-                if await self.store.stop_request(entry.id) is not None:
-                    # A stop asked for before the restart is carried through now.
-                    await backend.cancel(entry.id, entry.handle)
-            except Exception as exc:
-                log.exception("adopting %s failed", entry.id)
-                await self.transition(
-                    entry.id, EntryState.FAILED, reason=f"could not re-adopt after restart: {exc}"
-                )
+            await self.readopt(entry)
+
+    async def readopt(self, entry: Entry) -> None:
+        """Hand an active entry of a configured site back to its backend (after a restart, or
+        a takeover from a dead replica), carrying through a stop asked for meanwhile."""
+        backend = self.backends[entry.site]
+        spec = LaunchSpec.model_validate(await self.store.get_spec(entry.id))
+        try:
+            await backend.adopt(entry.id, entry.state, entry.handle, spec)
+            if await self.store.stop_request(entry.id) is not None:
+                # A stop asked for before the restart is carried through now.
+                await backend.cancel(entry.id, entry.handle)
+        except Exception as exc:
+            log.exception("adopting %s failed", entry.id)
+            await self.transition(
+                entry.id, EntryState.FAILED, reason=f"could not re-adopt after restart: {exc}"
+            )
 
     # ================================================================ reporter (backends call)
 
@@ -518,7 +542,10 @@ class Engine:
             )
         return event
 
-    async def _expiry_loop(self) -> None:
+    def wake_expiry(self) -> None:
+        self._expiry_wake.set()
+
+    async def expiry_loop(self) -> None:
         while True:
             self._expiry_wake.clear()
             nxt = await self.store.next_expiry()
@@ -656,15 +683,25 @@ class Engine:
                 at=at,
             )
         )
+        if self.replicas is not None and not self.replicas.owns(chosen):
+            # Another replica drives this site (or will, once it takes the site over).
+            self.replicas.hand_over(entry_id)
+        else:
+            await self.submit_to_backend(chosen, spec)
+        return await self.get_entry(principal, entry_id)
+
+    async def submit_to_backend(self, site: str, spec: LaunchSpec) -> None:
+        """Give a recorded entry to its site's backend (once); a refusal fails the entry."""
+        if self.replicas is not None and not self.replicas.claim(site, spec.entry_id):
+            return
         try:
-            await self.backends[chosen].submit(spec)
+            await self.backends[site].submit(spec)
         except SciorchError as exc:
-            await self.transition(entry_id, EntryState.FAILED, reason=exc.message)
+            await self.transition(spec.entry_id, EntryState.FAILED, reason=exc.message)
             raise
         except Exception as exc:
-            await self.transition(entry_id, EntryState.FAILED, reason=f"backend error: {exc}")
+            await self.transition(spec.entry_id, EntryState.FAILED, reason=f"backend error: {exc}")
             raise
-        return await self.get_entry(principal, entry_id)
 
     def access_token(self, principal: Principal, entry_id: str) -> str:
         exp = now() + timedelta(seconds=self.settings.entry_token_ttl_s)
@@ -763,10 +800,20 @@ class Engine:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return await self.get_entry(principal, entry_id), True
+                recheck = self.bus.recheck_s
+                if recheck is not None and (remaining is None or remaining > recheck):
+                    remaining = recheck
                 try:
                     msg = await asyncio.wait_for(sub.get(), timeout=remaining)
                 except TimeoutError:
-                    return await self.get_entry(principal, entry_id), True
+                    # The deadline, or (a bus across replicas) a message that may have been
+                    # lost while it reconnected: the store says.
+                    current = await self.get_entry(principal, entry_id)
+                    if done(current.state, current.kind):
+                        return current, False
+                    if deadline is not None and loop.time() >= deadline:
+                        return current, True
+                    continue
                 if on_message is not None and msg.kind in ("transition", "stream"):
                     await on_message(msg)
                 if (
@@ -876,5 +923,9 @@ class Engine:
         backend = self.backends.get(entry.site)
         if backend is None:
             await self.transition(entry.id, final, reason=reason)
+            return
+        if self.replicas is not None and not self.replicas.owns(entry.site):
+            # Its site's owner stops it; with none alive, the next owner finds the request.
+            self.replicas.ask_stop(entry.id)
             return
         await backend.cancel(entry.id, entry.handle)

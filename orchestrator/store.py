@@ -87,6 +87,11 @@ class Store:
     def dialect(self) -> str:
         return self._db.dialect
 
+    @property
+    def database(self) -> Database:
+        """The database under this store (the leases live there too)."""
+        return self._db
+
     @asynccontextmanager
     async def _writing(self, transaction: bool = False) -> AsyncIterator[Conn]:
         async with self._db.transaction() if transaction else self._db.writer() as conn:

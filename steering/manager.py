@@ -10,7 +10,8 @@ kept running by a task of its own (`_ServerHold`) from the first runner to the l
 
 Campaigns still running when the server stops stay `running` in the store and are resumed when
 it starts again (when its MCP lifespan begins: `sciorch serve` over HTTP or stdio), each by its
-own runner, which re-adopts what was in flight (see steering.runner).
+own runner, which re-adopts what was in flight (see steering.runner). With several replicas on
+one PostgreSQL store, a campaign runs where its lease is held (steering.leases).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ground.errors import InvalidInput, NotAllowed, NotFound
 from ground.models import ROLE_RANK, Principal, Role
 from steering.external import ExternalRunner, check_point, seq_of
+from steering.leases import CampaignLeases
 from steering.models import (
     ActionRecord,
     ActionView,
@@ -271,6 +273,7 @@ class CampaignManager:
         self.listeners: list[Callable[[str], None]] = []
         self._holds: dict[tuple[str, bool], _ServerHold] = {}
         self._serving = 0
+        self.leases = CampaignLeases(self, engine.replicas) if engine.replicas else None
 
     @property
     def db_path(self) -> Path | str:
@@ -308,6 +311,11 @@ class CampaignManager:
                 hold.release()
 
     def notify(self, campaign_id: str) -> None:
+        self.notify_local(campaign_id)
+        if self.leases is not None:
+            self.leases.updated(campaign_id)
+
+    def notify_local(self, campaign_id: str) -> None:
         for listener in tuple(self.listeners):
             try:
                 listener(campaign_id)
@@ -372,6 +380,8 @@ class CampaignManager:
         rec = await self.create(principal, spec)
         store = await self.store()
         await store.insert_action(_action(rec.id, principal, "start", {}))
+        if self.leases is not None:
+            await self.leases.take(rec.id)
         self.launch(rec)
         return await self.get(principal, rec.id, with_evals=False)
 
@@ -430,6 +440,9 @@ class CampaignManager:
             self.runners.pop(runner.id, None)
             self.tasks.pop(runner.id, None)
             self.notify(runner.id)
+            if self.leases is not None:
+                with contextlib.suppress(Exception):
+                    await self.leases.finished(runner.id)
 
     async def get(
         self, principal: Principal, campaign_id: str, with_evals: bool = True
@@ -472,6 +485,8 @@ class CampaignManager:
             runner.request_stop(cancel_in_flight)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        elif self.leases is not None and await self.leases.run_elsewhere(rec.id):
+            await self.leases.stop_elsewhere(rec.id, cancel_in_flight)
         else:
             await self._close_dormant(rec, cancel_in_flight)
         return await self.get(principal, campaign_id)
@@ -525,6 +540,8 @@ class CampaignManager:
                 f"campaign_id: {rec.id} is run against {rec.endpoint}", field="campaign_id"
             )
         await self.store()
+        if self.leases is not None:
+            await self.leases.serve_here(rec.id)
         self.launch(rec)
         runner = self.runners.get(rec.id)
         if not isinstance(runner, ExternalRunner):
@@ -740,7 +757,11 @@ class CampaignManager:
                 await self.shutdown()
 
     async def resume_all(self) -> list[str]:
-        """Start a runner for every embedded campaign left running (server start)."""
+        """Start a runner for every embedded campaign left running (server start); with
+        replicas, for those whose leases this replica takes (now or when they come free)."""
+        if self.leases is not None:
+            await self.store()
+            return await self.leases.resume()
         store = await self.store()
         recs = await store.list_campaigns(states=[CampaignState.RUNNING], endpoint="embedded")
         started = []
@@ -753,6 +774,8 @@ class CampaignManager:
 
     async def shutdown(self) -> None:
         """Stop the runners (their campaigns stay `running`, to be resumed) and the store."""
+        if self.leases is not None:
+            self.leases.pause()
         tasks = list(self.tasks.values())
         for t in tasks:
             t.cancel()
