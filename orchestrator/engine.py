@@ -122,8 +122,13 @@ def health_spec(service: Service, base_path: str, entry_id: str) -> HealthSpec |
     return HealthSpec.model_validate({**service.health.model_dump(), "path": path})
 
 
+# The key that signs entries' access tokens, made on first start in <home>/keys (replicas share
+# it, so a URL one of them hands out is honoured by the others).
+ENTRY_TOKEN_KEY = "entry-tokens.key"
+
+
 def _signing_key(folder: Path) -> bytes:
-    path = folder / "entry-tokens.key"
+    path = folder / ENTRY_TOKEN_KEY
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(secrets.token_bytes(32))

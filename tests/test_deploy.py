@@ -293,14 +293,16 @@ def test_every_secret_reference_names_an_example_key() -> None:
     assert ("sciorch-store", "url") in refs
     for name, key in refs:
         assert name in secrets and key in secrets[name]["stringData"], (name, key)
-    # The signing key lands where the server reads it: <home>/keys/<the files auth.py names>.
+    # The keys land where the server reads them: <home>/keys/<the files auth.py and the engine
+    # name>; the mount is read-only, so a key the server would otherwise make must be there.
     from mcp_server.auth import PRIVATE, PUBLIC
+    from orchestrator.engine import ENTRY_TOKEN_KEY
 
     home = next(v["value"] for v in container()["env"] if v["name"] == "SCIORCH_HOME")
     (keys,) = (m for m in container()["volumeMounts"] if m["name"] == "signing-key")
     assert keys["mountPath"] == f"{home}/keys"
     (vol,) = (v for v in spec["volumes"] if v["name"] == "signing-key")
-    assert {i["path"] for i in vol["secret"]["items"]} == {PRIVATE, PUBLIC}
+    assert {i["path"] for i in vol["secret"]["items"]} == {PRIVATE, PUBLIC, ENTRY_TOKEN_KEY}
 
 
 def test_runs_as_the_images_non_root_user_on_a_read_only_root() -> None:
