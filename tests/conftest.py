@@ -18,6 +18,7 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 from ground.config import Settings, load_settings
 from ground.models import Principal
+from mcp_server.steering_tools import campaign_manager
 from orchestrator.engine import Engine
 
 ALICE = Principal(id="alice")
@@ -122,6 +123,21 @@ class EngineHost:
         await eng.close()
         self.engines.remove(eng)
         return await self.open()
+
+
+def campaign_engine() -> Any:
+    """An `eng` fixture for steering tests: an engine in `home` whose campaign manager is shut
+    down before the engine (campaigns hold engine work)."""
+    @pytest.fixture
+    async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
+        engine = await Engine.open(make_settings(home))
+        try:
+            yield engine
+        finally:
+            await campaign_manager(engine).shutdown()
+            await shutdown(engine)
+
+    return eng
 
 
 @pytest.fixture
