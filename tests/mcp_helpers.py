@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -172,6 +173,24 @@ async def serve_asgi(app: Any, sock: socket.socket) -> AsyncIterator[str]:
         sock.close()
 
 
+def script_catalogue(
+    root: Path, name: str, script: str, properties: dict[str, Any]
+) -> Path:
+    """root/catalogue, holding one job template, `name`: the Python `script` run with a closed
+    set of parameters, `properties` (a JSON schema's)."""
+    cat = root / "catalogue"
+    cat.mkdir(parents=True, exist_ok=True)
+    (cat / "payload.py").write_text(script)
+    template = {
+        "name": name,
+        "kind": "job",
+        "command": ["{python}", str(cat / "payload.py")],
+        "parameters": {"type": "object", "additionalProperties": False, "properties": properties},
+    }
+    (cat / f"{name}.yaml").write_text(json.dumps(template))  # JSON is YAML
+    return cat
+
+
 def module_engine(name: str) -> Any:
     """An `eng` fixture: one engine, in a home of its own, for all the tests of a module."""
 
@@ -187,17 +206,24 @@ def module_engine(name: str) -> Any:
 
 
 @dataclass
-class HttpServer:
-    """A running sciorch HTTP server: MCP at `mcp_url`, the proxy and /healthz at `base`."""
+class RunningServer:
+    """A running sciorch HTTP server over `engine`: MCP at `mcp_url`, the proxy and /healthz at
+    `base`."""
 
     engine: Engine
-    mcp: FastMCP
     base: str
-    keys_dir: Path
 
     @property
     def mcp_url(self) -> str:
         return self.base + "/mcp"
+
+
+@dataclass
+class HttpServer(RunningServer):
+    """One that takes sciorch's own tokens, signed with the key in `keys_dir`."""
+
+    mcp: FastMCP
+    keys_dir: Path
 
     def token(self, sub: str, scopes: str = "read,submit", ttl_s: int = 600) -> str:
         return create_token(self.keys_dir, sub, scopes.split(","), ttl_s)
