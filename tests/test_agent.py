@@ -142,6 +142,7 @@ async def test_success_runs_the_job_and_answers_with_evidence(
     )
     entry_id = entry_of(api.requests[-1])
     assert result.stopped_reason == "done"
+    assert result.summary().startswith("(done; 1 entries; ")  # what the examples print
     assert entry_id in result.answer
     assert result.steps == 5
     assert [c.name for c in result.tool_calls] == [
