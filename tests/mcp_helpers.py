@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import uvicorn
 from fastmcp import FastMCP
 from fastmcp_tasks import call_tool_task
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ResourceUpdated
 
 from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE, create_token, verifier
 from mcp_server.server import bearer_reader, create_server
@@ -113,6 +114,20 @@ async def wait_task(client: Any, entry_id: str, timeout_s: float) -> Any:
     """wait_entry as a task: the task, running."""
     args = {"entry_id": entry_id, "timeout_seconds": timeout_s}
     return await call_tool_task(client, "wait_entry", args)
+
+
+async def updates_until_succeeded(client: Any, sub: AsyncIterable[Any], base: str) -> list[str]:
+    """As a listening client does: refetch the entry at `base` whenever it changes, until it has
+    succeeded; the URIs of the updates heard, in order (each must be a ResourceUpdated)."""
+    got: list[str] = []
+    async for event in sub:
+        assert isinstance(event, ResourceUpdated)
+        got.append(event.uri)
+        if event.uri == base:
+            read = await client.read_resource(base)
+            if json.loads(read.contents[0].text)["state"] == "succeeded":
+                break
+    return got
 
 
 def assert_no_traceback(text: str) -> None:

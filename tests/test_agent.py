@@ -483,14 +483,13 @@ async def test_remote_server_over_http_with_a_token(tmp_path: Path) -> None:
     assert refused.value.field == "token"
 
 
-async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+async def run_python(env: dict[str, str], *argv: str, cwd: Path = ROOT) -> tuple[int, str, str]:
+    """This Python run with `argv` (within a minute): exit code, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "sciorch.cli",
-        *args,
+        *argv,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -498,6 +497,10 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    return await run_python(env, "-m", "sciorch.cli", *args)
 
 
 async def test_cli_without_api_key_says_so(tmp_path: Path) -> None:
@@ -594,19 +597,11 @@ async def test_example_diagnose_runs(tmp_path: Path) -> None:
     )
     async with serve_asgi(api.app(), free_socket()) as base:
         env = cli_env(tmp_path / "home", ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=base)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "examples" / "agent_diagnose.py"),
-            env=env,
-            cwd=tmp_path,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, (out.decode(), err.decode())
+        script = str(ROOT / "examples" / "agent_diagnose.py")
+        rc, out, err = await run_python(env, script, cwd=tmp_path)
+    assert rc == 0, (out, err)
     api.check()
-    assert "failed: exit code 3" in out.decode()
+    assert "failed: exit code 3" in out
     assert not set(api.requests[0].tool_names) & MUTATING  # read-only
     assert "Playbook (diagnose_entry)" in api.requests[0].first_user_text
     doc = json.loads((tmp_path / "agent-diagnose.json").read_text())

@@ -21,7 +21,6 @@ from fastmcp_tasks import call_tool_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
-from mcp.client.subscriptions import ResourceUpdated
 from pydantic import BaseModel, Field
 
 from ground.models import EntryState, Principal, Resources
@@ -37,6 +36,7 @@ from tests.mcp_helpers import (
     structured,
     submit_sim,
     text_of,
+    updates_until_succeeded,
     wait_task,
 )
 
@@ -461,23 +461,11 @@ async def test_listen_gets_resource_updated_when_the_entry_changes(
     job = await submit_sim(alice, duration_s=0.5, records=2)
     base = f"sciorch://entries/{job['id']}"
     uris = [base, base + "/log", base + "/results"]
-    got: set[str] = set()
     async with mcp.Client(alice_server._mcp_server) as sdk:  # the SDK client, in-process
         async with sdk.listen(resource_subscriptions=uris) as sub:
             assert sub.honored is not None
             assert set(sub.honored.resource_subscriptions or []) == set(uris)
-
-            async def collect() -> None:
-                """As a client does: refetch what changed, until the entry has finished."""
-                async for event in sub:
-                    assert isinstance(event, ResourceUpdated)
-                    got.add(event.uri)
-                    if event.uri == base:
-                        read = await sdk.read_resource(base)
-                        if json.loads(read.contents[0].text)["state"] == "succeeded":  # type: ignore[union-attr]
-                            return
-
-            await asyncio.wait_for(collect(), 20)
+            got = set(await asyncio.wait_for(updates_until_succeeded(sdk, sub, base), 20))
     assert got <= set(uris) and base + "/results" in got
 
 

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastmcp import Client
 from fastmcp.server.middleware import Middleware
-from mcp.client.subscriptions import ResourceUpdated
 from mcp.shared.exceptions import MCPError
 
 from ground.models import Principal
@@ -42,6 +41,7 @@ from tests.mcp_helpers import (
     structured,
     submit_sim,
     text_of,
+    updates_until_succeeded,
     wait_entry,
     wait_task,
 )
@@ -193,21 +193,8 @@ async def test_listen_over_http_gets_resource_updated(http: HttpServer) -> None:
     async with sdk_client(http.mcp_url, http.token("alice")) as client:
         job = await submit_sim(client, duration_s=0.6, records=2)
         base = f"sciorch://entries/{job['id']}"
-        got: list[str] = []
         async with client.listen(resource_subscriptions=[base, base + "/results"]) as sub:
-
-            async def collect() -> None:
-                """As a client does: refetch what changed, until the entry has finished."""
-                async for event in sub:
-                    assert isinstance(event, ResourceUpdated)
-                    got.append(event.uri)
-                    if event.uri == base:
-                        read = await client.read_resource(base)
-                        entry = json.loads(read.contents[0].text)  # type: ignore[union-attr]
-                        if entry["state"] == "succeeded":
-                            return
-
-            await asyncio.wait_for(collect(), 20)
+            got = await asyncio.wait_for(updates_until_succeeded(client, sub, base), 20)
         assert base in got and base + "/log" not in got  # only what was asked for
 
 
