@@ -50,10 +50,7 @@ async def main(entry_id: str | None) -> int:
             f"Why did entry {entry_id} fail?", client, AsyncAnthropic(), config
         )
     print(result.answer)
-    print(
-        f"({result.stopped_reason}; {result.steps} steps; ~${result.cost_usd:.2f}; "
-        f"transcript {result.transcript_path})"
-    )
+    print(result.summary())
     return 0 if result.stopped_reason == "done" else 1
 
 

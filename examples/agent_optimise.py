@@ -50,10 +50,7 @@ async def main(n: int) -> int:
         steering = "start_campaign" in {t.name for t in await client.list_tools()}
         result = await run_agent(goal(n, steering), client, AsyncAnthropic(), config)
     print(result.answer)
-    print(
-        f"({result.stopped_reason}; {len(result.evidence.entry_ids)} entries; "
-        f"{result.steps} steps; ~${result.cost_usd:.2f}; transcript {result.transcript_path})"
-    )
+    print(result.summary())
     return 0 if result.stopped_reason == "done" else 1
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steering.models import CampaignRecord, EvaluationRecord
+from steering.models import CampaignRecord, EvaluationRecord, EvaluationView
 
 BASE_COLUMNS = ["seq", "point_id", "source", "state"]
 TAIL_COLUMNS = [
@@ -33,24 +33,15 @@ def columns(rec: CampaignRecord) -> list[str]:
 def rows(rec: CampaignRecord, evals: list[EvaluationRecord]) -> list[dict[str, Any]]:
     out = []
     for e in evals:
-        row: dict[str, Any] = {
-            "seq": e.seq,
-            "point_id": e.point_id,
-            "source": e.source,
-            "state": e.state.value,
-        }
-        for p in rec.spec.space:
-            row[p.name] = e.point.get(p.name)
-        row.update(
-            value=e.value,
-            noise_variance=e.noise,
-            entry_id=e.entry_id,
-            attempts=e.attempt,
-            reason=e.reason,
-            decision_s=e.decision_s,
-            asked_at=e.asked_at.isoformat(),
-            finished_at=e.finished_at.isoformat() if e.finished_at else None,
-        )
+        view = EvaluationView.of(e).model_dump()
+        point = view.pop("point")
+        # CSV and Parquet cells: the state's name, times as ISO 8601
+        view["state"] = e.state.value
+        view["asked_at"] = e.asked_at.isoformat()
+        view["finished_at"] = e.finished_at.isoformat() if e.finished_at else None
+        row = {c: view[c] for c in BASE_COLUMNS}
+        row.update((p.name, point.get(p.name)) for p in rec.spec.space)
+        row.update((c, view[c]) for c in TAIL_COLUMNS)
         out.append(row)
     return out
 

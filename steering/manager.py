@@ -176,24 +176,7 @@ def build_view(
         decision_s_max=worst,
         plots=rec.plots,
         spec=spec,
-        evaluations=[
-            EvaluationView(
-                seq=e.seq,
-                point_id=e.point_id,
-                point=e.point,
-                source=e.source,
-                state=e.state,
-                value=e.value,
-                noise_variance=e.noise,
-                entry_id=e.entry_id,
-                attempts=e.attempt,
-                reason=e.reason,
-                decision_s=e.decision_s,
-                asked_at=e.asked_at,
-                finished_at=e.finished_at,
-            )
-            for e in evals
-        ]
+        evaluations=[EvaluationView.of(e) for e in evals]
         if with_evals
         else None,
         actions=None

@@ -147,6 +147,24 @@ class EvaluationView(BaseModel):
     asked_at: datetime
     finished_at: datetime | None
 
+    @classmethod
+    def of(cls, e: EvaluationRecord) -> EvaluationView:
+        return cls(
+            seq=e.seq,
+            point_id=e.point_id,
+            point=e.point,
+            source=e.source,
+            state=e.state,
+            value=e.value,
+            noise_variance=e.noise,
+            entry_id=e.entry_id,
+            attempts=e.attempt,
+            reason=e.reason,
+            decision_s=e.decision_s,
+            asked_at=e.asked_at,
+            finished_at=e.finished_at,
+        )
+
 
 class BestView(BaseModel):
     seq: int

@@ -207,14 +207,20 @@ class CampaignRunner:
 
     async def _drop_rejected(self, e: EvaluationRecord, reason: str | None) -> None:
         e.state, e.reason = EvalState.REJECTED, reason
+        await self._withdraw(e)
+
+    async def _withdraw(self, e: EvaluationRecord) -> None:
+        """Stop waiting on `e` and cancel its entry, where it is waited on (else nothing of it
+        runs)."""
         task = self.waiters.pop(e.seq, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            if e.entry_id:
-                with contextlib.suppress(ToolFailed):
-                    await self.tools.call("cancel_entry", {"entry_id": e.entry_id})
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if e.entry_id:
+            with contextlib.suppress(ToolFailed):
+                await self.tools.call("cancel_entry", {"entry_id": e.entry_id})
 
     def _spent(self) -> int:
         return sum(1 for e in self.evals.values() if e.state.spends_budget)
@@ -696,13 +702,7 @@ class CampaignRunner:
             if cancel:
                 for seq in list(self.waiters):
                     e = self.evals[seq]
-                    task = self.waiters.pop(seq)
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-                    if e.entry_id:
-                        with contextlib.suppress(ToolFailed):
-                            await self.tools.call("cancel_entry", {"entry_id": e.entry_id})
+                    await self._withdraw(e)
                     await self._record_end(e, EvalState.CANCELLED, f"cancelled: {reason}")
             else:
                 while self.waiters:

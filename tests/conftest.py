@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
 
 from ground.config import Settings, load_settings
 from ground.models import Principal
+from mcp_server.steering_tools import campaign_manager
 from orchestrator.engine import Engine
 
 ALICE = Principal(id="alice")
@@ -97,6 +99,45 @@ async def shutdown(eng: Engine) -> None:
     for backend in eng.backends.values():
         await backend.shutdown_all()
     await eng.close()
+
+
+@dataclass
+class EngineHost:
+    """Engines opened on one site, each a 'server run' over the same home and catalogue."""
+
+    home: Path
+    site: dict[str, Any]
+    catalogue: Path
+    engines: list[Engine] = field(default_factory=list)
+
+    async def open(self, **site_overrides: Any) -> Engine:
+        site = {**self.site, **site_overrides}
+        eng = await Engine.open(
+            make_settings(self.home, sites=[site], catalogue_dirs=[self.catalogue])
+        )
+        self.engines.append(eng)
+        return eng
+
+    async def restart(self, eng: Engine) -> Engine:
+        """What a server restart does: the engine goes away, its work keeps running."""
+        await eng.close()
+        self.engines.remove(eng)
+        return await self.open()
+
+
+def campaign_engine() -> Any:
+    """An `eng` fixture for steering tests: an engine in `home` whose campaign manager is shut
+    down before the engine (campaigns hold engine work)."""
+    @pytest.fixture
+    async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
+        engine = await Engine.open(make_settings(home))
+        try:
+            yield engine
+        finally:
+            await campaign_manager(engine).shutdown()
+            await shutdown(engine)
+
+    return eng
 
 
 @pytest.fixture

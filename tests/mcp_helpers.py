@@ -6,21 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import jwt
 import mcp
+import pytest
+import pytest_asyncio
 import uvicorn
 from fastmcp import FastMCP
+from fastmcp_tasks import call_tool_task
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ResourceUpdated
 
-from mcp_server.auth import create_token, verifier
+from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE, create_token, verifier
 from mcp_server.server import bearer_reader, create_server
 from mcp_server.toolset import TOOLS
 from mcp_server.transport import mcp_mount
@@ -90,6 +97,39 @@ def structured(result: Any) -> dict[str, Any]:
     return data
 
 
+async def submit_sim(client: Any, **parameters: Any) -> dict[str, Any]:
+    """A sim-instrument job with these parameters, submitted through `client` (a FastMCP or an
+    SDK client): the entry as submit_job returned it."""
+    args = {"service": "sim-instrument", "parameters": parameters}
+    return structured(await client.call_tool("submit_job", args))
+
+
+async def wait_entry(client: Any, entry_id: str, timeout_s: float) -> dict[str, Any]:
+    """wait_entry as a plain call: what it returned."""
+    args = {"entry_id": entry_id, "timeout_seconds": timeout_s}
+    return structured(await client.call_tool("wait_entry", args))
+
+
+async def wait_task(client: Any, entry_id: str, timeout_s: float) -> Any:
+    """wait_entry as a task: the task, running."""
+    args = {"entry_id": entry_id, "timeout_seconds": timeout_s}
+    return await call_tool_task(client, "wait_entry", args)
+
+
+async def updates_until_succeeded(client: Any, sub: AsyncIterable[Any], base: str) -> list[str]:
+    """As a listening client does: refetch the entry at `base` whenever it changes, until it has
+    succeeded; the URIs of the updates heard, in order (each must be a ResourceUpdated)."""
+    got: list[str] = []
+    async for event in sub:
+        assert isinstance(event, ResourceUpdated)
+        got.append(event.uri)
+        if event.uri == base:
+            read = await client.read_resource(base)
+            if json.loads(read.contents[0].text)["state"] == "succeeded":
+                break
+    return got
+
+
 def assert_no_traceback(text: str) -> None:
     for mark in TRACEBACK_MARKS:
         assert mark not in text, f"error text leaks a traceback ({mark!r}): {text}"
@@ -148,21 +188,77 @@ async def serve_asgi(app: Any, sock: socket.socket) -> AsyncIterator[str]:
         sock.close()
 
 
+def script_catalogue(
+    root: Path, name: str, script: str, properties: dict[str, Any]
+) -> Path:
+    """root/catalogue, holding one job template, `name`: the Python `script` run with a closed
+    set of parameters, `properties` (a JSON schema's)."""
+    cat = root / "catalogue"
+    cat.mkdir(parents=True, exist_ok=True)
+    (cat / "payload.py").write_text(script)
+    template = {
+        "name": name,
+        "kind": "job",
+        "command": ["{python}", str(cat / "payload.py")],
+        "parameters": {"type": "object", "additionalProperties": False, "properties": properties},
+    }
+    (cat / f"{name}.yaml").write_text(json.dumps(template))  # JSON is YAML
+    return cat
+
+
+def module_engine(name: str) -> Any:
+    """An `eng` fixture: one engine, in a home of its own, for all the tests of a module."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def eng(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
+        engine = await Engine.open(make_settings(tmp_path_factory.mktemp(name) / "home"))
+        try:
+            yield engine
+        finally:
+            await shutdown(engine)
+
+    return eng
+
+
 @dataclass
-class HttpServer:
-    """A running sciorch HTTP server: MCP at `mcp_url`, the proxy and /healthz at `base`."""
+class RunningServer:
+    """A running sciorch HTTP server over `engine`: MCP at `mcp_url`, the proxy and /healthz at
+    `base`."""
 
     engine: Engine
-    mcp: FastMCP
     base: str
-    keys_dir: Path
 
     @property
     def mcp_url(self) -> str:
         return self.base + "/mcp"
 
+
+@dataclass
+class HttpServer(RunningServer):
+    """One that takes sciorch's own tokens, signed with the key in `keys_dir`."""
+
+    mcp: FastMCP
+    keys_dir: Path
+
     def token(self, sub: str, scopes: str = "read,submit", ttl_s: int = 600) -> str:
         return create_token(self.keys_dir, sub, scopes.split(","), ttl_s)
+
+    def sign(self, key: bytes | None = None, **claims: Any) -> str:
+        """A token for mallory, valid for ten minutes, with `claims` over those defaults (a None
+        claim is left out), signed with `key` (the server's own by default): for tokens that
+        create_token would refuse to make."""
+        now = int(time.time())
+        merged = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "mallory",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "read submit admin",
+            **claims,
+        }
+        key = key or (self.keys_dir / PRIVATE).read_bytes()
+        return jwt.encode({k: v for k, v in merged.items() if v is not None}, key, "RS256")
 
 
 @contextlib.asynccontextmanager

@@ -31,7 +31,7 @@ from orchestrator.engine import Engine
 from sciorch.web.app import create_http_app
 from tests.conftest import make_settings, shutdown
 from tests.idp import CLIENT_ID, REDIRECT_URI, USERS
-from tests.mcp_helpers import free_socket, serve_asgi
+from tests.mcp_helpers import RunningServer, free_socket, serve_asgi
 
 MISSING = (
     "no test identity provider: run the tests through scripts/test.sh "
@@ -208,14 +208,10 @@ async def idp_token(resource: str, user: str = "alice", scope: str = "sciorch.re
 
 
 @dataclass
-class OAuthServer:
-    engine: Engine
-    auth: ResourceServer
-    base: str
+class OAuthServer(RunningServer):
+    """One that takes the identity provider's tokens."""
 
-    @property
-    def mcp_url(self) -> str:
-        return self.base + "/mcp"
+    auth: ResourceServer
 
 
 @contextlib.asynccontextmanager

@@ -4,12 +4,30 @@ benchmark's own child imports nothing of pytest."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
+
+
+def cli_env(home: Path, principal: str = "tester", **extra: str) -> dict[str, str]:
+    """The environment of a `sciorch` child: this one's, less any SCIORCH_ or ANTHROPIC_ setting
+    of the developer's own (the child must see only `home` and what the test sets), plain wide
+    output and no update check."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCIORCH_", "ANTHROPIC_"))}
+    env.update(
+        SCIORCH_HOME=str(home),
+        SCIORCH_PRINCIPAL=principal,
+        NO_COLOR="1",
+        COLUMNS="200",
+        FASTMCP_CHECK_FOR_UPDATES="off",
+        **extra,
+    )
+    return env
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -27,12 +26,14 @@ from orchestrator.engine import Engine
 from sciorch.agent import (
     AgentConfig,
     AgentError,
+    AgentResult,
     Usage,
     choose_prompt,
     connect,
     price_for,
     run_agent,
 )
+from sciorch.agent.models import Confirm, OnEvent
 from tests.conftest import ALICE, make_settings
 from tests.fakes.messages_api import (
     Conversation,
@@ -45,6 +46,7 @@ from tests.fakes.messages_api import (
     tool_use,
 )
 from tests.mcp_helpers import free_socket, run_http_server, serve_asgi
+from tests.processes import cli_env
 from tools.models import EntryRef, ListEntriesInput, SubmitJobInput, WaitEntryInput
 
 MEASURE = {"surface": "branin", "x1": 1.0, "x2": 2.0, "duration_s": 0.2, "records": 1, "seed": 7}
@@ -68,6 +70,23 @@ async def mcp_client(engine: Engine) -> AsyncIterator[Client[Any]]:
 def config(tmp_path: Path, **kw: Any) -> AgentConfig:
     kw.setdefault("transcript_path", tmp_path / "transcript.json")
     return AgentConfig(model="claude-sonnet-5-5", **kw)
+
+
+async def run_checked(
+    goal: str,
+    mcp_client: Client[Any],
+    api: ScriptedMessagesAPI,
+    tmp_path: Path,
+    confirm: Confirm | None = None,
+    on_event: OnEvent | None = None,
+    **cfg: Any,
+) -> AgentResult:
+    """run_agent on the scripted model with config(tmp_path, **cfg); the model must have
+    played its whole script."""
+    settings = config(tmp_path, **cfg)
+    result = await run_agent(goal, mcp_client, api.client(), settings, confirm, on_event)
+    api.check()
+    return result
 
 
 def entry_of(c: Conversation) -> str:
@@ -114,16 +133,16 @@ async def test_success_runs_the_job_and_answers_with_evidence(
 ) -> None:
     api = ScriptedMessagesAPI(measure_script(), model="claude-sonnet-5-5")
     events: list[str] = []
-    result = await run_agent(
+    result = await run_checked(
         "measure the branin surface at (1, 2)",
         mcp_client,
-        api.client(),
-        config(tmp_path),
+        api,
+        tmp_path,
         on_event=lambda kind, data: events.append(kind),
     )
-    api.check()
     entry_id = entry_of(api.requests[-1])
     assert result.stopped_reason == "done"
+    assert result.summary().startswith("(done; 1 entries; ")  # what the examples print
     assert entry_id in result.answer
     assert result.steps == 5
     assert [c.name for c in result.tool_calls] == [
@@ -184,8 +203,7 @@ async def test_a_tool_error_reaches_the_model_which_recovers(
         ),
     ]
     api = ScriptedMessagesAPI(script)
-    result = await run_agent("measure branin", mcp_client, api.client(), config(tmp_path))
-    api.check()
+    result = await run_checked("measure branin", mcp_client, api, tmp_path)
     failed = api.requests[2].last("submit_job")
     assert failed.is_error
     assert failed.content.startswith("unknown_service: unknown service 'sim-instrumnt'")
@@ -247,8 +265,7 @@ async def test_cost_budget(mcp_client: Client[Any], tmp_path: Path) -> None:
 
 async def test_a_model_refusal_stops_the_run(mcp_client: Client[Any], tmp_path: Path) -> None:
     api = ScriptedMessagesAPI([Reply([text("I can't help with that.")], stop_reason="refusal")])
-    result = await run_agent("do something bad", mcp_client, api.client(), config(tmp_path))
-    api.check()
+    result = await run_checked("do something bad", mcp_client, api, tmp_path)
     assert result.stopped_reason == "refused" and result.final_stop_reason == "refusal"
     assert result.answer == "I can't help with that." and not result.tool_calls
 
@@ -280,10 +297,7 @@ async def test_read_only_offers_no_mutating_tool_and_refuses_a_cancel(
             say("I cannot cancel it: this run is read-only."),
         ]
     )
-    result = await run_agent(
-        f"cancel {entry_id}", mcp_client, api.client(), config(tmp_path, read_only=True)
-    )
-    api.check()
+    result = await run_checked(f"cancel {entry_id}", mcp_client, api, tmp_path, read_only=True)
     offered = set(api.requests[0].tool_names)
     assert "list_services" in offered and "wait_entry" in offered
     assert not offered & MUTATING
@@ -320,10 +334,7 @@ async def test_destructive_call_is_confirmed_declined_then_allowed_with_yes(
             say("You declined, so the entry keeps running."),
         ]
     )
-    result = await run_agent(
-        f"cancel {entry_id}", mcp_client, api.client(), config(tmp_path), confirm=no
-    )
-    api.check()
+    result = await run_checked(f"cancel {entry_id}", mcp_client, api, tmp_path, confirm=no)
     assert asked == [("cancel_entry", {"entry_id": entry_id})]
     declined = api.requests[1].last("cancel_entry")
     assert declined.is_error and "the user declined" in declined.content
@@ -339,14 +350,14 @@ async def test_destructive_call_is_confirmed_declined_then_allowed_with_yes(
             lambda c: say(f"Cancelled {c.json('cancel_entry')['id']}."),
         ]
     )
-    result = await run_agent(
+    result = await run_checked(
         f"cancel {entry_id}",
         mcp_client,
-        api.client(),
-        config(tmp_path, yes=True),
+        api,
+        tmp_path,
         confirm=never,
+        yes=True,
     )
-    api.check()
     assert result.tool_calls[0].status == "ok"
     assert await state_of(engine, entry_id) == EntryState.CANCELLED
 
@@ -361,8 +372,7 @@ async def test_no_confirm_callback_declines(
             say("declined"),
         ]
     )
-    result = await run_agent("stop it", mcp_client, api.client(), config(tmp_path))
-    api.check()
+    result = await run_checked("stop it", mcp_client, api, tmp_path)
     assert [(c.name, c.status) for c in result.tool_calls] == [
         ("cancel_entry", "declined"),
         ("list_sites", "ok"),
@@ -375,10 +385,7 @@ async def test_dry_run_plans_without_acting(
 ) -> None:
     plan = "1. submit_job sim-instrument x1=1 x2=2\n2. wait_entry\n3. read_results"
     api = ScriptedMessagesAPI([call("list_services"), say(plan)])
-    result = await run_agent(
-        "measure branin at (1, 2)", mcp_client, api.client(), config(tmp_path, dry_run=True)
-    )
-    api.check()
+    result = await run_checked("measure branin at (1, 2)", mcp_client, api, tmp_path, dry_run=True)
     offered = set(api.requests[0].tool_names)
     assert offered <= {
         "list_services", "list_sites", "list_events", "list_entries", "list_campaigns",
@@ -411,13 +418,13 @@ async def test_goal_matching_a_prompt_gets_its_playbook(
             lambda c: say(f"{view.id} failed with exit code {c.json('get_entry')['exit_code']}."),
         ]
     )
-    result = await run_agent(
+    result = await run_checked(
         f"why did entry {view.id} fail?",
         mcp_client,
-        api.client(),
-        config(tmp_path, read_only=True),
+        api,
+        tmp_path,
+        read_only=True,
     )
-    api.check()
     assert result.prompt_used == "diagnose_entry"
     first = api.requests[0].first_user_text
     assert first.startswith("Playbook (diagnose_entry):")
@@ -476,27 +483,13 @@ async def test_remote_server_over_http_with_a_token(tmp_path: Path) -> None:
     assert refused.value.field == "token"
 
 
-def cli_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCIORCH_", "ANTHROPIC_"))}
-    env.update(
-        SCIORCH_HOME=str(home),
-        SCIORCH_PRINCIPAL="tester",
-        NO_COLOR="1",
-        COLUMNS="200",
-        FASTMCP_CHECK_FOR_UPDATES="off",
-        **extra,
-    )
-    return env
-
-
-async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+async def run_python(env: dict[str, str], *argv: str, cwd: Path = ROOT) -> tuple[int, str, str]:
+    """This Python run with `argv` (within a minute): exit code, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "sciorch.cli",
-        *args,
+        *argv,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -504,6 +497,10 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    return await run_python(env, "-m", "sciorch.cli", *args)
 
 
 async def test_cli_without_api_key_says_so(tmp_path: Path) -> None:
@@ -600,19 +597,11 @@ async def test_example_diagnose_runs(tmp_path: Path) -> None:
     )
     async with serve_asgi(api.app(), free_socket()) as base:
         env = cli_env(tmp_path / "home", ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=base)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "examples" / "agent_diagnose.py"),
-            env=env,
-            cwd=tmp_path,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, (out.decode(), err.decode())
+        script = str(ROOT / "examples" / "agent_diagnose.py")
+        rc, out, err = await run_python(env, script, cwd=tmp_path)
+    assert rc == 0, (out, err)
     api.check()
-    assert "failed: exit code 3" in out.decode()
+    assert "failed: exit code 3" in out
     assert not set(api.requests[0].tool_names) & MUTATING  # read-only
     assert "Playbook (diagnose_entry)" in api.requests[0].first_user_text
     doc = json.loads((tmp_path / "agent-diagnose.json").read_text())

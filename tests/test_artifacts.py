@@ -27,6 +27,7 @@ from tests.mcp_helpers import (
     HttpServer,
     assert_tool_error,
     run_http_server,
+    script_catalogue,
     sdk_client,
     structured,
     text_of,
@@ -65,24 +66,10 @@ time.sleep(p.get("hold_s", 0))
 open(os.environ["SCIORCH_RESULT"], "w").write(json.dumps({"ok": True}))
 '''.replace("%(csv)r", repr(CSV)).replace("%(big)d", str(BIG))
 
-SERVICE = """\
-name: writes-files
-kind: job
-command: ["{python}", "%s"]
-parameters:
-  type: object
-  additionalProperties: false
-  properties:
-    hold_s: {type: number, minimum: 0}
-"""
-
-
 def catalogue(root: Path) -> Path:
-    cat = root / "catalogue"
-    cat.mkdir(parents=True, exist_ok=True)
-    (cat / "payload.py").write_text(PAYLOAD)
-    (cat / "writes-files.yaml").write_text(SERVICE % (cat / "payload.py"))
-    return cat
+    return script_catalogue(
+        root, "writes-files", PAYLOAD, {"hold_s": {"type": "number", "minimum": 0}}
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

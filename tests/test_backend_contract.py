@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,13 +21,13 @@ import pytest
 
 from ground.models import Entry, EntryState, ResourceRequest
 from orchestrator.engine import Engine
-from tests.conftest import ALICE, make_settings, shutdown
+from tests.conftest import ALICE, EngineHost, shutdown
 from tests.fakes.kube_emulator import KubeEmulator
-from tests.test_slurm import UNAVAILABLE, slurm_cmd
+from tests.test_slurm import UNAVAILABLE, cancel_jobs_under, slurm_site
 
-# One template every backend runs: a POSIX-sh job that streams, writes a result and exits.
-CJOB = r"""
-name: cjob
+# One job every backend runs (under its own name): a POSIX-sh job that streams, writes a result
+# and an output file, and exits.
+JOB_BODY = r"""
 kind: job
 image: busybox:1.36
 command:
@@ -37,8 +36,9 @@ command:
   - >-
     echo "hello {who}";
     i=0; while [ $i -lt {records} ]; do
-    printf '{{"i": %d}}\n' $i >>"$SCIORCH_STREAM"; i=$((i+1)); done;
+    printf '{{"i": %d}}\n' $i >>"$SCIORCH_STREAM"; i=$((i+1)); sleep {pause}; done;
     printf '{{"value": %s}}' {value} >"$SCIORCH_RESULT";
+    mkdir -p "$SCIORCH_OUTPUT_DIR"; echo x >"$SCIORCH_OUTPUT_DIR/plot.txt";
     sleep {sleep}; exit {code}
 parameters:
   type: object
@@ -46,11 +46,13 @@ parameters:
   properties:
     who: {type: string, default: world, pattern: "^[a-z]+$"}
     records: {type: integer, default: 2}
+    pause: {type: number, default: 0}
     value: {type: number, default: 42}
     sleep: {type: number, default: 0}
     code: {type: integer, default: 0}
 resources: {cpus: 0.25, memory: 64Mi, walltime: "00:05:00"}
 """
+CJOB = "name: cjob" + JOB_BODY
 
 # One service every backend runs: the built-in HTTP app (GET /health), one restart allowed.
 CSVC = r"""
@@ -69,31 +71,14 @@ restart: {policy: on-failure, max_restarts: 1}
 """
 
 
-@dataclass
-class Site:
+@dataclass(kw_only=True)
+class Site(EngineHost):
     """One backend under test: how to open an engine on it (again, after a 'restart') and what
     the cluster's own machinery must do for an entry (nothing, except on the emulator)."""
 
     name: str
-    site: dict[str, Any]
-    home: Path
-    catalogue: Path
     emu: KubeEmulator | None = None
-    engines: list[Engine] = field(default_factory=list)
     pods: dict[str, str] = field(default_factory=dict)
-
-    async def open(self) -> Engine:
-        eng = await Engine.open(
-            make_settings(self.home, sites=[self.site], catalogue_dirs=[self.catalogue])
-        )
-        self.engines.append(eng)
-        return eng
-
-    async def restart(self, eng: Engine) -> Engine:
-        """What a server restart does: the engine goes away, its work keeps running."""
-        await eng.close()
-        self.engines.remove(eng)
-        return await self.open()
 
     async def started(self, entry: Entry) -> None:
         """The Job controller and the kubelet, on the emulator: a pod that runs the command."""
@@ -175,18 +160,10 @@ async def site(request: pytest.FixtureRequest, home: Path, tmp_path: Path) -> As
                 pytest.fail(f"CI=true and no Slurm: {UNAVAILABLE}")
             pytest.skip(UNAVAILABLE)
         shared = Path(os.environ["SCIORCH_SLURM_SHARED_DIR"]) / f"contract-{uuid.uuid4().hex[:10]}"
-        opts = {"name": "cluster", "kind": "slurm", "transport": name.removeprefix("slurm-"),
-                "rest_url": os.environ["SCIORCH_SLURM_REST_URL"],
-                "user": os.environ["SCIORCH_SLURM_USER"], "shared_dir": str(shared),
-                "poll_interval_s": 0.5, "status_ttl_s": 0.5, "queue_ttl_s": 0.5}
+        opts = slurm_site("cluster", name.removeprefix("slurm-"), shared)
 
         async def cleanup() -> None:
-            out = slurm_cmd("squeue", "-h", "-t", "PD,R,CG,CF,S", "-o", "%i|%Z", check=False)
-            for line in out.splitlines():
-                job_id, _, workdir = line.partition("|")
-                if workdir.startswith(str(shared)):
-                    slurm_cmd("scancel", job_id, check=False)
-            shutil.rmtree(shared, ignore_errors=True)
+            cancel_jobs_under(shared)
     else:
         emu = KubeEmulator()
         await emu.__aenter__()

@@ -4,7 +4,6 @@ it) against a temporary SCIORCH_HOME with no configuration file."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,21 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import cli_env
+
 ENTRY_ID = re.compile(r"^ent-[0-9a-f]+$")
 
 
 def sciorch(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCIORCH_")}
-    env.update(
-        SCIORCH_HOME=str(home),
-        SCIORCH_PRINCIPAL="tester",
-        COLUMNS="200",
-        NO_COLOR="1",
-        FASTMCP_CHECK_FOR_UPDATES="off",
-    )
     return subprocess.run(
         [sys.executable, "-m", "sciorch.cli", *args],
-        env=env,
+        env=cli_env(home),
         capture_output=True,
         text=True,
         timeout=timeout,

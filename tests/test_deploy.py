@@ -15,30 +15,27 @@ manifests.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import fnmatch
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import kubernetes_validate
 import pytest
-import uvicorn
 import yaml
 
 from ground.config import load_settings
 from orchestrator.engine import Engine
 from sciorch.web.app import create_http_app
 from tests.conftest import BOTH_STORES
+from tests.mcp_helpers import free_socket, serve_asgi
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -367,32 +364,12 @@ def test_build_context_keeps_every_package() -> None:
 # ------------------------------------------------------------------ /readyz
 
 
-@contextlib.asynccontextmanager
-async def serving(engine: Engine) -> AsyncIterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(create_http_app(engine), log_level="warning", lifespan="on")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(10):
-            await task
-        sock.close()
 
 
 @BOTH_STORES
 async def test_readyz_follows_the_store_and_healthz_does_not(engine: Engine) -> None:
     async with (
-        serving(engine) as base,
+        serve_asgi(create_http_app(engine), free_socket()) as base,
         httpx.AsyncClient(base_url=base, timeout=10, trust_env=False) as http,
     ):
         ready = await http.get("/readyz")

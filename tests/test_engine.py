@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -117,47 +119,46 @@ async def test_failed_job_keeps_exit_code_and_log_tail(engine: Engine) -> None:
     assert "exit code 3" in (done.reason or "")
 
 
-async def test_job_killed_by_signal_is_failed_with_the_signal(
-    engine: Engine, tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def engine_with(
+    engine: Engine, tmp_path: Path, name: str, template: str
+) -> AsyncIterator[Engine]:
+    """An engine over the same home that also knows one more template, `name`: the fixture's
+    engine closes first (two engines must not share a home) and this one closes after."""
     extra = tmp_path / "cat"
     extra.mkdir()
-    (extra / "suicide.yaml").write_text(
-        textwrap.dedent(
-            """
-            name: suicide
-            kind: job
-            command: ["sh", "-c", "echo about to die; kill -KILL $$"]
-            """
-        )
-    )
+    (extra / f"{name}.yaml").write_text(textwrap.dedent(template))
     await shutdown(engine)
     eng = await Engine.open(make_settings(engine.settings.home, catalogue_dirs=[extra]))
     try:
-        entry = await eng.launch(ALICE, "suicide")
-        done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=20)
-        assert done.state == EntryState.FAILED
-        assert "SIGKILL" in (done.reason or "")
+        yield eng
     finally:
         await shutdown(eng)
 
 
+async def test_job_killed_by_signal_is_failed_with_the_signal(
+    engine: Engine, tmp_path: Path
+) -> None:
+    suicide = """
+        name: suicide
+        kind: job
+        command: ["sh", "-c", "echo about to die; kill -KILL $$"]
+        """
+    async with engine_with(engine, tmp_path, "suicide", suicide) as eng:
+        entry = await eng.launch(ALICE, "suicide")
+        done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=20)
+        assert done.state == EntryState.FAILED
+        assert "SIGKILL" in (done.reason or "")
+
+
 async def test_command_that_does_not_exist_fails_clearly(engine: Engine, tmp_path: Path) -> None:
-    extra = tmp_path / "cat"
-    extra.mkdir()
-    (extra / "ghost.yaml").write_text(
-        "name: ghost\nkind: job\ncommand: [no-such-program-sciorch, --x]\n"
-    )
-    await shutdown(engine)
-    eng = await Engine.open(make_settings(engine.settings.home, catalogue_dirs=[extra]))
-    try:
+    ghost = "name: ghost\nkind: job\ncommand: [no-such-program-sciorch, --x]\n"
+    async with engine_with(engine, tmp_path, "ghost", ghost) as eng:
         entry = await eng.launch(ALICE, "ghost")
         done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=20)
         assert done.state == EntryState.FAILED
         assert "no-such-program-sciorch" in (done.reason or "")
         assert "not found" in (done.reason or "")
-    finally:
-        await shutdown(eng)
 
 
 async def test_walltime_expires_the_job(engine: Engine) -> None:
@@ -242,22 +243,14 @@ async def test_concurrent_first_calls_share_one_default_event_and_one_entry(
 
 @BOTH_STORES
 async def test_concurrency_limit(engine: Engine, tmp_path: Path) -> None:
-    extra = tmp_path / "cat"
-    extra.mkdir()
-    (extra / "solo.yaml").write_text(
-        "name: solo\nkind: job\ncommand: [sleep, '30']\nlimits: {max_concurrent: 1}\n"
-    )
-    await shutdown(engine)
-    eng = await Engine.open(make_settings(engine.settings.home, catalogue_dirs=[extra]))
-    try:
+    solo = "name: solo\nkind: job\ncommand: [sleep, '30']\nlimits: {max_concurrent: 1}\n"
+    async with engine_with(engine, tmp_path, "solo", solo) as eng:
         first = await eng.launch(ALICE, "solo")
         with pytest.raises(LimitExceeded):
             await eng.launch(ALICE, "solo")
         await eng.launch(BOB, "solo")  # the limit is per principal
         await eng.cancel(ALICE, first.id)
         await eng.launch(ALICE, "solo")  # a slot is free again
-    finally:
-        await shutdown(eng)
 
 
 # ------------------------------------------------------------------ routing
@@ -436,28 +429,18 @@ async def test_service_becomes_ready_with_a_url(engine: Engine) -> None:
 
 
 async def test_service_whose_health_check_never_passes(engine: Engine, tmp_path: Path) -> None:
-    extra = tmp_path / "cat"
-    extra.mkdir()
-    (extra / "mute.yaml").write_text(
-        textwrap.dedent(
-            """
-            name: mute
-            kind: service
-            command: ["sh", "-c", "echo listening nowhere; sleep 60"]
-            health: {path: /health, timeout_s: 1.5}
-            """
-        )
-    )
-    await shutdown(engine)
-    eng = await Engine.open(make_settings(engine.settings.home, catalogue_dirs=[extra]))
-    try:
+    mute = """
+        name: mute
+        kind: service
+        command: ["sh", "-c", "echo listening nowhere; sleep 60"]
+        health: {path: /health, timeout_s: 1.5}
+        """
+    async with engine_with(engine, tmp_path, "mute", mute) as eng:
         svc = await eng.launch(ALICE, "mute")
         done, _ = await eng.wait_entry(ALICE, svc.id, timeout_s=20)
         assert done.state == EntryState.FAILED
         assert "health" in (done.reason or "")
         assert "listening nowhere" in (done.reason or "")  # the log tail
-    finally:
-        await shutdown(eng)
 
 
 def store_at(home: Path, store_url: str | None) -> Path | str:

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx2
-import jwt
 import pytest
 import pytest_asyncio
 from fastmcp import Client, FastMCP
@@ -35,11 +34,9 @@ from ground.errors import (
     reason_line,
 )
 from ground.models import EntryState, Principal, ResourceRequest
-from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
 from steering.client import ToolFailed, Tools
-from tests.conftest import make_settings, shutdown
 from tests.mcp_helpers import (
     ERROR_LINE,
     INITIALIZE,
@@ -47,6 +44,7 @@ from tests.mcp_helpers import (
     TRACEBACK_MARKS,
     HttpServer,
     assert_no_traceback,
+    module_engine,
     run_http_server,
     sdk_client,
     structured,
@@ -95,13 +93,7 @@ def server_logs() -> Iterator[Captured]:
             lg.removeHandler(handler)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def eng(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
-    engine = await Engine.open(make_settings(tmp_path_factory.mktemp("errors") / "home"))
-    try:
-        yield engine
-    finally:
-        await shutdown(engine)
+eng = module_engine("errors")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -617,21 +609,6 @@ async def test_tool_failed_takes_code_and_field_from_the_data_not_the_text() -> 
 # ------------------------------------------------------------------ tokens
 
 
-def _sign(http: HttpServer, **claims: Any) -> str:
-    now = int(time.time())
-    base = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "mallory",
-        "iat": now,
-        "exp": now + 600,
-        "scope": "read",
-    }
-    base.update(claims)
-    key = (http.keys_dir / PRIVATE).read_bytes()
-    return jwt.encode({k: v for k, v in base.items() if v is not None}, key, algorithm="RS256")
-
-
 
 
 async def test_tokens_without_a_subject_or_not_yet_valid_get_401_with_the_reason(
@@ -639,11 +616,11 @@ async def test_tokens_without_a_subject_or_not_yet_valid_get_401_with_the_reason
 ) -> None:
     now = int(time.time())
     cases = {
-        "no sub": (_sign(http, sub=None), "'sub'"),
-        "empty sub": (_sign(http, sub=""), "'sub'"),
-        "blank sub": (_sign(http, sub="   "), "'sub'"),
-        "sub too long": (_sign(http, sub="m" * 300), "'sub'"),
-        "future nbf": (_sign(http, nbf=now + 3600), "'nbf'"),
+        "no sub": (http.sign(sub=None), "'sub'"),
+        "empty sub": (http.sign(sub=""), "'sub'"),
+        "blank sub": (http.sign(sub="   "), "'sub'"),
+        "sub too long": (http.sign(sub="m" * 300), "'sub'"),
+        "future nbf": (http.sign(nbf=now + 3600), "'nbf'"),
     }
     async with httpx2.AsyncClient() as raw:
         for why, (token, needle) in cases.items():
@@ -654,7 +631,7 @@ async def test_tokens_without_a_subject_or_not_yet_valid_get_401_with_the_reason
             assert body["error"] == "invalid_token" and needle in body["error_description"], why
             assert needle in resp.headers["www-authenticate"], why
             assert_no_traceback(resp.text)
-        ok = _sign(http, nbf=now - 5)
+        ok = http.sign(nbf=now - 5)
         resp = await raw.post(
             http.mcp_url + "/",
             json=INITIALIZE,

@@ -23,7 +23,13 @@ import mcp
 import pytest
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.mcp_helpers import INITIALIZE, MCP_HEADERS, free_socket, structured
+from tests.mcp_helpers import (
+    INITIALIZE,
+    MCP_HEADERS,
+    free_socket,
+    submit_sim,
+    wait_entry,
+)
 from tests.processes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,15 +124,8 @@ async def test_mcp_is_answered_at_mcp_without_a_redirect(served: Served) -> None
     ) as http_client:
         transport = streamable_http_client(served.base + "/mcp", http_client=http_client)
         async with mcp.Client(transport) as client:
-            job = structured(
-                await client.call_tool(
-                    "submit_job",
-                    {"service": "sim-instrument", "parameters": {"duration_s": 3, "records": 2}},
-                )
-            )
-            done = structured(
-                await client.call_tool("wait_entry", {"entry_id": job["id"], "timeout_seconds": 60})
-            )
+            job = await submit_sim(client, duration_s=3, records=2)
+            done = await wait_entry(client, job["id"], 60)
     assert done["entry"]["state"] == "succeeded", done
     assert statuses and all(200 <= s < 300 for s in statuses), statuses
 

@@ -49,6 +49,7 @@ from ground.models import Entry, EntryState, EventState, ResourceRequest, Resour
 from orchestrator.engine import Engine
 from tests.conftest import ALICE, make_settings, shutdown
 from tests.fakes.kube_emulator import KubeEmulator
+from tests.test_backend_contract import JOB_BODY
 
 K8S_VERSION = "1.33"
 REAL = os.environ.get("KUBECONFIG")
@@ -338,32 +339,7 @@ def test_the_wrapper_reports_through_the_log(tmp_path: Path) -> None:
 
 # ============================================================================ integration
 
-KJOB = r"""
-name: kjob
-kind: job
-image: busybox:1.36
-command:
-  - sh
-  - -c
-  - >-
-    echo "hello {who}";
-    i=0; while [ $i -lt {records} ]; do
-    printf '{{"i": %d}}\n' $i >>"$SCIORCH_STREAM"; i=$((i+1)); sleep {pause}; done;
-    printf '{{"value": %s}}' {value} >"$SCIORCH_RESULT";
-    mkdir -p "$SCIORCH_OUTPUT_DIR"; echo x >"$SCIORCH_OUTPUT_DIR/plot.txt";
-    sleep {sleep}; exit {code}
-parameters:
-  type: object
-  additionalProperties: false
-  properties:
-    who: {type: string, default: world, pattern: "^[a-z]+$"}
-    records: {type: integer, default: 2}
-    pause: {type: number, default: 0}
-    value: {type: number, default: 42}
-    sleep: {type: number, default: 0}
-    code: {type: integer, default: 0}
-resources: {cpus: 0.25, memory: 64Mi, walltime: "00:05:00"}
-"""
+KJOB = "name: kjob" + JOB_BODY
 
 KSVC = r"""
 name: ksvc

@@ -21,20 +21,23 @@ from fastmcp_tasks import call_tool_task
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
-from mcp.client.subscriptions import ResourceUpdated
 from pydantic import BaseModel, Field
 
 from ground.models import EntryState, Principal, Resources
 from mcp_server.server import create_server
 from mcp_server.toolset import TOOLS, ToolSpec, published_output_schema
 from orchestrator.engine import Engine
-from tests.conftest import ALICE, BOB, make_settings, shutdown
+from tests.conftest import ALICE, BOB
 from tests.mcp_helpers import (
     assert_no_traceback,
     assert_tool_error,
     core,
+    module_engine,
     structured,
+    submit_sim,
     text_of,
+    updates_until_succeeded,
+    wait_task,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -46,13 +49,7 @@ FAST_JOB = {"duration_s": 0.3, "records": 2, "seed": 1}
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def eng(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
-    engine = await Engine.open(make_settings(tmp_path_factory.mktemp("mcp") / "home"))
-    try:
-        yield engine
-    finally:
-        await shutdown(engine)
+eng = module_engine("mcp")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -363,13 +360,8 @@ async def test_wait_entry_task_status_carries_records_and_transitions(
     alice: Client[Any],
 ) -> None:
     # Intermediate records: a job streaming 4 records over 1.2 s.
-    job = structured(
-        await alice.call_tool(
-            "submit_job",
-            {"service": "sim-instrument", "parameters": {"duration_s": 1.2, "records": 4}},
-        )
-    )
-    task = await call_tool_task(alice, "wait_entry", {"entry_id": job["id"], "timeout_seconds": 30})
+    job = await submit_sim(alice, duration_s=1.2, records=4)
+    task = await wait_task(alice, job["id"], 30)
     seen: list[str] = []
     final = await _watch_task(task, seen)
     assert final.status == "completed"
@@ -402,13 +394,9 @@ async def test_wait_entry_task_status_carries_records_and_transitions(
 
 
 async def test_wait_entry_as_a_task_can_be_cancelled(alice: Client[Any], eng: Engine) -> None:
-    job = structured(
-        await alice.call_tool(
-            "submit_job", {"service": "sim-instrument", "parameters": {"duration_s": 30}}
-        )
-    )
+    job = await submit_sim(alice, duration_s=30)
     before = eng.bus.subscribers
-    task = await call_tool_task(alice, "wait_entry", {"entry_id": job["id"], "timeout_seconds": 60})
+    task = await wait_task(alice, job["id"], 60)
     await task.wait(state="working", timeout=10)
     for _ in range(200):  # the wait has subscribed to the entry's messages
         if eng.bus.subscribers > before:
@@ -438,15 +426,8 @@ async def test_task_runs_as_the_principal_that_called(eng: Engine) -> None:
     servers = {who: create_server(eng, principal=Principal(id=who)) for who in ("xavier", "yvonne")}
     async with Client(servers["xavier"]) as x, Client(servers["yvonne"]) as y:
         for client, who in ((x, "xavier"), (y, "yvonne"), (y, "yvonne"), (x, "xavier")):
-            job = structured(
-                await client.call_tool(
-                    "submit_job",
-                    {"service": "sim-instrument", "parameters": {"duration_s": 0, "records": 0}},
-                )
-            )
-            task = await call_tool_task(
-                client, "wait_entry", {"entry_id": job["id"], "timeout_seconds": 30}
-            )
+            job = await submit_sim(client, duration_s=0, records=0)
+            task = await wait_task(client, job["id"], 30)
             entry = structured(await task.result())["entry"]
             assert entry["submitted_by"] == who and entry["state"] == "succeeded"
 
@@ -477,31 +458,14 @@ async def test_entry_resources_read(alice: Client[Any], finished_job: dict[str, 
 async def test_listen_gets_resource_updated_when_the_entry_changes(
     alice: Client[Any], alice_server: FastMCP
 ) -> None:
-    job = structured(
-        await alice.call_tool(
-            "submit_job",
-            {"service": "sim-instrument", "parameters": {"duration_s": 0.5, "records": 2}},
-        )
-    )
+    job = await submit_sim(alice, duration_s=0.5, records=2)
     base = f"sciorch://entries/{job['id']}"
     uris = [base, base + "/log", base + "/results"]
-    got: set[str] = set()
     async with mcp.Client(alice_server._mcp_server) as sdk:  # the SDK client, in-process
         async with sdk.listen(resource_subscriptions=uris) as sub:
             assert sub.honored is not None
             assert set(sub.honored.resource_subscriptions or []) == set(uris)
-
-            async def collect() -> None:
-                """As a client does: refetch what changed, until the entry has finished."""
-                async for event in sub:
-                    assert isinstance(event, ResourceUpdated)
-                    got.add(event.uri)
-                    if event.uri == base:
-                        read = await sdk.read_resource(base)
-                        if json.loads(read.contents[0].text)["state"] == "succeeded":  # type: ignore[union-attr]
-                            return
-
-            await asyncio.wait_for(collect(), 20)
+            got = set(await asyncio.wait_for(updates_until_succeeded(sdk, sub, base), 20))
     assert got <= set(uris) and base + "/results" in got
 
 
@@ -862,11 +826,7 @@ async def test_other_principals_events_are_not_found(alice: Client[Any], bob: Cl
 async def test_two_principals_cannot_see_each_others_work(
     alice: Client[Any], bob: Client[Any], finished_job: dict[str, Any], eng: Engine
 ) -> None:
-    bobs = structured(
-        await bob.call_tool(
-            "submit_job", {"service": "sim-instrument", "parameters": {"duration_s": 0}}
-        )
-    )
+    bobs = await submit_sim(bob, duration_s=0)
     alice_events = structured(await alice.call_tool("list_events", {}))["events"]
     bob_events = structured(await bob.call_tool("list_events", {}))["events"]
     assert {e["owner"] for e in alice_events} == {"alice"}

@@ -23,12 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastmcp import Client
 from fastmcp.server.middleware import Middleware
-from fastmcp_tasks import call_tool_task
-from mcp.client.subscriptions import ResourceUpdated
 from mcp.shared.exceptions import MCPError
 
 from ground.models import Principal
-from mcp_server.auth import AUDIENCE, ISSUER, PRIVATE
 from tests.mcp_helpers import (
     CORE_READ_TOOLS,
     CORE_TOOLS,
@@ -42,7 +39,11 @@ from tests.mcp_helpers import (
     run_http_server,
     sdk_client,
     structured,
+    submit_sim,
     text_of,
+    updates_until_succeeded,
+    wait_entry,
+    wait_task,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -64,15 +65,8 @@ async def http(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[HttpSe
 async def alice_job(http: HttpServer) -> dict[str, Any]:
     """A job of alice's that ran to completion."""
     async with sdk_client(http.mcp_url, http.token("alice")) as client:
-        job = structured(
-            await client.call_tool(
-                "submit_job",
-                {"service": "sim-instrument", "parameters": {"duration_s": 0.2, "records": 2}},
-            )
-        )
-        done = structured(
-            await client.call_tool("wait_entry", {"entry_id": job["id"], "timeout_seconds": 30})
-        )
+        job = await submit_sim(client, duration_s=0.2, records=2)
+        done = await wait_entry(client, job["id"], 30)
     assert done["entry"]["state"] == "succeeded"
     return dict(done["entry"])
 
@@ -95,21 +89,6 @@ async def alice_service(http: HttpServer) -> AsyncIterator[dict[str, Any]]:
     yield dict(waited["entry"])
     async with sdk_client(http.mcp_url, http.token("alice")) as client:
         await client.call_tool("cancel_entry", {"entry_id": launched["id"]})
-
-
-def _sign(http: HttpServer, **overrides: Any) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "mallory",
-        "iat": now,
-        "exp": now + 600,
-        "scope": "read submit admin",
-    }
-    key = overrides.pop("_key", None) or (http.keys_dir / PRIVATE).read_bytes()
-    claims.update(overrides)
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="RS256")
 
 
 # ------------------------------------------------------------------ clients over HTTP
@@ -172,15 +151,8 @@ async def test_a_tool_call_over_http_does_not_list_every_tool(
 async def test_fastmcp_client_runs_wait_entry_as_a_task_over_http(http: HttpServer) -> None:
     """The task runs in the server's worker, still as the caller (the token goes with it)."""
     async with Client(http.mcp_url, auth=http.token("bob")) as client:
-        job = structured(
-            await client.call_tool(
-                "submit_job",
-                {"service": "sim-instrument", "parameters": {"duration_s": 1.0, "records": 3}},
-            )
-        )
-        task = await call_tool_task(
-            client, "wait_entry", {"entry_id": job["id"], "timeout_seconds": 30}
-        )
+        job = await submit_sim(client, duration_s=1.0, records=3)
+        task = await wait_task(client, job["id"], 30)
         seen: set[str] = set()
         while (status := await task.status()).status not in ("completed", "failed"):
             if status.status_message:
@@ -197,12 +169,7 @@ async def test_legacy_protocol_client_gets_progress_notifications(http: HttpServ
     there, so wait_entry is a plain call that reports progress."""
     async with sdk_client(http.mcp_url, http.token("alice"), mode="legacy") as client:
         assert client.protocol_version == "2025-11-25"
-        job = structured(
-            await client.call_tool(
-                "submit_job",
-                {"service": "sim-instrument", "parameters": {"duration_s": 1.0, "records": 3}},
-            )
-        )
+        job = await submit_sim(client, duration_s=1.0, records=3)
         updates: list[tuple[float, str | None]] = []
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -224,28 +191,10 @@ async def test_legacy_protocol_client_gets_progress_notifications(http: HttpServ
 
 async def test_listen_over_http_gets_resource_updated(http: HttpServer) -> None:
     async with sdk_client(http.mcp_url, http.token("alice")) as client:
-        job = structured(
-            await client.call_tool(
-                "submit_job",
-                {"service": "sim-instrument", "parameters": {"duration_s": 0.6, "records": 2}},
-            )
-        )
+        job = await submit_sim(client, duration_s=0.6, records=2)
         base = f"sciorch://entries/{job['id']}"
-        got: list[str] = []
         async with client.listen(resource_subscriptions=[base, base + "/results"]) as sub:
-
-            async def collect() -> None:
-                """As a client does: refetch what changed, until the entry has finished."""
-                async for event in sub:
-                    assert isinstance(event, ResourceUpdated)
-                    got.append(event.uri)
-                    if event.uri == base:
-                        read = await client.read_resource(base)
-                        entry = json.loads(read.contents[0].text)  # type: ignore[union-attr]
-                        if entry["state"] == "succeeded":
-                            return
-
-            await asyncio.wait_for(collect(), 20)
+            got = await asyncio.wait_for(updates_until_succeeded(client, sub, base), 20)
         assert base in got and base + "/log" not in got  # only what was asked for
 
 
@@ -280,11 +229,11 @@ async def test_requests_without_a_valid_token_get_401(http: HttpServer) -> None:
         "no token": None,
         "garbage": "Bearer not.a.jwt",
         "not bearer": "Basic " + "YWxpY2U6cHc=",
-        "expired": "Bearer " + _sign(http, iat=now - 7200, exp=now - 3600),
-        "wrong audience": "Bearer " + _sign(http, aud="someone-else"),
-        "wrong issuer": "Bearer " + _sign(http, iss="evil"),
-        "other signing key": "Bearer " + _sign(http, _key=other_key),
-        "no expiry": "Bearer " + _sign(http, exp=None),
+        "expired": "Bearer " + http.sign(iat=now - 7200, exp=now - 3600),
+        "wrong audience": "Bearer " + http.sign(aud="someone-else"),
+        "wrong issuer": "Bearer " + http.sign(iss="evil"),
+        "other signing key": "Bearer " + http.sign(key=other_key),
+        "no expiry": "Bearer " + http.sign(exp=None),
     }
     async with httpx2.AsyncClient() as raw:
         for why, auth in cases.items():
@@ -306,7 +255,7 @@ async def test_requests_without_a_valid_token_get_401(http: HttpServer) -> None:
 
 async def test_a_token_that_worked_is_refused_once_it_has_expired(http: HttpServer) -> None:
     """The server remembers verified tokens; it must still stop honouring them at `exp`."""
-    token = _sign(http, sub="brief", exp=int(time.time()) + 2)
+    token = http.sign(sub="brief", exp=int(time.time()) + 2)
     headers = {**MCP_HEADERS, "authorization": "Bearer " + token}
     async with httpx2.AsyncClient() as raw:
         for _ in range(3):  # verified once, then from memory
@@ -343,11 +292,7 @@ async def test_admin_token_sees_every_tool_and_everyones_entries(
     http: HttpServer, alice_job: dict[str, Any]
 ) -> None:
     async with sdk_client(http.mcp_url, http.token("bob")) as bob:
-        bobs = structured(
-            await bob.call_tool(
-                "submit_job", {"service": "sim-instrument", "parameters": {"duration_s": 0}}
-            )
-        )
+        bobs = await submit_sim(bob, duration_s=0)
         assert core(t.name for t in (await bob.list_tools()).tools) == ALL_TOOLS
     async with sdk_client(http.mcp_url, http.token("root-admin", "admin")) as admin:
         assert core(t.name for t in (await admin.list_tools()).tools) == ALL_TOOLS
@@ -356,9 +301,7 @@ async def test_admin_token_sees_every_tool_and_everyones_entries(
         assert {"alice", "bob"} <= owners
         entry = structured(await admin.call_tool("get_entry", {"entry_id": alice_job["id"]}))
         assert entry["submitted_by"] == "alice"
-        waited = structured(
-            await admin.call_tool("wait_entry", {"entry_id": bobs["id"], "timeout_seconds": 30})
-        )
+        waited = await wait_entry(admin, bobs["id"], 30)
         assert waited["entry"]["state"] == "succeeded"
 
 

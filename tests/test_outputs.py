@@ -23,7 +23,13 @@ from backends.base import (
 )
 from ground.config import DEFAULT_MAX_RESULT_BYTES
 from ground.models import Message
-from tests.mcp_helpers import HttpServer, run_http_server, sdk_client, structured
+from tests.mcp_helpers import (
+    HttpServer,
+    run_http_server,
+    script_catalogue,
+    sdk_client,
+    structured,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,28 +47,18 @@ with open(os.environ["SCIORCH_RESULT"], "w") as f:
     f.write(json.dumps({"value": 1.0, "blob": "r" * p.get("result_bytes", 0)}))
 """
 
-SERVICE = """\
-name: big-output
-kind: job
-command: ["{python}", "%s"]
-parameters:
-  type: object
-  additionalProperties: false
-  properties:
-    result_bytes: {type: integer, minimum: 0}
-    records: {type: integer, minimum: 0}
-    big_record_at: {type: integer}
-    big_record_bytes: {type: integer, minimum: 0}
-"""
+PROPERTIES = {
+    "result_bytes": {"type": "integer", "minimum": 0},
+    "records": {"type": "integer", "minimum": 0},
+    "big_record_at": {"type": "integer"},
+    "big_record_bytes": {"type": "integer", "minimum": 0},
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def http(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[HttpServer]:
     root = tmp_path_factory.mktemp("outputs")
-    cat = root / "catalogue"
-    cat.mkdir()
-    (cat / "payload.py").write_text(PAYLOAD)
-    (cat / "big-output.yaml").write_text(SERVICE % (cat / "payload.py"))
+    cat = script_catalogue(root, "big-output", PAYLOAD, PROPERTIES)
     overrides = {"catalogue_dirs": [cat], "audit_max_bytes": AUDIT_MAX_BYTES, "audit_backups": 2}
     async with run_http_server(root / "home", settings=overrides) as server:
         yield server

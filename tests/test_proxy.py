@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -27,6 +26,7 @@ from orchestrator.engine import Engine
 from sciorch.web.app import create_http_app, public_url_for, settings_for_listen
 from sciorch.web.proxy import COOKIE_PREFIX, _strip_param
 from tests.conftest import ALICE, BOB, make_settings, shutdown
+from tests.mcp_helpers import free_socket, serve_asgi
 from tools.models import (
     CreateEventInput,
     EntryRef,
@@ -50,36 +50,14 @@ class Served:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     home: Path = tmp_path_factory.mktemp("proxy") / "home"
     engine = await Engine.open(make_settings(home, public_url=base))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_http_app(engine),
-            log_level="warning",
-            lifespan="on",
-            ws="websockets-sansio",
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("uvicorn exited before starting")
-                await asyncio.sleep(0.01)
-        yield Served(engine, base)
+        async with serve_asgi(create_http_app(engine), sock):
+            yield Served(engine, base)
     finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10):
-                await task
-        sock.close()
         await shutdown(engine)
 
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from ground.errors import InvalidInput, NoSiteAvailable
 from ground.models import EntryState, ResourceRequest, Resources, SiteStatus
 from orchestrator.engine import Engine
 from sciorch.web.app import create_http_app
-from tests.conftest import ALICE, make_settings, shutdown
+from tests.conftest import ALICE, EngineHost, shutdown
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = Path(os.environ.get("SCIORCH_SLURM_BASE", "/var/lib/sciorch-slurm"))
@@ -151,34 +151,41 @@ resources: {cpus: 1, memory: 64Mi, walltime: 120}
 
 
 @dataclass
-class Cluster:
-    home: Path
-    site: dict[str, Any]
-    catalogue: Path
-    engines: list[Engine] = field(default_factory=list)
-
+class Cluster(EngineHost):
     @property
     def shared(self) -> Path:
         return Path(self.site["shared_dir"])
-
-    async def open(self, **site_overrides: Any) -> Engine:
-        site = {**self.site, **site_overrides}
-        eng = await Engine.open(
-            make_settings(self.home, sites=[site], catalogue_dirs=[self.catalogue])
-        )
-        self.engines.append(eng)
-        return eng
-
-    async def restart(self, eng: Engine) -> Engine:
-        """What a server restart does: the engine goes away (its jobs keep running)."""
-        await eng.close()
-        self.engines.remove(eng)
-        return await self.open()
 
     def backend(self, eng: Engine) -> SlurmBackend:
         backend = eng.backends["cluster"]
         assert isinstance(backend, SlurmBackend)
         return backend
+
+
+def slurm_site(name: str, transport: str, shared: Path) -> dict[str, Any]:
+    """A site on the test cluster whose work lives under `shared`, polled fast."""
+    return {
+        "name": name,
+        "kind": "slurm",
+        "transport": transport,
+        "rest_url": os.environ["SCIORCH_SLURM_REST_URL"],
+        "user": os.environ["SCIORCH_SLURM_USER"],
+        "shared_dir": str(shared),
+        "poll_interval_s": 0.5,
+        "status_ttl_s": 0.5,
+        "queue_ttl_s": 0.5,
+    }
+
+
+def cancel_jobs_under(shared: Path) -> None:
+    """Nothing of a test may outlive it: cancel the jobs whose directory is under its shared
+    dir, then remove that dir."""
+    out = slurm_cmd("squeue", "-h", "-t", "PD,R,CG,CF,S", "-o", "%i|%Z", check=False)
+    for line in out.splitlines():
+        job_id, _, workdir = line.partition("|")
+        if workdir.startswith(str(shared)):
+            slurm_cmd("scancel", job_id, check=False)
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.fixture(params=["rest", "cli"])
@@ -194,30 +201,14 @@ async def cluster(
     cat.mkdir()
     (cat / "sleeper.yaml").write_text(SLEEPER)
     shared = Path(os.environ["SCIORCH_SLURM_SHARED_DIR"]) / f"test-{uuid.uuid4().hex[:10]}"
-    site = {
-        "name": "cluster",
-        "kind": "slurm",
-        "transport": transport,
-        "rest_url": os.environ["SCIORCH_SLURM_REST_URL"],
-        "user": os.environ["SCIORCH_SLURM_USER"],
-        "shared_dir": str(shared),
-        "poll_interval_s": 0.5,
-        "status_ttl_s": 0.5,
-        "queue_ttl_s": 0.5,
-    }
+    site = slurm_site("cluster", transport, shared)
     c = Cluster(home=home, site=site, catalogue=cat)
     try:
         yield c
     finally:
         for eng in list(c.engines):
             await shutdown(eng)
-        # Nothing of this test may outlive it: jobs whose directory is under its shared dir.
-        out = slurm_cmd("squeue", "-h", "-t", "PD,R,CG,CF,S", "-o", "%i|%Z", check=False)
-        for line in out.splitlines():
-            job_id, _, workdir = line.partition("|")
-            if workdir.startswith(str(shared)):
-                slurm_cmd("scancel", job_id, check=False)
-        shutil.rmtree(shared, ignore_errors=True)
+        cancel_jobs_under(shared)
 
 
 async def wait_state(

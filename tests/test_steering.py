@@ -40,7 +40,8 @@ from steering.optimizer import Optimizer
 from steering.runner import key_for
 from steering.space import Space, min_distances
 from steering.spec import CampaignSpec, load_spec, parse_spec
-from tests.conftest import BOTH_STORES, make_settings, shutdown
+from tests.conftest import BOTH_STORES, campaign_engine, make_settings, shutdown
+from tests.processes import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = Principal(id="alice")
@@ -75,14 +76,7 @@ def structured(result: Any) -> dict[str, Any]:
     return dict(result.structured_content or {})
 
 
-@pytest.fixture
-async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
-    engine = await Engine.open(make_settings(home))
-    try:
-        yield engine
-    finally:
-        await campaign_manager(engine).shutdown()
-        await shutdown(engine)
+eng = campaign_engine()
 
 
 @pytest.fixture
@@ -594,16 +588,10 @@ evaluations = {budget}
 """
 
 
-def _cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCIORCH_")}
-    env.update(SCIORCH_HOME=str(home), SCIORCH_PRINCIPAL="alice", COLUMNS="200", NO_COLOR="1")
-    return env
-
-
 def _start_steer(home: Path, campaign: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "sciorch.cli", "steer", str(campaign), "--no-progress"],
-        env=_cli_env(home),
+        env=cli_env(home, "alice"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -714,7 +702,7 @@ SERVE = [sys.executable, "-m", "sciorch.cli", "serve", "--host", "127.0.0.1"]
 def _start_serve(home: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*SERVE, "--port", str(port)],
-        env=_cli_env(home),
+        env=cli_env(home, "alice"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -804,7 +792,7 @@ def test_steer_cli_reports_and_writes_plots(tmp_path: Path) -> None:
     campaign.write_text(CAMPAIGN_TOML.format(duration=0.01, budget=8))
     proc = subprocess.run(
         [sys.executable, "-m", "sciorch.cli", "steer", str(campaign), "--no-progress"],
-        env=_cli_env(home),
+        env=cli_env(home, "alice"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -826,7 +814,7 @@ def test_steer_cli_reports_and_writes_plots(tmp_path: Path) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-m", "sciorch.cli", "steer", str(bad)],
-        env=_cli_env(home),
+        env=cli_env(home, "alice"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -908,35 +896,43 @@ async def test_the_same_loop_drives_a_remote_server_over_http(tmp_path: Path) ->
     from tests.mcp_helpers import run_http_server
 
     client_home = tmp_path / "client"
-    async with run_http_server(tmp_path / "server") as srv:
-        token = srv.token("carol", "read,submit")
+
+    async def run_here(
+        rec: CampaignRecord, token: str, patience_s: float, within_s: float
+    ) -> tuple[CampaignRecord, list[Any]]:
+        """`rec` run to its end by a runner here that reaches the server as `token`: its final
+        record and its evaluations."""
         store = await CampaignStore.open(client_home / "steering.db")
         try:
-            spec = CampaignSpec.model_validate(branin_spec(budget={"evaluations": 8}))
-            at = now()
-            rec = CampaignRecord(
-                id=new_campaign_id(),
-                name="remote",
-                owner="carol",
-                spec=spec,
-                seed=1,
-                state=CampaignState.RUNNING,
-                endpoint=srv.mcp_url,
-                created_at=at,
-                updated_at=at,
-            )
             await store.insert_campaign(rec)
             runner = CampaignRunner(
                 store,
                 rec.id,
-                lambda: Client(srv.mcp_url, auth=BearerAuth(token)),
+                lambda: Client(rec.endpoint, auth=BearerAuth(token)),
                 campaign_dir(client_home, rec.id),
-                patience_s=10,
+                patience_s=patience_s,
             )
-            final = await asyncio.wait_for(runner.run(), 90)
-            evals = await store.evaluations(rec.id)
+            final = await asyncio.wait_for(runner.run(), within_s)
+            return final, await store.evaluations(rec.id)
         finally:
             await store.close()
+
+    async with run_http_server(tmp_path / "server") as srv:
+        token = srv.token("carol", "read,submit")
+        spec = CampaignSpec.model_validate(branin_spec(budget={"evaluations": 8}))
+        at = now()
+        rec = CampaignRecord(
+            id=new_campaign_id(),
+            name="remote",
+            owner="carol",
+            spec=spec,
+            seed=1,
+            state=CampaignState.RUNNING,
+            endpoint=srv.mcp_url,
+            created_at=at,
+            updated_at=at,
+        )
+        final, evals = await run_here(rec, token, patience_s=10, within_s=90)
         assert final.state == CampaignState.COMPLETED, final.reason
         assert len(evals) == 8 and all(e.state == EvalState.SUCCEEDED for e in evals)
         entries, _ = await srv.engine.list_entries(Principal(id="carol"), limit=100)
@@ -947,21 +943,9 @@ async def test_the_same_loop_drives_a_remote_server_over_http(tmp_path: Path) ->
         assert len(final.plots) == 2  # written here, in the client's home
 
         # A token that may only read cannot run a campaign: it fails, and says why.
-        store = await CampaignStore.open(client_home / "steering.db")
-        try:
-            reader = srv.token("dave", "read")
-            rec2 = rec.model_copy(update={"id": new_campaign_id(), "owner": "dave"})
-            await store.insert_campaign(rec2)
-            runner = CampaignRunner(
-                store,
-                rec2.id,
-                lambda: Client(srv.mcp_url, auth=BearerAuth(reader)),
-                campaign_dir(client_home, rec2.id),
-                patience_s=5,
-            )
-            failed = await asyncio.wait_for(runner.run(), 60)
-        finally:
-            await store.close()
+        reader = srv.token("dave", "read")
+        rec2 = rec.model_copy(update={"id": new_campaign_id(), "owner": "dave"})
+        failed, _ = await run_here(rec2, reader, patience_s=5, within_s=60)
         assert failed.state == CampaignState.FAILED and failed.reason
         assert "create_event" in failed.reason or "submit" in failed.reason, failed.reason
 

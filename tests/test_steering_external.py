@@ -21,7 +21,7 @@ from orchestrator.engine import Engine
 from orchestrator.payloads.surfaces import SURFACES
 from steering.space import Space, min_distances
 from steering.spec import parse_spec
-from tests.conftest import make_settings, shutdown
+from tests.conftest import campaign_engine, make_settings, shutdown
 from tests.mcp_helpers import text_of
 
 ALICE = Principal(id="alice")
@@ -52,14 +52,7 @@ def branin(point: dict[str, Any]) -> float:
     return BRANIN([point["x1"], point["x2"]])
 
 
-@pytest.fixture
-async def eng(home: Path) -> AsyncIterator[Engine]:
-    engine = await Engine.open(make_settings(home))
-    try:
-        yield engine
-    finally:
-        await campaign_manager(engine).shutdown()
-        await shutdown(engine)
+eng = campaign_engine()
 
 
 @pytest.fixture

@@ -182,6 +182,13 @@ class AgentResult(BaseModel):
     evidence: Evidence
     transcript_path: Path | None
 
+    def summary(self) -> str:
+        """One line on how the run went, for a script to print under the answer."""
+        return (
+            f"({self.stopped_reason}; {len(self.evidence.entry_ids)} entries; "
+            f"{self.steps} steps; ~${self.cost_usd:.2f}; transcript {self.transcript_path})"
+        )
+
 
 class Transcript(BaseModel):
     """The audit record of one run, as written to `transcript_path`."""
