@@ -5,6 +5,7 @@ second time on the real PostgreSQL server that scripts/test.d/15-postgresql.sh s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +50,20 @@ async def drop_schemas(base_url: str, *schemas: str) -> None:
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def postgres_schema(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """A fresh schema on the test PostgreSQL, exported as $SCIORCH_STORE too (so that child
+    processes use it); it and its campaign schema are dropped afterwards."""
+    base = postgres_base_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = f"{base}{'&' if '?' in base else '?'}schema={schema}"
+    monkeypatch.setenv("SCIORCH_STORE", url)
+    try:
+        yield url
+    finally:
+        await drop_schemas(base, schema, f"{schema}_steering")
+
+
 @pytest.fixture
 async def store_url(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -60,14 +75,8 @@ async def store_url(
     if getattr(request, "param", "sqlite") == "sqlite":
         yield None
         return
-    base = postgres_base_url()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    url = f"{base}{'&' if '?' in base else '?'}schema={schema}"
-    monkeypatch.setenv("SCIORCH_STORE", url)
-    try:
+    async with postgres_schema(monkeypatch) as url:
         yield url
-    finally:
-        await drop_schemas(base, schema, f"{schema}_steering")
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:

@@ -25,24 +25,38 @@ from orchestrator.engine import Engine
 from orchestrator.leases import LeaseKeeper
 from orchestrator.pg_bus import MAX_PAYLOAD, PgBus
 from orchestrator.store import Store, now
-from tests.conftest import ALICE, drop_schemas, make_settings, postgres_base_url, shutdown
+from steering.manager import CampaignManager
+from tests.conftest import ALICE, make_settings, postgres_schema, shutdown
 from tests.mcp_helpers import free_socket, sdk_client, structured
-from tests.test_steering import CAMPAIGN_TOML, ROOT, SERVE, _cli_env, _healthy, _kill_9
+from tests.processes import cli_env
+from tests.test_steering import CAMPAIGN_TOML, ROOT, SERVE, _healthy, _kill_9
 
 
 @pytest.fixture
 async def pg_url(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    """A fresh schema on the test PostgreSQL, as $SCIORCH_STORE too (for child processes)."""
-    import uuid
-
-    base = postgres_base_url()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    url = f"{base}{'&' if '?' in base else '?'}schema={schema}"
-    monkeypatch.setenv("SCIORCH_STORE", url)
-    try:
+    async with postgres_schema(monkeypatch) as url:
         yield url
+
+
+@contextlib.asynccontextmanager
+async def campaign_replicas(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Engine, Engine, CampaignManager, CampaignManager]]:
+    """Two engines on one home and store, each with its campaign manager (no auto-resume)."""
+    from mcp_server.steering_tools import campaign_manager
+
+    home = tmp_path / "home"
+    a = await Engine.open(make_settings(home))
+    b = await Engine.open(make_settings(home))
+    on_a = campaign_manager(a, auto_resume=False)
+    on_b = campaign_manager(b, auto_resume=False)
+    try:
+        yield a, b, on_a, on_b
     finally:
-        await drop_schemas(base, schema, f"{schema}_steering")
+        await on_b.shutdown()
+        await on_a.shutdown()
+        await shutdown(b)
+        await shutdown(a)
 
 
 async def _bus(url: str, replica: str) -> PgBus:
@@ -305,15 +319,9 @@ async def test_the_proxy_of_any_replica_reaches_a_service_another_one_runs(
 async def test_a_campaign_runs_where_its_lease_is_and_stops_or_updates_through_any_replica(
     tmp_path: Path, pg_url: str
 ) -> None:
-    from mcp_server.steering_tools import campaign_manager
     from steering.spec import CampaignSpec
 
-    home = tmp_path / "home"
-    a = await Engine.open(make_settings(home))
-    b = await Engine.open(make_settings(home))
-    on_a = campaign_manager(a, auto_resume=False)
-    on_b = campaign_manager(b, auto_resume=False)
-    try:
+    async with campaign_replicas(tmp_path) as (a, b, on_a, on_b):
         heard: list[str] = []
         on_b.listeners.append(heard.append)
         spec = CampaignSpec.model_validate(
@@ -332,38 +340,22 @@ async def test_a_campaign_runs_where_its_lease_is_and_stops_or_updates_through_a
         assert stopped.state == "stopped", stopped.reason
         await asyncio.wait_for(on_a.wait(view.id), 30)
         assert await b.replicas.keeper.holder(f"campaign:{view.id}") is None  # type: ignore[union-attr]
-    finally:
-        await on_b.shutdown()
-        await on_a.shutdown()
-        await shutdown(b)
-        await shutdown(a)
 
 
 async def test_an_external_campaign_is_asked_where_it_runs_and_refused_with_the_why_elsewhere(
     tmp_path: Path, pg_url: str
 ) -> None:
     from ground.errors import Conflict
-    from mcp_server.steering_tools import campaign_manager
     from steering.spec import CampaignSpec
     from tests.test_steering_external import external_spec
 
-    home = tmp_path / "home"
-    a = await Engine.open(make_settings(home))
-    b = await Engine.open(make_settings(home))
-    on_a = campaign_manager(a, auto_resume=False)
-    on_b = campaign_manager(b, auto_resume=False)
-    try:
+    async with campaign_replicas(tmp_path) as (_, _, on_a, on_b):
         view = await on_a.start(ALICE, CampaignSpec.model_validate(external_spec()))
         asked = await on_a.ask(ALICE, view.id, 1)
         assert len(asked.points) == 1
         with pytest.raises(Conflict, match=f"campaign_id: {view.id} is run by the replica"):
             await on_b.ask(ALICE, view.id, 1)
         assert view.id not in on_b.runners  # no second optimizer handing out points
-    finally:
-        await on_b.shutdown()
-        await on_a.shutdown()
-        await shutdown(b)
-        await shutdown(a)
 
 
 # ------------------------------------------------------------------------------ real servers
@@ -372,7 +364,7 @@ async def test_an_external_campaign_is_asked_where_it_runs_and_refused_with_the_
 def _start(home: Path, port: int, store: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*SERVE, "--port", str(port)],
-        env={**_cli_env(home), "SCIORCH_STORE": store},
+        env=cli_env(home, "alice", SCIORCH_STORE=store),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
