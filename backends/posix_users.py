@@ -42,8 +42,11 @@ class PosixUser:
         base = dict(os.environ) if base is None else base
         env = {k: base[k] for k in KEPT_ENV if k in base}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env.update(HOME=self.home, USER=self.name, LOGNAME=self.name, SHELL=self.shell)
+        env.update(self.identity())
         return env
+
+    def identity(self) -> dict[str, str]:
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "SHELL": self.shell}
 
 
 def server_user() -> str:

@@ -257,3 +257,94 @@ async def test_list_sites_tells_each_caller_its_account(open_home: Path, catalog
         # and carol's work goes where she may run, not to the site that would refuse her
         entry = await eng.launch(Principal(id="carol"), "whoami", {})
         assert entry.site == "shared" and "account" not in entry.handle
+
+
+# ------------------------------------------------------------------ Slurm
+
+
+def users_running(entry_id: str) -> set[str]:
+    """Who `ps` says runs the processes of an entry (those with its SCIORCH_ENTRY_ID)."""
+    mark = f"SCIORCH_ENTRY_ID={entry_id}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if mark in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                    pids.append(int(name))
+    return {owner_of_process(pid) for pid in pids} - {""}
+
+
+def sacct_user(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "User"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def slurm_shared() -> Iterator[Path]:
+    from tests.test_slurm import UNAVAILABLE, cancel_jobs_under
+
+    need_users()
+    if UNAVAILABLE is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true and no Slurm: {UNAVAILABLE}")
+        pytest.skip(UNAVAILABLE)
+    shared = Path(os.environ["SCIORCH_SLURM_SHARED_DIR"]) / f"accounts-{os.urandom(5).hex()}"
+    try:
+        yield shared
+    finally:
+        cancel_jobs_under(shared)
+
+
+@pytest.mark.parametrize("transport", ["rest", "cli"])
+async def test_slurm_jobs_run_and_are_accounted_as_their_users(
+    transport: str, slurm_shared: Path, open_home: Path, catalogue: Path
+) -> None:
+    from tests.test_slurm import slurm_site
+    from tools.operations import list_sites
+
+    site = {
+        **slurm_site("hpc", transport, slurm_shared),
+        "accounts": {"table": {"alice": "alice", "bob": "bob"}},
+    }
+    alice, bob = Principal(id="alice"), Principal(id="bob")
+    async with engine_on(open_home, catalogue, site) as eng:
+        a = await eng.launch(alice, "whoami", {"seconds": 4})
+        workdir = slurm_shared / a.id
+        await until_file(workdir / "secret", 60)
+        assert users_running(a.id) == {"alice"}
+        st = await asyncio.to_thread(workdir.stat)
+        assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("alice", 0o700)
+
+        b = await eng.launch(bob, "whoami", {"read": str(workdir / "secret")})
+        b_done, _ = await eng.wait_entry(bob, b.id, timeout_s=60)
+        assert b_done.state == EntryState.SUCCEEDED, b_done.reason
+        assert b_done.result == {"user": "bob", "home": "/home/bob", "read_other": False}
+        a_done, _ = await eng.wait_entry(alice, a.id, timeout_s=60)
+        assert a_done.state == EntryState.SUCCEEDED, a_done.reason
+        assert a_done.result == {"user": "alice", "home": "/home/alice", "read_other": None}
+        assert a_done.handle["user"] == "alice"
+
+        for entry, user in ((a_done, "alice"), (b_done, "bob")):
+            job_id = str(entry.handle["job_id"])
+            for _ in range(100):  # slurmctld hands the record to slurmdbd a moment later
+                if sacct_user(job_id):
+                    break
+                await asyncio.sleep(0.1)
+            assert sacct_user(job_id) == user
+
+        sites = {s.name: s for s in (await list_sites(eng, alice)).sites}
+        mine = sites["hpc"]
+        assert mine.account == "alice"
+        assert mine.association is not None
+        assert mine.association.account == "sciorch"
+        assert mine.association.limits["max_jobs"] == "20"
+        assert "fairshare" in mine.association.usage
+
+        with pytest.raises(AccountNotMapped) as refused:
+            await eng.launch(Principal(id="carol"), "whoami", {}, site="hpc")
+        assert "'carol'" in refused.value.message and "'hpc'" in refused.value.message
