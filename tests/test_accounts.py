@@ -348,3 +348,59 @@ async def test_slurm_jobs_run_and_are_accounted_as_their_users(
         with pytest.raises(AccountNotMapped) as refused:
             await eng.launch(Principal(id="carol"), "whoami", {}, site="hpc")
         assert "'carol'" in refused.value.message and "'hpc'" in refused.value.message
+
+
+# ------------------------------------------------------------------ Kubernetes
+
+
+async def test_kubernetes_calls_for_an_entry_impersonate_its_user(
+    tmp_path: Path, catalogue: Path
+) -> None:
+    """Every call sciorch makes for alice's entry carries Impersonate-User: alice (and the
+    site's groups); the emulator's RBAC lets alice work in the cluster and refuses bob, as a
+    real API server would, and sciorch passes the refusal on naming the user."""
+    from backends.kubernetes import KubernetesBackend
+    from ground.errors import BackendError
+    from tests.fakes.kube_emulator import KubeEmulator
+    from tests.test_backend_contract import JOB_BODY
+
+    (catalogue / "kjob.yaml").write_text("name: kjob" + JOB_BODY)
+    async with KubeEmulator() as emu:
+        emu.add_node("node-1", cpu="16", memory="64Gi")
+        emu.allow("alice", "create,get,list,delete", "namespaces,configmaps,jobs,pods,pods/log")
+        site = {
+            "name": "spin",
+            "kind": "kubernetes",
+            "host": emu.url,
+            "impersonate": True,
+            "impersonate_groups": ["sciorch-users", "lab"],
+            "accounts": {"claim": "preferred_username"},
+        }
+        alice = Principal(id="a-0001", claims=(("preferred_username", "alice"),))
+        bob = Principal(id="b-0002", claims=(("preferred_username", "bob"),))
+        async with engine_on(tmp_path / "home", catalogue, site) as eng:
+            assert isinstance(eng.backends["spin"], KubernetesBackend)
+            entry = await eng.launch(alice, "kjob", {"records": 1})
+            ns = f"sciorch-{entry.event_id}"
+            await emu.wait_object("jobs", ns, entry.id)
+            pod = emu.create_pod(ns, "jobs", entry.id)
+            emu.schedule(ns, pod)
+            await emu.kubelet_run(ns, pod)
+            done, _ = await eng.wait_entry(alice, entry.id, timeout_s=30)
+            assert done.state == EntryState.SUCCEEDED, done.reason
+            assert done.result == {"value": 42}
+
+            acting = [(m, p, u, g) for m, p, u, g in emu.identities if u is not None]
+            writes = [(m, p) for m, p, _, _ in acting if m in ("POST", "DELETE")]
+            assert ("POST", "/api/v1/namespaces") in writes
+            assert any(p.endswith("/jobs") for m, p in writes if m == "POST")
+            assert {(u, g) for _, _, u, g in acting} == {("alice", ("sciorch-users", "lab"))}
+            assert any(p.endswith(f"/pods/{pod}/log") for _, p, _, _ in acting)
+            # nothing was created as sciorch's own account
+            own = [(m, p) for m, p, u, _ in emu.identities if u is None and m == "POST"]
+            assert own == []
+
+            with pytest.raises(BackendError) as refused:
+                await eng.launch(bob, "kjob", {"records": 1})
+            assert 'User "bob" cannot create' in refused.value.message
+            assert "user 'bob' (impersonated for this entry)" in refused.value.message
