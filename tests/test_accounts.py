@@ -404,3 +404,55 @@ async def test_kubernetes_calls_for_an_entry_impersonate_its_user(
                 await eng.launch(bob, "kjob", {"records": 1})
             assert 'User "bob" cannot create' in refused.value.message
             assert "user 'bob' (impersonated for this entry)" in refused.value.message
+
+
+# ------------------------------------------------------------------ through MCP, with the IdP
+
+
+async def test_idp_users_run_as_their_accounts_through_mcp(
+    open_home: Path, catalogue: Path
+) -> None:
+    """The official SDK client logs alice and bob in at the real IdP and submits over
+    streamable HTTP; the site maps each by a claim of the access token the verifier put on the
+    principal, so each job runs as its user; a site with no account for bob refuses him by
+    name, and list_sites tells him so."""
+    from tests.mcp_helpers import assert_tool_error, structured, wait_entry
+    from tests.oauth_helpers import oauth_client, run_oauth_server
+
+    need_users()
+    sites = [
+        {
+            "name": "local",
+            "kind": "local",
+            "cpus": 4,
+            "memory_mb": 4096,
+            "accounts": {"claim": "sub"},
+        },
+        {
+            "name": "lab",
+            "kind": "local",
+            "cpus": 1,
+            "memory_mb": 1024,
+            "accounts": {"table": {"alice": "alice"}},
+        },
+    ]
+    settings = {"sites": sites, "catalogue_dirs": [catalogue]}
+    async with run_oauth_server(open_home, settings) as server:
+        for user in USERS:
+            async with oauth_client(server.mcp_url, user) as (client, _, _):
+                args = {"service": "whoami", "parameters": {}, "site": "local"}
+                entry = structured(await client.call_tool("submit_job", args))
+                done = await wait_entry(client, entry["id"], 60)
+                assert done["entry"]["state"] == "succeeded", done
+                got = structured(await client.call_tool("read_results", {"entry_id": entry["id"]}))
+                assert got["result"]["user"] == user, got
+                if user == "bob":
+                    refused = await client.call_tool(
+                        "submit_job", {"service": "whoami", "parameters": {}, "site": "lab"}
+                    )
+                    assert_tool_error(refused, "account_not_mapped", "'bob'", "site 'lab'")
+                    listed = structured(await client.call_tool("list_sites", {}))
+                    by_name = {s["name"]: s for s in listed["sites"]}
+                    assert by_name["local"]["account"] == "bob"
+                    assert by_name["lab"]["account"] is None
+                    assert "'bob' has no account on site 'lab'" in by_name["lab"]["account_note"]
