@@ -43,6 +43,8 @@ Configuration (one `[[sites]]` table; every key is in `KubernetesOptions`)
     gpu_node_selectors = { a100 = { "nvidia.com/gpu.product" = "NVIDIA-A100-SXM4-40GB" } }
     gpu_tolerations = [ { key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" } ]
     max_walltime_s = 86400
+    impersonate = true                    # with [sites.accounts]: calls for an entry act as its
+    impersonate_groups = ["sciorch-users"]   # account (Impersonate-User, -Group); RBAC decides
 
 Router facts
     Capabilities come from the node list (the largest schedulable node's allocatable cpu,

@@ -6,6 +6,10 @@ so the true outcome survives the server. Exits are awaited through pidfds (no po
 stream growth through one shared file watcher, and resources (cpus, memory, whole GPUs, real or
 virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill
 (backends.local_pool).
+
+An entry with an account (`[sites.accounts]`) runs as that POSIX user when the server is root,
+in a work dir the user owns (0700), with the user's groups, HOME and none of the server's
+environment beyond PATH and the locale (backends.posix_users); without root it is refused.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ with a JWT (`transport = "rest"`, the main path: backends.slurm_rest) or the Slu
 There is no pyslurm transport: no pyslurm that matches Slurm 22.05 can be installed here to test
 it against (see the project's Slurm notes).
 
+An entry with an account (`[sites.accounts]`) is submitted as that user (slurmrestd: the
+user's own token; the commands: sbatch --uid, or runuser), cancelled as it, and its work dir is
+the user's (0700); its association's limits and usage are read for list_sites
+(backends.slurm_accounts).
+
 Beside this module: the options, batch script and job request (backends.slurm_job), what
 Slurm's states and pending reasons mean (backends.slurm_states), the site's cached view for
 status, capabilities and wait estimates (backends.slurm_site) and the poke listener

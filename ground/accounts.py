@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ground.errors import AccountNotMapped, InvalidInput
 from ground.models import Principal
 
-# POSIX portable user names (and what Slurm and Kubernetes take as a user name).
-ACCOUNT_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}$"
+# What an account may look like: a POSIX user name, or a Kubernetes user such as
+# "oidc:alice@lab.example.org". Never a blank, quote or shell metacharacter; a POSIX site also
+# checks that the user exists.
+ACCOUNT_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,127}$"
 _ACCOUNT = re.compile(ACCOUNT_PATTERN)
 
 
@@ -91,7 +93,7 @@ def account_for(mapping: AccountMap | None, site: str, principal: Principal) -> 
         tried = ", ".join(
             t
             for t, on in (
-                ("the site's table", True),
+                ("the site's table", bool(mapping.table)),
                 (f"function {mapping.function}", bool(mapping.function)),
                 (f"token claim {mapping.claim!r}", bool(mapping.claim)),
             )
@@ -108,7 +110,7 @@ def account_for(mapping: AccountMap | None, site: str, principal: Principal) -> 
     if not isinstance(account, str) or not _ACCOUNT.match(account):
         raise AccountNotMapped(
             f"principal {principal.id!r} maps to {account!r} on site {site!r} (by {how}), "
-            "which is not an account name (lower-case letters, digits, '_', '-', '.')",
+            "which is not an account name (letters, digits and _ . @ : + -)",
             field="site",
             site=site,
             principal=principal.id,

@@ -345,6 +345,13 @@ async def test_slurm_jobs_run_and_are_accounted_as_their_users(
         assert mine.association.limits["max_jobs"] == "20"
         assert "fairshare" in mine.association.usage
 
+        # cancelling goes through as alice too (sciorch's own Slurm user may not touch her job)
+        c = await eng.launch(alice, "whoami", {"seconds": 60})
+        await until_file(slurm_shared / c.id / "secret", 60)
+        await eng.cancel(alice, c.id)
+        c_done, _ = await eng.wait_entry(alice, c.id, timeout_s=30)
+        assert c_done.state == EntryState.CANCELLED, c_done.reason
+
         with pytest.raises(AccountNotMapped) as refused:
             await eng.launch(Principal(id="carol"), "whoami", {}, site="hpc")
         assert "'carol'" in refused.value.message and "'hpc'" in refused.value.message
@@ -456,3 +463,30 @@ async def test_idp_users_run_as_their_accounts_through_mcp(
                     assert by_name["local"]["account"] == "bob"
                     assert by_name["lab"]["account"] is None
                     assert "'bob' has no account on site 'lab'" in by_name["lab"]["account_note"]
+
+
+async def test_slurm_cli_submits_through_runuser_where_sbatch_has_no_uid(
+    slurm_shared: Path, open_home: Path, catalogue: Path
+) -> None:
+    """Newer sbatch may lack --uid: the CLI transport then runs sbatch as the user (runuser),
+    and the job is still the user's in sacct."""
+    from backends.slurm import SlurmBackend
+    from backends.slurm_cli import CliTransport
+    from tests.test_slurm import slurm_site
+
+    site = {**slurm_site("hpc", "cli", slurm_shared), "accounts": {"table": {"bob": "bob"}}}
+    bob = Principal(id="bob")
+    async with engine_on(open_home, catalogue, site) as eng:
+        backend = eng.backends["hpc"]
+        assert isinstance(backend, SlurmBackend) and isinstance(backend.transport, CliTransport)
+        backend.transport._sbatch_uid = False  # as if `sbatch --help` had no --uid
+        entry = await eng.launch(bob, "whoami", {})
+        done, _ = await eng.wait_entry(bob, entry.id, timeout_s=60)
+        assert done.state == EntryState.SUCCEEDED, done.reason
+        assert done.result is not None and done.result["user"] == "bob"
+        job_id = str(done.handle["job_id"])
+        for _ in range(100):
+            if sacct_user(job_id):
+                break
+            await asyncio.sleep(0.1)
+        assert sacct_user(job_id) == "bob"
