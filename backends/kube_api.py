@@ -11,12 +11,14 @@ the server closes the stream (or it drops), and the caller decides whether to re
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import ipaddress
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,9 @@ from pydantic import ValidationError
 from ground.errors import BackendError
 
 log = logging.getLogger("sciorch.backends.kubernetes")
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
@@ -104,6 +109,31 @@ def _status_error(status: int, body: bytes, what: str) -> KubeApiError:
     return cls(status, reason or "Error", message or "(no message)", what)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Whom a call acts as (Kubernetes user impersonation)."""
+
+    user: str
+    groups: tuple[str, ...] = ()
+
+
+# Set around one request by a KubeApi that acts as a user; the session's middleware turns it
+# into the Impersonate-* headers (one Impersonate-Group header a group, which the generated
+# client's header dict could not carry).
+_ACTING_AS: ContextVar[Identity | None] = ContextVar("sciorch_kube_acting_as", default=None)
+
+
+async def _impersonation(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    who = _ACTING_AS.get()
+    if who is not None:
+        request.headers["Impersonate-User"] = who.user
+        for group in who.groups:
+            request.headers.add("Impersonate-Group", group)
+    return await handler(request)
+
+
 def _default_kubeconfig_exists() -> bool:
     return os.path.exists(os.path.expanduser("~/.kube/config"))
 
@@ -121,7 +151,16 @@ def _is_loopback(host: str) -> bool:
 class KubeApi:
     """Create, get, delete, list and watch objects; read and follow pod logs."""
 
+    identity: Identity | None = None  # None: the credentials' own
+
     def __init__(self, configuration: kclient.Configuration) -> None:
+        # Every session gets the impersonation middleware: a view made by acting_as must never
+        # send its calls as the credentials' own identity for want of it.
+        session = dict(getattr(configuration, "client_session_kwargs", None) or {})
+        middlewares = tuple(session.get("middlewares") or ())
+        if _impersonation not in middlewares:
+            session["middlewares"] = (*middlewares, _impersonation)
+        configuration.client_session_kwargs = session
         self.configuration = configuration
         self.host = str(configuration.host)
         self._client = kclient.ApiClient(configuration)
@@ -178,6 +217,22 @@ class KubeApi:
         cfg.client_session_kwargs = {"trust_env": trust_env}
         return cls(cfg)
 
+    def acting_as(self, identity: Identity | None) -> KubeApi:
+        """The same connection, each call impersonating `identity` (None: this one)."""
+        if identity == self.identity:
+            return self
+        view = copy.copy(self)
+        view.identity = identity
+        return view
+
+    async def _start(self, call: Callable[[], Awaitable[_R]]) -> _R:
+        """Send a request as this view's identity (the middleware reads it while sending)."""
+        token = _ACTING_AS.set(self.identity)
+        try:
+            return await call()
+        finally:
+            _ACTING_AS.reset(token)
+
     async def close(self) -> None:
         await self._client.close()  # type: ignore[no-untyped-call]
 
@@ -206,7 +261,7 @@ class KubeApi:
     ) -> tuple[int, bytes]:
         """The status and body of a call that succeeded; typed errors otherwise."""
         try:
-            resp = await call()
+            resp = await self._start(call)
         except _CONNECTION_ERRORS as exc:
             raise KubeUnreachable(f"{what}: API server {self.host} unreachable: {exc!r}") from exc
         try:
@@ -329,7 +384,9 @@ class KubeApi:
         }
         what = f"watch {kind}" + (f" in {namespace}" if namespace else "")
         try:
-            resp: aiohttp.ClientResponse = await fn(*self._args(kind, namespace), **kw)
+            resp: aiohttp.ClientResponse = await self._start(
+                lambda: fn(*self._args(kind, namespace), **kw)
+            )
         except _CONNECTION_ERRORS as exc:
             raise KubeUnreachable(f"{what}: API server {self.host} unreachable: {exc!r}") from exc
         try:
@@ -380,8 +437,10 @@ class KubeApi:
         fn = self._apis["core"].read_namespaced_pod_log_without_preload_content
         what = f"follow log of {namespace}/{pod}"
         try:
-            resp: aiohttp.ClientResponse = await fn(
-                pod, namespace, container=container, follow=True, _request_timeout=timeout_s
+            resp: aiohttp.ClientResponse = await self._start(
+                lambda: fn(
+                    pod, namespace, container=container, follow=True, _request_timeout=timeout_s
+                )
             )
         except _CONNECTION_ERRORS as exc:
             raise KubeUnreachable(f"{what}: API server {self.host} unreachable: {exc!r}") from exc
@@ -400,7 +459,6 @@ class KubeApi:
             resp.close()
 
 
-_T = TypeVar("_T")
 _RETRYABLE = {429, 500, 502, 503, 504}
 
 
@@ -423,6 +481,7 @@ async def retry(call: Callable[[], Awaitable[_T]], attempts: int = 4) -> _T:
 
 __all__ = [
     "KINDS",
+    "Identity",
     "KubeApi",
     "KubeApiError",
     "KubeGone",

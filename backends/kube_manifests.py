@@ -152,6 +152,14 @@ class KubernetesOptions(BaseModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: list[str] = Field(default_factory=list)
     service_account: str | None = None
+    # -- per-user identity (with [sites.accounts]): every call made for an entry impersonates
+    # its account, so the cluster's RBAC decides what that user may do
+    impersonate: bool = Field(
+        False, description="calls for an entry carry Impersonate-User: its account"
+    )
+    impersonate_groups: list[str] = Field(
+        default_factory=list, description="Impersonate-Group headers sent with them"
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
     cpu_limit: bool = Field(False, description="also limit CPU (default: request only)")
     service_port: int = Field(8080, ge=1, le=65535, description="port services listen on")

@@ -31,17 +31,22 @@ class SiteObjects:
         self._api = api
         self.namespaces: set[str] = set()
 
-    async def ensure_namespace(self, event_id: str) -> str:
+    def _as(self, api: KubeApi | None) -> Callable[[], KubeApi]:
+        """The calls' connection: `api` (one acting as an entry's user), else the site's."""
+        return (lambda: api) if api is not None else self._api
+
+    async def ensure_namespace(self, event_id: str, api: KubeApi | None = None) -> str:
         body = namespace_manifest(event_id, self.site, self.options)
         ns = str(body["metadata"]["name"])
         if ns in self.namespaces:
             return ns
+        conn = self._as(api)
         try:
-            await retry(lambda: self._api().create(body))
+            await retry(lambda: conn().create(body))
         except KubeApiError as exc:
             if exc.status != 409:
-                raise self.refusal(exc, f"create namespace {ns}") from exc
-            found = await retry(lambda: self._api().get("Namespace", None, ns))
+                raise self.refusal(exc, f"create namespace {ns}", conn()) from exc
+            found = await retry(lambda: conn().get("Namespace", None, ns))
             labels = dig(found, "metadata", "labels") or {}
             if labels.get(MANAGED_BY) != MANAGER or labels.get("sciorch.io/event") != label_value(
                 event_id
@@ -59,16 +64,17 @@ class SiteObjects:
         self.namespaces.add(ns)
         return ns
 
-    async def create(self, body: dict[str, Any], entry_id: str) -> None:
+    async def create(self, body: dict[str, Any], entry_id: str, api: KubeApi | None = None) -> None:
         kind = str(body["kind"])
         ns = str(body["metadata"]["namespace"])
         name = str(body["metadata"]["name"])
+        conn = self._as(api)
         try:
-            await retry(lambda: self._api().create(body))
+            await retry(lambda: conn().create(body))
         except KubeApiError as exc:
             if exc.status != 409:
-                raise self.refusal(exc, f"create {kind} {ns}/{name}") from exc
-            found = await retry(lambda: self._api().get(kind, ns, name))
+                raise self.refusal(exc, f"create {kind} {ns}/{name}", conn()) from exc
+            found = await retry(lambda: conn().get(kind, ns, name))
             owner = (dig(found, "metadata", "labels") or {}).get(ENTRY_LABEL)
             if owner != label_value(entry_id):
                 raise BackendError(
@@ -77,11 +83,16 @@ class SiteObjects:
                 ) from exc
             # Ours already (a retried submit, an adoption): nothing to do.
 
-    def refusal(self, exc: KubeApiError, what: str) -> BackendError:
+    def refusal(self, exc: KubeApiError, what: str, api: KubeApi | None = None) -> BackendError:
         if exc.status == 403:
+            who = (
+                f"user {api.identity.user!r} (impersonated for this entry)"
+                if api is not None and api.identity is not None
+                else "the account sciorch uses"
+            )
             return BackendError(
                 f"site {self.site!r}: the cluster refused to {what} (403 Forbidden: "
-                f"{exc.detail}); the account sciorch uses needs that permission"
+                f"{exc.detail}); {who} needs that permission"
             )
         if exc.status == 422:
             return BackendError(
@@ -89,7 +100,10 @@ class SiteObjects:
             )
         return BackendError(f"site {self.site!r}: could not {what}: {exc.message}")
 
-    async def delete_objects(self, ns: str, name: str, workload: str) -> None:
+    async def delete_objects(
+        self, ns: str, name: str, workload: str, api: KubeApi | None = None
+    ) -> None:
+        conn = self._as(api)
         for kind, obj in (
             (workload, name),
             ("Ingress", name),
@@ -99,9 +113,9 @@ class SiteObjects:
             if kind in ("Ingress", "Service") and workload == "Job":
                 continue
             try:
-                await retry(functools.partial(self._api().delete, kind, ns, obj))
+                await retry(functools.partial(conn().delete, kind, ns, obj))
             except KubeApiError as exc:
-                raise self.refusal(exc, f"delete {kind} {ns}/{obj}") from exc
+                raise self.refusal(exc, f"delete {kind} {ns}/{obj}", conn()) from exc
 
 
 __all__ = ["SiteObjects"]

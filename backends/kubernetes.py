@@ -43,6 +43,8 @@ Configuration (one `[[sites]]` table; every key is in `KubernetesOptions`)
     gpu_node_selectors = { a100 = { "nvidia.com/gpu.product" = "NVIDIA-A100-SXM4-40GB" } }
     gpu_tolerations = [ { key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" } ]
     max_walltime_s = 86400
+    impersonate = true                    # with [sites.accounts]: calls for an entry act as its
+    impersonate_groups = ["sciorch-users"]   # account (Impersonate-User, -Group); RBAC decides
 
 Router facts
     Capabilities come from the node list (the largest schedulable node's allocatable cpu,
@@ -69,7 +71,7 @@ from backends.base import (
     WorkDir,
     site_options,
 )
-from backends.kube_api import KubeApi, KubeApiError, KubeUnreachable, retry
+from backends.kube_api import Identity, KubeApi, KubeApiError, KubeUnreachable, retry
 from backends.kube_cluster import ClusterFacts, Running
 from backends.kube_log import LogFollower, Mirror, Records
 from backends.kube_manifests import (
@@ -274,19 +276,18 @@ class KubernetesBackend(Supervisor[_Entry]):
         e = self._new_entry(spec, EntryState.PENDING)
         self._entries[e.id] = e
         created: list[dict[str, Any]] = []
+        api = self._api_for(spec.account)
         try:
-            await self.objects.ensure_namespace(spec.event_id)
+            await self.objects.ensure_namespace(spec.event_id, api)
             self.watches.watch(e.namespace)
             for body in manifests:
-                await self.objects.create(body, spec.entry_id)
+                await self.objects.create(body, spec.entry_id, api)
                 created.append(body)
         except BaseException:
             self._entries.pop(e.id, None)
             for body in reversed(created):
                 with contextlib.suppress(Exception):
-                    await self._api().delete(
-                        str(body["kind"]), e.namespace, str(body["metadata"]["name"])
-                    )
+                    await api.delete(str(body["kind"]), e.namespace, str(body["metadata"]["name"]))
             self.watches.maybe_unwatch(e.namespace)
             raise
         async with e.lock:
@@ -304,7 +305,8 @@ class KubernetesBackend(Supervisor[_Entry]):
             ns, name = handle.get("namespace"), handle.get("name")
             if ns and name:
                 kind = "Job" if handle.get("kind") == "Job" else "Deployment"
-                await self.objects.delete_objects(str(ns), str(name), kind)
+                api = self._api_for(handle.get("account"))
+                await self.objects.delete_objects(str(ns), str(name), kind, api)
             await self._call(
                 entry_id, "transition", EntryState.CANCELLED, reason="cancelled by request"
             )
@@ -335,7 +337,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         e.ready = state == EntryState.READY
         e.log_size = e.mirror.log_size()
         try:
-            found = await self._api().get(e.workload, e.namespace, e.name)
+            found = await self._api_for(spec.account).get(e.workload, e.namespace, e.name)
         except (KubeApiError, KubeUnreachable) as exc:
             log.warning("adopting %s: %s; the watches will tell", entry_id, exc)
             found = {}
@@ -689,7 +691,7 @@ class KubernetesBackend(Supervisor[_Entry]):
         if pod is None:
             # The Job's end can arrive before its pod's news (separate watches): ask.
             with contextlib.suppress(KubeApiError, KubeUnreachable):
-                pods, _ = await self._api().list(
+                pods, _ = await self._api_for(e.spec.account).list(
                     "Pod", e.namespace, label_selector=f"{ENTRY_LABEL}={label_value(e.id)}"
                 )
                 e.pods.update({name_of(p): p for p in pods})
@@ -697,11 +699,11 @@ class KubernetesBackend(Supervisor[_Entry]):
             if current is not None and dig(current, "status", "phase") != "Pending":
                 pod = name_of(current)
         if pod is not None:
-            await e.follower.read_rest(self._api(), pod)
+            await e.follower.read_rest(self._api_for(e.spec.account), pod)
 
     def _follow(self, e: _Entry, pod: str, source: str) -> None:
         if not self._closed:
-            e.follower.follow(self._api(), pod, source)
+            e.follower.follow(self._api_for(e.spec.account), pod, source)
 
     async def _publish(self, e: _Entry, records: Records) -> None:
         size = e.mirror.log_size()
@@ -743,7 +745,9 @@ class KubernetesBackend(Supervisor[_Entry]):
         await self._final_log(e)
         if delete:
             try:
-                await self.objects.delete_objects(e.namespace, e.name, e.workload)
+                await self.objects.delete_objects(
+                    e.namespace, e.name, e.workload, self._api_for(e.spec.account)
+                )
             except (BackendError, KubeUnreachable) as exc:
                 if state == EntryState.CANCELLED:
                     raise
@@ -771,6 +775,15 @@ class KubernetesBackend(Supervisor[_Entry]):
             self.cluster.maybe_refresh(self.api)
 
     # ------------------------------------------------------------------ small parts
+
+    def _api_for(self, account: str | None) -> KubeApi:
+        """The connection calls made for an entry use: impersonating its account where the
+        site says so (the watches of a namespace stay the site's own: they serve every entry
+        in it)."""
+        api = self._api()
+        if not self.options.impersonate or not account:
+            return api
+        return api.acting_as(Identity(account, tuple(self.options.impersonate_groups)))
 
     def _api(self) -> KubeApi:
         if self.api is None:

@@ -6,6 +6,10 @@ so the true outcome survives the server. Exits are awaited through pidfds (no po
 stream growth through one shared file watcher, and resources (cpus, memory, whole GPUs, real or
 virtual) are accounted so entries that do not fit wait in a FIFO queue with backfill
 (backends.local_pool).
+
+An entry with an account (`[sites.accounts]`) runs as that POSIX user when the server is root,
+in a work dir the user owns (0700), with the user's groups, HOME and none of the server's
+environment beyond PATH and the locale (backends.posix_users); without root it is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from backends.base import (
     site_options,
 )
 from backends.local_pool import ResourcePool, detect_gpus
+from backends.posix_users import PosixUser, give_workdir, run_as
 from backends.supervisor import (
     DirWatcher,
     EntryRecord,
@@ -82,6 +87,7 @@ class _Phase(enum.Enum):
 @dataclass(eq=False, kw_only=True)
 class _Entry(EntryRecord):
     phase: _Phase = _Phase.QUEUED
+    user: PosixUser | None = None  # whom it runs as (None: the server's user)
     queued_at: float = field(default_factory=time.time)
     # allocation
     allocated: bool = False
@@ -247,9 +253,17 @@ class LocalBackend(Supervisor[_Entry]):
     async def submit(self, spec: LaunchSpec) -> None:
         if not self._is_new(spec, self._pool.never_fits(spec.resources)):
             return
+        user = run_as(self.name, spec.account)
         wd = WorkDir(self.entries_dir / spec.entry_id)
+        self._prepare(wd, spec, user)
+        self._enqueue(_Entry(spec=spec, workdir=wd, user=user))
+
+    @staticmethod
+    def _prepare(wd: WorkDir, spec: LaunchSpec, user: PosixUser | None) -> None:
         wd.prepare(spec.parameters)
-        self._enqueue(_Entry(spec=spec, workdir=wd))
+        if user is not None:
+            wd.log.touch()  # the wrapper appends to it as the user
+            give_workdir(wd.root, user)
 
     async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
         e = self._entries.get(entry_id)
@@ -273,7 +287,9 @@ class LocalBackend(Supervisor[_Entry]):
         if not self._adoptable(entry_id, state):
             return
         root = Path(handle.get("workdir") or self.entries_dir / entry_id)
-        e = _Entry(spec=spec, workdir=WorkDir(root), state=state)
+        e = _Entry(
+            spec=spec, workdir=WorkDir(root), state=state, user=run_as(self.name, spec.account)
+        )
         e.restarts = int(handle.get("restarts") or 0)
         started_at = handle.get("started_at")
         e.started_at = float(started_at) if started_at else None
@@ -284,7 +300,7 @@ class LocalBackend(Supervisor[_Entry]):
                 with contextlib.suppress(OSError):
                     e.workdir.exit.unlink(missing_ok=True)
                 if not e.workdir.params.exists():
-                    e.workdir.prepare(spec.parameters)
+                    self._prepare(e.workdir, spec, e.user)
                 self._enqueue(e)
                 return
             await self._finish(
@@ -428,8 +444,9 @@ class LocalBackend(Supervisor[_Entry]):
         try:
             self._popen(e, argv, env)
         except OSError as exc:
+            who = f" as {e.user.name} (who must reach its work dir)" if e.user else ""
             await self._finish(
-                e, EntryState.FAILED, f"could not start {argv[0]}: {exc}", None
+                e, EntryState.FAILED, f"could not start {argv[0]}{who}: {exc}", None
             )
             return False
         if first:
@@ -462,6 +479,7 @@ class LocalBackend(Supervisor[_Entry]):
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                **(e.user.popen_args() if e.user else {}),
             )
         e.proc = proc
         e.pid = e.pgid = proc.pid
@@ -669,6 +687,7 @@ class LocalBackend(Supervisor[_Entry]):
             "started_at": e.started_at,
             "spawned_at": e.spawned_at if running else None,
             "restarts": e.restarts,
+            **({"user": e.user.name, "uid": e.user.uid} if e.user else {}),
         }
 
     def _endpoint(self, e: _Entry) -> str | None:
@@ -678,7 +697,7 @@ class LocalBackend(Supervisor[_Entry]):
         return f"http://{host}:{e.port}"
 
     def _env(self, e: _Entry) -> dict[str, str]:
-        env = dict(os.environ)
+        env = e.user.env() if e.user else dict(os.environ)
         env.update(e.spec.env)
         env.update(e.workdir.contract_env())
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in e.gpus)

@@ -28,6 +28,11 @@ with a JWT (`transport = "rest"`, the main path: backends.slurm_rest) or the Slu
 There is no pyslurm transport: no pyslurm that matches Slurm 22.05 can be installed here to test
 it against (see the project's Slurm notes).
 
+An entry with an account (`[sites.accounts]`) is submitted as that user (slurmrestd: the
+user's own token; the commands: sbatch --uid, or runuser), cancelled as it, and its work dir is
+the user's (0700); its association's limits and usage are read for list_sites
+(backends.slurm_accounts).
+
 Beside this module: the options, batch script and job request (backends.slurm_job), what
 Slurm's states and pending reasons mean (backends.slurm_states), the site's cached view for
 status, capabilities and wait estimates (backends.slurm_site) and the poke listener
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import logging
@@ -56,6 +62,8 @@ from backends.base import (
     WorkDir,
     site_options,
 )
+from backends.posix_users import PosixUser, give_workdir, run_as
+from backends.slurm_accounts import association
 from backends.slurm_callback import CallbackListener
 from backends.slurm_cli import CliTransport
 from backends.slurm_job import SlurmOptions, build_script, job_request
@@ -84,6 +92,7 @@ from backends.supervisor import (
 )
 from ground.errors import BackendError, InvalidInput, SciorchError
 from ground.models import (
+    AccountUsage,
     Capabilities,
     EntryState,
     Resources,
@@ -108,6 +117,11 @@ class _Job(EntryRecord):
     running_seen_at: float | None = None
     hot_until: float = 0.0
     health_task: asyncio.Task[None] | None = None
+    user: PosixUser | None = None  # the account it is submitted as (None: the site's user)
+
+    @property
+    def slurm_user(self) -> str | None:
+        return self.user.name if self.user else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -232,7 +246,7 @@ class SlurmBackend(Supervisor[_Job]):
             j.cancel_requested = True
             if j.job_id:
                 with contextlib.suppress(SlurmError):
-                    await self.transport.cancel(j.job_id)
+                    await self.transport.cancel(j.job_id, j.slurm_user)
                     j.cancel_sent = True
             j.hot_until = time.time() + HOT_FOR_S
         self._wake.set()
@@ -252,14 +266,19 @@ class SlurmBackend(Supervisor[_Job]):
     async def estimate_wait(self, resources: Resources) -> float:
         return await self.site.estimate_wait(resources)
 
+    async def account_usage(self, account: str) -> AccountUsage | None:
+        """The account's association: its limits, usage and fairshare (list_sites)."""
+        return await association(account, self.options.account, self._cmd_env)
+
     # ------------------------------------------------------------------ protocol: entries
 
     async def submit(self, spec: LaunchSpec) -> None:
         if not self._is_new(spec):
             return
+        user = self._user_for(spec)
         wd = WorkDir(self.shared_dir / spec.entry_id)
-        await asyncio.to_thread(self._prepare_dir, wd, spec)
-        j = _Job(spec=spec, workdir=wd)
+        await asyncio.to_thread(self._prepare_dir, wd, spec, user)
+        j = _Job(spec=spec, workdir=wd, user=user)
         self._entries[spec.entry_id] = j
         try:
             await self._submit_job(j)
@@ -269,7 +288,7 @@ class SlurmBackend(Supervisor[_Job]):
         self._track(j)
         if j.cancel_requested and j.job_id:  # cancelled while it was being queued
             with contextlib.suppress(SlurmError):
-                await self.transport.cancel(j.job_id)
+                await self.transport.cancel(j.job_id, j.slurm_user)
                 j.cancel_sent = True
 
     async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
@@ -283,7 +302,8 @@ class SlurmBackend(Supervisor[_Job]):
         if not job_id:
             return  # being queued right now: cancelled as soon as Slurm gives its id
         try:
-            await self.transport.cancel(str(job_id))
+            user = j.slurm_user if j is not None else handle.get("user")
+            await self.transport.cancel(str(job_id), user)
             if j is not None:
                 j.cancel_sent = True
         except SlurmError as exc:
@@ -304,7 +324,7 @@ class SlurmBackend(Supervisor[_Job]):
         if not self._adoptable(entry_id, state):
             return
         wd = WorkDir(Path(handle.get("workdir") or self.shared_dir / entry_id))
-        j = _Job(spec=spec, workdir=wd, state=state)
+        j = _Job(spec=spec, workdir=wd, state=state, user=self._user_for(spec))
         j.job_id = str(handle["job_id"]) if handle.get("job_id") else None
         j.node = handle.get("node")
         started = handle.get("started_at")
@@ -318,7 +338,7 @@ class SlurmBackend(Supervisor[_Job]):
                 # Recorded but never queued (the server stopped in between): queue it now.
                 try:
                     if not wd.params.exists():
-                        await asyncio.to_thread(self._prepare_dir, wd, spec)
+                        await asyncio.to_thread(self._prepare_dir, wd, spec, j.user)
                     await self._submit_job(j)
                 except SciorchError as exc:
                     await self._finish(
@@ -342,11 +362,22 @@ class SlurmBackend(Supervisor[_Job]):
 
     # ------------------------------------------------------------------ submitting
 
-    def _prepare_dir(self, wd: WorkDir, spec: LaunchSpec) -> None:
-        """The job contract's files, and the batch script as job.sh (to read or rerun by hand)."""
+    def _user_for(self, spec: LaunchSpec) -> PosixUser | None:
+        """Whom the entry's job is submitted as: its account's user (sciorch must be root, to
+        get that user's token or use sbatch --uid, and to give it the work dir), or None for
+        the site's own user."""
+        if spec.account is None or spec.account == self.job_user:
+            return None
+        return run_as(self.name, spec.account)
+
+    def _prepare_dir(self, wd: WorkDir, spec: LaunchSpec, user: PosixUser | None = None) -> None:
+        """The job contract's files, and the batch script as job.sh (to read or rerun by hand);
+        an entry with an account gets a work dir that is its user's alone."""
         wd.prepare(spec.parameters)
         (wd.root / "job.sh").write_text(build_script(spec, wd))
-        if os.geteuid() == 0 and self.job_user != "root":
+        if user is not None:
+            give_workdir(wd.root, user)
+        elif os.geteuid() == 0 and self.job_user != "root":
             try:
                 pw = pwd.getpwnam(self.job_user)
             except KeyError:
@@ -357,6 +388,9 @@ class SlurmBackend(Supervisor[_Job]):
     async def _submit_job(self, j: _Job) -> None:
         """Queue the entry's job and record its id in the handle before returning."""
         req = job_request(j.spec, j.workdir, self.options, self._callback_env)
+        if j.user is not None:
+            env = {**req.env, **j.user.identity()}
+            req = dataclasses.replace(req, user=j.user.name, env=env)
         try:
             job_id = await self.transport.submit(req)
         except SlurmRejected as exc:
@@ -491,7 +525,7 @@ class SlurmBackend(Supervisor[_Job]):
                 log.warning("slurm site %s: entry %s: %s", self.name, j.id, exc)
             if j.cancel_requested and not j.cancel_sent and not j.finished and j.job_id:
                 with contextlib.suppress(SlurmError):
-                    await self.transport.cancel(j.job_id)
+                    await self.transport.cancel(j.job_id, j.slurm_user)
                     j.cancel_sent = True
 
     async def _apply(self, j: _Job, info: JobInfo | None) -> None:
@@ -678,7 +712,7 @@ class SlurmBackend(Supervisor[_Job]):
         j.fail_reason = health_failure(health, j.workdir, at=j.endpoint)
         if j.job_id:
             with contextlib.suppress(SlurmError):
-                await self.transport.cancel(j.job_id)
+                await self.transport.cancel(j.job_id, j.slurm_user)
         j.hot_until = time.time() + HOT_FOR_S
         self._wake.set()
 
@@ -693,6 +727,7 @@ class SlurmBackend(Supervisor[_Job]):
             "started_at": j.started_at,
             "endpoint": j.endpoint,
             "restarts": j.restarts,
+            **({"user": j.user.name} if j.user else {}),
         }
 
     def _final_facts(self, j: _Job) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import re
 from collections.abc import Mapping, Sequence
 
@@ -15,6 +16,7 @@ from backends.slurm_transport import (
     NodeInfo,
     PartitionInfo,
     SlurmError,
+    SlurmRejected,
     as_int,
     base_state,
     classify,
@@ -59,6 +61,7 @@ class CliTransport:
         base["SLURM_TIME_FORMAT"] = "%s"  # epoch seconds in every time column
         self._env = base
         self._timeout = timeout_s
+        self._sbatch_uid: bool | None = None  # whether sbatch takes --uid (probed once)
 
     async def _run(self, *argv: str, stdin: bytes | None = None) -> tuple[int, str, str]:
         return await run_command(argv, env=self._env, stdin=stdin, timeout=self._timeout)
@@ -90,6 +93,8 @@ class CliTransport:
             value = getattr(req, key)
             if value:
                 argv.append(f"--{key}={value}")
+        if req.user is not None:
+            argv = await self._as_user(req.user, argv)
         # The job sees exactly this environment (sbatch --export=ALL of the submitting process).
         env = {k: v for k, v in self._env.items() if k.startswith("SLURM_")}
         env.update(req.env)
@@ -107,6 +112,17 @@ class CliTransport:
         if not job_id.isdigit():
             raise SlurmError(f"sbatch printed no job id: {out.strip()!r}")
         return job_id
+
+    async def _as_user(self, user: str, argv: list[str]) -> list[str]:
+        """sbatch for another user (root only): --uid/--gid where this sbatch has them
+        (Slurm 22.05 does), else through runuser, so the job is the user's in sacct either
+        way."""
+        if self._sbatch_uid is None:
+            _rc, out, err = await self._run("sbatch", "--help")
+            self._sbatch_uid = "--uid=" in out + err
+        if self._sbatch_uid:
+            return [*argv, f"--uid={user}", f"--gid={_primary_group(user)}"]
+        return ["runuser", "-u", user, "--", *argv]
 
     async def jobs(self, ids: Sequence[str] | None = None) -> list[JobInfo]:
         if ids is not None and not ids:
@@ -158,7 +174,8 @@ class CliTransport:
                 )
         return None
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, user: str | None = None) -> None:
+        # as root (who submitted for another user), scancel may cancel any job
         rc, _out, err = await self._run("scancel", job_id)
         if rc != 0:
             low = err.lower()
@@ -198,6 +215,13 @@ class CliTransport:
 
     async def aclose(self) -> None:
         return None
+
+
+def _primary_group(user: str) -> int:
+    try:
+        return pwd.getpwnam(user).pw_gid
+    except KeyError:
+        raise SlurmRejected(f"{user!r} is not a user on this host") from None
 
 
 def _kv(line: str) -> dict[str, str]:

@@ -77,6 +77,8 @@ class RestTransport:
         self._token_expires: float | None = _jwt_expiry(token) if token else None
         self.token_lifespan_s = token_lifespan_s
         self._env = dict(env) if env is not None else None
+        # Other users' tokens (jobs run as the principal's account): user -> (token, expiry).
+        self._user_tokens: dict[str, tuple[str, float]] = {}
         self._concurrency = concurrency
         self._token_lock = asyncio.Lock()
         self._client = httpx.AsyncClient(
@@ -100,7 +102,9 @@ class RestTransport:
         self._token = token
         self._token_expires = _jwt_expiry(token)
 
-    async def _ensure_token(self, *, force: bool = False) -> str:
+    async def _ensure_token(self, *, force: bool = False, user: str | None = None) -> str:
+        if user is not None and user != self.user:
+            return await self._user_token(user, force=force)
         async with self._token_lock:
             now = time.time()
             fresh = self._token is not None and (
@@ -117,9 +121,23 @@ class RestTransport:
             self._token_expires = _jwt_expiry(self._token) or now + self.token_lifespan_s
             return self._token
 
-    async def _mint(self) -> str:
+    async def _user_token(self, user: str, *, force: bool) -> str:
+        """A token of another user (`scontrol token` as root or SlurmUser), kept until a tenth
+        of its life (at least 10 s) is left."""
+        async with self._token_lock:
+            now = time.time()
+            held = self._user_tokens.get(user)
+            margin = max(10.0, self.token_lifespan_s / 10)
+            if held is not None and not force and held[1] - now > margin:
+                return held[0]
+            token = await self._mint(user)
+            self._user_tokens[user] = (token, _jwt_expiry(token) or now + self.token_lifespan_s)
+            return token
+
+    async def _mint(self, user: str | None = None) -> str:
+        user = user or self.user
         rc, out, err = await run_command(
-            ["scontrol", "token", f"username={self.user}", f"lifespan={self.token_lifespan_s}"],
+            ["scontrol", "token", f"username={user}", f"lifespan={self.token_lifespan_s}"],
             env=self._env,
             timeout=15,
         )
@@ -127,8 +145,9 @@ class RestTransport:
         if rc != 0 or not m:
             msg = (err or out).strip() or f"exit status {rc}"
             raise SlurmAuthError(
-                f"could not get a slurmrestd token for user {self.user!r} with `scontrol token`: "
+                f"could not get a slurmrestd token for user {user!r} with `scontrol token`: "
                 f"{msg}; configure `token` for the site or run sciorch where scontrol works"
+                + (" (as root or SlurmUser, to act for other users)" if user != self.user else "")
             )
         return m.group(1)
 
@@ -156,10 +175,13 @@ class RestTransport:
         json_body: Any = None,
         params: Mapping[str, Any] | None = None,
         ok_statuses: tuple[int, ...] = (),
+        user: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
+        """One request as `user` (default: the site's own user)."""
+        as_user = user or self.user
         for attempt in (0, 1):
-            token = await self._ensure_token(force=attempt == 1)
-            headers = {"X-SLURM-USER-NAME": self.user, "X-SLURM-USER-TOKEN": token}
+            token = await self._ensure_token(force=attempt == 1, user=as_user)
+            headers = {"X-SLURM-USER-NAME": as_user, "X-SLURM-USER-TOKEN": token}
             try:
                 resp = await self._client.request(
                     method, path, json=json_body, params=params, headers=headers
@@ -186,16 +208,18 @@ class RestTransport:
                 return resp.status_code, body
             auth = resp.status_code in (401, 403) or _looks_like_auth_failure(errors)
             if auth and attempt == 0:
+                if as_user != self.user:
+                    continue
                 if self._static_token is not None and not self._token_expired():
                     # A configured token that is not expired: retrying will not help.
                     raise SlurmAuthError(self._token_problem())
                 continue  # a fresh token, once
             message = _error_text(errors) or f"HTTP {resp.status_code}"
             if auth:
-                if self._static_token is not None:
+                if self._static_token is not None and as_user == self.user:
                     raise SlurmAuthError(self._token_problem())
                 raise SlurmAuthError(
-                    f"slurmrestd at {self.url} refused a fresh token for user {self.user!r}: "
+                    f"slurmrestd at {self.url} refused a fresh token for user {as_user!r}: "
                     f"{message}"
                 )
             return resp.status_code, {**body, "_error": message, "_errors": errors}
@@ -232,7 +256,7 @@ class RestTransport:
             if value:
                 job[key] = value
         _status, body = await self._request(
-            "POST", f"{API}/job/submit", json_body={"script": req.script, "job": job}
+            "POST", f"{API}/job/submit", json_body={"script": req.script, "job": job}, user=req.user
         )
         if "_error" in body:
             raise classify(body["_error"], submitting=True)
@@ -285,8 +309,8 @@ class RestTransport:
             return _rest_db_job(j)
         return None
 
-    async def cancel(self, job_id: str) -> None:
-        _status, body = await self._request("DELETE", f"{API}/job/{job_id}")
+    async def cancel(self, job_id: str, user: str | None = None) -> None:
+        _status, body = await self._request("DELETE", f"{API}/job/{job_id}", user=user)
         if "_error" in body and not _unknown_job(body["_errors"]):
             low = body["_error"].lower()
             if "already completed" in low or "job/step already completing" in low:

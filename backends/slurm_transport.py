@@ -51,6 +51,7 @@ class JobRequest:
     qos: str | None = None
     reservation: str | None = None
     comment: str | None = None
+    user: str | None = None  # the Slurm user it is submitted as (None: the site's own)
 
     @property
     def gres(self) -> str | None:
@@ -148,8 +149,9 @@ class SlurmTransport(Protocol):
     async def job_detail(self, job_id: str) -> JobInfo | None:
         """One job with its exit code, from slurmctld or else accounting; None if unknown."""
 
-    async def cancel(self, job_id: str) -> None:
-        """scancel; a job that is gone already is not an error."""
+    async def cancel(self, job_id: str, user: str | None = None) -> None:
+        """scancel (as `user`, the job's own, where it is not the site's); a job that is gone
+        already is not an error."""
 
     async def nodes(self) -> list[NodeInfo]: ...
 

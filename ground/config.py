@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from ground.accounts import AccountMap
 from ground.errors import InvalidInput, invalid_input
 
 # A job's result is kept in the store and sent whole by get_entry and read_results; a bigger
@@ -28,6 +29,9 @@ class SiteConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
     kind: str = Field(description="backend kind: local, slurm, kubernetes")
     maintenance: bool = False
+    accounts: AccountMap | None = Field(
+        None, description="run each principal's work as its own account here (ground.accounts)"
+    )
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

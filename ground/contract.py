@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field
 
 from ground.config import DEFAULT_MAX_RESULT_BYTES
-from ground.models import Capabilities, EntryState, Resources, ServiceKind, SiteStatus
+from ground.models import AccountUsage, Capabilities, EntryState, Resources, ServiceKind, SiteStatus
 
 
 class HealthSpec(BaseModel):
@@ -42,6 +42,9 @@ class LaunchSpec(BaseModel):
     image: str | None = None
     priority: Literal["normal", "urgent"] = Field(
         "normal", description="urgent: time-sensitive work (a scheduler may use a higher QoS)"
+    )
+    account: str | None = Field(
+        None, description="the site account it runs as (ground.accounts); None: the server's"
     )
 
 
@@ -176,6 +179,13 @@ class Backend(Protocol):
         file is NotFound naming `path`."""
 
 
+@runtime_checkable
+class ReportsAccounts(Protocol):
+    """A backend that can tell a user's limits and usage (Slurm: the association)."""
+
+    async def account_usage(self, account: str) -> AccountUsage | None: ...
+
+
 class BackendFactory(Protocol):
     """What a backend kind is registered as (entry point group `sciorch.backends`): called with
     the site's name, its own options from config and the directory for entries' files."""
@@ -235,6 +245,7 @@ __all__ = [
     "LogChunk",
     "Outcome",
     "Reporter",
+    "ReportsAccounts",
     "ResultData",
     "omitted_record",
     "whole_utf8",

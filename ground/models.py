@@ -404,6 +404,12 @@ class Principal(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     admin: bool = False
+    # The string claims of the caller's access token, as (name, value) pairs (a tuple keeps the
+    # model hashable): a site may map a principal to its account by one (ground.accounts).
+    claims: tuple[tuple[str, str], ...] = ()
+
+    def claim(self, name: str) -> str | None:
+        return next((v for k, v in self.claims if k == name), None)
 
 
 # ----------------------------------------------------------------------------- events
@@ -503,6 +509,24 @@ class Site(BaseModel):
     capabilities: Capabilities
     estimated_wait_s: float | None = None
     active_entries: int = 0
+    account: str | None = Field(
+        None, description="the account your work runs as here (None: the server's own user)"
+    )
+    account_note: str | None = Field(
+        None, description="how your account here is decided, or why you have none (refused)"
+    )
+    association: AccountUsage | None = Field(
+        None, description="your account's limits and usage as the site's scheduler reports them"
+    )
+
+
+class AccountUsage(BaseModel):
+    """A user's association on a scheduler (Slurm: sacctmgr show assoc, sshare)."""
+
+    user: str
+    account: str | None = Field(None, description="the scheduler account it is charged to")
+    limits: dict[str, str] = Field(default_factory=dict, description="set limits only")
+    usage: dict[str, str] = Field(default_factory=dict, description="raw usage, fairshare")
 
 
 # ----------------------------------------------------------------------------- bus messages

@@ -46,7 +46,9 @@ def local_principal() -> Principal:
 def token_principal(token: AccessToken) -> Principal:
     # subject: the claim the verifier names the caller by ([auth] principal_claim)
     sub = str(token.subject or token.claims.get("sub") or token.client_id)
-    return Principal(id=sub, admin="admin" in token.scopes)
+    # the string claims: a site may map the caller to its account by one (ground.accounts)
+    claims = tuple(sorted((k, v) for k, v in token.claims.items() if isinstance(v, str)))
+    return Principal(id=sub, admin="admin" in token.scopes, claims=claims)
 
 
 def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] | None:

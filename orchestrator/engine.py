@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
+from ground.accounts import account_for
 from ground.config import Settings, load_settings
 from ground.contract import (
     MAX_ARTIFACT_READ,
@@ -65,6 +66,7 @@ from ground.models import (
     SiteStatus,
     can_transition,
 )
+from orchestrator.accounts import sites_for
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
@@ -621,7 +623,12 @@ class Engine:
                     field="service",
                 )
         maintenance = {s.name: s.maintenance for s in self.settings.sites}
-        chosen = await choose_site(self.backends, maintenance, res, svc.kind, site or event.site)
+        requested = site or event.site
+        # Sites that would refuse the principal (no account there) are not routed to; a site
+        # asked for by name refuses with AccountNotMapped.
+        routable = self.backends if requested else sites_for(self, principal)
+        chosen = await choose_site(routable, maintenance, res, svc.kind, requested)
+        account = self.account_for(chosen, principal)
         entry_id = new_id("ent")
         base_path = f"/entries/{entry_id}/"
         argv = fill_command(
@@ -652,6 +659,7 @@ class Engine:
             base_path=base_path,
             image=svc.image,
             priority=priority,
+            account=account,
         )
         at = now()
         entry = Entry(
@@ -669,6 +677,7 @@ class Engine:
             updated_at=at,
             url=self.settings.public_url.rstrip("/") + base_path if svc.kind == "service" else None,
             idempotency_key=idempotency_key,
+            handle={"account": account} if account else {},
         )
         try:
             await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
@@ -707,6 +716,12 @@ class Engine:
         except Exception as exc:
             await self.transition(spec.entry_id, EntryState.FAILED, reason=f"backend error: {exc}")
             raise
+
+    def account_for(self, site: str, principal: Principal) -> str | None:
+        """The account `principal`'s work runs as on `site` (None: the server's user); raises
+        AccountNotMapped where the site requires one and has none for the principal."""
+        cfg = self.settings.site(site)
+        return account_for(cfg.accounts if cfg else None, site, principal)
 
     def access_token(self, principal: Principal, entry_id: str) -> str:
         exp = now() + timedelta(seconds=self.settings.entry_token_ttl_s)

@@ -63,7 +63,27 @@ node_ready() { # the node answers and takes jobs (idle, mixed or allocated)
   case $st in idle | mixed | allocated | completing) return 0 ;; *) return 1 ;; esac
 }
 
+# ---------------------------------------------------------------- test users
+# Two real users for the per-user account tests (alice, bob): POSIX users with a home, and Slurm
+# associations in account sciorch with a few limits (list_sites shows them). Checked on every
+# call, also when Slurm already runs; a user or association that exists is left alone.
+TEST_USERS=(alice bob)
+test_users() {
+  local u
+  [ "$(id -u)" = 0 ] || { say "not root: test users ${TEST_USERS[*]} not checked"; return 0; }
+  for u in "${TEST_USERS[@]}"; do
+    id "$u" >/dev/null 2>&1 || useradd --create-home --user-group --shell /bin/sh "$u"
+    if [ -z "$(sacctmgr -n -P list assoc user="$u" account=sciorch format=user 2>/dev/null)" ]; then
+      say "adding Slurm user $u to account sciorch"
+      sacctmgr -i add user "$u" account=sciorch defaultaccount=sciorch >/dev/null
+      sacctmgr -i modify user "$u" set qos=normal,urgent,single defaultqos=normal \
+        maxjobs=20 maxsubmitjobs=50 >/dev/null
+    fi
+  done
+}
+
 if cluster_up && node_ready; then
+  test_users
   say "already running (base $BASE)"
   exit 0
 fi
@@ -283,6 +303,8 @@ for user in root "$JOB_USER"; do
     sacctmgr -i modify user "$user" set qos=normal,urgent,single defaultqos=normal >/dev/null
   fi
 done
+
+test_users
 
 # ---------------------------------------------------------------- slurmctld, slurmd
 if ! alive "$BASE/run/slurmctld.pid"; then

@@ -44,6 +44,7 @@ ERROR_CODES = (
     "unknown_service",
     "not_found",
     "not_allowed",
+    "account_not_mapped",
     "conflict",
     "limit_exceeded",
     "no_site",

@@ -215,13 +215,17 @@ class OAuthServer(RunningServer):
 
 
 @contextlib.asynccontextmanager
-async def run_oauth_server(home: Path, **auth: Any) -> AsyncIterator[OAuthServer]:
+async def run_oauth_server(
+    home: Path, settings: dict[str, Any] | None = None, **auth: Any
+) -> AsyncIterator[OAuthServer]:
     """A real engine and its HTTP app on a free loopback port, with the auth `sciorch serve`
-    builds from settings: [auth] issuers = the test IdP, plus `auth`."""
+    builds from settings: [auth] issuers = the test IdP, plus `auth` (and other `settings`)."""
     sock = free_socket()
     host, port = sock.getsockname()[:2]
     config = {"issuers": [idp_issuer()], **auth}
-    engine = await Engine.open(make_settings(home, public_url=f"http://{host}:{port}", auth=config))
+    engine = await Engine.open(
+        make_settings(home, public_url=f"http://{host}:{port}", auth=config, **(settings or {}))
+    )
     try:
         server_auth = resource_server(engine.settings)
         routes, lifespans = mcp_mount(create_server(engine, auth=server_auth), engine.settings)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from ground.contract import whole_utf8
 from ground.models import Entry, Message, Principal, Role, ServiceKind
+from orchestrator.accounts import with_accounts
 from orchestrator.engine import Engine
 from tools.models import (
     IMAGE_TYPES,
@@ -52,7 +53,7 @@ async def list_services(engine: Engine, principal: Principal) -> ServiceList:
 
 
 async def list_sites(engine: Engine, principal: Principal) -> SiteList:
-    return SiteList(sites=await engine.list_sites())
+    return SiteList(sites=await with_accounts(engine, principal, await engine.list_sites()))
 
 
 async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:

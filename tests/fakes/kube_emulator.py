@@ -18,6 +18,12 @@ request(s) with that status (a 410 on a watch arrives as an ERROR event, as a re
 it); `drop_watches()` cuts every open watch connection; `expire_history()` compacts the event
 history so that watches from an older resourceVersion get 410.
 
+Impersonation: every request's Impersonate-User and Impersonate-Group headers are recorded in
+`identities`; a request that impersonates is authorised as that user (and groups) against
+`rbac`, a table `allow(subject, verbs, resources)` fills ("*" for any), and refused with 403
+Forbidden in a real server's words when no rule allows it. A request without the headers is
+the credentials' own (sciorch's service account: allowed everything, as before).
+
 Controllers: there are none. The test creates pods for Jobs and Deployments (`create_pod`),
 moves them through their phases (`schedule`, `run`, `set_ready`, `terminate`, ...), writes their
 logs (`write_log`), sets Job conditions (`complete_job`, `fail_job`) and Events (`event`).
@@ -236,6 +242,10 @@ class KubeEmulator:
         self._faults: list[_Fault] = []
         self.logs: dict[tuple[str, str], _Log] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        # (method, path, Impersonate-User, Impersonate-Groups) of every resource request
+        self.identities: list[tuple[str, str, str | None, tuple[str, ...]]] = []
+        # subject ("alice", or "group:<name>") -> the (verb, resource) pairs allowed
+        self.rbac: dict[str, set[tuple[str, str]]] = {}
         self.invalid: list[str] = []
         self._workdirs: list[str] = []
         self._kubelets: set[asyncio.Task[Any]] = set()
@@ -393,6 +403,43 @@ class KubeEmulator:
         return sum(1 for m, p, q in self.requests if m == "GET" and q.get("watch") not in
                    ("true", "1") and p.endswith("/" + plural))
 
+    def allow(self, subject: str, verbs: str = "*", resources: str = "*") -> None:
+        """An RBAC rule: `subject` (a user, or "group:<name>") may use these comma-separated
+        verbs on these comma-separated resources (a subresource as "pods/log")."""
+        rules = self.rbac.setdefault(subject, set())
+        for verb in verbs.split(","):
+            for res in resources.split(","):
+                rules.add((verb.strip(), res.strip()))
+
+    def _authorize(
+        self, raw: aiohttp.web.BaseRequest, verb: str, resource: str, ns: str | None
+    ) -> aiohttp.web.Response | None:
+        """Record who the request acts as; a 403 when it impersonates someone RBAC does not let
+        do this."""
+        user = raw.headers.get("Impersonate-User")
+        groups = tuple(raw.headers.getall("Impersonate-Group", []))
+        self.identities.append((raw.method.upper(), raw.path, user, groups))
+        if user is None:
+            if groups:
+                return _status(
+                    500, "InternalError", f"requested {list(groups)} without impersonating a user"
+                )
+            return None
+        for subject in (user, *(f"group:{g}" for g in groups)):
+            for v, r in self.rbac.get(subject, ()):
+                if v in ("*", verb) and r in ("*", resource):
+                    return None
+        plural, _, sub = resource.partition("/")
+        group = RESOURCES[plural][0]
+        where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+        what = f'resource "{plural}"' + (f' subresource "{sub}"' if sub else "")
+        return _status(
+            403,
+            "Forbidden",
+            f'{resource} is forbidden: User "{user}" cannot {verb} {what} in API group '
+            f'"{group}"{where}',
+        )
+
     def _take_fault(self, method: str, path: str, watch: bool) -> _Fault | None:
         for f in self._faults:
             if f.times <= 0:
@@ -441,6 +488,12 @@ class KubeEmulator:
         if plural not in RESOURCES:
             return _status(404, "NotFound", f"the server could not find resource {plural}")
         watch = method == "GET" and query.get("watch") in ("true", "1")
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+            method, "watch" if watch else "get" if name is not None else "list"
+        )
+        refused = self._authorize(raw, verb, plural + (f"/{sub}" if sub else ""), ns)
+        if refused is not None:
+            return refused
         fault = self._take_fault(method, raw.path, watch)
         if fault is not None:
             if watch and fault.status == 410:
