@@ -17,9 +17,10 @@ its address (`{host}`, `{port}`, `{endpoint}`, `{url}`, `{entry_id}`) once it is
 to the later members and to every entry launched into the event after that (a Dask client job
 finds DASK_SCHEDULER_ADDRESS so).
 
-Members share the main one's lifetime: when the main entry ends, the others are cancelled; when
-a component with `on_exit: fail` ends while the main one is still active, the main entry fails
-(saying which component ended and why) and the rest are cancelled.
+Members share the main one's lifetime: they run on its site with its time limit; when the
+main entry ends, the others are cancelled; when a component with `on_exit: fail` ends (other
+than succeeded) while the main one is still active, the main entry fails (saying which
+component ended and why) and the rest are cancelled.
 
 The membership of an entry is fixed at launch and rides in its backend handle under `group`
 (backends merge their own keys beside it), so listing entries shows it with no schema change.

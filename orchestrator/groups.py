@@ -171,6 +171,8 @@ class Groups:
                     comp_params,
                     event_id=event.id,
                     site=main.site,
+                    # They share the main member's lifetime, its time limit included.
+                    resources=ResourceRequest(walltime_s=main.resources.walltime_s),
                     version=comp_svc.version,
                     priority=priority,
                     member=Member(

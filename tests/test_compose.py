@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from orchestrator.catalogue import Catalogue
 from tests.mcp_helpers import run_http_server, sdk_client, structured
+from tests.test_slurm import UNAVAILABLE, cancel_jobs_under, slurm_cmd, slurm_site
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -175,6 +177,76 @@ async def test_a_dask_cluster_of_two_workers_runs_a_computation_from_a_job_in_it
         )
         reasons = {m["entry_id"]: m["reason"] for m in ended["members"]}
         assert all("main component" in (reasons[w] or "") for w in workers), reasons
+
+
+async def test_on_slurm_each_dask_worker_is_a_slurm_job_of_its_own(tmp_path: Path) -> None:
+    _need_dask()
+    if UNAVAILABLE is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true and no Slurm: {UNAVAILABLE}")
+        pytest.skip(UNAVAILABLE)
+    shared = Path(os.environ["SCIORCH_SLURM_SHARED_DIR"]) / f"test-{uuid.uuid4().hex[:10]}"
+    cat = _catalogue(
+        tmp_path, {"dask-client": _job(tmp_path / "catalogue" / "client.py")}, {"client": _CLIENT}
+    )
+    settings = {"catalogue_dirs": [str(cat)], "sites": [slurm_site("hpc", "cli", shared)]}
+    try:
+        async with (
+            run_http_server(tmp_path / "home", settings=settings) as http,
+            sdk_client(http.mcp_url, http.token("alice")) as alice,
+        ):
+            event = await _call(alice, "create_event", name="dask-on-slurm")
+            started = time.monotonic()
+            launched = await _call(
+                alice,
+                "launch_service",
+                service="dask",
+                parameters={"workers": 2, "gpus_per_worker": 1, "worker_memory_mb": 512},
+                resources={"memory_mb": 512, "walltime_s": 600},
+                event_id=event["id"],
+            )
+            waited = await _call(alice, "wait_entry", entry_id=launched["id"], timeout_seconds=120)
+            assert waited["entry"]["state"] == "ready", waited
+            cluster = await _until(alice, launched["id"], _all_up, 120)
+            print(f"\ndask on Slurm: 3 jobs up {time.monotonic() - started:.1f} s after launch")
+            jobs = {}
+            for m in cluster["members"]:
+                view = await _call(alice, "get_entry", entry_id=m["entry_id"])
+                jobs[m["entry_id"]] = view["backend_handle"]["job_id"]
+            assert len(set(jobs.values())) == 3  # the scheduler and each worker: one job each
+            queued = await asyncio.to_thread(
+                slurm_cmd, "squeue", "-h", "-o", "%i %b", "-j", ",".join(jobs.values())
+            )
+            workers = sorted(m["entry_id"] for m in cluster["members"] if m["role"] == "after")
+            for w in workers:
+                assert f"{jobs[w]} gres/gpu:1" in queued or f"{jobs[w]} gres:gpu:1" in queued, (
+                    queued
+                )
+
+            submitted = time.monotonic()
+            job = await _call(
+                alice,
+                "submit_job",
+                service="dask-client",
+                event_id=event["id"],
+                resources={"walltime_s": 300},
+            )
+            done = await _call(alice, "wait_entry", entry_id=job["id"], timeout_seconds=180)
+            assert done["entry"]["state"] == "succeeded", done
+            print(f"dask on Slurm: client job done {time.monotonic() - submitted:.1f} s after")
+            result = done["entry"]["result"]
+            assert result["total"] == sum(x * x for x in range(100))
+            assert result["worker_entries"] == workers
+
+            await _call(alice, "cancel_entry", entry_id=launched["id"])
+            await _until(
+                alice,
+                launched["id"],
+                lambda e: all(m["state"] == "cancelled" for m in e["members"]),
+                60,
+            )
+    finally:
+        cancel_jobs_under(shared)
 
 
 _SIDECAR_CHECK = """
