@@ -18,8 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from ground.models import EntryState
 from orchestrator.catalogue import Catalogue
+from orchestrator.engine import Engine
+from tests.conftest import ALICE, make_settings, shutdown
+from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import run_http_server, sdk_client, structured
+from tests.test_kubernetes import Emulated, ns_of
 from tests.test_slurm import UNAVAILABLE, cancel_jobs_under, slurm_cmd, slurm_site
 
 pytestmark = pytest.mark.timeout(300)
@@ -386,3 +391,54 @@ async def test_a_bad_component_parameter_launches_nothing(tmp_path: Path) -> Non
         )
         assert bad.is_error and "parameters.threads" in str(bad.content), bad.content
         assert (await _call(alice, "list_entries"))["entries"] == []
+
+
+async def test_on_kubernetes_the_dask_workers_are_pods_told_the_schedulers_service(
+    tmp_path: Path,
+) -> None:
+    """Manifests only: the emulated API server takes the objects, the test plays the kubelet
+    for the scheduler; the workers' Jobs must carry the scheduler's in-cluster address."""
+    _need_dask()
+    async with KubeEmulator() as emu:
+        emu.add_node("node-1", cpu="32", memory="128Gi", gpus=4)
+        kube = {"name": "spin", "kind": "kubernetes", "host": emu.url, "endpoint": "service"}
+        eng = await Engine.open(make_settings(tmp_path / "home", sites=[kube]))
+        try:
+            await _dask_on_kubernetes(eng, emu)
+        finally:
+            await shutdown(eng)
+        assert emu.invalid == [], "the backend sent objects the server rejected"
+
+
+async def _dask_on_kubernetes(eng: Engine, emu: KubeEmulator) -> None:
+    ev = await eng.create_event(ALICE, "dask-on-k8s")
+    main = await eng.launch(
+        ALICE, "dask", {"workers": 2, "gpus_per_worker": 1}, event_id=ev.id, kind="service"
+    )
+    ns = ns_of(ev.id)
+    await Emulated(emu).serve(ns, main.id)
+    deadline = time.monotonic() + 30
+    while len(emu.items("jobs", ns)) < 2:
+        assert time.monotonic() < deadline, [j["metadata"]["name"] for j in emu.items("jobs")]
+        await asyncio.sleep(0.05)
+    ready = await eng.get_entry(ALICE, main.id)
+    assert ready.state == EntryState.READY and ready.endpoint
+    address = "ws://" + ready.endpoint.removeprefix("http://")
+    (scheduler,) = emu.get("deployments", ns, main.id)["spec"]["template"]["spec"]["containers"]
+    assert scheduler["image"] == "ghcr.io/dask/dask:2026.8.0"
+    assert "--protocol=ws" in scheduler["command"] + scheduler.get("args", [])
+    members = await eng.groups.members(ready)
+    workers = [m for m in members if m.service == "dask-worker"]
+    assert len(workers) == 2
+    for w in workers:
+        (c,) = emu.get("jobs", ns, w.id)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env["DASK_SCHEDULER_ADDRESS"] == address
+        assert env["SCIORCH_COMPONENT_SCHEDULER_ENTRY_ID"] == main.id
+        assert c["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
+        assert "distributed.cli.dask_worker" in " ".join(c["command"] + c.get("args", []))
+    await eng.cancel(ALICE, main.id)
+    deadline = time.monotonic() + 30
+    while any(emu.get("jobs", ns, w.id) is not None for w in workers):
+        assert time.monotonic() < deadline, "the workers' Jobs outlived their scheduler"
+        await asyncio.sleep(0.05)
