@@ -21,7 +21,7 @@ import pytest
 from ground.models import EntryState
 from orchestrator.catalogue import Catalogue
 from orchestrator.engine import Engine
-from tests.conftest import ALICE, make_settings, shutdown
+from tests.conftest import ALICE, BOTH_STORES, make_settings, shutdown
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import run_http_server, sdk_client, structured
 from tests.test_kubernetes import Emulated, ns_of
@@ -267,7 +267,10 @@ with open(os.environ["SCIORCH_RESULT"], "w") as f:
 """
 
 
-async def test_a_sidecar_is_ready_before_main_starts_and_stops_with_it(tmp_path: Path) -> None:
+@BOTH_STORES
+async def test_a_sidecar_is_ready_before_main_starts_and_stops_with_it(
+    tmp_path: Path, store_url: str | None
+) -> None:
     root = tmp_path / "catalogue"
     main = _job(
         root / "check.py",
@@ -339,8 +342,9 @@ async def test_a_failing_sidecar_fails_its_group(tmp_path: Path) -> None:
         assert f"component side ({side['entry_id']}) failed" in failed["reason"], failed
 
 
+@BOTH_STORES
 async def test_a_held_main_cancelled_before_its_sidecars_are_up_ends_the_group(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str | None
 ) -> None:
     root = tmp_path / "catalogue"
     templates = {
