@@ -245,40 +245,40 @@ class Groups:
     async def _step(self, group_id: str, event_id: str) -> None:
         engine = self.engine
         everyone = await engine.store.list_entries(event_ids=[event_id], limit=1_000_000)
-        members = [e for e in everyone if (g := group_of(e.handle)) and g.id == group_id]
-        roles = {m.id: group_of(m.handle) for m in members}
-        main = next((m for m in members if roles[m.id].role == "main"), None)  # type: ignore[union-attr]
+        members = [
+            (e, g) for e in everyone if (g := group_of(e.handle)) is not None and g.id == group_id
+        ]
+        main = next((e for e, g in members if g.role == "main"), None)
         if main is None:
             return
         if engine.replicas is not None and not engine.replicas.owns(main.site):
             return  # the site's owner moves this group on
-        active = [m for m in members if not m.state.terminal]
+        entries = [e for e, _ in members]
+        active = [e for e in entries if not e.state.terminal]
         if main.state.terminal:
             self._locks.pop(group_id, None)
-            rest = [m for m in active if m.id != main.id]
+            rest = [e for e in active if e.id != main.id]
             if rest:
                 why = f"main component {main.id} ended ({main.state.value})"
                 await engine.stop_entries(rest, EntryState.CANCELLED, why)
             return
-        for m in members:
-            g = roles[m.id]
-            assert g is not None
-            gone = m.state.terminal and m.state != EntryState.SUCCEEDED
+        for e, g in members:
+            gone = e.state.terminal and e.state != EntryState.SUCCEEDED
             if g.role != "main" and gone and g.on_exit == "fail":
                 what = f"{g.component}[{g.index}]" if g.index else g.component
-                why = f"component {what} ({m.id}) {m.state.value}: {m.reason or 'no reason'}"
+                why = f"component {what} ({e.id}) {e.state.value}: {e.reason or 'no reason'}"
                 await engine.stop_entries([main], EntryState.FAILED, why)
                 others = [o for o in active if o.id != main.id]
                 await engine.stop_entries(others, EntryState.CANCELLED, f"group failed: {why}")
                 return
-        before = [m for m in members if roles[m.id].role == "before"]  # type: ignore[union-attr]
-        after = [m for m in members if roles[m.id].role == "after"]  # type: ignore[union-attr]
-        if main.state == EntryState.PENDING and all(is_up(m) for m in before):
-            await self._release(main, members)
+        if main.state == EntryState.PENDING and all(
+            is_up(e) for e, g in members if g.role == "before"
+        ):
+            await self._release(main, entries)
         if main.state == EntryState.READY or (main.kind == "job" and is_up(main)):
-            for m in after:
-                if m.state == EntryState.PENDING:
-                    await self._release(m, members)
+            for e, g in members:
+                if g.role == "after" and e.state == EntryState.PENDING:
+                    await self._release(e, entries)
 
     async def _release(self, entry: Entry, members: list[Entry]) -> None:
         """Start a held member, telling it the addresses of the members up now."""

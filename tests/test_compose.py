@@ -21,7 +21,7 @@ import pytest
 from ground.models import EntryState
 from orchestrator.catalogue import Catalogue
 from orchestrator.engine import Engine
-from tests.conftest import ALICE, BOTH_STORES, make_settings, shutdown
+from tests.conftest import ALICE, BOTH_STORES, EngineHost, make_settings, shutdown
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import run_http_server, sdk_client, structured
 from tests.test_kubernetes import Emulated, ns_of
@@ -446,3 +446,51 @@ async def _dask_on_kubernetes(eng: Engine, emu: KubeEmulator) -> None:
     while any(emu.get("jobs", ns, w.id) is not None for w in workers):
         assert time.monotonic() < deadline, "the workers' Jobs outlived their scheduler"
         await asyncio.sleep(0.05)
+
+
+_SLOW_SERVER = """
+import http.server, os, time
+
+time.sleep(3)  # long enough for the server to restart before this sidecar is ready
+http.server.ThreadingHTTPServer(
+    ("127.0.0.1", int(os.environ["PORT"])), http.server.SimpleHTTPRequestHandler
+).serve_forever()
+"""
+
+_ENV_TO_RESULT = """
+import json, os
+
+with open(os.environ["SCIORCH_RESULT"], "w") as f:
+    json.dump({k: v for k, v in os.environ.items() if k.startswith("SCIORCH_COMPONENT_")}, f)
+"""
+
+
+async def test_a_group_moves_on_after_a_server_restart(tmp_path: Path) -> None:
+    root = tmp_path / "catalogue"
+    templates = {
+        "slow-server": {
+            "kind": "service",
+            "command": ["{python}", str(root / "slow.py")],
+            "health": {"path": "/", "timeout_s": 60},
+        },
+        "after-slow": _job(
+            root / "report.py", components=[{"name": "slow", "service": "slow-server"}]
+        ),
+    }
+    cat = _catalogue(tmp_path, templates, {"slow": _SLOW_SERVER, "report": _ENV_TO_RESULT})
+    local = {"name": "local", "kind": "local", "cpus": 8, "memory_mb": 16384, "term_grace_s": 1}
+    host = EngineHost(home=tmp_path / "home", site=local, catalogue=cat)
+    eng = await host.open()
+    try:
+        main = await eng.launch(ALICE, "after-slow")
+        assert main.state == EntryState.PENDING
+        eng = await host.restart(eng)  # the sidecar is still starting; main is held
+        done, timed_out = await eng.wait_entry(ALICE, main.id, timeout_s=60)
+        assert not timed_out and done.state == EntryState.SUCCEEDED, (done.state, done.reason)
+        side = [m for m in await eng.groups.members(done) if m.id != main.id]
+        assert done.result is not None
+        assert done.result["SCIORCH_COMPONENT_SLOW_ENTRY_ID"] == side[0].id
+        assert done.result["SCIORCH_COMPONENT_SLOW_ENDPOINT"] == side[0].endpoint
+    finally:
+        for engine in list(host.engines):
+            await shutdown(engine)
