@@ -166,3 +166,4 @@ class Member(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     exports: dict[str, str] = Field(default_factory=dict)
     hold: bool = Field(False, description="record it, but start it only when the group says")
+    reason: str | None = Field(None, description="why a held member is pending")

@@ -698,6 +698,7 @@ class Engine:
             site=chosen,
             submitted_by=principal.id,
             state=EntryState.PENDING,
+            reason=member.reason if member else None,
             parameters=params,
             resources=res,
             created_at=at,

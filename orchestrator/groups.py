@@ -136,6 +136,7 @@ class Groups:
         group_id = f"grp-{secrets.token_hex(6)}"
         shared = {"SCIORCH_GROUP_ID": group_id, "SCIORCH_GROUP_SECRET": secrets.token_urlsafe(24)}
         on_exit = {c.name: c.on_exit for c in svc.components}
+        sidecars = ", ".join(c.name for c in svc.components if c.start == "before")
         exports = {c.name: c.exports for c in svc.components}
         # The main member first (held): its id and its site are the others'. Its own id is its
         # main_entry_id, filled in by the engine.
@@ -151,7 +152,13 @@ class Groups:
             resources=resources,
             version=svc.version,
             priority=priority,
-            member=Member(group=main_group, env=shared, exports=svc.exports, hold=True),
+            member=Member(
+                group=main_group,
+                env=shared,
+                exports=svc.exports,
+                hold=True,
+                reason=f"waiting for {sidecars} to be up" if sidecars else None,
+            ),
         )
         self._members[main.id] = (group_id, event.id)
         made = [main]
@@ -176,7 +183,13 @@ class Groups:
                     version=comp_svc.version,
                     priority=priority,
                     member=Member(
-                        group=group, env=shared, exports=exports[name], hold=start == "after"
+                        group=group,
+                        env=shared,
+                        exports=exports[name],
+                        hold=start == "after",
+                        reason=f"waiting for {svc.component_name} to be ready"
+                        if start == "after"
+                        else None,
                     ),
                 )
                 self._members[entry.id] = (group_id, event.id)
@@ -287,7 +300,9 @@ class Groups:
             return
         spec.pop(HELD)
         spec["env"] = {**spec.get("env", {}), **await self._group_env(members)}
-        await self.engine.store.update_entry_fields(entry.id, {"spec": json.dumps(spec)})
+        await self.engine.store.update_entry_fields(
+            entry.id, {"spec": json.dumps(spec), "reason": None}
+        )
         try:
             await self.engine.submit_to_backend(entry.site, LaunchSpec.model_validate(spec))
         except Exception as exc:  # the entry has failed (submit_to_backend recorded why)

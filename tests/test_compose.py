@@ -122,6 +122,8 @@ async def test_a_dask_cluster_of_two_workers_runs_a_computation_from_a_job_in_it
         assert launched["group"]["role"] == "main"
         assert launched["group"]["component"] == "scheduler"
         roles = sorted((m["component"], m["role"], m["index"]) for m in launched["members"])
+        waiting = [m["reason"] for m in launched["members"] if m["role"] == "after"]
+        assert waiting == ["waiting for scheduler to be ready"] * 2, waiting
         assert roles == [("scheduler", "main", 0), ("worker", "after", 0), ("worker", "after", 1)]
         waited = await _call(alice, "wait_entry", entry_id=launched["id"], timeout_seconds=120)
         assert waited["entry"]["state"] == "ready", waited
@@ -297,6 +299,7 @@ async def test_a_sidecar_is_ready_before_main_starts_and_stops_with_it(
         launched = await _call(alice, "submit_job", service="with-logger")
         logger = next(m for m in launched["members"] if m["component"] == "logger")
         assert launched["state"] == "pending"  # held until its sidecar is ready
+        assert launched["reason"] == "waiting for logger to be up"
         done = (await _call(alice, "wait_entry", entry_id=launched["id"], timeout_seconds=60))[
             "entry"
         ]
