@@ -130,8 +130,11 @@ class Groups:
             except ValueError as exc:
                 field = f"parameters.{str(c.count).strip('{}')}"
                 raise InvalidParameters(f"{field}: {exc}", field=field) from exc
-            comp_params = validate_parameters(comp_svc, c.parameters_for(params))
-            resources_for(comp_svc, comp_params)
+            try:
+                comp_params = validate_parameters(comp_svc, c.parameters_for(params))
+                resources_for(comp_svc, comp_params)
+            except InvalidParameters as exc:
+                raise _as_callers(exc, c.name, c.parameters) from exc
             planned += [(c.name, i, c.start, comp_svc, comp_params) for i in range(count)]
         group_id = f"grp-{secrets.token_hex(6)}"
         shared = {"SCIORCH_GROUP_ID": group_id, "SCIORCH_GROUP_SECRET": secrets.token_urlsafe(24)}
@@ -307,6 +310,19 @@ class Groups:
             await self.engine.submit_to_backend(entry.site, LaunchSpec.model_validate(spec))
         except Exception as exc:  # the entry has failed (submit_to_backend recorded why)
             log.warning("group member %s could not start: %s", entry.id, exc)
+
+
+def _as_callers(
+    exc: InvalidParameters, component: str, mapping: Mapping[str, Any]
+) -> InvalidParameters:
+    """A component's refusal, named by the caller's parameter that fed it (when one did)."""
+    inner = (exc.field or "").removeprefix("parameters.").split(".")[0]
+    source = mapping.get(inner)
+    if isinstance(source, str) and source.startswith("{") and source.endswith("}"):
+        field = f"parameters.{source[1:-1]}"
+        return InvalidParameters(f"{field}: for component {component}: {exc.message}", field=field)
+    where = f"template: components.{component}.parameters"
+    return InvalidParameters(f"{where}: {exc.message}", field=f"components.{component}")
 
 
 def held(spec: Mapping[str, Any]) -> bool:

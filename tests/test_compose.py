@@ -387,16 +387,27 @@ def test_a_component_must_name_a_catalogue_service(tmp_path: Path) -> None:
 
 
 async def test_a_bad_component_parameter_launches_nothing(tmp_path: Path) -> None:
-    _need_dask()
+    template = {
+        "kind": "job",
+        "command": ["true"],
+        "parameters": {"type": "object", "properties": {"title": {"type": "string"}}},
+        # http-app takes a greeting of at most 200 characters; the main template takes any.
+        "components": [
+            {"name": "page", "service": "http-app", "parameters": {"greeting": "{title}"}}
+        ],
+    }
+    cat = _catalogue(tmp_path, {"titled": template}, {})
     async with (
-        run_http_server(tmp_path / "home") as http,
+        run_http_server(tmp_path / "home", settings={"catalogue_dirs": [str(cat)]}) as http,
         sdk_client(http.mcp_url, http.token("alice")) as alice,
     ):
         bad = await alice.call_tool(
-            "launch_service",
-            {"service": "dask", "parameters": {"workers": 1, "threads_per_worker": 9999}},
+            "submit_job", {"service": "titled", "parameters": {"title": "x" * 300}}
         )
-        assert bad.is_error and "parameters.threads" in str(bad.content), bad.content
+        assert bad.is_error, bad.content
+        error = bad.meta["sciorch/error"]
+        assert error["code"] == "invalid_parameters" and error["field"] == "parameters.title"
+        assert "component page" in error["message"] and "greeting" in error["message"]
         assert (await _call(alice, "list_entries"))["entries"] == []
 
 
