@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from ground.compose import Component, check_exports
 from ground.errors import FieldValueError
 
 # ----------------------------------------------------------------------------- states
@@ -332,6 +333,18 @@ class Service(BaseModel):
         "keeps the template's, the caller's resources override both",
     )
     env: dict[str, str] = Field(default_factory=dict)
+    components: list[Component] = Field(
+        default_factory=list,
+        description="a composed service: the entries launched with this one (ground.compose)",
+    )
+    component_name: str = Field(
+        "main", pattern=r"^[a-z][a-z0-9_]{0,30}$", description="this entry's name in its group"
+    )
+    exports: dict[str, str] = Field(
+        default_factory=dict,
+        description="variables this entry gives the group and its event once up ({host}, "
+        "{port}, {endpoint}, {url}, {entry_id})",
+    )
     source: str | None = Field(None, description="file the template was loaded from")
 
     @field_validator("command", mode="before")
@@ -355,6 +368,13 @@ class Service(BaseModel):
             raise ValueError(f"parameters: names {sorted(clash)} are reserved placeholders")
         if unknown := sorted(set(self.resource_parameters.values()) - set(props)):
             raise ValueError(f"resource_parameters: {unknown} are not parameters")
+        check_exports(self.exports)
+        names = [self.component_name] + [c.name for c in self.components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"components: names {names} must differ (and from component_name)")
+        for c in self.components:
+            if missing := sorted(c.referenced_parameters() - set(props)):
+                raise ValueError(f"components.{c.name}: {missing} are not parameters")
         import string
 
         known = RESERVED_PLACEHOLDERS | set(props)

@@ -93,7 +93,26 @@ class Catalogue:
                     f"catalogue directory {folder} does not exist", field="catalogue_dirs"
                 )
             services += [load_template(p) for p in _template_files(folder)]
-        return cls(services)
+        catalogue = cls(services)
+        catalogue.check_components()
+        return catalogue
+
+    def check_components(self) -> None:
+        """A composed service's components are catalogue services that compose nothing
+        themselves (a group is one level deep)."""
+        for versions in self._by_name.values():
+            for svc in versions.values():
+                for c in svc.components:
+                    where = f"template {svc.source or svc.ref}: components.{c.name}.service"
+                    try:
+                        part = self.get(c.service)
+                    except UnknownService as exc:
+                        raise InvalidInput(f"{where}: {exc.message}", field="components") from exc
+                    if part.components:
+                        raise InvalidInput(
+                            f"{where}: {part.ref} is itself composed; groups are one level deep",
+                            field="components",
+                        )
 
     def names(self) -> list[str]:
         return sorted(self._by_name)

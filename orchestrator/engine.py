@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from ground.accounts import account_for
+from ground.compose import Member
 from ground.config import Settings, load_settings
 from ground.contract import (
     MAX_ARTIFACT_READ,
@@ -70,6 +71,7 @@ from orchestrator.accounts import sites_for
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
+from orchestrator.groups import EXPORTS, HELD, Groups, held
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
@@ -90,6 +92,13 @@ def _result_size(data: ResultData) -> int:
     if data.result_bytes or data.result is None:
         return data.result_bytes
     return len(json.dumps(data.result, default=str))
+
+
+def _membership(member: Member, entry_id: str) -> dict[str, Any]:
+    group = member.group
+    if not group.main_entry_id:  # the main member: its own id
+        group = group.model_copy(update={"main_entry_id": entry_id})
+    return group.model_dump()
 
 
 class _Blank(dict[str, str]):
@@ -176,6 +185,7 @@ class Engine:
         self._started = False
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
+        self.groups = Groups(self)
 
     # ================================================================ lifecycle
 
@@ -212,9 +222,11 @@ class Engine:
         else:
             await self.reconcile()
             self._expiry_task = asyncio.create_task(self.expiry_loop(), name="sciorch-expiry")
+        await self.groups.start()
         self._started = True
 
     async def close(self) -> None:
+        await self.groups.close()
         if self.replicas is not None:
             await self.replicas.close()
         if self._expiry_task:
@@ -256,7 +268,10 @@ class Engine:
         """Hand an active entry of a configured site back to its backend (after a restart, or
         a takeover from a dead replica), carrying through a stop asked for meanwhile."""
         backend = self.backends[entry.site]
-        spec = LaunchSpec.model_validate(await self.store.get_spec(entry.id))
+        raw = await self.store.get_spec(entry.id)
+        if held(raw):
+            return  # a group member no backend has yet: its group starts it (groups.py)
+        spec = LaunchSpec.model_validate(raw)
         try:
             await backend.adopt(entry.id, entry.state, entry.handle, spec)
             if await self.store.stop_request(entry.id) is not None:
@@ -584,9 +599,11 @@ class Engine:
         kind: str | None = None,
         version: str | None = None,
         priority: Literal["normal", "urgent"] = "normal",
+        member: Member | None = None,
     ) -> Entry:
         """Validate, route, record and hand the entry to a backend. `priority="urgent"` marks
-        time-sensitive work (a Slurm site submits it with its urgent QoS)."""
+        time-sensitive work (a Slurm site submits it with its urgent QoS). A composed service
+        launches its group (orchestrator.groups), whose members come back here as `member`."""
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -594,6 +611,21 @@ class Engine:
                 f"{svc.name} is a {svc.kind}, not a {kind}; use {hint}", field="service"
             )
         params = validate_parameters(svc, parameters)
+        if svc.components and member is None:
+            if idempotency_key is not None:
+                raise InvalidInput(
+                    f"{svc.name} is a composed service; idempotency_key is not taken for it",
+                    field="idempotency_key",
+                )
+            return await self.groups.launch(
+                principal,
+                svc,
+                params,
+                event_id=event_id,
+                site=site,
+                resources=resources,
+                priority=priority,
+            )
         res = (resources or ResourceRequest()).apply_to(resources_for(svc, params))
         event = await self.event_to_submit_to(principal, event_id)
         request_hash = hashlib.sha256(
@@ -642,6 +674,9 @@ class Engine:
             },
         )
         env = dict(svc.env)
+        env.update(await self.groups.event_env(event.id))
+        if member is not None:
+            env.update(member.env)
         if self.settings.allow_root_services:
             env["SCIORCH_ALLOW_ROOT"] = "1"
         spec = LaunchSpec(
@@ -671,16 +706,25 @@ class Engine:
             site=chosen,
             submitted_by=principal.id,
             state=EntryState.PENDING,
+            reason=member.reason if member else None,
             parameters=params,
             resources=res,
             created_at=at,
             updated_at=at,
             url=self.settings.public_url.rstrip("/") + base_path if svc.kind == "service" else None,
             idempotency_key=idempotency_key,
-            handle={"account": account} if account else {},
+            handle={
+                **({"account": account} if account else {}),
+                **({"group": _membership(member, entry_id)} if member else {}),
+            },
         )
+        stored = spec.model_dump(mode="json")
+        if exports := {**svc.exports, **(member.exports if member else {})}:
+            stored[EXPORTS] = exports
+        if member is not None and member.hold:
+            stored[HELD] = True
         try:
-            await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
+            await self.store.insert_entry(entry, stored, request_hash)
         except IntegrityError:
             # The same idempotency key raced in from a concurrent call.
             if idempotency_key is None:
@@ -697,7 +741,9 @@ class Engine:
                 at=at,
             )
         )
-        if self.replicas is not None and not self.replicas.owns(chosen):
+        if member is not None and member.hold:
+            pass  # its group starts it (orchestrator.groups)
+        elif self.replicas is not None and not self.replicas.owns(chosen):
             # Another replica drives this site (or will, once it takes the site over).
             self.replicas.hand_over(entry_id)
         else:
@@ -914,6 +960,11 @@ class Engine:
         )
         return await self.get_entry(principal, entry_id)
 
+    async def stop_entries(
+        self, entries: list[Entry], final: EntryState, reason: str, wait_s: float = 0.0
+    ) -> None:
+        await self._stop_entries(entries, final, reason, wait_s)
+
     async def _stop_entries(
         self, entries: list[Entry], final: EntryState, reason: str, wait_s: float
     ) -> None:
@@ -941,6 +992,8 @@ class Engine:
         # why), so a server restarting mid-stop still records it truthfully.
         await self.store.request_stop(entry.id, final, reason)
         backend = self.backends.get(entry.site)
+        if entry.state == EntryState.PENDING and held(await self.store.get_spec(entry.id)):
+            backend = None  # a held group member: no backend has it yet
         if backend is None:
             await self.transition(entry.id, final, reason=reason)
             return

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ground.compose import EntryGroup, group_of
 from ground.contract import MAX_ARTIFACT_READ, ArtifactStat
 from ground.models import (
     Entry,
@@ -195,20 +196,58 @@ class _EntryFields(BaseModel):
     url: str | None = Field(None, description="the service's URL (needs access_url's token)")
     access_url: str | None = Field(None, description="URL with your access token; keep private")
     restarts: int
+    group: EntryGroup | None = Field(
+        None, description="its place in a composed service's group (null: launched alone)"
+    )
+
+
+class GroupMember(BaseModel):
+    component: str
+    index: int
+    role: str = Field(description="main, before (a sidecar) or after (started once main is up)")
+    entry_id: str
+    state: EntryState
+    reason: str | None
+    url: str | None = Field(None, description="a service member's URL (get_entry for access)")
+
+    @classmethod
+    def of(cls, entry: Entry) -> GroupMember:
+        group = group_of(entry.handle)
+        assert group is not None
+        return cls(
+            component=group.component,
+            index=group.index,
+            role=group.role,
+            entry_id=entry.id,
+            state=entry.state,
+            reason=entry.reason,
+            url=entry.url,
+        )
 
 
 class EntryView(_EntryFields):
     result: dict[str, Any] | None
     backend_handle: dict[str, Any] = Field(default_factory=dict)
     transitions: list[Transition]
+    members: list[GroupMember] = Field(
+        default_factory=list, description="every entry of its group, itself included"
+    )
 
     @classmethod
-    def of(cls, entry: Entry, access_token: str | None = None) -> EntryView:
+    def of(
+        cls, entry: Entry, access_token: str | None = None, members: list[Entry] | None = None
+    ) -> EntryView:
         data = entry.model_dump(exclude={"endpoint", "handle", "updated_at", "idempotency_key"})
         access_url = None
         if entry.url and access_token and not entry.state.terminal:
             access_url = f"{entry.url}?token={access_token}"
-        return cls(**data, backend_handle=entry.handle, access_url=access_url)
+        return cls(
+            **data,
+            backend_handle=entry.handle,
+            access_url=access_url,
+            group=group_of(entry.handle),
+            members=[GroupMember.of(m) for m in members or []],
+        )
 
 
 SUMMARY_RESULT_BYTES = 1024
@@ -225,7 +264,7 @@ class EntrySummary(_EntryFields):
 
     @classmethod
     def of(cls, view: EntryView) -> EntrySummary:
-        data = view.model_dump(exclude={"result", "backend_handle", "transitions"})
+        data = view.model_dump(exclude={"result", "backend_handle", "transitions", "members"})
         size = len(json.dumps(view.result, default=str)) if view.result is not None else 0
         small = view.result if size <= SUMMARY_RESULT_BYTES else None
         return cls(**data, result=small, result_bytes=size)

@@ -48,6 +48,12 @@ def _view(engine: Engine, principal: Principal, entry: Entry) -> EntryView:
     return EntryView.of(entry, token)
 
 
+async def _full_view(engine: Engine, principal: Principal, entry: Entry) -> EntryView:
+    """The view with the entry's group members (the caller may see the entry, so its event)."""
+    token = engine.access_token(principal, entry.id) if entry.url else None
+    return EntryView.of(entry, token, await engine.groups.members(entry))
+
+
 async def list_services(engine: Engine, principal: Principal) -> ServiceList:
     return ServiceList(services=engine.list_services())
 
@@ -100,11 +106,11 @@ async def _launch(
         idempotency_key=idempotency_key,
         kind=kind,
     )
-    return _view(engine, principal, entry)
+    return await _full_view(engine, principal, entry)
 
 
 async def get_entry(engine: Engine, principal: Principal, req: EntryRef) -> EntryView:
-    return _view(engine, principal, await engine.get_entry(principal, req.entry_id))
+    return await _full_view(engine, principal, await engine.get_entry(principal, req.entry_id))
 
 
 async def list_entries(engine: Engine, principal: Principal, req: ListEntriesInput) -> EntryPage:
@@ -123,7 +129,7 @@ async def wait_entry(
     entry, timed_out = await engine.wait_entry(
         principal, req.entry_id, req.timeout_seconds, on_message, req.until
     )
-    return WaitResult(entry=_view(engine, principal, entry), timed_out=timed_out)
+    return WaitResult(entry=await _full_view(engine, principal, entry), timed_out=timed_out)
 
 
 async def read_logs(engine: Engine, principal: Principal, req: ReadLogsInput) -> LogsChunk:
