@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from flows.leases import APPROVED, CANCEL, LEASE, START, TRIGGERS, UPDATED, FlowLeases
 from flows.models import (
     ApproveStepInput,
     CreateTriggerInput,
@@ -40,6 +41,7 @@ from flows.models import (
 from flows.runner import FlowRunner
 from flows.spec import FlowSpec, load_flow, parse_flow
 from flows.store import FlowStore, now
+from flows.triggers import TriggerWatch, check_trigger
 from ground.errors import Conflict, InvalidInput, NotFound
 from ground.models import Principal, Role
 from orchestrator.engine import Engine
@@ -79,6 +81,7 @@ class FlowManager:
         self.auto_resume = True
         self._queue_lock = asyncio.Lock()
         self._cancelling: dict[str, str] = {}  # run id -> who asked, while it is cancelled
+        self.leases = FlowLeases(self, engine.replicas) if engine.replicas else None
 
     @property
     def flow_dirs(self) -> list[Path]:
@@ -93,8 +96,18 @@ class FlowManager:
             return self._store
 
     def notify(self, run_id: str) -> None:
+        self.notify_local(run_id)
+        if self.leases is not None:
+            self.leases.signal(UPDATED, id=run_id)
+
+    def notify_local(self, run_id: str) -> None:
         for listener in tuple(self.listeners):
             listener(run_id)
+
+    @property
+    def drives_here(self) -> bool:
+        """Whether this replica drives the runs (always, without replicas)."""
+        return self.leases is None or self.leases.here
 
     # ------------------------------------------------------------------ definitions
 
@@ -130,8 +143,25 @@ class FlowManager:
         event = await self.engine.event_to_submit_to(who, req.event_id)
         rec = await self._insert(who.id, spec, event.id, inputs, None, None, req.idempotency_key)
         if rec.state == RunState.RUNNING:
-            self.launch(rec)
+            if self.drives_here:
+                self.launch(rec)
+            else:
+                assert self.leases is not None
+                self.leases.signal(START, id=rec.id)
         return await self.view(rec.id)
+
+    async def start_signalled(self, run_id: str) -> None:
+        """A run started or queued through another replica: drive it here."""
+        store = await self.store()
+        rec = await store.get_run(run_id)
+        if rec is None:
+            return
+        if rec.state == RunState.RUNNING:
+            self.launch(rec)
+        elif rec.state == RunState.QUEUED and rec.trigger_id is not None:
+            trigger = await store.get_trigger(rec.trigger_id)
+            if trigger is not None:
+                await self.start_queued(trigger)
 
     async def _insert(
         self,
@@ -300,17 +330,26 @@ class FlowManager:
         rec = await self._visible(who, run_id, Role.OPERATOR)
         if rec.state.terminal:
             return await self.view(run_id)
-        task = self.tasks.get(run_id)
-        if task is not None:
-            self._cancelling[run_id] = who.id
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        else:
+        if run_id in self.tasks:
+            await self.cancel_here(run_id, who.id)
+        elif rec.state == RunState.RUNNING and not self.drives_here:
+            assert self.leases is not None
+            self.leases.signal(CANCEL, id=run_id, by=who.id)
+            await self.leases.until_ended(run_id)
+        else:  # queued, or left running by a runner that is gone
             store = await self.store()
             await store.finish_run(run_id, RunState.CANCELLED, f"cancelled by {who.id}")
             self.notify(run_id)
         return await self.view(run_id)
+
+    async def cancel_here(self, run_id: str, by: str) -> None:
+        task = self.tasks.get(run_id)
+        if task is None:
+            return
+        self._cancelling[run_id] = by
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def approve(self, who: Principal, req: ApproveStepInput) -> FlowRunView:
         rec = await self._visible(who, req.run_id, Role.OPERATOR)
@@ -337,17 +376,20 @@ class FlowManager:
             else f"refused by {who.id}" + (f": {req.note}" if req.note else ""),
             finished_at=now(),
         )
-        wake = self.approvals.get((rec.id, req.step))
-        if wake is not None:
-            wake.set()
+        await self.wake_approval(rec.id, req.step)
+        if self.leases is not None:
+            self.leases.signal(APPROVED, id=rec.id, step=req.step)
         self.notify(rec.id)
         return await self.view(rec.id)
+
+    async def wake_approval(self, run_id: str, step: str) -> None:
+        wake = self.approvals.get((run_id, step))
+        if wake is not None:
+            wake.set()
 
     # ------------------------------------------------------------------ triggers
 
     async def create_trigger(self, who: Principal, req: CreateTriggerInput) -> TriggerView:
-        from flows.triggers import check_trigger
-
         spec = self.definition(req.flow, req.definition)
         spec.resolve_inputs(req.inputs)  # what every run gets must already be valid
         config = check_trigger(req)
@@ -368,9 +410,25 @@ class FlowManager:
         )
         store = await self.store()
         await store.insert_trigger(rec)
-        if self._triggers is not None:
-            self._triggers.add(rec)
+        self._triggers_changed(rec.id)
         return self.trigger_view(rec, show_secret=True)
+
+    def _triggers_changed(self, trigger_id: str) -> None:
+        if self._triggers is not None:
+            self._triggers.spawn(self.reload_trigger(trigger_id))
+        elif self.leases is not None:
+            self.leases.signal(TRIGGERS, id=trigger_id)
+
+    async def reload_trigger(self, trigger_id: str) -> None:
+        """Watch the trigger as the store has it now (added, or deleted)."""
+        if self._triggers is None:
+            return
+        store = await self.store()
+        rec = await store.get_trigger(trigger_id)
+        if rec is not None and rec.active:
+            self._triggers.add(rec)
+        else:
+            self._triggers.remove(trigger_id)
 
     def trigger_view(self, rec: TriggerRecord, show_secret: bool = False) -> TriggerView:
         url = None
@@ -401,8 +459,7 @@ class FlowManager:
         if rec is None or (rec.owner != who.id and not who.admin):
             raise NotFound(f"no trigger {trigger_id!r} of {who.id}", field="trigger_id")
         await store.update_trigger(trigger_id, active=False)
-        if self._triggers is not None:
-            self._triggers.remove(trigger_id)
+        self._triggers_changed(trigger_id)
         return self.trigger_view(rec.model_copy(update={"active": False}))
 
     async def fire(self, trigger: TriggerRecord, info: dict[str, Any], key: str) -> RunRecord:
@@ -418,7 +475,11 @@ class FlowManager:
             info,
             f"trigger:{trigger.id}:{key}",
         )
-        await self.start_queued(trigger)
+        if self.drives_here:
+            await self.start_queued(trigger)
+        else:
+            assert self.leases is not None
+            self.leases.signal(START, id=rec.id)
         return rec
 
     async def start_queued(self, trigger: TriggerRecord) -> None:
@@ -441,17 +502,13 @@ class FlowManager:
     async def serving(self) -> AsyncIterator[None]:
         """Held while a server over this engine runs: the first resumes the runs left running
         and starts the triggers; the last to stop stops them (runs stay `running`)."""
-        from flows.triggers import TriggerWatch
-
         self._serving += 1
         if self._serving == 1 and self.auto_resume:
             try:
-                store = await self.store()
-                for rec in await store.list_runs(states=[RunState.RUNNING], limit=100_000):
-                    log.info("resuming flow run %s (%s)", rec.id, rec.flow)
-                    self.launch(rec)
-                self._triggers = TriggerWatch(self)
-                await self._triggers.start()
+                if self.leases is not None:
+                    await self.leases.serve()
+                else:
+                    await self.drive_here()
             except Exception:
                 log.exception("resuming flows failed")
         try:
@@ -461,7 +518,19 @@ class FlowManager:
             if self._serving == 0:
                 await self.shutdown()
 
-    async def shutdown(self) -> None:
+    async def drive_here(self) -> None:
+        """Resume the runs left running, start the queued ones the limits allow, watch the
+        triggers (at a server's start, or when this replica gains the `flows` lease)."""
+        store = await self.store()
+        for rec in await store.list_runs(states=[RunState.RUNNING], limit=100_000):
+            log.info("resuming flow run %s (%s)", rec.id, rec.flow)
+            self.launch(rec)
+        self._triggers = TriggerWatch(self)
+        await self._triggers.start()
+
+    async def stop_here(self) -> None:
+        """Stop driving (the lease went to another replica, or the server stops): the runs
+        stay `running` in the store, for whoever drives next."""
         if self._triggers is not None:
             await self._triggers.stop()
             self._triggers = None
@@ -469,6 +538,11 @@ class FlowManager:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        await self.stop_here()
+        if self.leases is not None and self.leases.here:
+            await self.leases.keeper.release(LEASE)  # the next replica need not wait it out
         if self._store is not None:
             await self._store.close()
             self._store = None

@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,7 @@ class TriggerWatch:
         self.manager = manager
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.flow_end: dict[str, TriggerRecord] = {}
+        self._after_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         store = await self.manager.store()
@@ -85,6 +87,8 @@ class TriggerWatch:
             await self.manager.start_queued(rec)
 
     def add(self, rec: TriggerRecord) -> None:
+        if rec.id in self.tasks or rec.id in self.flow_end:
+            return
         if rec.kind == TriggerKind.DIRECTORY:
             self._spawn(rec, self._directory(rec))
         elif rec.kind == TriggerKind.SCHEDULE:
@@ -110,7 +114,7 @@ class TriggerWatch:
             task.cancel()
 
     async def stop(self) -> None:
-        tasks = list(self.tasks.values())
+        tasks = [*self.tasks.values(), *self._after_tasks]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -119,7 +123,13 @@ class TriggerWatch:
     def run_ended(self, run: RunRecord) -> None:
         """A run's task ended: start the next queued run of its trigger, and fire flow_end
         triggers that listen to its flow."""
-        asyncio.get_running_loop().create_task(self._after(run))
+        self.spawn(self._after(run))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background until it ends or the watch stops."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._after_tasks.add(task)
+        task.add_done_callback(self._after_tasks.discard)
 
     async def _after(self, run: RunRecord) -> None:
         store = await self.manager.store()

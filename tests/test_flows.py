@@ -591,3 +591,75 @@ def test_the_cli_starts_and_follows_a_flow(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert bad.returncode != 0 and "inputs.nope" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- replicas
+
+
+async def test_flows_run_where_the_flows_lease_is_and_move_when_that_replica_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines on one PostgreSQL store: a run started through the replica that does not
+    hold the `flows` lease is driven by the one that does, its updates heard on both; when the
+    holder stops renewing (a crash: nothing released), the other takes the lease over and
+    finishes the run, each step's job once."""
+    from flows.manager import flow_manager
+    from flows.models import RunState, StartFlowInput
+    from orchestrator.engine import Engine
+    from tests.conftest import ALICE, make_settings, postgres_schema, shutdown
+
+    raw = detector_file(tmp_path / "scan.csv")
+    flow = json.loads(json.dumps(DETECTOR_FLOW))
+    flow["steps"]["reduce"]["parameters"]["duration_s"] = 2.0
+    async with postgres_schema(monkeypatch):
+        home = tmp_path / "home"
+        a = await Engine.open(make_settings(home, lease_ttl_s=3))
+        b = await Engine.open(make_settings(home, lease_ttl_s=3))
+        fa, fb = flow_manager(a), flow_manager(b)
+        try:
+            async with fa.serving(), fb.serving():
+                assert fa.drives_here and not fb.drives_here
+                heard: list[str] = []
+                fb.listeners.append(heard.append)
+                run = await fb.start(
+                    ALICE, StartFlowInput(definition=flow, inputs={"path": str(raw)})
+                )
+                for _ in range(100):
+                    if run.run_id in fa.tasks:
+                        break
+                    await asyncio.sleep(0.05)
+                assert run.run_id in fa.tasks and run.run_id not in fb.tasks
+                for _ in range(100):
+                    if run.run_id in heard:
+                        break
+                    await asyncio.sleep(0.05)
+                assert run.run_id in heard  # updates made on a, heard on b
+                assert a.replicas is not None
+                await a.replicas.keeper.stop()  # a "dies": no renewal, no release
+                await fa.stop_here()
+                died = time.monotonic()
+                deadline = died + 60
+                while time.monotonic() < deadline:
+                    view = await fb.view(run.run_id)
+                    if view.state.terminal:
+                        break
+                    await asyncio.sleep(0.2)
+                assert fb.drives_here
+                assert view.state == RunState.SUCCEEDED, view.reason
+                print(f"run finished {time.monotonic() - died:.1f} s after the holder died")
+                steps = {s.key: s for s in view.steps}
+                entries = [
+                    e
+                    for e in (await b.list_entries(ALICE, limit=100))[0]
+                    if e.idempotency_key and e.idempotency_key.startswith(f"flow:{run.run_id}:")
+                ]
+                assert sorted(e.idempotency_key or "" for e in entries) == [
+                    f"flow:{run.run_id}:fit:1",
+                    f"flow:{run.run_id}:reduce:1",
+                ]
+                assert {steps["reduce"].entry_id, steps["fit"].entry_id} == {e.id for e in entries}
+        finally:
+            await fb.shutdown()
+            await fa.shutdown()
+            await shutdown(b)
+            await shutdown(a)
