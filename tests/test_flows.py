@@ -663,3 +663,49 @@ async def test_flows_run_where_the_flows_lease_is_and_move_when_that_replica_die
             await fa.shutdown()
             await shutdown(b)
             await shutdown(a)
+
+
+async def test_a_run_s_resource_sends_updates_to_its_principals_only(tmp_path: Path) -> None:
+    from mcp.client.subscriptions import ResourceUpdated
+
+    raw = detector_file(tmp_path / "scan.csv")
+    flow = json.loads(json.dumps(DETECTOR_FLOW))
+    flow["steps"]["reduce"]["parameters"]["duration_s"] = 1.0
+    async with run_http_server(tmp_path / "home") as srv:
+        async with (
+            sdk_client(srv.mcp_url, srv.token("alice")) as alice,
+            sdk_client(srv.mcp_url, srv.token("bob")) as bob,
+        ):
+            gate = {"name": "held", "steps": {"ask": {"kind": "approval"}}}
+            held = structured(await alice.call_tool("start_flow", {"definition": gate}))
+            run = structured(
+                await alice.call_tool(
+                    "start_flow", {"definition": flow, "inputs": {"path": str(raw)}}
+                )
+            )
+            uri = f"sciorch://flow-runs/{run['run_id']}"
+            async with bob.listen(resource_subscriptions=[uri]) as sub:
+                assert sub.honored is not None and not sub.honored.resource_subscriptions
+            heard = 0
+            async with alice.listen(resource_subscriptions=[uri]) as sub:
+
+                async def until_done() -> dict[str, Any]:
+                    nonlocal heard
+                    async for event in sub:
+                        assert isinstance(event, ResourceUpdated) and event.uri == uri
+                        heard += 1
+                        read = await alice.read_resource(uri)
+                        view = json.loads(read.contents[0].text)
+                        if view["state"] == "succeeded":
+                            return dict(view)
+                    raise AssertionError("the updates ended")
+
+                view = await asyncio.wait_for(until_done(), 60)
+            await alice.call_tool("cancel_flow_run", {"run_id": held["run_id"]})
+            cancelled = structured(
+                await alice.call_tool("get_flow_run", {"run_id": held["run_id"]})
+            )
+    assert heard >= 3  # steps started and ended, then the run
+    assert [s["state"] for s in view["steps"]] == ["succeeded"] * 3
+    assert cancelled["state"] == "cancelled" and cancelled["reason"] == "cancelled by alice"
+    assert cancelled["steps"][0]["state"] == "cancelled"
