@@ -107,7 +107,7 @@ async def wait_runs(mgr: FlowManager, run_ids: list[str], timeout_s: float) -> l
 
 async def flow_chain(mgr: FlowManager, steps: int, seconds: float) -> tuple[list[str], float]:
     t = time.perf_counter()
-    run = await mgr.start(ME, StartFlowInput(definition=chain("chain", steps, seconds)))
+    run = await mgr.start(ME, StartFlowInput(flow=chain("chain", steps, seconds)))
     (view,) = await wait_runs(mgr, [run.run_id], steps * (seconds + 30))
     assert view.state == RunState.SUCCEEDED, view.reason
     elapsed = time.perf_counter() - t
@@ -171,9 +171,7 @@ async def report_chain(engine: Engine, mgr: FlowManager, args: argparse.Namespac
 async def report_concurrent(engine: Engine, mgr: FlowManager, args: argparse.Namespace) -> None:
     k = args.concurrent
     t = time.perf_counter()
-    runs = [
-        await mgr.start(ME, StartFlowInput(definition=chain("three", 3, 0.2))) for _ in range(k)
-    ]
+    runs = [await mgr.start(ME, StartFlowInput(flow=chain("three", 3, 0.2))) for _ in range(k)]
     views = await wait_runs(mgr, [r.run_id for r in runs], 600)
     elapsed = time.perf_counter() - t
     ok = [v for v in views if v.state == RunState.SUCCEEDED]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +40,7 @@ from flows.models import (
     TriggerView,
 )
 from flows.runner import FlowRunner
-from flows.spec import FlowSpec, load_flow, parse_flow
+from flows.spec import FLOW_NAME, FlowSpec, load_flow, parse_flow
 from flows.store import FlowStore, now
 from flows.triggers import TriggerWatch, check_trigger
 from ground.errors import Conflict, InvalidInput, NotFound
@@ -112,6 +113,13 @@ class FlowManager:
     # ------------------------------------------------------------------ definitions
 
     def flow_named(self, name: str) -> FlowSpec:
+        # A name, not a path: nothing outside the flow directories can be read through it.
+        if not re.fullmatch(FLOW_NAME, name):
+            raise InvalidInput(
+                f"flow {name[:80]!r} is not a flow's name (lower-case letters, digits, - and _) "
+                "nor an object",
+                field="flow",
+            )
         for folder in self.flow_dirs:
             for suffix in FLOW_SUFFIXES:
                 path = folder / f"{name}{suffix}"
@@ -130,15 +138,20 @@ class FlowManager:
                             found[path.stem] = load_flow(path)
         return list(found.values())
 
-    def definition(self, name: str | None, definition: dict[str, Any] | None) -> FlowSpec:
-        if (name is None) == (definition is None):
-            raise InvalidInput("give either flow (a name) or definition", field="flow")
-        return self.flow_named(name) if name is not None else parse_flow(definition, "definition")
+    def definition(self, flow: str | dict[str, Any]) -> FlowSpec:
+        """A flow by name, or the flow given whole (its errors name `flow.<field>`)."""
+        if isinstance(flow, str):
+            return self.flow_named(flow)
+        try:
+            return parse_flow(flow)
+        except InvalidInput as exc:
+            exc.field = f"flow.{exc.field}" if exc.field else "flow"
+            raise
 
     # ------------------------------------------------------------------ runs
 
     async def start(self, who: Principal, req: StartFlowInput) -> FlowRunView:
-        spec = self.definition(req.flow, req.definition)
+        spec = self.definition(req.flow)
         inputs = spec.resolve_inputs(req.inputs)
         event = await self.engine.event_to_submit_to(who, req.event_id)
         rec = await self._insert(who.id, spec, event.id, inputs, None, None, req.idempotency_key)
@@ -390,7 +403,7 @@ class FlowManager:
     # ------------------------------------------------------------------ triggers
 
     async def create_trigger(self, who: Principal, req: CreateTriggerInput) -> TriggerView:
-        spec = self.definition(req.flow, req.definition)
+        spec = self.definition(req.flow)
         spec.resolve_inputs(req.inputs)  # what every run gets must already be valid
         config = check_trigger(req)
         event = await self.engine.event_to_submit_to(who, req.event_id)

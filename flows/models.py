@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -105,13 +105,17 @@ class TriggerRecord(BaseModel):
 # ----------------------------------------------------------------------------- tool I/O
 
 
+FlowRef = Annotated[
+    str | dict[str, Any],
+    Field(
+        description="a flow's name (a file in the server's flow directories), or the flow "
+        "itself: an object with the fields of a flow file (name, inputs, steps, outputs)"
+    ),
+]
+
+
 class StartFlowInput(BaseModel):
-    flow: str | None = Field(
-        None, description="a flow by name (a file in the server's flow directories)"
-    )
-    definition: dict[str, Any] | None = Field(
-        None, description="or the flow itself (the same fields as a flow file)"
-    )
+    flow: FlowRef
     inputs: dict[str, Any] = Field(default_factory=dict, description="the flow's inputs")
     event_id: str | None = Field(None, description="where its entries run; default: yours")
     idempotency_key: str | None = Field(
@@ -181,8 +185,7 @@ class FlowRunList(BaseModel):
 
 
 class CreateTriggerInput(BaseModel):
-    flow: str | None = Field(None, description="the flow by name")
-    definition: dict[str, Any] | None = Field(None, description="or the flow itself")
+    flow: FlowRef
     kind: TriggerKind
     path: str | None = Field(None, description="directory: the directory to watch")
     pattern: str = Field("*", description="directory: which new files (fnmatch)")

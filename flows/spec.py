@@ -19,6 +19,7 @@ from ground.errors import InvalidInput, invalid_input
 
 StepKind = Literal["job", "service", "approval", "record"]
 _STEP_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+FLOW_NAME = _STEP_NAME
 
 
 def _number(v: Any) -> bool:

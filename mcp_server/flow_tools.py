@@ -73,7 +73,7 @@ def flow_tools(manager: FlowManager) -> tuple[ToolSpec, ...]:
             "Start a flow: named steps (jobs, service launches, approvals, records) that run "
             "as soon as the steps they need have ended, with parameters from the flow's inputs "
             "and earlier steps' results ({steps.<name>.result.<field>}). Give flow (a name from "
-            "the server's flow directories) or definition (the flow itself), and its inputs. "
+            "the server's flow directories, or the flow itself as an object) and its inputs. "
             "Returns at once; follow it with get_flow_run or the resource "
             "sciorch://flow-runs/{run_id}. Give idempotency_key to make a retried call safe.",
             "submit",

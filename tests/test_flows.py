@@ -180,7 +180,7 @@ async def test_a_detector_flow_runs_its_steps_in_order_passing_results_forward(
             assert client.protocol_version == "2026-07-28"
             started = structured(
                 await client.call_tool(
-                    "start_flow", {"definition": DETECTOR_FLOW, "inputs": {"path": str(raw)}}
+                    "start_flow", {"flow": DETECTOR_FLOW, "inputs": {"path": str(raw)}}
                 )
             )
             view = await wait_run(client, started["run_id"])
@@ -201,7 +201,7 @@ async def test_a_detector_flow_runs_its_steps_in_order_passing_results_forward(
             assert view["outputs"]["fit"]["optimum"] == fit["result"]["optimum"]
             assert 0.5 < fit["result"]["r2"] <= 1.0
             # a retried start with the same key is the same run
-            again = {"definition": DETECTOR_FLOW, "inputs": {"path": str(raw)}}
+            again = {"flow": DETECTOR_FLOW, "inputs": {"path": str(raw)}}
             one = structured(
                 await client.call_tool("start_flow", {**again, "idempotency_key": "k"})
             )
@@ -223,7 +223,7 @@ async def test_a_failing_step_retries_then_fails_the_run_naming_the_step(tmp_pat
     }
     async with run_http_server(tmp_path / "home", settings={"catalogue_dirs": [cat]}) as srv:
         async with sdk_client(srv.mcp_url, srv.token("alice")) as client:
-            run = structured(await client.call_tool("start_flow", {"definition": flow}))
+            run = structured(await client.call_tool("start_flow", {"flow": flow}))
             view = await wait_run(client, run["run_id"])
             entries = structured(await client.call_tool("list_entries", {}))["entries"]
     assert view["state"] == "failed"
@@ -248,7 +248,7 @@ async def test_runs_are_seen_by_their_event_s_principals_only(tmp_path: Path) ->
             sdk_client(srv.mcp_url, srv.token("alice")) as alice,
             sdk_client(srv.mcp_url, srv.token("bob")) as bob,
         ):
-            run = structured(await alice.call_tool("start_flow", {"definition": flow}))
+            run = structured(await alice.call_tool("start_flow", {"flow": flow}))
             rid = run["run_id"]
             for _ in range(50):
                 view = structured(await alice.call_tool("get_flow_run", {"run_id": rid}))
@@ -304,9 +304,7 @@ async def test_a_fan_out_runs_one_job_per_file_and_gathers_them(tmp_path: Path) 
     async with run_http_server(tmp_path / "home") as srv:
         async with sdk_client(srv.mcp_url, srv.token("alice")) as client:
             run = structured(
-                await client.call_tool(
-                    "start_flow", {"definition": flow, "inputs": {"files": files}}
-                )
+                await client.call_tool("start_flow", {"flow": flow, "inputs": {"files": files}})
             )
             view = await wait_run(client, run["run_id"])
     assert view["state"] == "succeeded", view
@@ -333,7 +331,7 @@ async def test_a_file_dropped_into_a_watched_directory_starts_one_run(tmp_path: 
                 await client.call_tool(
                     "create_trigger",
                     {
-                        "definition": flow,
+                        "flow": flow,
                         "kind": "directory",
                         "path": str(inbox),
                         "pattern": "*.csv",
@@ -394,7 +392,7 @@ async def test_a_signed_webhook_starts_one_run_per_delivery_and_queues_beyond_it
         async with sdk_client(srv.mcp_url, srv.token("alice")) as client:
             trig = structured(
                 await client.call_tool(
-                    "create_trigger", {"definition": flow, "kind": "webhook", "max_concurrent": 1}
+                    "create_trigger", {"flow": flow, "kind": "webhook", "max_concurrent": 1}
                 )
             )
             url, secret = trig["webhook_url"], trig["secret"]
@@ -449,18 +447,18 @@ async def test_schedule_and_flow_end_triggers_start_runs(tmp_path: Path) -> None
     async with run_http_server(tmp_path / "home") as srv:
         async with sdk_client(srv.mcp_url, srv.token("alice")) as client:
             bad = await client.call_tool(
-                "create_trigger", {"definition": first, "kind": "schedule", "cron": "every day"}
+                "create_trigger", {"flow": first, "kind": "schedule", "cron": "every day"}
             )
             assert_tool_error(bad, "cron")
             await client.call_tool(
                 "create_trigger",
-                {"definition": second, "kind": "flow_end", "source_flow": "first"},
+                {"flow": second, "kind": "flow_end", "source_flow": "first"},
             )
             # croniter's sixth field is seconds: every second
             sched = structured(
                 await client.call_tool(
                     "create_trigger",
-                    {"definition": first, "kind": "schedule", "cron": "* * * * * *"},
+                    {"flow": first, "kind": "schedule", "cron": "* * * * * *"},
                 )
             )
             deadline = time.monotonic() + 30
@@ -509,9 +507,7 @@ def test_a_run_finishes_across_a_kill_9_of_the_server_with_no_step_run_twice(
         await _healthy(procs[0], base)
         async with sdk_client(base + "/mcp", token) as client:
             run = structured(
-                await client.call_tool(
-                    "start_flow", {"definition": flow, "inputs": {"path": str(raw)}}
-                )
+                await client.call_tool("start_flow", {"flow": flow, "inputs": {"path": str(raw)}})
             )
             return str(run["run_id"])
 
@@ -621,9 +617,7 @@ async def test_flows_run_where_the_flows_lease_is_and_move_when_that_replica_die
                 assert fa.drives_here and not fb.drives_here
                 heard: list[str] = []
                 fb.listeners.append(heard.append)
-                run = await fb.start(
-                    ALICE, StartFlowInput(definition=flow, inputs={"path": str(raw)})
-                )
+                run = await fb.start(ALICE, StartFlowInput(flow=flow, inputs={"path": str(raw)}))
                 for _ in range(100):
                     if run.run_id in fa.tasks:
                         break
@@ -677,11 +671,9 @@ async def test_a_run_s_resource_sends_updates_to_its_principals_only(tmp_path: P
             sdk_client(srv.mcp_url, srv.token("bob")) as bob,
         ):
             gate = {"name": "held", "steps": {"ask": {"kind": "approval"}}}
-            held = structured(await alice.call_tool("start_flow", {"definition": gate}))
+            held = structured(await alice.call_tool("start_flow", {"flow": gate}))
             run = structured(
-                await alice.call_tool(
-                    "start_flow", {"definition": flow, "inputs": {"path": str(raw)}}
-                )
+                await alice.call_tool("start_flow", {"flow": flow, "inputs": {"path": str(raw)}})
             )
             uri = f"sciorch://flow-runs/{run['run_id']}"
             async with bob.listen(resource_subscriptions=[uri]) as sub:
@@ -709,3 +701,23 @@ async def test_a_run_s_resource_sends_updates_to_its_principals_only(tmp_path: P
     assert [s["state"] for s in view["steps"]] == ["succeeded"] * 3
     assert cancelled["state"] == "cancelled" and cancelled["reason"] == "cancelled by alice"
     assert cancelled["steps"][0]["state"] == "cancelled"
+
+
+async def test_a_flow_name_is_never_a_path(tmp_path: Path) -> None:
+    from flows.manager import flow_manager
+    from orchestrator.engine import Engine
+    from tests.conftest import make_settings, shutdown
+
+    (tmp_path / "secret.yaml").write_text("name: secret\nsteps: {a: {kind: record}}\n")
+    eng = await Engine.open(make_settings(tmp_path / "home"))
+    try:
+        mgr = flow_manager(eng)
+        (eng.settings.home / "flows").mkdir(parents=True, exist_ok=True)
+        for bad in ("../../secret", "/etc/passwd", "a\x00b", "x" * 5000):
+            with pytest.raises(InvalidInput) as err:
+                mgr.flow_named(bad)
+            assert err.value.field == "flow"
+        with pytest.raises(Exception, match="no flow named 'nope'"):
+            mgr.flow_named("nope")
+    finally:
+        await shutdown(eng)

@@ -85,7 +85,7 @@ def run_flow(
     path = Path(flow)
     if path.suffix.lower() in (".yaml", ".yml", ".toml"):
         try:
-            args["definition"] = load_flow(path).model_dump(mode="json")
+            args["flow"] = load_flow(path).model_dump(mode="json")
         except SciorchError as exc:
             fail(exc.message, exc.field)
     else:
