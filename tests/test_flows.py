@@ -587,6 +587,27 @@ def test_the_cli_starts_and_follows_a_flow(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert bad.returncode != 0 and "inputs.nope" in bad.stderr
+    files = [str(detector_file(tmp_path / f"b{i}.csv", 9)) for i in range(2)]
+    fan = subprocess.run(
+        [
+            *cmd,
+            "flow",
+            "run",
+            str(EXAMPLES / "flow_fanout.yaml"),
+            "--input",
+            f"files={json.dumps(files)}",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert fan.returncode == 0, fan.stderr
+    outputs = json.loads(fan.stdout)["outputs"]
+    assert [f["source"] for f in outputs["files"]] == files
+    assert outputs["fit"]["points"] == 9
 
 
 # ----------------------------------------------------------------------------- replicas
