@@ -82,6 +82,9 @@ class Settings(BaseModel):
         description="sqlite:///<path> or postgresql://...; default: SQLite in home",
     )
     catalogue_dirs: list[Path] = Field(default_factory=list)
+    flow_dirs: list[Path] = Field(
+        default_factory=list, description="where start_flow finds flows by name (and home/flows)"
+    )
     sites: list[SiteConfig] = Field(
         default_factory=lambda: [SiteConfig(name="local", kind="local")]
     )

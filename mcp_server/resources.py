@@ -211,3 +211,20 @@ def attach_subscriptions(
 
     engine.bus.add_listener(forward)
     return sub_bus
+
+
+def updates_for(sub_bus: WatchBus, uri_of: Callable[[str], str]) -> Callable[[str], None]:
+    """A listener for a manager's changes (campaigns, flow runs: called with an id, maybe
+    outside the loop) that sends ResourceUpdated for `uri_of(id)` to subscriptions."""
+    pending: set[asyncio.Task[None]] = set()
+
+    def forward(ident: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(sub_bus.publish(ResourceUpdated(uri=uri_of(ident))))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return forward

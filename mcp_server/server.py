@@ -14,6 +14,7 @@ from fastmcp.server.dependencies import get_access_token
 from fastmcp_tasks import TasksExtension
 
 from ground.models import Principal
+from mcp_server.flow_tools import register_flows
 from mcp_server.middleware import ArgumentSizeLimit, AuditLog, ErrorResults, rate_limit
 from mcp_server.prompts import register_prompts
 from mcp_server.resources import attach_subscriptions, register_resources
@@ -126,7 +127,28 @@ def create_server(
         internal=campaign_runner,
     )
     registered += steering.tools
-    steering.publish_to(attach_subscriptions(mcp, engine, principal_of, steering.visible))
+    flows = None
+    if not campaign_runner:
+        flows = register_flows(
+            mcp,
+            engine,
+            principal_of,
+            auth=auth is not None,
+            read_only=read_only,
+            disable_destructive=disable_destructive,
+        )
+        registered += flows.tools
+
+    async def visible(who: Principal, uri: str) -> bool | None:
+        verdict = await steering.visible(who, uri)
+        if verdict is None and flows is not None:
+            verdict = await flows.visible(who, uri)
+        return verdict
+
+    sub_bus = attach_subscriptions(mcp, engine, principal_of, visible)
+    steering.publish_to(sub_bus)
+    if flows is not None:
+        flows.publish_to(sub_bus)
 
     mutating = [s.name for s in registered if not s.read_only]
     mcp.add_middleware(ErrorResults())

@@ -12,21 +12,18 @@ campaigns left running (when it starts) and pauses them (when it stops).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fastmcp import FastMCP
-from mcp.server.subscriptions import ResourceUpdated, SubscriptionBus
 
 from ground.errors import SciorchError
 from ground.models import Principal
 from mcp_server.connect import CampaignClients
-from mcp_server.toolset import ToolSpec, refused_read, register_tools
+from mcp_server.resources import WatchBus, updates_for
+from mcp_server.toolset import ToolSpec, hold_while_serving, refused_read, register_tools
 from orchestrator.engine import Engine
 from steering import export as table
 from steering.manager import CampaignManager, manager_for
@@ -295,23 +292,10 @@ class SteeringSurface:
             return False
         return True
 
-    def publish_to(self, sub_bus: SubscriptionBus) -> None:
+    def publish_to(self, sub_bus: WatchBus) -> None:
         """Send ResourceUpdated for a campaign's URI whenever it changes."""
-        if self.internal:
-            return
-        pending: set[asyncio.Task[None]] = set()
-
-        def forward(campaign_id: str) -> None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            update = ResourceUpdated(uri=campaign_uri(campaign_id))
-            task = loop.create_task(sub_bus.publish(update))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
-        self.manager.listeners.append(forward)
+        if not self.internal:
+            self.manager.listeners.append(updates_for(sub_bus, campaign_uri))
 
 
 def campaign_manager(engine: Engine, *, auto_resume: bool | None = None) -> CampaignManager:
@@ -360,12 +344,5 @@ def register_steering(
     if internal:
         return surface
 
-    inner = mcp._lifespan
-
-    @contextlib.asynccontextmanager
-    async def lifespan(server: Any) -> AsyncIterator[Any]:
-        async with inner(server) as state, manager.serving():
-            yield state
-
-    mcp._lifespan = lifespan
+    hold_while_serving(mcp, manager.serving)
     return surface

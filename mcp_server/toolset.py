@@ -4,9 +4,10 @@ agent sees and the validation the operation does are the same thing."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -469,3 +470,18 @@ def register_tools(
 
     mcp._mcp_server.get_tool_input_schema = input_schema
     return registered
+
+
+def hold_while_serving(
+    mcp: FastMCP, serving: Callable[[], contextlib.AbstractAsyncContextManager[None]]
+) -> None:
+    """Hold `serving()` (a manager's: resume its work, stop it at the end) for as long as the
+    server's MCP lifespan runs."""
+    inner = mcp._lifespan
+
+    @contextlib.asynccontextmanager
+    async def lifespan(server: Any) -> AsyncIterator[Any]:
+        async with inner(server) as state, serving():
+            yield state
+
+    mcp._lifespan = lifespan

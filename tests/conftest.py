@@ -61,7 +61,7 @@ async def postgres_schema(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]
     try:
         yield url
     finally:
-        await drop_schemas(base, schema, f"{schema}_steering")
+        await drop_schemas(base, schema, f"{schema}_steering", f"{schema}_flows")
 
 
 @pytest.fixture

@@ -389,7 +389,7 @@ async def test_dry_run_plans_without_acting(
     offered = set(api.requests[0].tool_names)
     assert offered <= {
         "list_services", "list_sites", "list_events", "list_entries", "list_campaigns",
-        "get_playbook",
+        "list_flow_runs", "list_triggers", "get_playbook",
     }
     assert "list_services" in offered and "submit_job" not in offered
     assert "DRY RUN" in api.requests[0].system and "submit_job" in api.requests[0].system

@@ -1,5 +1,5 @@
-"""The `sciorch` command: human mirrors of the typed tools, plus `serve`, `steer`, `demo` and
-`agent`.
+"""The `sciorch` command: human mirrors of the typed tools, plus `serve`, `steer`, `demo`,
+`agent` and `flow`.
 
 Each command parses its arguments, builds the tool's pydantic input, opens the engine in this
 process (it holds the lock on $SCIORCH_HOME while the command runs and re-adopts what earlier
@@ -11,7 +11,7 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign
+from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign, flow
 
 # isort: on
 
@@ -23,6 +23,7 @@ __all__ = [
     "entries",
     "events",
     "fetch",
+    "flow",
     "main",
     "serve",
     "steer",

@@ -6,7 +6,6 @@ it, exactly as when an agent calls the tool."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -15,11 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mcp_server.connect import in_process, remote
-from mcp_server.server import create_server
-from mcp_server.steering_tools import campaign_manager
-from orchestrator.engine import Engine
-from sciorch.cli.app import app, fail, out, principal, settings_of
+from sciorch.cli.app import app, fail, out
+from sciorch.cli.calls import session
 
 campaign_app = typer.Typer(
     help="Steer a campaign: pause, resume, budget, add or reject points, notes, export.",
@@ -35,29 +31,7 @@ Note = Annotated[str | None, typer.Option(help="why (kept with the action)")]
 
 def call(ctx: typer.Context, url: str | None, token: str | None, tool: str, args: Any) -> Any:
     """One tool call; its error ends the command with the tool's own 'code: message' line."""
-
-    async def over(client: Any) -> Any:
-        async with client:
-            res = await client.call_tool(tool, args, raise_on_error=False)
-        if res.is_error:
-            text = "\n".join(getattr(c, "text", "") for c in res.content).strip()
-            fail(text or f"{tool} failed")
-        return res.structured_content or {}
-
-    async def main() -> Any:
-        if url is not None:
-            return await over(remote(url, token))
-        engine = await Engine.open(settings_of(ctx))
-        try:
-            manager = campaign_manager(engine, auto_resume=False)
-            try:
-                return await over(in_process(create_server(engine, principal=principal())))
-            finally:
-                await manager.shutdown()
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
+    return session(ctx, url, token, lambda call: call(tool, args))
 
 
 def _summary(view: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from mcp_server.transport import Lifespan, mcp_mount
 from orchestrator.engine import Engine
 from sciorch.web.artifacts import ArtifactDownloads, BearerReader
 from sciorch.web.edge import http_protocol
+from sciorch.web.hooks import hook_routes
 from sciorch.web.proxy import EntryProxy
 
 log = logging.getLogger("sciorch.http")
@@ -84,6 +85,7 @@ def create_http_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *downloads.routes(),
+        *hook_routes(engine),
         *proxy.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

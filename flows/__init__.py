@@ -1,0 +1,1 @@
+"""Flows: event-triggered multi-step pipelines (spec, placeholders, runner, triggers, store)."""

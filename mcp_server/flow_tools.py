@@ -1,0 +1,216 @@
+"""The flows surface of the MCP server: `start_flow`, `get_flow_run`, `list_flow_runs`,
+`cancel_flow_run`, `approve_flow_step`, the triggers (`create_trigger`, `list_triggers`,
+`delete_trigger`) and the resource `sciorch://flow-runs/{run_id}`, which sends ResourceUpdated
+as the run's steps start and end. The server's lifespan holds the manager's `serving()`:
+runs left running resume and the triggers watch while the server runs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastmcp import FastMCP
+
+from flows.manager import FlowManager, flow_manager
+from flows.models import (
+    ApproveStepInput,
+    CreateTriggerInput,
+    FlowRunList,
+    FlowRunView,
+    ListFlowRunsInput,
+    RunRef,
+    StartFlowInput,
+    TriggerList,
+    TriggerRef,
+    TriggerView,
+)
+from ground.errors import SciorchError
+from ground.models import Principal
+from mcp_server.resources import WatchBus, updates_for
+from mcp_server.toolset import ToolSpec, hold_while_serving, refused_read, register_tools
+from orchestrator.engine import Engine
+
+FLOW_RUN = "sciorch://flow-runs/{run_id}"
+_FLOW_RUN_URI = re.compile(r"^sciorch://flow-runs/([^/]+)$")
+
+
+def flow_run_uri(run_id: str) -> str:
+    return FLOW_RUN.format(run_id=run_id)
+
+
+def flow_tools(manager: FlowManager) -> tuple[ToolSpec, ...]:
+    async def start(engine: Engine, who: Principal, req: StartFlowInput) -> FlowRunView:
+        return await manager.start(who, req)
+
+    async def get(engine: Engine, who: Principal, req: RunRef) -> FlowRunView:
+        return await manager.get(who, req.run_id)
+
+    async def listing(engine: Engine, who: Principal, req: ListFlowRunsInput) -> FlowRunList:
+        return await manager.list_runs(who, req)
+
+    async def cancel(engine: Engine, who: Principal, req: RunRef) -> FlowRunView:
+        return await manager.cancel(who, req.run_id)
+
+    async def approve(engine: Engine, who: Principal, req: ApproveStepInput) -> FlowRunView:
+        return await manager.approve(who, req)
+
+    async def add_trigger(engine: Engine, who: Principal, req: CreateTriggerInput) -> TriggerView:
+        return await manager.create_trigger(who, req)
+
+    async def triggers(engine: Engine, who: Principal) -> TriggerList:
+        return await manager.list_triggers(who)
+
+    async def drop_trigger(engine: Engine, who: Principal, req: TriggerRef) -> TriggerView:
+        return await manager.delete_trigger(who, req.trigger_id)
+
+    return (
+        ToolSpec(
+            "start_flow",
+            start,
+            StartFlowInput,
+            FlowRunView,
+            "Start a flow: named steps (jobs, service launches, approvals, records) that run "
+            "as soon as the steps they need have ended, with parameters from the flow's inputs "
+            "and earlier steps' results ({steps.<name>.result.<field>}). Give flow (a name from "
+            "the server's flow directories, or the flow itself as an object) and its inputs. "
+            "Returns at once; follow it with get_flow_run or the resource "
+            "sciorch://flow-runs/{run_id}. Give idempotency_key to make a retried call safe.",
+            "submit",
+            read_only=False,
+        ),
+        ToolSpec(
+            "get_flow_run",
+            get,
+            RunRef,
+            FlowRunView,
+            "One flow run: its state, inputs, outputs, and each step's state, attempt, entry, "
+            "result or error.",
+            "read",
+            read_only=True,
+            idempotent=True,
+        ),
+        ToolSpec(
+            "list_flow_runs",
+            listing,
+            ListFlowRunsInput,
+            FlowRunList,
+            "Flow runs you can see (yours and those of events shared with you), newest first.",
+            "read",
+            read_only=True,
+            idempotent=True,
+        ),
+        ToolSpec(
+            "cancel_flow_run",
+            cancel,
+            RunRef,
+            FlowRunView,
+            "Cancel a flow run: its jobs in flight are cancelled and no further step runs. "
+            "Needs the owner or an operator of its event. Idempotent.",
+            "submit",
+            read_only=False,
+            destructive=True,
+            idempotent=True,
+        ),
+        ToolSpec(
+            "approve_flow_step",
+            approve,
+            ApproveStepInput,
+            FlowRunView,
+            "Answer an approval step of a flow run: approve=true lets the steps after it run, "
+            "false fails it. Needs the owner or an operator of the run's event.",
+            "submit",
+            read_only=False,
+            idempotent=True,
+        ),
+        ToolSpec(
+            "create_trigger",
+            add_trigger,
+            CreateTriggerInput,
+            TriggerView,
+            "Start runs of a flow automatically, as you: kind=directory (a new file matching "
+            "pattern in path, once it stopped changing for debounce_s: {trigger.path}), "
+            "schedule (cron, UTC), webhook (POST to webhook_url, signed: header "
+            "X-Sciorch-Signature: sha256=<HMAC-SHA256 of the body with secret>; secret is shown "
+            "only now), flow_end (a run of source_flow ended). At most max_concurrent runs at "
+            "once; the rest queue.",
+            "submit",
+            read_only=False,
+        ),
+        ToolSpec(
+            "list_triggers",
+            triggers,
+            None,
+            TriggerList,
+            "Your active flow triggers.",
+            "read",
+            read_only=True,
+            idempotent=True,
+        ),
+        ToolSpec(
+            "delete_trigger",
+            drop_trigger,
+            TriggerRef,
+            TriggerView,
+            "Stop a trigger (runs it started are not affected). Idempotent.",
+            "submit",
+            read_only=False,
+            destructive=True,
+            idempotent=True,
+        ),
+    )
+
+
+@dataclass
+class FlowSurface:
+    manager: FlowManager
+    tools: list[ToolSpec]
+
+    async def visible(self, who: Principal, uri: str) -> bool | None:
+        match = _FLOW_RUN_URI.match(uri)
+        if match is None:
+            return None
+        try:
+            await self.manager.get(who, match.group(1))
+        except SciorchError:
+            return False
+        return True
+
+    def publish_to(self, sub_bus: WatchBus) -> None:
+        self.manager.listeners.append(updates_for(sub_bus, flow_run_uri))
+
+
+def register_flows(
+    mcp: FastMCP,
+    engine: Engine,
+    principal_of: Callable[[], Principal],
+    *,
+    auth: bool = False,
+    read_only: bool = False,
+    disable_destructive: bool = False,
+) -> FlowSurface:
+    manager = flow_manager(engine)
+    registered = register_tools(
+        mcp,
+        flow_tools(manager),
+        engine,
+        principal_of,
+        auth=auth,
+        read_only=read_only,
+        disable_destructive=disable_destructive,
+    )
+
+    @mcp.resource(
+        FLOW_RUN,
+        mime_type="application/json",
+        description="A flow run (as get_flow_run); updated as its steps progress",
+    )
+    async def flow_run_resource(run_id: str) -> str:
+        try:
+            view = await manager.get(principal_of(), run_id)
+        except SciorchError as exc:
+            raise refused_read(exc) from exc
+        return view.model_dump_json()
+
+    hold_while_serving(mcp, manager.serving)
+    return FlowSurface(manager, registered)
