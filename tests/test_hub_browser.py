@@ -34,6 +34,33 @@ PAGES = [
     "/hub/campaigns/cmp-000000000000",
     "/hub/sites",
 ]
+# A job that writes a PNG (1x1) to its output dir: the entry page shows it inline.
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAE"
+    "hQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+PLOT_JOB = f"""\
+name: plot-job
+version: 1.0.0
+kind: job
+description: writes plot.png and a result
+command:
+  - "{{python}}"
+  - "-c"
+  - >-
+    import base64, json, os, pathlib;
+    pathlib.Path(os.environ['SCIORCH_OUTPUT_DIR'], 'plot.png').write_bytes(
+    base64.b64decode('{PNG}'));
+    pathlib.Path(os.environ['SCIORCH_RESULT']).write_text(json.dumps(dict(value=42)))
+parameters:
+  type: object
+  additionalProperties: false
+  properties: {{}}
+resources:
+  cpus: 0.5
+  memory: 128Mi
+  walltime: "00:10:00"
+"""
 STREAMS = ["/hub/live/entries", "/hub/live/campaigns/cmp-000000000000"]
 POSTS = [
     "/hub/launch/http-app",
@@ -58,6 +85,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     _need_browser()
     home = tmp_path_factory.mktemp("hub") / "home"
     home.mkdir()
+    templates = home.parent / "templates"
+    templates.mkdir()
+    (templates / "plot-job.yaml").write_text(PLOT_JOB)
+    (home / "config.toml").write_text(f'catalogue_dirs = ["{templates}"]\n')
     with sciorch_serve(home, "alice") as server:
         yield server
 
@@ -292,6 +323,56 @@ def test_an_event_shared_with_bob_shows_to_bob_and_not_to_carol(
     browser.get(served.base + "/hub/entries")
     assert not browser.find_elements(By.CSS_SELECTOR, "#entries tbody tr a")
     shot(browser, "10-carol-sees-nothing")
+    entry_id = entry_url.rsplit("/", 1)[-1]
+    # nor may carol (nothing shared) or bob (a viewer) act on it, whatever they post
+    for who, status in (("carol", 404), ("bob", 403)):
+        sign_in_with_token(browser, served, served.token(who))
+        cookie = browser.get_cookie("sciorch_hub")
+        assert cookie is not None
+        with httpx2.Client(base_url=served.base, cookies={"sciorch_hub": cookie["value"]}) as http:
+            found = re.search(r'name="csrf" value="([^"]+)"', http.get("/hub/events").text)
+            assert found is not None
+            csrf = found.group(1)
+            cancel = http.post(f"/hub/entries/{entry_id}/cancel", data={"csrf": csrf})
+            assert cancel.status_code == status, (who, cancel.status_code)
+            share = http.post(
+                f"/hub/events/{event_id}/share",
+                data={"csrf": csrf, "principal": who, "role": "operator"},
+            )
+            assert share.status_code in (400, 403, 404) and "not_" in share.text, who
+            stop = http.post(f"/hub/events/{event_id}/stop", data={"csrf": csrf})
+            assert stop.status_code in (400, 403, 404), who
+            if who == "carol":
+                files = http.get(f"/hub/entries/{entry_id}/files/x.txt")
+                assert files.status_code == 404
+                with http.stream("GET", f"/hub/live/entries?entry={entry_id}") as live:
+                    first = b""
+                    for chunk in live.iter_bytes():
+                        first += chunk
+                        if b"refused" in first or len(first) > 4096:
+                            break
+                    assert b"event: refused" in first and b"ready" not in first
+    sign_in_as_alice(browser, served)
+    browser.get(entry_url)
+    assert text_of(browser, "#state") == "ready"  # nobody else's post touched it
+
+
+def test_a_job_shows_its_result_and_its_image_when_it_ends_without_reloading(
+    served: Served, browser: WebDriver
+) -> None:
+    sign_in_as_alice(browser, served)
+    browser.get(served.base + "/")
+    browser.find_element(By.ID, "launch-plot-job").click()
+    browser.find_element(By.ID, "launch-submit").click()
+    wait_for(browser, lambda d: "/hub/entries/ent-" in d.current_url)
+    mark = mark_page(browser)
+    wait_for(browser, lambda d: text_of(d, "#state") == "succeeded", timeout=120)
+    image = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#artifacts img"))[0]
+    wait_for(browser, lambda d: d.execute_script("return arguments[0].naturalWidth;", image) == 1)
+    assert '"value": 42' in text_of(browser, "#result")
+    assert same_page(browser, mark)
+    assert not browser.find_element(By.ID, "cancel-form").is_displayed()
+    shot(browser, "07b-job-artifacts")
 
 
 # ------------------------------------------------------------------ campaigns

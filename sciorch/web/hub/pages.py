@@ -129,7 +129,8 @@ class Hub:
         link = self.login_link()
         base = self.engine.settings.public_url.rstrip("/")
         if link is None:
-            return [f"sciorch: the web hub is at {base}/ (sign in with your identity provider)"]
+            how = "your identity provider or a token" if self.oidc else "a token"
+            return [f"sciorch: the web hub is at {base}/ (sign in with {how})"]
         return [f"sciorch: open the web hub (signs you in once): {link}"]
 
     def routes(self) -> list[BaseRoute]:

@@ -43,6 +43,15 @@
       var terminal = ["succeeded", "failed", "cancelled", "expired"].indexOf(e.state) >= 0;
       var cancel = document.getElementById("cancel-form");
       if (terminal && cancel) cancel.hidden = true;
+      if (terminal && entry.dataset.final !== "true") {
+        // once, at the end: the result and the files, rendered by the server as on a load
+        entry.dataset.final = "true";
+        fetch(location.href, { credentials: "same-origin" }).then(function (r) { return r.text(); })
+          .then(function (html) {
+            var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("outputs");
+            if (fresh) document.getElementById("outputs").replaceWith(fresh);
+          });
+      }
       entry.dataset.state = e.state;
     } else {
       var row = document.getElementById("e-" + e.id);
