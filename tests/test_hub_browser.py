@@ -90,7 +90,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (templates / "plot-job.yaml").write_text(PLOT_JOB)
     (home / "config.toml").write_text(f'catalogue_dirs = ["{templates}"]\n')
     with sciorch_serve(home, "alice") as server:
-        yield server
+        try:
+            yield server
+        finally:
+            cancel_everything(server)
+
+
+def cancel_everything(served: Served) -> None:
+    """Services outlive the server that started them (by design): cancel what is left."""
+    with httpx2.Client(base_url=served.base, follow_redirects=True, timeout=60) as http:
+        http.get(served.login_link(after=served.links_printed() - 1))
+        page = http.get("/hub/entries").text
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert found is not None, page[:500]
+        for entry_id, state in re.findall(r'id="e-(ent-[0-9a-f]+)".*?class="st s-(\w+)"', page):
+            if state not in ("succeeded", "failed", "cancelled", "expired"):
+                http.post(f"/hub/entries/{entry_id}/cancel", data={"csrf": found.group(1)})
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +370,8 @@ def test_an_event_shared_with_bob_shows_to_bob_and_not_to_carol(
     sign_in_as_alice(browser, served)
     browser.get(entry_url)
     assert text_of(browser, "#state") == "ready"  # nobody else's post touched it
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda d: text_of(d, "#state") == "cancelled", timeout=60)
 
 
 def test_a_job_shows_its_result_and_its_image_when_it_ends_without_reloading(
