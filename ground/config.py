@@ -68,6 +68,11 @@ class AuthConfig(BaseModel):
     groups_claim: str = "groups"
     jwks_cache_s: int = Field(3600, gt=0, description="how long fetched signing keys are kept")
     self_minted: bool = Field(True, description="also accept `sciorch token create` tokens")
+    hub_client_id: str | None = Field(
+        None,
+        description="the OAuth client (public, PKCE) the web hub signs people in with at the "
+        "first issuer; its redirect URI is public_url + /login/oidc/callback",
+    )
 
 
 class Settings(BaseModel):

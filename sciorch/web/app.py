@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import uvicorn
 from fastmcp import FastMCP
+from fastmcp.server.auth import AuthProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +29,7 @@ from orchestrator.engine import Engine
 from sciorch.web.artifacts import ArtifactDownloads, BearerReader
 from sciorch.web.edge import http_protocol
 from sciorch.web.hooks import hook_routes
+from sciorch.web.hub import Hub
 from sciorch.web.proxy import EntryProxy
 
 log = logging.getLogger("sciorch.http")
@@ -42,13 +45,16 @@ def create_http_app(
     extra_routes: Sequence[BaseRoute] = (),
     lifespans: Sequence[Lifespan] = (),
     bearer: BearerReader | None = None,
+    auth: AuthProvider | None = None,
 ) -> Starlette:
     """The proxy routes plus GET /healthz (alive) and /readyz (the store answers) and artifact
     downloads. `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in
     order at start-up (e.g. the MCP app's session manager); `bearer` names who an MCP bearer
-    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token."""
+    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token; `auth` (the
+    MCP server's) checks the tokens people sign in to the web hub with."""
     proxy = EntryProxy(lambda: engine)
     downloads = ArtifactDownloads(engine, bearer, proxy.asgi)
+    hub = Hub(engine, auth)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -87,11 +93,19 @@ def create_http_app(
         *downloads.routes(),
         *hook_routes(engine),
         *proxy.routes(),
+        *hub.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.engine = engine
     app.state.proxy = proxy
+    app.state.hub = hub
     return app
+
+
+def hub_banner(app: Starlette) -> list[str]:
+    """Where the web hub is, and on the embedded default the local user's sign-in link."""
+    hub: Hub = app.state.hub
+    return hub.banner()
 
 
 def public_url_for(host: str, port: int) -> str:
@@ -160,7 +174,10 @@ async def serve_http(
             extra_routes=extra_routes,
             lifespans=[engine_lifespan, *lifespans],
             bearer=bearer,
+            auth=mcp.auth if mcp_factory is not None else None,
         )
+        for line in hub_banner(app):
+            print(line, file=sys.stderr, flush=True)
         config = uvicorn.Config(
             app,
             host=host,

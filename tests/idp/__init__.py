@@ -5,4 +5,6 @@ prepares it in a directory and runs it on 127.0.0.1 (scripts/test.d/20-idp.sh st
 
 CLIENT_ID = "sciorch-test"
 REDIRECT_URI = "http://127.0.0.1:33418/callback"
+# The web hub's sign-in (any loopback port: RFC 8252, as django-oauth-toolkit allows).
+HUB_REDIRECT_URI = "http://127.0.0.1/login/oidc/callback"
 USERS = {"alice": "alice-idp-password", "bob": "bob-idp-password"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.idp import CLIENT_ID, REDIRECT_URI, USERS
+from tests.idp import CLIENT_ID, HUB_REDIRECT_URI, REDIRECT_URI, USERS
 
 
 def _write_once(path: Path, make: Callable[[], bytes]) -> None:
@@ -60,7 +60,7 @@ def prepare(state: Path, port: int) -> None:
             "name": "sciorch tests",
             "client_type": Application.CLIENT_PUBLIC,
             "authorization_grant_type": Application.GRANT_AUTHORIZATION_CODE,
-            "redirect_uris": REDIRECT_URI,
+            "redirect_uris": f"{REDIRECT_URI} {HUB_REDIRECT_URI}",
             "algorithm": Application.RS256_ALGORITHM,
             "skip_authorization": False,
         },
