@@ -1,8 +1,9 @@
 """`sciorch campaign ...`: people in the loop from a terminal. Each command is one MCP tool call
 (pause_campaign, resume_campaign, update_campaign, add_points, reject_point, annotate_campaign,
 export_campaign), to a running server with --url (the way to steer a campaign a server runs),
-else to this home's engine in memory; so every action is authorised and recorded with who did
-it, exactly as when an agent calls the tool."""
+else to the server running on this home (sciorch.cli.link), else to this home's engine in
+memory; so every action is authorised and recorded with who did it, exactly as when an agent
+calls the tool."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import typer
 from mcp_server.connect import in_process, remote
 from mcp_server.server import create_server
 from mcp_server.steering_tools import campaign_manager
-from orchestrator.engine import Engine
 from sciorch.cli.app import app, fail, out, principal, settings_of
+from sciorch.cli.link import EngineOps, ServerOps, open_ops
 
 campaign_app = typer.Typer(
     help="Steer a campaign: pause, resume, budget, add or reject points, notes, export.",
@@ -47,15 +48,15 @@ def call(ctx: typer.Context, url: str | None, token: str | None, tool: str, args
     async def main() -> Any:
         if url is not None:
             return await over(remote(url, token))
-        engine = await Engine.open(settings_of(ctx))
-        try:
-            manager = campaign_manager(engine, auto_resume=False)
+        async with open_ops(settings_of(ctx), principal()) as ops:
+            if isinstance(ops, ServerOps):  # the server on this home runs its campaigns
+                return await over(await ops.client())
+            assert isinstance(ops, EngineOps)
+            manager = campaign_manager(ops.engine, auto_resume=False)
             try:
-                return await over(in_process(create_server(engine, principal=principal())))
+                return await over(in_process(create_server(ops.engine, principal=ops.who)))
             finally:
                 await manager.shutdown()
-        finally:
-            await engine.close()
 
     return asyncio.run(main())
 
