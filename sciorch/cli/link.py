@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import httpx2
 from fastmcp import Client
-from mcp.client.subscriptions import ResourceUpdated, listen
+from mcp.client.subscriptions import ResourceUpdated, SubscriptionLost, listen
 from pydantic import BaseModel
 
 import tools
@@ -235,7 +235,11 @@ class ServerOps(Ops):
                     if not heard.done():
                         heard.cancel()
                         break
-                    event = heard.result()
+                    try:
+                        event = heard.result()
+                    except (StopAsyncIteration, SubscriptionLost):
+                        await asyncio.wait({waiting})  # the stream ended: catch up after
+                        break
                     if isinstance(event, ResourceUpdated) and event.uri == base:
                         await tell_transitions()
                     elif isinstance(event, ResourceUpdated):
@@ -252,11 +256,21 @@ class ServerOps(Ops):
         base = f"sciorch://entries/{entry_id}"
         client = await self.client()
         async with listen(client.session, resource_subscriptions=[base, base + "/log"]) as sub:
+            ended = False
 
             async def changed() -> None:
-                # Pushed by the server; the timeout is only a bounded fallback.
-                with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                # Pushed by the server; the timeout is only a bounded fallback (and the
+                # interval once the stream has ended).
+                nonlocal ended
+                if ended:
+                    await asyncio.sleep(LOCAL_LOG_FALLBACK_S)
+                    return
+                try:
                     await asyncio.wait_for(anext(sub), timeout=LOCAL_LOG_FALLBACK_S)
+                except TimeoutError:
+                    pass
+                except (StopAsyncIteration, SubscriptionLost):
+                    ended = True
 
             yield changed
 
@@ -305,6 +319,20 @@ async def find_server(settings: Settings, who: Principal) -> tuple[ServerOps | N
         "instead"
     )
     return None, True
+
+
+async def server_here(
+    settings: Settings, who: Principal, ttl_s: int, read_only: bool = False
+) -> tuple[str, str] | None:
+    """(MCP URL, a token for `who` lasting `ttl_s`, only the read scope if `read_only`) of the
+    server running on this home, if one answers: for the clients that speak MCP themselves (a
+    campaign runner, the agent)."""
+    server, _ = await find_server(settings, who)
+    if server is None:
+        return None
+    await server.aclose()
+    scopes = ["read"] if read_only else ["admin"] if who.admin else ["submit"]
+    return server.found.mcp_url, create_token(settings.keys_dir, who.id, scopes, ttl_s)
 
 
 @contextlib.asynccontextmanager

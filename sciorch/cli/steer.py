@@ -246,21 +246,10 @@ def _server_here(ctx: typer.Context) -> tuple[str, str] | None:
     """(MCP URL, a token) of the server running on this home, if one answers: a campaign
     started here then drives it (sciorch.cli.link), its record kept in this home as with --url.
     The token lasts as long as a campaign may (its calls are spread over that time)."""
-    from mcp_server.auth import create_token
-    from sciorch.cli.link import find_server
+    from sciorch.cli.link import server_here
 
     settings = settings_of(ctx)
-    who = principal()
-
-    async def find() -> tuple[str, str] | None:
-        server, _ = await find_server(settings, who)
-        if server is None:
-            return None
-        await server.aclose()
-        token = create_token(settings.keys_dir, who.id, ["submit"], CAMPAIGN_TOKEN_TTL_S)
-        return server.found.mcp_url, token
-
-    return guard(lambda: asyncio.run(find()))
+    return guard(lambda: asyncio.run(server_here(settings, principal(), CAMPAIGN_TOKEN_TTL_S)))
 
 
 CAMPAIGN_TOKEN_TTL_S = 24 * 3600
