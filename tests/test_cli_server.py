@@ -264,3 +264,28 @@ def test_demo_drives_the_server_running_on_its_home(server: Served) -> None:
     assert re.search(r"state\s+completed: evaluation budget spent", proc.stdout), proc.stdout
     assert re.search(r"evaluations\s+4 measured, 0 failed", proc.stdout), proc.stdout
     assert audited_tools(server.home).count("submit_job") - before >= 4
+
+
+@pytest.mark.timeout(600)
+def test_fetch_through_the_server_copies_the_files_byte_for_byte(tmp_path: Path) -> None:
+    """`fetch` reads the files over the server's download route (as they are, not decoded as
+    text); another principal gets nothing."""
+    from tests.test_artifacts import catalogue, sha256
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'catalogue_dirs = ["{catalogue(tmp_path)}"]\n')
+    with serve(home):
+        proc = ok(sciorch(home, "submit", "writes-files", "--wait", timeout=SLOW))
+        assert FALLBACK not in proc.stderr
+        entry = proc.stdout.splitlines()[0].strip()
+        dest = tmp_path / "got"
+        printed = ok(sciorch(home, "fetch", entry, "-o", str(dest), timeout=SLOW)).stdout
+        out = home / "entries" / entry / "output"
+        for path in ("big.bin", "data.csv", "plots/red.png"):
+            assert sha256(dest / path) == sha256(out / path)
+            assert sha256(out / path) in printed
+        line = user_error(sciorch(home, "fetch", entry, "-o", str(tmp_path / "x"),
+                                  timeout=SLOW, principal="carol"))  # fmt: skip
+        assert "visible to carol" in line
+        assert not (tmp_path / "x").exists()
