@@ -16,10 +16,12 @@ from tests.processes import cli_env
 ENTRY_ID = re.compile(r"^ent-[0-9a-f]+$")
 
 
-def sciorch(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def sciorch(
+    home: Path, *args: str, timeout: float = 60, principal: str = "tester"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sciorch.cli", *args],
-        env=cli_env(home),
+        env=cli_env(home, principal),
         capture_output=True,
         text=True,
         timeout=timeout,

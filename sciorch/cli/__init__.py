@@ -1,9 +1,11 @@
 """The `sciorch` command: human mirrors of the typed tools, plus `serve`, `steer`, `demo`,
 `agent` and `flow`.
 
-Each command parses its arguments, builds the tool's pydantic input, opens the engine in this
-process (it holds the lock on $SCIORCH_HOME while the command runs and re-adopts what earlier
-commands started), calls the tool and renders the answer. No business logic lives here.
+Each command parses its arguments, builds the tool's pydantic input, calls the tool and renders
+the answer: on the `sciorch serve` running on $SCIORCH_HOME if there is one (as an MCP tool
+call), else on an engine opened in this process (it holds the lock on $SCIORCH_HOME while the
+command runs and re-adopts what earlier commands started); see `link`. No business logic lives
+here.
 `app` holds the plumbing every command shares, `render` the tables; each other module is one
 area of commands, registered on `app` when imported here."""
 

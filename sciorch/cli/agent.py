@@ -10,8 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from sciorch.cli.app import CliState, app, err, fail, guard, out, settings_of
+from sciorch.cli.app import CliState, app, err, fail, guard, out, principal, settings_of
 from sciorch.cli.render import cell
+
+AGENT_TOKEN_TTL_S = 3600  # a run's step and cost budgets end it well before
 
 
 @app.command()
@@ -94,6 +96,17 @@ def agent(
 
     state: CliState = ctx.ensure_object(CliState) if ctx.obj is None else ctx.obj
     settings = None if url else guard(lambda: settings_of(ctx))
+    if settings is not None:  # the server running on this home, if any (sciorch.cli.link)
+        from sciorch.cli.link import server_here
+
+        home_settings, who = settings, principal()
+        limited = read_only or dry_run  # the server then refuses changes too
+        here = guard(
+            lambda: asyncio.run(server_here(home_settings, who, AGENT_TOKEN_TTL_S, limited))
+        )
+        if here is not None:
+            url, token = here
+            settings = None
     fields: dict[str, Any] = {
         "max_steps": max_steps,
         "max_tokens_total": max_tokens,

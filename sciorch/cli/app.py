@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,9 @@ from ground.models import (
     ResourceRequest,
 )
 from orchestrator.engine import Engine
+
+if TYPE_CHECKING:
+    from sciorch.cli.link import Ops
 
 T = TypeVar("T")
 
@@ -82,6 +85,22 @@ def run(
         finally:
             await engine.close()
 
+    return _run_main(main)
+
+
+def act(ctx: typer.Context, fn: Callable[[Ops], Awaitable[T]]) -> T:
+    """Run `fn` on the server running on this home, or else on an engine opened here
+    (sciorch.cli.link); typed errors become a red line, exit 2."""
+    from sciorch.cli.link import open_ops
+
+    async def main() -> T:
+        async with open_ops(settings_of(ctx), principal()) as ops:
+            return await fn(ops)
+
+    return _run_main(main)
+
+
+def _run_main(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return guard(lambda: asyncio.run(main()))
     except KeyboardInterrupt:

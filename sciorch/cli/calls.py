@@ -1,5 +1,6 @@
-"""Tool calls from the command line: to a running server's MCP endpoint with --url, else to an
-MCP server over this home's engine in memory; either way each action is authorised and recorded
+"""Tool calls from the command line: to a running server's MCP endpoint with --url, else to the
+server running on this home (sciorch.cli.link), else to an MCP server over this home's engine in
+memory; either way each action is authorised and recorded
 with who did it, exactly as when an agent calls the tool."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from flows.manager import flow_manager
 from mcp_server.connect import in_process, remote
 from mcp_server.server import create_server
 from mcp_server.steering_tools import campaign_manager
-from orchestrator.engine import Engine
 from sciorch.cli.app import fail, principal, settings_of
+from sciorch.cli.link import EngineOps, ServerOps, open_ops
 
 Call = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -40,16 +41,16 @@ def session(
     async def main() -> Any:
         if url is not None:
             return await over(remote(url, token))
-        engine = await Engine.open(settings_of(ctx))
-        try:
-            campaigns = campaign_manager(engine, auto_resume=False)
-            flow_manager(engine, auto_resume=False)
+        async with open_ops(settings_of(ctx), principal()) as ops:
+            if isinstance(ops, ServerOps):  # the server on this home runs campaigns and flows
+                return await over(await ops.client())
+            assert isinstance(ops, EngineOps)
+            campaigns = campaign_manager(ops.engine, auto_resume=False)
+            flow_manager(ops.engine, auto_resume=False)
             try:
-                return await over(in_process(create_server(engine, principal=principal())))
+                return await over(in_process(create_server(ops.engine, principal=ops.who)))
             finally:
                 await campaigns.shutdown()
-        finally:
-            await engine.close()
 
     try:
         return asyncio.run(main())

@@ -1,8 +1,9 @@
 """`sciorch campaign ...`: people in the loop from a terminal. Each command is one MCP tool call
 (pause_campaign, resume_campaign, update_campaign, add_points, reject_point, annotate_campaign,
 export_campaign), to a running server with --url (the way to steer a campaign a server runs),
-else to this home's engine in memory; so every action is authorised and recorded with who did
-it, exactly as when an agent calls the tool."""
+else to the server running on this home (sciorch.cli.link), else to this home's engine in
+memory; so every action is authorised and recorded with who did it, exactly as when an agent
+calls the tool."""
 
 from __future__ import annotations
 

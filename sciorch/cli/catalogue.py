@@ -9,14 +9,14 @@ import tools
 from ground.models import (
     format_duration,
 )
-from sciorch.cli.app import app, out, run
+from sciorch.cli.app import act, app, out
 from sciorch.cli.render import cell, fmt_resources
 
 
 @app.command()
 def services(ctx: typer.Context) -> None:
     """List the services in the catalogue."""
-    listing = run(ctx, tools.list_services)
+    listing = act(ctx, lambda ops: ops.call(tools.list_services))
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("SERVICE", no_wrap=True)
     table.add_column("VERSION", no_wrap=True)
@@ -42,7 +42,7 @@ def services(ctx: typer.Context) -> None:
 @app.command()
 def sites(ctx: typer.Context) -> None:
     """List the configured sites with their status and capabilities."""
-    listing = run(ctx, tools.list_sites)
+    listing = act(ctx, lambda ops: ops.call(tools.list_sites))
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("SITE", "KIND", "STATUS", "CPUS", "MEMORY", "GPUS", "MAX WALLTIME", "WAIT"):
         table.add_column(col, no_wrap=True)

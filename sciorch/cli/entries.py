@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 from collections import deque
@@ -20,7 +19,8 @@ from ground.models import (
     Principal,
 )
 from orchestrator.engine import Engine
-from sciorch.cli.app import app, build, err, out, parse_params, resource_request, run
+from sciorch.cli.app import act, app, build, err, out, parse_params, resource_request
+from sciorch.cli.link import Ops
 from sciorch.cli.render import cell, entries_table, entry_detail, fmt_json, fmt_state
 from tools.models import (
     EntryPage,
@@ -59,20 +59,21 @@ TimeoutOpt = Annotated[
 
 
 async def wait_until_done(
-    engine: Engine,
-    who: Principal,
+    ops: Ops,
     entry_id: str,
     timeout_s: float | None,
     until: str = "auto",
     on_message: Callable[[Message], Awaitable[None]] | None = None,
 ) -> WaitResult:
-    """tools.wait_entry in slices of at most a day until the entry gets there or time runs out."""
+    """tools.wait_entry in slices (a day here, minutes through a server) until the entry gets
+    there or time runs out."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
     while True:
-        left = 86400.0 if deadline is None else max(0.001, min(86400.0, deadline - loop.time()))
+        most = ops.wait_slice_s
+        left = most if deadline is None else max(0.001, min(most, deadline - loop.time()))
         req = build(WaitEntryInput, entry_id=entry_id, timeout_seconds=left, until=until)
-        res = await tools.wait_entry(engine, who, req, on_message)
+        res = await ops.call(tools.wait_entry, req, on_message)
         if not res.timed_out or (deadline is not None and loop.time() >= deadline):
             return res
 
@@ -151,7 +152,7 @@ def launch(
     req = _request(
         LaunchServiceInput, service, param, params_json, event, site, gpus, cpus, memory, walltime
     )
-    if _start(ctx, tools.launch_service, req, wait, timeout, "ready", _UP):
+    if _start(ctx, tools.launch_service, req, wait, timeout, "ready", _UP) is False:
         err.print("the URL answers while `sciorch serve` runs on this home", style="dim")
 
 
@@ -192,21 +193,24 @@ def _start(
     timeout: float | None,
     until: str,
     want: set[EntryState],
-) -> bool:
+) -> bool | None:
     """Start the entry and print its id; with `wait`, wait until it gets `until` and report
-    (exit 1 unless it ends in `want`). True when it waited and got there."""
+    (exit 1 unless it ends in `want`). None unless it waited and got there; then whether a
+    server was running it (so that its URL answers now)."""
 
-    async def go(engine: Engine, who: Principal) -> WaitResult | None:
-        view = await start(engine, who, req)
+    async def go(ops: Ops) -> tuple[WaitResult | None, bool]:
+        view = await ops.call(start, req)
         out.print(view.id)
         if not wait:
-            return None
-        return await wait_until_done(engine, who, view.id, timeout, until, print_record)
+            return None, ops.server_running
+        res = await wait_until_done(ops, view.id, timeout, until, print_record)
+        return res, ops.server_running
 
-    res = run(ctx, go)
-    if res is not None:
-        report_wait(res, want)
-    return res is not None
+    res, served = act(ctx, go)
+    if res is None:
+        return None
+    report_wait(res, want)
+    return served
 
 
 @app.command()
@@ -220,26 +224,25 @@ def status(
     if entry_id is not None:
         ref = build(EntryRef, entry_id=entry_id)
 
-        async def one(engine: Engine, who: Principal) -> EntryView:
-            return await tools.get_entry(engine, who, ref)
+        async def one(ops: Ops) -> EntryView:
+            return await ops.call(tools.get_entry, ref)
 
-        entry_detail(run(ctx, one))
+        entry_detail(act(ctx, one))
         return
 
-    async def recent(engine: Engine, who: Principal) -> list[EntrySummary]:
+    async def recent(ops: Ops) -> list[EntrySummary]:
         # Pages come oldest first; keep the newest `limit`.
         kept: deque[EntrySummary] = deque(maxlen=limit)
         cursor = None
         while True:
-            page: EntryPage = await tools.list_entries(
-                engine, who, build(ListEntriesInput, event_id=event, limit=1000, cursor=cursor)
-            )
+            req = build(ListEntriesInput, event_id=event, limit=1000, cursor=cursor)
+            page: EntryPage = await ops.call(tools.list_entries, req)
             kept.extend(page.entries)
             if not page.next_cursor:
                 return list(kept)
             cursor = page.next_cursor
 
-    entries = run(ctx, recent)
+    entries = act(ctx, recent)
     if not entries:
         err.print("no entries yet; try `sciorch submit sim-instrument -p x1=1 --wait`")
         return
@@ -261,17 +264,13 @@ def logs(
         sys.stdout.write(data)
         sys.stdout.flush()
 
-    async def go(engine: Engine, who: Principal) -> None:
-        await tools.get_entry(engine, who, ref)  # not found / not allowed before subscribing
-        wanted = ("log", "transition")
-        async with engine.bus.subscribe(
-            lambda m: m.entry_id == entry_id and m.kind in wanted
-        ) as sub:
+    async def go(ops: Ops) -> None:
+        await ops.call(tools.get_entry, ref)  # not found / not allowed before subscribing
+        async with ops.log_changes(entry_id) as changed:
             offset = 0
             while True:
-                chunk = await tools.read_logs(
-                    engine,
-                    who,
+                chunk = await ops.call(
+                    tools.read_logs,
                     build(ReadLogsInput, entry_id=entry_id, offset=offset, limit=1_048_576),
                 )
                 write(chunk.data)
@@ -280,13 +279,9 @@ def logs(
                     continue  # more already there
                 if not follow or chunk.complete:
                     return
-                # Pushed by the engine; the timeout is only a bounded fallback.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.get(), timeout=2.0)
-                while not sub.queue.empty():
-                    sub.queue.get_nowait()
+                await changed()
 
-    run(ctx, go)
+    act(ctx, go)
 
 
 @app.command()
@@ -298,10 +293,10 @@ def results(
     """Print an entry's result, stream records and artifacts as JSON."""
     req = build(ReadResultsInput, entry_id=entry_id, since_record=since_record)
 
-    async def go(engine: Engine, who: Principal) -> str:
-        return (await tools.read_results(engine, who, req)).model_dump_json(indent=2)
+    async def go(ops: Ops) -> str:
+        return (await ops.call(tools.read_results, req)).model_dump_json(indent=2)
 
-    out.print_json(run(ctx, go))
+    out.print_json(act(ctx, go))
 
 
 @app.command()
@@ -309,10 +304,10 @@ def cancel(ctx: typer.Context, entry_id: Annotated[str, typer.Argument(help="ent
     """Cancel an entry (idempotent)."""
     ref = build(EntryRef, entry_id=entry_id)
 
-    async def go(engine: Engine, who: Principal) -> EntryView:
-        return await tools.cancel_entry(engine, who, ref)
+    async def go(ops: Ops) -> EntryView:
+        return await ops.call(tools.cancel_entry, ref)
 
-    view = run(ctx, go)
+    view = act(ctx, go)
     line = Text(f"{view.id} ")
     line.append_text(fmt_state(view.state))
     out.print(line)

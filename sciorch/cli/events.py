@@ -11,11 +11,10 @@ from rich.table import Table
 import tools
 from ground.models import (
     EntryState,
-    Principal,
 )
-from orchestrator.engine import Engine
-from sciorch.cli.app import app, build, out, run
+from sciorch.cli.app import act, app, build, out
 from sciorch.cli.entries import wait_until_done
+from sciorch.cli.link import Ops
 from sciorch.cli.render import cell, event_line, fmt_time
 from tools.models import (
     CreateEventInput,
@@ -29,7 +28,7 @@ from tools.models import (
 @app.command()
 def events(ctx: typer.Context) -> None:
     """List your active events (allocations)."""
-    listing = run(ctx, tools.list_events)
+    listing = act(ctx, lambda ops: ops.call(tools.list_events))
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("EVENT", "NAME", "STATE", "OWNER", "SITE", "CREATED", "EXPIRES"):
         table.add_column(col, no_wrap=True)
@@ -58,10 +57,10 @@ def create_event(
     """Create an event (an allocation); prints its id."""
     req = build(CreateEventInput, name=name, site=site, ttl_seconds=ttl)
 
-    async def go(engine: Engine, who: Principal) -> EventView:
-        return await tools.create_event(engine, who, req)
+    async def go(ops: Ops) -> EventView:
+        return await ops.call(tools.create_event, req)
 
-    out.print(run(ctx, go).id)
+    out.print(act(ctx, go).id)
 
 
 @app.command("stop-event")
@@ -71,26 +70,21 @@ def stop_event(
     """Stop an event and every entry in it (idempotent)."""
     ref = build(EventRef, event_id=event_id)
 
-    async def go(engine: Engine, who: Principal) -> EventView:
-        return await stop_event_and_wait(engine, who, ref)
+    async def go(ops: Ops) -> EventView:
+        return await stop_event_and_wait(ops, ref)
 
-    out.print(cell(event_line(run(ctx, go))))
+    out.print(cell(event_line(act(ctx, go))))
 
 
-async def stop_event_and_wait(
-    engine: Engine, who: Principal, ref: EventRef, timeout_s: float = 30
-) -> EventView:
+async def stop_event_and_wait(ops: Ops, ref: EventRef, timeout_s: float = 30) -> EventView:
     """tools.stop_event, then wait until its entries have ended: this process is about to exit,
     and an entry whose stop is still under way would be found by the next one, without the
     knowledge that it was stopped on purpose."""
     active = [s for s in EntryState if not s.terminal]
-    page = await tools.list_entries(
-        engine, who, build(ListEntriesInput, event_id=ref.event_id, states=active, limit=1000)
-    )
-    view = await tools.stop_event(engine, who, ref)
-    await asyncio.gather(
-        *(wait_until_done(engine, who, e.id, timeout_s, "finished") for e in page.entries)
-    )
+    req = build(ListEntriesInput, event_id=ref.event_id, states=active, limit=1000)
+    page = await ops.call(tools.list_entries, req)
+    view = await ops.call(tools.stop_event, ref)
+    await asyncio.gather(*(wait_until_done(ops, e.id, timeout_s, "finished") for e in page.entries))
     return view
 
 
@@ -104,7 +98,7 @@ def share(
     """Share an event with another principal (or revoke with --role none)."""
     req = build(ShareEventInput, event_id=event_id, principal=with_principal, role=role)
 
-    async def go(engine: Engine, who: Principal) -> EventView:
-        return await tools.share_event(engine, who, req)
+    async def go(ops: Ops) -> EventView:
+        return await ops.call(tools.share_event, req)
 
-    out.print(cell(event_line(run(ctx, go))))
+    out.print(cell(event_line(act(ctx, go))))

@@ -12,33 +12,25 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 import tools
 from ground.contract import MAX_ARTIFACT_READ
 from ground.errors import InvalidInput
-from ground.models import Principal
-from orchestrator.engine import Engine
-from sciorch.cli.app import app, build, err, out, run
+from sciorch.cli.app import act, app, build, err, out
+from sciorch.cli.link import Ops
 from tools.models import ArtifactView, ReadResultsInput
 
 # Files at least this big get a progress bar.
 PROGRESS_BYTES = 8 * MAX_ARTIFACT_READ
 
 
-async def _copy(
-    engine: Engine, who: Principal, entry_id: str, art: ArtifactView, dest: Path, bar: Progress
-) -> str:
+async def _copy(ops: Ops, entry_id: str, art: ArtifactView, dest: Path, bar: Progress) -> str:
     """Write the artifact to dest (through a temporary name); its sha256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     task = bar.add_task(art.path, total=art.size, visible=(art.size or 0) >= PROGRESS_BYTES)
-    offset = 0
     with tmp.open("wb") as f:
-        while True:
-            _, chunk = await engine.read_artifact(who, entry_id, art.path, offset)
-            f.write(chunk.data)
-            digest.update(chunk.data)
-            bar.advance(task, len(chunk.data))
-            offset = chunk.next_offset
-            if not chunk.data or offset >= chunk.size:
-                break
+        async for data in ops.artifact_bytes(entry_id, art.path):
+            f.write(data)
+            digest.update(data)
+            bar.advance(task, len(data))
     tmp.replace(dest)
     bar.remove_task(task)
     return digest.hexdigest()
@@ -58,8 +50,8 @@ def fetch(
     """Download an entry's artifacts (all, or PATH) into a directory, keeping their paths."""
     req = build(ReadResultsInput, entry_id=entry_id, limit=1)
 
-    async def go(engine: Engine, who: Principal) -> list[tuple[str, int, str, bool]]:
-        listed = (await tools.read_results(engine, who, req)).artifacts
+    async def go(ops: Ops) -> list[tuple[str, int, str, bool]]:
+        listed = (await ops.call(tools.read_results, req)).artifacts
         wanted = [a for a in listed if path is None or a.path == path]
         if path is not None and not wanted:
             raise InvalidInput(f"entry {entry_id} has no artifact {path!r}", field="path")
@@ -73,10 +65,10 @@ def fetch(
                     err.print(f"{art.path}: kept on the site, not readable here")
                     continue
                 dest = output / PurePosixPath(art.path)
-                sha = await _copy(engine, who, entry_id, art, dest, bar)
+                sha = await _copy(ops, entry_id, art, dest, bar)
                 done.append((str(dest), art.size, sha, art.sha256 in (None, sha)))
         return done
 
-    for dest, size, sha, same in run(ctx, go):
+    for dest, size, sha, same in act(ctx, go):
         note = "" if same else "  (changed while it was read)"
         out.print(f"{dest}  {size} bytes  sha256 {sha}{note}")

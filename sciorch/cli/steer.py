@@ -17,7 +17,7 @@ from ground.models import (
     Principal,
 )
 from orchestrator.engine import Engine
-from sciorch.cli.app import CliState, app, err, fail, guard, out, principal, run
+from sciorch.cli.app import CliState, app, err, fail, guard, out, principal, run, settings_of
 from sciorch.cli.render import cell
 
 DEMO_CAMPAIGN: dict[str, Any] = {
@@ -242,6 +242,19 @@ async def _steer_remote(
         await store.close()
 
 
+def _server_here(ctx: typer.Context) -> tuple[str, str] | None:
+    """(MCP URL, a token) of the server running on this home, if one answers: a campaign
+    started here then drives it (sciorch.cli.link), its record kept in this home as with --url.
+    The token lasts as long as a campaign may (its calls are spread over that time)."""
+    from sciorch.cli.link import server_here
+
+    settings = settings_of(ctx)
+    return guard(lambda: asyncio.run(server_here(settings, principal(), CAMPAIGN_TOKEN_TTL_S)))
+
+
+CAMPAIGN_TOKEN_TTL_S = 24 * 3600
+
+
 def _exit_for(view: Any) -> None:
     if view.state.value == "failed":
         fail(f"campaign {view.id} failed: {view.reason}", "campaign", code=1)
@@ -280,6 +293,8 @@ def steer(
     spec = guard(lambda: load_spec(file)) if file is not None else None
     state: CliState = ctx.obj
     who = principal()
+    if url is None and (here := _server_here(ctx)) is not None:
+        url, token = here
     try:
         if url is None:
 
@@ -326,7 +341,16 @@ def demo(
     async def go(engine: Engine, me: Principal) -> Any:
         return await _steer_local(engine, me, spec, None, True, progress)
 
-    view = run(ctx, go)
+    here = _server_here(ctx)
+    if here is None:
+        view = run(ctx, go)
+    else:
+        home: Path = ctx.obj.home
+        view = guard(
+            lambda: asyncio.run(
+                _steer_remote(home, principal(), here[0], here[1], spec, None, True, progress)
+            )
+        )
     _report(view)
     _exit_for(view)
     if view.best is None or view.progress.succeeded < evaluations // 2:

@@ -13,6 +13,7 @@ import logging
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import uvicorn
 from fastmcp import FastMCP
@@ -27,6 +28,7 @@ from mcp_server.server import bearer_reader
 from mcp_server.transport import Lifespan, mcp_mount
 from orchestrator.engine import Engine
 from sciorch.web.artifacts import ArtifactDownloads, BearerReader
+from sciorch.web.discovery import client_base, remove_discovery, write_discovery
 from sciorch.web.edge import http_protocol
 from sciorch.web.hooks import hook_routes
 from sciorch.web.hub import Hub
@@ -159,6 +161,7 @@ async def serve_http(
         try:
             yield
         finally:
+            remove_discovery(settings.home)
             await close_engine()
 
     try:
@@ -189,8 +192,25 @@ async def serve_http(
             http=http_protocol(settings),
             timeout_keep_alive=settings.http_idle_timeout_s,
         )
-        server = uvicorn.Server(config)
+        server = _Announced(config, None if settings.store_url else settings.home)
         log.info("sciorch HTTP on %s:%d, public URL %s", host, port, settings.public_url)
         await server.serve()
     finally:
+        remove_discovery(settings.home)
         await close_engine()
+
+
+class _Announced(uvicorn.Server):
+    """A server that, once it listens, leaves a discovery file in `home` (sciorch.web.discovery)
+    for the CLI on that home; on PostgreSQL (home None) the CLI uses the store itself."""
+
+    def __init__(self, config: uvicorn.Config, home: Path | None) -> None:
+        super().__init__(config)
+        self.home = home
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.home is not None and self.servers:
+            # The bound port, not the configured one: --port 0 binds any free port.
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            write_discovery(self.home, client_base(str(host), int(port)))
