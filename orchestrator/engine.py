@@ -71,6 +71,7 @@ from orchestrator.database import IntegrityError
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
+from orchestrator.results import ResultsIndex
 from orchestrator.routing import choose_site
 from orchestrator.store import Store, now
 
@@ -174,6 +175,7 @@ class Engine:
         self._started = False
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
+        self.results = ResultsIndex(store.database)
 
     # ================================================================ lifecycle
 
@@ -347,6 +349,8 @@ class Engine:
             await self.store.apply_transition(entry_id, state, at, reason, fields)
             if state.terminal:
                 self._locks.pop(entry_id, None)
+        if state.terminal:  # in the catalogue before anyone hears it finished
+            await self.results.index_finished(self, entry_id)
         self.bus.publish(
             Message(
                 kind="transition",

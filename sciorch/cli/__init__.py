@@ -11,7 +11,7 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign
+from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign, search
 
 # isort: on
 
@@ -24,6 +24,7 @@ __all__ = [
     "events",
     "fetch",
     "main",
+    "search",
     "serve",
     "steer",
 ]
