@@ -29,6 +29,7 @@ from orchestrator.engine import Engine
 from orchestrator.results import CAMPAIGN_KEY, ResultSearch, ResultsIndex, campaign_of
 from orchestrator.results_query import BoolOp, Compare, Field, Not, parse_field, parse_query
 from orchestrator.store import Store
+from steering.export import parquet_available
 from steering.runner import key_for
 from tests.conftest import BOTH_STORES, make_settings, shutdown
 from tests.mcp_helpers import structured, submit_sim, wait_entry
@@ -336,6 +337,19 @@ def _search_through_the_cli(home: Path, ids_: list[str]) -> None:
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "at column 5: expected a value" in bad.stderr
+    parquet = home.parent / "found.parquet"
+    wrote = subprocess.run(
+        [sys.executable, "-m", "sciorch.cli", "search", "--parquet", str(parquet)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if parquet_available():
+        import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
+
+        assert wrote.returncode == 0, wrote.stderr
+        assert sorted(pq.read_table(parquet).column("entry_id").to_pylist()) == sorted(ids_)
+    else:  # refused before anything runs, saying what to install
+        assert wrote.returncode == 2 and "needs pyarrow" in wrote.stderr
+        assert not parquet.exists()
     as_bob = subprocess.run(
         [sys.executable, "-m", "sciorch.cli", "search", "--json"],
         env=cli_env(home, principal="bob"), capture_output=True, text=True, timeout=120,

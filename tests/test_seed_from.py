@@ -13,9 +13,11 @@ import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
 
+from ground.errors import InvalidInput
 from ground.models import Principal
 from mcp_server.server import create_server
 from orchestrator.engine import Engine
+from steering.spec import load_spec
 from tests.conftest import campaign_engine
 from tests.test_steering import branin_spec, finished, structured
 
@@ -82,3 +84,21 @@ async def test_a_seeded_campaign_starts_from_earlier_results_without_running_the
 async def test_a_bad_seed_query_is_refused_at_start_naming_the_field(alice: Client[Any]) -> None:
     with pytest.raises(ToolError, match=r"seed_from\.query: at column 8: expected a value"):
         await alice.call_tool("start_campaign", branin_spec(seed_from={"query": "value <"}))
+
+
+def test_seed_from_in_a_campaign_file(tmp_path: Path) -> None:
+    text = (
+        '[objective]\nservice = "sim-instrument"\n'
+        '[[space]]\nname = "x1"\nlow = -5.0\nhigh = 10.0\n'
+        "[seed_from]\nquery = 'surface = \"branin\" and value < 5'\n"
+        'campaign_id = "cmp-1a2b3c4d5e6f"\n'
+    )
+    (tmp_path / "c.toml").write_text(text)
+    seed = load_spec(tmp_path / "c.toml").seed_from
+    assert seed is not None and seed.campaign_id == "cmp-1a2b3c4d5e6f" and seed.limit == 500
+    assert seed.query == 'surface = "branin" and value < 5'
+    (tmp_path / "bad.toml").write_text(text.replace("value < 5", "value << 5"))
+    with pytest.raises(InvalidInput) as info:
+        load_spec(tmp_path / "bad.toml")
+    assert info.value.field == "seed_from.query"
+    assert "at column 31: expected a value" in info.value.message
