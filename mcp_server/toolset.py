@@ -244,6 +244,18 @@ TOOLS: tuple[ToolSpec, ...] = (
         read_only=True,
         idempotent=True,
     ),
+    ToolSpec(
+        "stream_access",
+        tools.stream_access,
+        m.StreamAccessInput,
+        m.StreamAccess,
+        "Where an entry's high-rate stream records are: with the Redis data plane, the "
+        "stream's host, port and key and a short-lived credential that may only read it "
+        "(XREAD/XRANGE it directly; a new one per call); without it, plane=control (records "
+        "come through wait_entry and read_results).",
+        "read",
+        read_only=True,
+    ),
 )
 
 

@@ -157,9 +157,15 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "read_results",
         "read_artifact",
         "search_results",
+        "stream_access",
     }
     assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
-    assert {s.name for s in TOOLS if not s.idempotent} == {"create_event", "launch_service"}
+    # stream_access hands out a new credential per call.
+    assert {s.name for s in TOOLS if not s.idempotent} == {
+        "create_event",
+        "launch_service",
+        "stream_access",
+    }
     assert not any(s.read_only and s.destructive for s in TOOLS)
 
 
@@ -177,6 +183,7 @@ async def test_every_result_validates_against_its_output_schema(
         "read_results": {"entry_id": entry_id},
         "wait_entry": {"entry_id": entry_id},
         "search_results": {"query": "value > -1e9", "format": "csv"},
+        "stream_access": {"entry_id": entry_id},
     }
     published = {t.name: t.output_schema for t in await alice.list_tools()}
     for name, args in calls.items():

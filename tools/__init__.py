@@ -15,6 +15,7 @@ from tools.operations import (
     search_results,
     share_event,
     stop_event,
+    stream_access,
     submit_job,
     wait_entry,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "search_results",
     "share_event",
     "stop_event",
+    "stream_access",
     "submit_job",
     "wait_entry",
 ]

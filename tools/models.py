@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import mimetypes
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from ground.contract import MAX_ARTIFACT_READ, ArtifactStat
 from ground.models import (
@@ -369,6 +369,17 @@ class SiteList(BaseModel):
 # ------------------------------------------------------------------ results catalogue
 
 
+def _iso_time(v: Any) -> Any:
+    # pydantic would take a number as Unix time; a time here is ISO 8601, as it reads.
+    if isinstance(v, int | float):
+        raise ValueError("expected an ISO 8601 time such as 2026-06-01T12:00:00Z")
+    return v
+
+
+# In the type, not a model validator: the MCP tool validates each argument by its type.
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
+
+
 class SearchResultsInput(_In):
     query: str = Field(
         "",
@@ -386,8 +397,8 @@ class SearchResultsInput(_In):
     states: list[EntryState] | None = Field(
         None, min_length=1, max_length=8, description="final states (default: succeeded only)"
     )
-    finished_after: datetime | None = Field(None, description="finished at or after (ISO 8601)")
-    finished_before: datetime | None = Field(None, description="finished before (ISO 8601)")
+    finished_after: IsoTime | None = Field(None, description="finished at or after (ISO 8601)")
+    finished_before: IsoTime | None = Field(None, description="finished before (ISO 8601)")
     sort: str = Field(
         "finished_at",
         min_length=1,
@@ -453,3 +464,26 @@ class ResultPage(BaseModel):
             row["artifacts"] = [a.model_dump(mode="json") for a in r.artifacts] or None
             out.append(row)
         return cols, out
+
+
+# ------------------------------------------------------------------ stream data plane
+
+
+class StreamAccessInput(_In):
+    entry_id: str = EntryId
+    ttl_seconds: Int = Field(600, ge=10, le=86400, description="the credential's lifetime")
+
+
+class StreamAccess(BaseModel):
+    entry_id: str
+    plane: Literal["redis", "control"] = Field(
+        description="redis: read the stream from Redis with this credential; control: no data "
+        "plane is configured, records come through wait_entry and read_results"
+    )
+    host: str | None = None
+    port: int | None = None
+    stream: str | None = Field(None, description="the Redis stream key (XREAD, XRANGE)")
+    username: str | None = None
+    password: str | None = Field(None, description="keep private; it reads this stream only")
+    url: str | None = Field(None, description="redis:// URL with the credential")
+    expires_at: datetime | None = None

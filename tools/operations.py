@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from ground.contract import whole_utf8
 from ground.models import Entry, EntryState, Message, Principal, Role, ServiceKind
@@ -36,6 +37,8 @@ from tools.models import (
     ServiceList,
     ShareEventInput,
     SiteList,
+    StreamAccess,
+    StreamAccessInput,
     SubmitJobInput,
     WaitEntryInput,
     WaitResult,
@@ -231,4 +234,25 @@ async def search_results(
             for r in rows
         ],
         next_cursor=cursor,
+    )
+
+
+async def stream_access(
+    engine: Engine, principal: Principal, req: StreamAccessInput
+) -> StreamAccess:
+    """Where the entry's stream records are, and a credential that may only read them."""
+    entry = await engine.get_entry(principal, req.entry_id)
+    if engine.data_plane is None:
+        return StreamAccess(entry_id=entry.id, plane="control")
+    grant = await engine.data_plane.grant(entry.id, "reader", req.ttl_seconds)
+    return StreamAccess(
+        entry_id=entry.id,
+        plane="redis",
+        host=grant.host,
+        port=grant.port,
+        stream=grant.stream,
+        username=grant.username,
+        password=grant.password,
+        url=grant.url(),
+        expires_at=datetime.fromtimestamp(grant.expires_at, UTC),
     )
