@@ -136,6 +136,15 @@ class Settings(BaseModel):
         le=300.0,
         description="replicas on PostgreSQL: a dead replica's work is taken over after this",
     )
+    data_plane: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="Redis Streams for high-rate stream records (redis://admin:pw@host:port); "
+        "jobs append there, clients read with stream_access credentials",
+    )
+    data_plane_host: str | None = Field(
+        None, description="the Redis address clients are given; default: data_plane's host"
+    )
 
     @property
     def db_path(self) -> Path:

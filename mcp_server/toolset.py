@@ -23,6 +23,7 @@ import tools
 from ground.errors import ERROR_META_KEY, SciorchError, invalid_input
 from ground.models import Message, Principal
 from orchestrator.engine import Engine
+from steering import export
 from tools import models as m
 
 Scope = Literal["read", "submit", "admin"]
@@ -44,6 +45,15 @@ class ToolSpec:
     long_running: bool = False  # task-capable, reports progress
     # How the returned model becomes the tool result, when not as structured JSON alone.
     render: Callable[[Any], ToolResult] | None = None
+
+
+async def search_results(engine: Engine, who: Principal, req: m.SearchResultsInput) -> m.ResultPage:
+    """tools.search_results, with the page as CSV when asked (steering.export writes the
+    same CSV for campaigns)."""
+    page = await tools.search_results(engine, who, req)
+    if req.format == "csv":
+        page.csv = export.to_csv(*page.table())
+    return page
 
 
 TOOLS: tuple[ToolSpec, ...] = (
@@ -219,6 +229,33 @@ TOOLS: tuple[ToolSpec, ...] = (
         read_only=False,
         destructive=True,
         idempotent=True,
+    ),
+    ToolSpec(
+        "search_results",
+        search_results,
+        m.SearchResultsInput,
+        m.ResultPage,
+        "Search the results catalogue: finished entries you may see, with their parameters, "
+        "result, artifacts and provenance (service@version, event, campaign and evaluation, "
+        "site, account, start/end, template checksum). Filter by service, event, campaign, "
+        'time and a query on parameter/result fields (surface = "branin" and value < 0.5); '
+        "sort by time or a numeric field; page with next_cursor. format=csv also returns the "
+        "page as CSV text.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "stream_access",
+        tools.stream_access,
+        m.StreamAccessInput,
+        m.StreamAccess,
+        "Where an entry's high-rate stream records are: with the Redis data plane, the "
+        "stream's host, port and key and a short-lived credential that may only read it "
+        "(XREAD/XRANGE it directly; a new one per call); without it, plane=control (records "
+        "come through wait_entry and read_results).",
+        "read",
+        read_only=True,
     ),
 )
 

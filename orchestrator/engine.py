@@ -71,10 +71,12 @@ from orchestrator.accounts import sites_for
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
+from orchestrator.dataplane import RedisPlane
 from orchestrator.groups import EXPORTS, HELD, Groups, held
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
+from orchestrator.results import ResultsIndex
 from orchestrator.routing import choose_site
 from orchestrator.store import Store, now
 
@@ -186,6 +188,12 @@ class Engine:
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
         self.groups = Groups(self)
+        self.results = ResultsIndex(store.database)
+        self.data_plane = (
+            RedisPlane(settings.data_plane, settings.data_plane_host)
+            if settings.data_plane
+            else None
+        )
 
     # ================================================================ lifecycle
 
@@ -240,6 +248,8 @@ class Engine:
         if self.replicas is not None:
             await self.replicas.release()
         await self.bus.close()
+        if self.data_plane is not None:
+            await self.data_plane.close()
         await self.store.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -364,6 +374,8 @@ class Engine:
             await self.store.apply_transition(entry_id, state, at, reason, fields)
             if state.terminal:
                 self._locks.pop(entry_id, None)
+        if state.terminal:  # in the catalogue before anyone hears it finished
+            await self.results.index_finished(self, entry_id)
         self.bus.publish(
             Message(
                 kind="transition",
@@ -679,6 +691,11 @@ class Engine:
             env.update(member.env)
         if self.settings.allow_root_services:
             env["SCIORCH_ALLOW_ROOT"] = "1"
+        if self.data_plane is not None:  # the job's own credential: XADD to its stream only
+            grant = await self.data_plane.grant(
+                entry_id, "writer", (res.walltime_s or 86400) + 3600
+            )
+            env.update(SCIORCH_REDIS_URL=grant.url(), SCIORCH_REDIS_STREAM=grant.stream)
         spec = LaunchSpec(
             entry_id=entry_id,
             event_id=event.id,

@@ -50,7 +50,7 @@ class EvalState(StrEnum):
         return self not in (EvalState.QUEUED, EvalState.REJECTED, EvalState.RELEASED)
 
 
-Source = Literal["design", "gp", "added", "external"]
+Source = Literal["design", "gp", "added", "external", "seed"]
 
 
 class Attempt(BaseModel):

@@ -41,7 +41,7 @@ from steering.models import (
     EvalState,
     EvaluationRecord,
 )
-from steering.spec import CampaignSpec
+from steering.spec import CampaignSpec, SeedFrom
 from steering.store import CampaignStore, now
 
 log = logging.getLogger("sciorch.steering")
@@ -223,7 +223,7 @@ class CampaignRunner:
                 await self.tools.call("cancel_entry", {"entry_id": e.entry_id})
 
     def _spent(self) -> int:
-        return sum(1 for e in self.evals.values() if e.state.spends_budget)
+        return sum(1 for e in self.evals.values() if e.state.spends_budget and e.source != "seed")
 
     def _notify(self) -> None:
         if self.on_update is not None:
@@ -281,6 +281,8 @@ class CampaignRunner:
         self.paused = rec.paused
         if rec.stop_requested:
             self.request_stop(True)
+        if spec.seed_from is not None and not self.evals:
+            await self._seed(spec.seed_from)
         await self._load_optimizer()
 
         services = await self.tools.call("list_services")
@@ -329,6 +331,66 @@ class CampaignRunner:
             await self._maybe_summary()
             await self._wait_for_news(deadline)
 
+    async def _seed(self, seed: SeedFrom) -> None:
+        """Record earlier results (search_results) as measured evaluations, before anything is
+        asked: `_load_optimizer` tells them to the GP with the rest. Rows that are no point of
+        this space, have no usable value, or repeat a point already seeded are left out."""
+        from steering.external import check_point  # it imports this module
+
+        args: dict[str, Any] = {
+            "query": seed.query,
+            "service": seed.service or (self.spec.objective.service or "").partition("@")[0],
+            "campaign_id": seed.campaign_id,
+            "event_id": seed.event_id,
+        }
+        rows: list[dict[str, Any]] = []
+        cursor = None
+        while len(rows) < seed.limit:
+            size = min(1000, seed.limit - len(rows))
+            page = await self.tools.call(
+                "search_results", {**args, "limit": size, "cursor": cursor}
+            )
+            rows += page.get("rows") or []
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        seen: set[str] = set()
+        fixed = self.spec.objective.parameters
+        for row in rows:
+            params = dict(row.get("parameters") or {})
+            if any(params.get(k) != v for k, v in fixed.items()):
+                continue  # measured under other fixed parameters
+            try:
+                point = check_point(
+                    self.spec, {p.name: params.get(p.name) for p in self.spec.space}
+                )
+                value, noise = result_value(self.spec, row.get("result"))
+            except (InvalidInput, ValueError):
+                continue
+            key = repr(sorted(point.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            seq = self.reserve_seqs(1)[0]
+            e = EvaluationRecord(
+                campaign_id=self.id,
+                seq=seq,
+                point=point,
+                source="seed",
+                state=EvalState.SUCCEEDED,
+                idempotency_key=key_for(self.id, seq, 1),
+                entry_id=str(row["entry_id"]),
+                value=value,
+                noise=noise,
+                result=row.get("result"),
+                reason=f"seeded from {row['entry_id']}",
+                asked_at=now(),
+                finished_at=now(),
+            )
+            await self.store.insert_evaluation(e)
+            self.evals[seq] = e
+        log.info("campaign %s: seeded with %d of %d results", self.id, len(seen), len(rows))
+
     async def _load_optimizer(self) -> None:
         """The GP told every measurement so far, and what is left of the initial design."""
         from steering.optimizer import Optimizer  # gpCAM is imported when a campaign runs
@@ -344,7 +406,8 @@ class CampaignRunner:
                 [e.noise for e in done],
             )
         design = await asyncio.to_thread(self._design)
-        used = sum(1 for e in self.evals.values() if e.source == "design")
+        # Seeded results stand in for design points: with enough of them the GP asks first.
+        used = sum(1 for e in self.evals.values() if e.source in ("design", "seed"))
         self.design_queue = design[used:]
 
     def _deadline(self) -> float | None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ground.errors import InvalidInput, invalid_input
 from ground.models import MAX_DURATION_S, Bool, Int, Number, OptInt, OptNumber, parse_duration_s
+from orchestrator.results_query import parse_query
 
 Goal = Literal["minimise", "maximise", "explore"]
 
@@ -250,6 +251,35 @@ class Plot(_Strict):
     )
 
 
+class SeedFrom(_Strict):
+    """Earlier results that count as known data before the first suggestion (search_results'
+    filters): each row whose parameters are a point of the space and whose result has the
+    objective's field is told to the GP as measured; nothing of it runs again."""
+
+    query: str = Field(
+        "",
+        max_length=4000,
+        description='search_results query on parameter/result fields, e.g. surface = "branin"',
+    )
+    service: str | None = Field(
+        None, min_length=1, max_length=128, description="default: the objective's service"
+    )
+    campaign_id: str | None = Field(
+        None, min_length=1, max_length=64, description="only the evaluations of this campaign"
+    )
+    event_id: str | None = Field(None, min_length=1, max_length=64, description="only this event")
+    limit: Int = Field(500, ge=1, le=10_000, description="rows at most (the newest first)")
+
+    @field_validator("query")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        try:
+            parse_query(v, "query")
+        except InvalidInput as exc:
+            raise ValueError(exc.message.removeprefix("query: ")) from None
+        return v
+
+
 class CampaignFields(_Strict):
     """The sections of a campaign, each validated on its own (the start_campaign tool's input);
     `CampaignSpec` adds the checks across sections."""
@@ -282,6 +312,9 @@ class CampaignFields(_Strict):
     )
     retries: Int = Field(2, ge=0, le=10, description="resubmissions of a failed evaluation")
     plot: Plot = Field(default_factory=Plot)
+    seed_from: SeedFrom | None = Field(
+        None, description="seed the GP with earlier results found by this search"
+    )
 
     @field_validator("acquisition", mode="before")
     @classmethod
@@ -336,6 +369,10 @@ class CampaignSpec(CampaignFields):
                 raise ValueError("plot.dims: must be distinct")
         if self.stop.target is not None and goal == "explore":
             raise ValueError("stop.target: needs goal = minimise or maximise")
+        if self.seed_from is not None and self.objective.external:
+            raise ValueError(
+                "seed_from: seeds campaigns whose jobs sciorch runs, not external ones"
+            )
         return self
 
     @property

@@ -156,9 +156,16 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "read_logs",
         "read_results",
         "read_artifact",
+        "search_results",
+        "stream_access",
     }
     assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
-    assert {s.name for s in TOOLS if not s.idempotent} == {"create_event", "launch_service"}
+    # stream_access hands out a new credential per call.
+    assert {s.name for s in TOOLS if not s.idempotent} == {
+        "create_event",
+        "launch_service",
+        "stream_access",
+    }
     assert not any(s.read_only and s.destructive for s in TOOLS)
 
 
@@ -175,6 +182,8 @@ async def test_every_result_validates_against_its_output_schema(
         "read_logs": {"entry_id": entry_id},
         "read_results": {"entry_id": entry_id},
         "wait_entry": {"entry_id": entry_id},
+        "search_results": {"query": "value > -1e9", "format": "csv"},
+        "stream_access": {"entry_id": entry_id},
     }
     published = {t.name: t.output_schema for t in await alice.list_tools()}
     for name, args in calls.items():
@@ -810,6 +819,7 @@ async def test_other_principals_events_are_not_found(alice: Client[Any], bob: Cl
         ("list_entries", {"event_id": event["id"]}),
         ("submit_job", {"service": "sim-instrument", "event_id": event["id"]}),
         ("launch_service", {"service": "http-app", "event_id": event["id"]}),
+        ("search_results", {"event_id": event["id"]}),
     ]:
         result = await bob.call_tool(name, args, raise_on_error=False)
         text = assert_tool_error(result, "not_found", "event_id")

@@ -12,8 +12,10 @@ from tools.operations import (
     read_artifact,
     read_logs,
     read_results,
+    search_results,
     share_event,
     stop_event,
+    stream_access,
     submit_job,
     wait_entry,
 )
@@ -30,8 +32,10 @@ __all__ = [
     "read_artifact",
     "read_logs",
     "read_results",
+    "search_results",
     "share_event",
     "stop_event",
+    "stream_access",
     "submit_job",
     "wait_entry",
 ]

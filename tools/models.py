@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import mimetypes
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from ground.compose import EntryGroup, group_of
 from ground.contract import MAX_ARTIFACT_READ, ArtifactStat
@@ -403,3 +403,126 @@ class ServiceList(BaseModel):
 
 class SiteList(BaseModel):
     sites: list[Site]
+
+
+# ------------------------------------------------------------------ results catalogue
+
+
+def _iso_time(v: Any) -> Any:
+    # pydantic would take a number as Unix time; a time here is ISO 8601, as it reads.
+    if isinstance(v, int | float):
+        raise ValueError("expected an ISO 8601 time such as 2026-06-01T12:00:00Z")
+    return v
+
+
+# In the type, not a model validator: the MCP tool validates each argument by its type.
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
+
+
+class SearchResultsInput(_In):
+    query: str = Field(
+        "",
+        max_length=4000,
+        description='filter on parameter and result fields, e.g. surface = "branin" and '
+        "value < 0.5; fields: parameters.x, result.x, or a bare x (the result's, else the "
+        "parameter); = != < <= > >=, and, or, not, parentheses; values: numbers, quoted "
+        "strings, true, false, null. Empty: every result",
+    )
+    service: str | None = Field(None, max_length=128, description="only this service")
+    event_id: str | None = Field(None, min_length=1, max_length=64, description="only this event")
+    campaign_id: str | None = Field(
+        None, min_length=1, max_length=64, description="only evaluations of this campaign"
+    )
+    states: list[EntryState] | None = Field(
+        None, min_length=1, max_length=8, description="final states (default: succeeded only)"
+    )
+    finished_after: IsoTime | None = Field(None, description="finished at or after (ISO 8601)")
+    finished_before: IsoTime | None = Field(None, description="finished before (ISO 8601)")
+    sort: str = Field(
+        "finished_at",
+        min_length=1,
+        max_length=200,
+        description="finished_at, started_at, created_at, or a numeric field such as value "
+        "or result.loss (rows without a number there come last)",
+    )
+    order: Literal["asc", "desc"] = Field("desc", description="sort direction")
+    limit: Int = Field(50, ge=1, le=1000, description="rows per page at most")
+    cursor: str | None = Field(None, max_length=1024, description="next_cursor of the last page")
+    format: Literal["rows", "csv"] = Field(
+        "rows", description="csv: the page also comes as CSV text in `csv`, ready to save"
+    )
+
+
+class ResultRowView(BaseModel):
+    entry_id: str
+    event_id: str
+    service: str
+    version: str
+    state: EntryState
+    site: str
+    submitted_by: str
+    account: str | None = Field(description="the site account it ran as, where recorded")
+    campaign_id: str | None = Field(description="the campaign that submitted it, if one did")
+    evaluation: int | None = Field(description="the campaign's evaluation sequence number")
+    template_sha256: str | None = Field(description="checksum of the service template")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime
+    parameters: dict[str, Any]
+    result: dict[str, Any] | None
+    artifacts: list[ArtifactView]
+
+
+RESULT_COLUMNS = [
+    "entry_id", "service", "version", "state", "site", "event_id", "campaign_id", "evaluation",
+    "submitted_by", "account", "template_sha256", "created_at", "started_at", "finished_at",
+]  # fmt: skip
+
+
+class ResultPage(BaseModel):
+    rows: list[ResultRowView]
+    next_cursor: str | None = Field(None, description="pass as cursor for the next page")
+    csv: str | None = Field(None, description="the page as CSV (format=csv)")
+
+    def table(self) -> tuple[list[str], list[dict[str, Any]]]:
+        """The rows flat, for CSV and Parquet: the provenance columns, one `parameters.<k>`
+        and one `result.<k>` column per key any row has, then the artifacts as JSON."""
+        params = sorted({k for r in self.rows for k in r.parameters})
+        results = sorted({k for r in self.rows for k in (r.result or {})})
+        cols = [
+            *RESULT_COLUMNS,
+            *(f"parameters.{k}" for k in params),
+            *(f"result.{k}" for k in results),
+            "artifacts",
+        ]
+        out = []
+        for r in self.rows:
+            row: dict[str, Any] = r.model_dump(mode="json", include=set(RESULT_COLUMNS))
+            row.update((f"parameters.{k}", r.parameters.get(k)) for k in params)
+            row.update((f"result.{k}", (r.result or {}).get(k)) for k in results)
+            row["artifacts"] = [a.model_dump(mode="json") for a in r.artifacts] or None
+            out.append(row)
+        return cols, out
+
+
+# ------------------------------------------------------------------ stream data plane
+
+
+class StreamAccessInput(_In):
+    entry_id: str = EntryId
+    ttl_seconds: Int = Field(600, ge=10, le=86400, description="the credential's lifetime")
+
+
+class StreamAccess(BaseModel):
+    entry_id: str
+    plane: Literal["redis", "control"] = Field(
+        description="redis: read the stream from Redis with this credential; control: no data "
+        "plane is configured, records come through wait_entry and read_results"
+    )
+    host: str | None = None
+    port: int | None = None
+    stream: str | None = Field(None, description="the Redis stream key (XREAD, XRANGE)")
+    username: str | None = None
+    password: str | None = Field(None, description="keep private; it reads this stream only")
+    url: str | None = Field(None, description="redis:// URL with the credential")
+    expires_at: datetime | None = None

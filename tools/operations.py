@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from ground.contract import whole_utf8
-from ground.models import Entry, Message, Principal, Role, ServiceKind
+from ground.models import Entry, EntryState, Message, Principal, Role, ServiceKind
 from orchestrator.accounts import with_accounts
 from orchestrator.engine import Engine
+from orchestrator.results import TIME_SORTS, ResultSearch
+from orchestrator.results_query import parse_field, parse_query
 from tools.models import (
     IMAGE_TYPES,
     ArtifactContent,
@@ -28,10 +31,15 @@ from tools.models import (
     ReadArtifactInput,
     ReadLogsInput,
     ReadResultsInput,
+    ResultPage,
+    ResultRowView,
     Results,
+    SearchResultsInput,
     ServiceList,
     ShareEventInput,
     SiteList,
+    StreamAccess,
+    StreamAccessInput,
     SubmitJobInput,
     WaitEntryInput,
     WaitResult,
@@ -201,3 +209,57 @@ async def read_artifact(
 
 async def cancel_entry(engine: Engine, principal: Principal, req: EntryRef) -> EntryView:
     return _view(engine, principal, await engine.cancel(principal, req.entry_id))
+
+
+async def search_results(
+    engine: Engine, principal: Principal, req: SearchResultsInput
+) -> ResultPage:
+    """A page of the results catalogue: only entries of events the caller may see."""
+    if req.event_id is not None:
+        await engine.get_event(principal, req.event_id)  # refuses an event not visible
+    search = ResultSearch(
+        where=parse_query(req.query, "query"),
+        service=req.service,
+        event_id=req.event_id,
+        campaign_id=req.campaign_id,
+        states=[s.value for s in req.states or [EntryState.SUCCEEDED]],
+        finished_after=req.finished_after,
+        finished_before=req.finished_before,
+        sort=req.sort if req.sort in TIME_SORTS else parse_field(req.sort, "sort"),
+        descending=req.order == "desc",
+        limit=req.limit,
+        cursor=req.cursor,
+    )
+    rows, cursor = await engine.results.search(None if principal.admin else principal.id, search)
+    url = engine.settings.public_url
+    return ResultPage(
+        rows=[
+            ResultRowView(
+                **{k: v for k, v in vars(r).items() if k != "artifacts"},
+                artifacts=[ArtifactView.of(r.entry_id, url, a.path, a) for a in r.artifacts],
+            )
+            for r in rows
+        ],
+        next_cursor=cursor,
+    )
+
+
+async def stream_access(
+    engine: Engine, principal: Principal, req: StreamAccessInput
+) -> StreamAccess:
+    """Where the entry's stream records are, and a credential that may only read them."""
+    entry = await engine.get_entry(principal, req.entry_id)
+    if engine.data_plane is None:
+        return StreamAccess(entry_id=entry.id, plane="control")
+    grant = await engine.data_plane.grant(entry.id, "reader", req.ttl_seconds)
+    return StreamAccess(
+        entry_id=entry.id,
+        plane="redis",
+        host=grant.host,
+        port=grant.port,
+        stream=grant.stream,
+        username=grant.username,
+        password=grant.password,
+        url=grant.url(),
+        expires_at=datetime.fromtimestamp(grant.expires_at, UTC),
+    )

@@ -14,6 +14,7 @@ area of commands, registered on `app` when imported here."""
 # isort: off
 from sciorch.cli.app import app
 from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign, flow
+from sciorch.cli import search
 
 # isort: on
 
@@ -27,6 +28,7 @@ __all__ = [
     "fetch",
     "flow",
     "main",
+    "search",
     "serve",
     "steer",
 ]
