@@ -154,7 +154,7 @@ class FlowManager:
         spec = self.definition(req.flow)
         inputs = spec.resolve_inputs(req.inputs)
         event = await self.engine.event_to_submit_to(who, req.event_id)
-        rec = await self._insert(who.id, spec, event.id, inputs, None, None, req.idempotency_key)
+        rec = await self._insert(who, spec, event.id, inputs, None, None, req.idempotency_key)
         if rec.state == RunState.RUNNING:
             if self.drives_here:
                 self.launch(rec)
@@ -178,7 +178,7 @@ class FlowManager:
 
     async def _insert(
         self,
-        owner: str,
+        owner: Principal,
         spec: FlowSpec,
         event_id: str,
         inputs: dict[str, Any],
@@ -192,7 +192,8 @@ class FlowManager:
             id=new_run_id(),
             flow=spec.name,
             spec=spec.model_dump(mode="json"),
-            owner=owner,
+            owner=owner.id,
+            owner_claims=list(owner.claims),
             event_id=event_id,
             inputs=inputs,
             trigger_info=info,
@@ -410,6 +411,7 @@ class FlowManager:
         rec = TriggerRecord(
             id=f"trg-{secrets.token_hex(6)}",
             owner=who.id,
+            owner_claims=list(who.claims),
             flow=spec.name,
             spec=spec.model_dump(mode="json"),
             kind=req.kind,
@@ -480,7 +482,7 @@ class FlowManager:
         what its concurrency limit allows."""
         spec = FlowSpec.model_validate(trigger.spec)
         rec = await self._insert(
-            trigger.owner,
+            Principal(id=trigger.owner, claims=tuple(trigger.owner_claims)),
             spec,
             trigger.event_id,
             spec.resolve_inputs(trigger.inputs),

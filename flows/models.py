@@ -47,6 +47,8 @@ class RunRecord(BaseModel):
     flow: str
     spec: dict[str, Any]
     owner: str
+    # The owner's token claims, so that its steps map to the same site accounts (ground.accounts)
+    owner_claims: list[tuple[str, str]] = Field(default_factory=list)
     event_id: str
     inputs: dict[str, Any]
     trigger_info: dict[str, Any] | None = None
@@ -89,6 +91,7 @@ class TriggerKind(StrEnum):
 class TriggerRecord(BaseModel):
     id: str
     owner: str
+    owner_claims: list[tuple[str, str]] = Field(default_factory=list)
     flow: str
     spec: dict[str, Any]
     kind: TriggerKind

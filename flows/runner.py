@@ -52,7 +52,7 @@ class FlowRunner:
         self.run_id = run.id
         self.run = run
         self.spec = FlowSpec.model_validate(run.spec)
-        self.principal = Principal(id=run.owner)
+        self.principal = Principal(id=run.owner, claims=tuple(run.owner_claims))
         self.notify = notify
         self.approvals = approvals
         self.rows: dict[str, StepRecord] = {}

@@ -490,3 +490,36 @@ async def test_slurm_cli_submits_through_runuser_where_sbatch_has_no_uid(
                 break
             await asyncio.sleep(0.1)
         assert sacct_user(job_id) == "bob"
+
+
+async def test_a_flow_s_steps_run_as_the_account_its_owner_s_claim_maps_to(
+    open_home: Path, catalogue: Path
+) -> None:
+    """A flow run keeps its owner's token claims (stored with the run, as with a trigger), so
+    its steps map to the same account as the owner's own jobs."""
+    from flows.manager import flow_manager
+    from flows.models import StartFlowInput
+
+    need_users()
+    site = {**local_site(), "accounts": {"claim": "preferred_username"}}
+    owner = Principal(id="b-0002", claims=(("preferred_username", "bob"),))
+    flow = {
+        "name": "who",
+        "steps": {
+            "first": {"service": "whoami"},
+            "second": {"service": "whoami", "needs": ["first"]},
+        },
+        "outputs": {"users": ["{steps.first.result.user}", "{steps.second.result.user}"]},
+    }
+    async with engine_on(open_home, catalogue, site) as eng:
+        mgr = flow_manager(eng)
+        async with mgr.serving():
+            run = await mgr.start(owner, StartFlowInput(flow=flow))
+            for _ in range(600):
+                view = await mgr.view(run.run_id)
+                if view.state.terminal:
+                    break
+                await asyncio.sleep(0.05)
+        await mgr.shutdown()
+    assert view.state == "succeeded", view.reason
+    assert view.outputs == {"users": ["bob", "bob"]}

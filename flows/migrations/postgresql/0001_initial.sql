@@ -5,6 +5,7 @@ CREATE TABLE flow_runs (
     flow             text NOT NULL,
     spec             jsonb NOT NULL,
     owner            text NOT NULL,
+    owner_claims     jsonb NOT NULL DEFAULT '[]',
     event_id         text NOT NULL,
     inputs           jsonb NOT NULL,
     trigger_info     jsonb,
@@ -39,6 +40,7 @@ CREATE TABLE flow_steps (
 CREATE TABLE flow_triggers (
     id              text PRIMARY KEY,
     owner           text NOT NULL,
+    owner_claims    jsonb NOT NULL DEFAULT '[]',
     flow            text NOT NULL,
     spec            jsonb NOT NULL,
     kind            text NOT NULL,

@@ -5,6 +5,7 @@ CREATE TABLE flow_runs (
     flow             TEXT NOT NULL,
     spec             TEXT NOT NULL,
     owner            TEXT NOT NULL,
+    owner_claims     TEXT NOT NULL DEFAULT '[]',
     event_id         TEXT NOT NULL,
     inputs           TEXT NOT NULL,
     trigger_info     TEXT,
@@ -39,6 +40,7 @@ CREATE TABLE flow_steps (
 CREATE TABLE flow_triggers (
     id              TEXT PRIMARY KEY,
     owner           TEXT NOT NULL,
+    owner_claims    TEXT NOT NULL DEFAULT '[]',
     flow            TEXT NOT NULL,
     spec            TEXT NOT NULL,
     kind            TEXT NOT NULL,
