@@ -20,7 +20,17 @@ from pydantic import BaseModel
 from flows.models import RunRecord, RunState, StepRecord, TriggerRecord
 from orchestrator.database import Database, IntegrityError, Row, open_database
 
-_JSON = {"owner_claims", "spec", "inputs", "trigger_info", "outputs", "item", "result", "config", "cursor"}
+_JSON = {
+    "owner_claims",
+    "spec",
+    "inputs",
+    "trigger_info",
+    "outputs",
+    "item",
+    "result",
+    "config",
+    "cursor",
+}
 Rec = TypeVar("Rec", bound=BaseModel)
 
 
