@@ -248,7 +248,10 @@ class LocalBackend(Supervisor[_Entry]):
         if not self._is_new(spec, self._pool.never_fits(spec.resources)):
             return
         wd = WorkDir(self.entries_dir / spec.entry_id)
-        wd.prepare(spec.parameters)
+        if spec.inputs:  # copies: off the event loop
+            await asyncio.to_thread(wd.prepare, spec.parameters, spec.inputs)
+        else:
+            wd.prepare(spec.parameters)
         self._enqueue(_Entry(spec=spec, workdir=wd))
 
     async def cancel(self, entry_id: str, handle: Mapping[str, Any]) -> None:
@@ -284,7 +287,7 @@ class LocalBackend(Supervisor[_Entry]):
                 with contextlib.suppress(OSError):
                     e.workdir.exit.unlink(missing_ok=True)
                 if not e.workdir.params.exists():
-                    e.workdir.prepare(spec.parameters)
+                    await asyncio.to_thread(e.workdir.prepare, spec.parameters, spec.inputs)
                 self._enqueue(e)
                 return
             await self._finish(

@@ -68,10 +68,14 @@ from ground.models import (
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
+from orchestrator.inputs import drop_staging, resolve_inputs, stage_inputs
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
 from orchestrator.routing import choose_site
+from orchestrator.storage import open_store
+from orchestrator.storage.artifacts import ArtifactArchive
+from orchestrator.storage.uploads import Uploads
 from orchestrator.store import Store, now
 
 log = logging.getLogger("sciorch.engine")
@@ -174,6 +178,11 @@ class Engine:
         self._started = False
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
+        self.storage = open_store(settings)
+        self.archive = ArtifactArchive(self.storage, settings.storage.retention_days)
+        self.uploads = Uploads(
+            self.storage, settings.home / "uploads", settings.storage.max_upload_bytes
+        )
 
     # ================================================================ lifecycle
 
@@ -347,6 +356,8 @@ class Engine:
             await self.store.apply_transition(entry_id, state, at, reason, fields)
             if state.terminal:
                 self._locks.pop(entry_id, None)
+        if state.terminal and entry.kind == "job":
+            await self._keep_artifacts(entry, fields.get("handle", entry.handle))
         self.bus.publish(
             Message(
                 kind="transition",
@@ -357,6 +368,23 @@ class Engine:
                 at=at,
             )
         )
+
+    async def _keep_artifacts(self, entry: Entry, handle: Mapping[str, Any]) -> None:
+        """Copy a finished job's artifacts into storage before its end is announced, so
+        whoever sees it finished can read them there (the work dir still serves on failure)."""
+        await asyncio.to_thread(drop_staging, self, entry.id)
+        backend = self.backends.get(entry.site)
+        if backend is None:
+            return
+        try:
+            stats = await backend.list_artifacts(entry.id, handle)
+
+            async def read(path: str, offset: int, limit: int) -> ArtifactChunk:
+                return await backend.read_artifact(entry.id, handle, path, offset, limit)
+
+            await self.archive.keep(entry.id, entry.event_id, stats, read)
+        except Exception as exc:
+            log.warning("entry %s: keeping its artifacts in storage failed: %s", entry.id, exc)
 
     async def log_grew(self, entry_id: str, size: int) -> None:
         self.bus.publish(Message(kind="log", entry_id=entry_id, log_size=size, at=now()))
@@ -439,6 +467,7 @@ class Engine:
         ttl_s: int | None = None,
         *,
         default: bool = False,
+        retention_days: float | None = None,
     ) -> Event:
         if site is not None and site not in self.backends:
             raise InvalidInput(
@@ -446,6 +475,8 @@ class Engine:
             )
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidInput("ttl_seconds must be positive", field="ttl_seconds")
+        if retention_days is not None and retention_days <= 0:
+            raise InvalidInput("retention_days must be positive", field="retention_days")
         ttl = ttl_s if ttl_s is not None else self.settings.event_ttl_s
         at = now()
         event = Event(
@@ -458,6 +489,8 @@ class Engine:
             default=default,
         )
         await self.store.insert_event(event)
+        if retention_days is not None:  # kept with the artifacts it governs
+            await self.archive.set_retention(event.id, retention_days)
         if event.expires_at:
             self._expiry_wake.set()
         self.bus.publish(Message(kind="event", event_id=event.id, at=at))
@@ -551,8 +584,15 @@ class Engine:
         self._expiry_wake.set()
 
     async def expiry_loop(self) -> None:
+        swept = 0.0
         while True:
             self._expiry_wake.clear()
+            if (t := asyncio.get_running_loop().time()) - swept >= 3600:
+                swept = t
+                try:
+                    await self.archive.sweep()
+                except Exception as exc:
+                    log.warning("sweeping expired artifacts failed: %s", exc)
             nxt = await self.store.next_expiry()
             delay = 3600.0 if nxt is None else (nxt[1] - now()).total_seconds()
             if nxt is not None and delay <= 0:
@@ -582,9 +622,11 @@ class Engine:
         kind: str | None = None,
         version: str | None = None,
         priority: Literal["normal", "urgent"] = "normal",
+        inputs: Mapping[str, str] | None = None,
     ) -> Entry:
         """Validate, route, record and hand the entry to a backend. `priority="urgent"` marks
-        time-sensitive work (a Slurm site submits it with its urgent QoS)."""
+        time-sensitive work (a Slurm site submits it with its urgent QoS). `inputs` (name ->
+        URI, see orchestrator.inputs) are checked before anything is recorded."""
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -594,10 +636,12 @@ class Engine:
         params = validate_parameters(svc, parameters)
         res = (resources or ResourceRequest()).apply_to(resources_for(svc, params))
         event = await self.event_to_submit_to(principal, event_id)
+        resolved = await resolve_inputs(self, principal, svc, inputs or {})
         request_hash = hashlib.sha256(
             json.dumps(
                 [svc.ref, params, event.id, site, res.model_dump()]
-                + ([priority] if priority != "normal" else []),
+                + ([priority] if priority != "normal" else [])
+                + ([dict(inputs)] if inputs else []),
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -653,6 +697,9 @@ class Engine:
             image=svc.image,
             priority=priority,
         )
+        if resolved:
+            urls_only = bool(getattr(self.backends[chosen], "stages_from_urls", False))
+            spec.inputs = await stage_inputs(self, principal, entry_id, resolved, urls_only)
         at = now()
         entry = Entry(
             id=entry_id,
@@ -865,6 +912,8 @@ class Engine:
     async def list_artifacts(self, principal: Principal, entry_id: str) -> list[ArtifactStat]:
         """The entry's files under output/ that this server can read, with size and sha256."""
         entry, _ = await self._entry_for(principal, entry_id)
+        if entry.state.terminal and (kept := await self.archive.manifest(entry.id)) is not None:
+            return kept.artifacts
         backend = self.backends.get(entry.site)
         return await backend.list_artifacts(entry.id, entry.handle) if backend else []
 
@@ -884,6 +933,10 @@ class Engine:
                 f"limit must be between 1 and {MAX_ARTIFACT_READ} bytes", field="limit"
             )
         entry, _ = await self._entry_for(principal, entry_id)
+        if entry.state.terminal and (kept := await self.archive.manifest(entry.id)) is not None:
+            if kept.has(path):
+                return entry, await self.archive.read(kept, path, offset, limit)
+            # Not kept: the site says why (a path out of output/, a link out, no such file).
         backend = self.backends.get(entry.site)
         if backend is None:
             raise NotFound(f"site {entry.site!r} of entry {entry.id} is gone", field="path")

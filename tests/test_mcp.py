@@ -158,7 +158,11 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "read_artifact",
     }
     assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
-    assert {s.name for s in TOOLS if not s.idempotent} == {"create_event", "launch_service"}
+    assert {s.name for s in TOOLS if not s.idempotent} == {
+        "create_event",
+        "launch_service",
+        "upload_input",
+    }
     assert not any(s.read_only and s.destructive for s in TOOLS)
 
 
@@ -700,6 +704,8 @@ def _minimal_args(spec: ToolSpec, entry_id: str = "ent-000000000000") -> dict[st
         "service": "sim-instrument",
         "principal": "bob",
         "path": "out.csv",
+        "name": "in.txt",
+        "content": "hello",
     }
     return {k: v for k, v in base.items() if k in _required(spec.input)}
 

@@ -15,6 +15,7 @@ from tools.operations import (
     share_event,
     stop_event,
     submit_job,
+    upload_input,
     wait_entry,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "share_event",
     "stop_event",
     "submit_job",
+    "upload_input",
     "wait_entry",
 ]

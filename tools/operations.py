@@ -32,6 +32,8 @@ from tools.models import (
     ShareEventInput,
     SiteList,
     SubmitJobInput,
+    UploadInput,
+    UploadView,
     WaitEntryInput,
     WaitResult,
     artifact_uri,
@@ -56,7 +58,10 @@ async def list_sites(engine: Engine, principal: Principal) -> SiteList:
 
 
 async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:
-    return EventView.of(await engine.create_event(principal, req.name, req.site, req.ttl_seconds))
+    event = await engine.create_event(
+        principal, req.name, req.site, req.ttl_seconds, retention_days=req.retention_days
+    )
+    return EventView.of(event)
 
 
 async def list_events(engine: Engine, principal: Principal) -> EventList:
@@ -98,6 +103,7 @@ async def _launch(
         resources=req.resources,
         idempotency_key=idempotency_key,
         kind=kind,
+        inputs=req.inputs,
     )
     return _view(engine, principal, entry)
 
@@ -194,3 +200,8 @@ async def read_artifact(
 
 async def cancel_entry(engine: Engine, principal: Principal, req: EntryRef) -> EntryView:
     return _view(engine, principal, await engine.cancel(principal, req.entry_id))
+
+
+async def upload_input(engine: Engine, principal: Principal, req: UploadInput) -> UploadView:
+    up = await engine.uploads.put_small(principal, req.name, req.data())
+    return UploadView(**up.model_dump(include=set(UploadView.model_fields) - {"uri"}), uri=up.uri)

@@ -27,6 +27,7 @@ from orchestrator.engine import Engine
 from sciorch.web.artifacts import ArtifactDownloads, BearerReader
 from sciorch.web.edge import http_protocol
 from sciorch.web.proxy import EntryProxy
+from sciorch.web.uploads import UploadRoutes
 
 log = logging.getLogger("sciorch.http")
 
@@ -41,11 +42,13 @@ def create_http_app(
     extra_routes: Sequence[BaseRoute] = (),
     lifespans: Sequence[Lifespan] = (),
     bearer: BearerReader | None = None,
+    uploader: BearerReader | None = None,
 ) -> Starlette:
     """The proxy routes plus GET /healthz (alive) and /readyz (the store answers) and artifact
     downloads. `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in
     order at start-up (e.g. the MCP app's session manager); `bearer` names who an MCP bearer
-    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token."""
+    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token;
+    `uploader` the same with the submit scope, for uploads of inputs (/uploads)."""
     proxy = EntryProxy(lambda: engine)
     downloads = ArtifactDownloads(engine, bearer, proxy.asgi)
 
@@ -84,6 +87,7 @@ def create_http_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *downloads.routes(),
+        *UploadRoutes(engine, uploader).routes(),
         *proxy.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -146,10 +150,11 @@ async def serve_http(
             await close_engine()
 
     try:
-        bearer = None
+        bearer = uploader = None
         if mcp_factory is not None:
             mcp = mcp_factory(engine)
             bearer = bearer_reader(mcp)
+            uploader = bearer_reader(mcp, "submit")
             mcp_routes, mcp_lifespans = mcp_mount(mcp, settings)
             extra_routes = [*mcp_routes, *extra_routes]
             lifespans = [*mcp_lifespans, *lifespans]
@@ -158,6 +163,7 @@ async def serve_http(
             extra_routes=extra_routes,
             lifespans=[engine_lifespan, *lifespans],
             bearer=bearer,
+            uploader=uploader,
         )
         config = uvicorn.Config(
             app,
