@@ -12,10 +12,10 @@ this order and in the same run:
 The server's RSS (VmRSS from /proc) is sampled every 20 ms: printed before, peak and growth
 for each transfer, and get_entry's median and p95 during it against idle.
 
-Measured here (2 cores shared with other work, so latencies are noisy), three runs of 200 MB:
-upload 0.7-1.2 s, RSS +3.7 to +4.0 MB, get_entry median 1.16x-2.38x idle (the 2.38x before
-the transfer ran on a loop of its own); download 0.7-1.2 s, RSS +0.0 to +0.4 MB, get_entry
-median 1.50x-4.67x idle (each 1 MiB chunk is an engine read with its access check).
+Measured here (2 cores shared with other helpers' work, so latencies are noisy), four runs
+of 200 MB: upload 0.7-1.8 s, RSS +3.7 to +4.0 MB, get_entry median 1.16x-3.50x idle; download
+0.7-1.2 s, RSS +0.0 to +0.4 MB, get_entry median 1.50x-4.67x idle (idle medians 6.5-11.6 ms).
+Memory stays flat; latency meets 2x only on a quiet machine (the transfer takes a core).
 """
 
 from __future__ import annotations
