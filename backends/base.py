@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from ground.config import DEFAULT_MAX_RESULT_BYTES as DEFAULT_MAX_RESULT_BYTES
 from ground.contract import (
+    INPUTS_DIR,
     MAX_RECORD_BYTES,
     OVERSIZE_RESULT,
     PAGE_BYTES,
@@ -37,6 +38,7 @@ from ground.contract import (
     Outcome,
     Reporter,
     ResultData,
+    StagedInput,
     omitted_record,
     whole_utf8,
 )
@@ -108,11 +110,38 @@ class WorkDir:
     def exit(self) -> Path:
         return self.root / "exit.json"
 
-    def prepare(self, parameters: Mapping[str, Any]) -> None:
+    @property
+    def inputs(self) -> Path:
+        return self.root / INPUTS_DIR
+
+    def prepare(self, parameters: Mapping[str, Any], inputs: Sequence[StagedInput] = ()) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
+        self.stage_inputs(inputs)
         tmp = self.params.with_suffix(".tmp")
         tmp.write_text(json.dumps(parameters))
         os.replace(tmp, self.params)
+
+    def stage_inputs(self, inputs: Sequence[StagedInput]) -> None:
+        """Copy each input's files to inputs/<name>[/<path>] (blocking). The engine checked
+        the names and paths; they are checked again here, where they become paths."""
+        for staged in inputs:
+            for f in staged.files:
+                rel = PurePosixPath(staged.name, f.path) if f.path else PurePosixPath(staged.name)
+                if rel.is_absolute() or ".." in rel.parts or len(rel.parts) > 64:
+                    raise InvalidInput(
+                        f"input path {rel} leads out of the work dir", field=f"inputs.{staged.name}"
+                    )
+                if f.source is None:
+                    raise InvalidInput(
+                        "this site copies inputs from files the server can read; "
+                        f"{staged.name} has none",
+                        field=f"inputs.{staged.name}",
+                    )
+                target = self.inputs / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f.source, target)
+            if staged.kind == "directory":
+                (self.inputs / staged.name).mkdir(parents=True, exist_ok=True)
 
     def contract_env(self) -> dict[str, str]:
         return {
@@ -122,6 +151,7 @@ class WorkDir:
             "SCIORCH_STREAM": str(self.stream),
             "SCIORCH_OUTPUT_DIR": str(self.output),
             "SCIORCH_WORKDIR": str(self.root),
+            "SCIORCH_INPUTS": str(self.inputs),
         }
 
     def read_logs(self, offset: int, limit: int) -> LogChunk:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from backends.base import LaunchSpec
 from backends.supervisor import script_text
+from ground.contract import INPUTS_DIR
 
 # ----------------------------------------------------------------------------- constants
 
@@ -186,6 +187,9 @@ class KubernetesOptions(BaseModel):
     results_pvc: str | None = Field(
         None, description="PVC for work dirs (default: an emptyDir per pod, results via the log)"
     )
+    input_image: str = Field(
+        "curlimages/curl:8.11.1", description="init container that downloads a job's inputs"
+    )
     # -- capacity (overrides what the node list says)
     max_walltime_s: int | None = Field(None, gt=0)
     cpus: float | None = Field(None, gt=0)
@@ -326,6 +330,7 @@ def contract_env(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, str]:
         "SCIORCH_RESULTS": f"{root}/result.json",
         "SCIORCH_STREAM": f"{root}/stream.jsonl",
         "SCIORCH_OUTPUT_DIR": f"{root}/output",
+        "SCIORCH_INPUTS": f"{root}/{INPUTS_DIR}",
     }
     if spec.kind == "service":
         env["PORT"] = env["SCIORCH_PORT"] = str(opts.service_port)
@@ -394,6 +399,36 @@ def container(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, Any]:
     return c
 
 
+# The init container's script: `stage DEST URL [DEST URL ...]`, each URL (presigned by the
+# server's object store) downloaded to DEST under the work dir before the main container runs.
+STAGE_SCRIPT = (
+    'while [ "$#" -gt 1 ]; do mkdir -p "$(dirname "$1")" && '
+    'curl -fsS --retry 3 -o "$1" "$2" || exit 1; shift 2; done'
+)
+
+
+def stage_container(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, Any] | None:
+    """The init container that stages the entry's inputs, None without inputs."""
+    args: list[str] = []
+    for staged in spec.inputs:
+        for f in staged.files:
+            rel = f"{staged.name}/{f.path}" if f.path else staged.name
+            if f.url is None:
+                raise ValueError(f"input {staged.name} has no URL to download it from")
+            args += [f"{WORK_ROOT}/{INPUTS_DIR}/{rel}", f.url]
+    if not args:
+        return None
+    return {
+        "name": "stage-inputs",
+        "image": opts.input_image,
+        "command": ["/bin/sh", "-c", STAGE_SCRIPT, "stage", *args],
+        "volumeMounts": [
+            {"name": "work", "mountPath": WORK_ROOT}
+            | ({"subPath": object_name(spec.entry_id)} if opts.results_pvc else {})
+        ],
+    }
+
+
 def pod_template(
     spec: LaunchSpec, opts: KubernetesOptions, site: str, restart_policy: str
 ) -> dict[str, Any]:
@@ -425,6 +460,8 @@ def pod_spec(
             },
         ],
     }
+    if (stage := stage_container(spec, opts)) is not None:
+        pod["initContainers"] = [stage]
     selector = dict(opts.node_selector)
     if res.gpus and res.gpu_type:
         selector.update(opts.gpu_node_selectors.get(res.gpu_type, {}))

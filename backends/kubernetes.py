@@ -148,6 +148,8 @@ class KubernetesBackend(Supervisor[_Entry]):
     """Runs entries on a Kubernetes cluster. See the module docstring."""
 
     kind = "kubernetes"
+    # Inputs reach the pod by URL (an init container downloads them), not as server files.
+    stages_from_urls = True
 
     def __init__(
         self,

@@ -255,12 +255,15 @@ class LocalBackend(Supervisor[_Entry]):
             return
         user = run_as(self.name, spec.account)
         wd = WorkDir(self.entries_dir / spec.entry_id)
-        self._prepare(wd, spec, user)
+        if spec.inputs:  # copies: off the event loop
+            await asyncio.to_thread(self._prepare, wd, spec, user)
+        else:
+            self._prepare(wd, spec, user)
         self._enqueue(_Entry(spec=spec, workdir=wd, user=user))
 
     @staticmethod
     def _prepare(wd: WorkDir, spec: LaunchSpec, user: PosixUser | None) -> None:
-        wd.prepare(spec.parameters)
+        wd.prepare(spec.parameters, spec.inputs)
         if user is not None:
             wd.log.touch()  # the wrapper appends to it as the user
             give_workdir(wd.root, user)
@@ -300,7 +303,7 @@ class LocalBackend(Supervisor[_Entry]):
                 with contextlib.suppress(OSError):
                     e.workdir.exit.unlink(missing_ok=True)
                 if not e.workdir.params.exists():
-                    self._prepare(e.workdir, spec, e.user)
+                    await asyncio.to_thread(self._prepare, e.workdir, spec, e.user)
                 self._enqueue(e)
                 return
             await self._finish(

@@ -373,7 +373,7 @@ class SlurmBackend(Supervisor[_Job]):
     def _prepare_dir(self, wd: WorkDir, spec: LaunchSpec, user: PosixUser | None = None) -> None:
         """The job contract's files, and the batch script as job.sh (to read or rerun by hand);
         an entry with an account gets a work dir that is its user's alone."""
-        wd.prepare(spec.parameters)
+        wd.prepare(spec.parameters, spec.inputs)
         (wd.root / "job.sh").write_text(build_script(spec, wd))
         if user is not None:
             give_workdir(wd.root, user)
@@ -382,7 +382,8 @@ class SlurmBackend(Supervisor[_Job]):
                 pw = pwd.getpwnam(self.job_user)
             except KeyError:
                 return
-            for path in (wd.root, wd.output, wd.params, wd.root / "job.sh"):
+            staged = [wd.inputs, *wd.inputs.rglob("*")] if wd.inputs.exists() else []
+            for path in (wd.root, wd.output, wd.params, wd.root / "job.sh", *staged):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
 
     async def _submit_job(self, j: _Job) -> None:

@@ -173,12 +173,12 @@ async def phase(c: mcp.Client, sampler: Sampler, name: str, params: dict[str, An
         print(f"  {call:<44} {n / 1e6:10.3f} MB")
 
 
-def prepare(tmp: Path) -> tuple[Path, str]:
-    """A home whose catalogue has `big-output`, and a token for it."""
+def prepare(tmp: Path, name: str = "big-output", template: str = "") -> tuple[Path, str]:
+    """A home whose catalogue has `name` (`big-output` by default), and a token for it."""
     home = tmp / "home"
     cat = tmp / "catalogue"
     cat.mkdir()
-    (cat / "big-output.yaml").write_text(SERVICE % Path(__file__).resolve())
+    (cat / f"{name}.yaml").write_text(template or SERVICE % Path(__file__).resolve())
     home.mkdir()
     (home / "config.toml").write_text(f"catalogue_dirs = [{json.dumps(str(cat))}]\n")
     settings = load_settings(home)

@@ -75,6 +75,28 @@ class AuthConfig(BaseModel):
     )
 
 
+class StorageConfig(BaseModel):
+    """[storage]: where artifacts and inputs are kept once a job has finished. `local` (the
+    default) is a directory under home; `s3` is any S3-compatible store (the `s3` extra)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "s3"] = "local"
+    path: Path | None = Field(None, description="local: the directory (default: home/storage)")
+    endpoint: str | None = Field(None, description="s3: endpoint URL; default: AWS")
+    bucket: str | None = Field(None, description="s3: the bucket (must exist)")
+    prefix: str = Field("sciorch/", description="s3: keys of sciorch's objects start with this")
+    region: str = "us-east-1"
+    access_key_id: str | None = Field(None, description="s3: or $AWS_ACCESS_KEY_ID")
+    secret_access_key: str | None = Field(None, description="s3: or $AWS_SECRET_ACCESS_KEY")
+    retention_days: float | None = Field(
+        None, gt=0, description="default for events that set none: artifacts kept this long"
+    )
+    max_upload_bytes: int = Field(
+        10 << 30, ge=1, description="the largest input one HTTP upload may carry"
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,6 +152,7 @@ class Settings(BaseModel):
         4096, ge=64, description="an audited argument value over this is logged as its digest"
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     lease_ttl_s: float = Field(
         6.0,
         ge=1.0,

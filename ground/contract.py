@@ -24,6 +24,27 @@ class HealthSpec(BaseModel):
     interval_s: float = 0.2
 
 
+class StagedFile(BaseModel):
+    """One file of an input, where a site can get it: `source` a file this server can read
+    (copied into the work dir), `url` one the job's side can download (a presigned URL)."""
+
+    path: str = Field(description="relative to inputs/<name> ('' for a file input)")
+    size: int
+    source: str | None = None
+    url: str | None = None
+
+
+class StagedInput(BaseModel):
+    """An input the engine has checked: the backend puts it at inputs/<name> before starting."""
+
+    name: str
+    kind: Literal["file", "directory"]
+    files: list[StagedFile]
+
+
+INPUTS_DIR = "inputs"
+
+
 class LaunchSpec(BaseModel):
     """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
 
@@ -46,6 +67,7 @@ class LaunchSpec(BaseModel):
     account: str | None = Field(
         None, description="the site account it runs as (ground.accounts); None: the server's"
     )
+    inputs: list[StagedInput] = Field(default_factory=list)
 
 
 class Outcome(BaseModel):
@@ -231,6 +253,7 @@ def omitted_record(size: int) -> dict[str, Any]:
 
 
 __all__ = [
+    "INPUTS_DIR",
     "MAX_ARTIFACT_READ",
     "MAX_RECORD_BYTES",
     "OVERSIZE_RESULT",
@@ -247,6 +270,8 @@ __all__ = [
     "Reporter",
     "ReportsAccounts",
     "ResultData",
+    "StagedFile",
+    "StagedInput",
     "omitted_record",
     "whole_utf8",
 ]

@@ -299,6 +299,19 @@ class Limits(BaseModel):
     )
 
 
+class InputSpec(BaseModel):
+    """One input a template declares: staged as $SCIORCH_INPUTS/<name> before the job starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A plain file name: it becomes a path in the work dir and a placeholder-free env value.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    kind: Literal["file", "directory"] = "file"
+    required: bool = True
+    max_bytes: int | None = Field(None, ge=1, description="largest size (a directory: in all)")
+    description: str = ""
+
+
 class Service(BaseModel):
     """A catalogue template: the static blueprint of a job or a long-running service."""
 
@@ -344,6 +357,9 @@ class Service(BaseModel):
         default_factory=dict,
         description="variables this entry gives the group and its event once up ({host}, "
         "{port}, {endpoint}, {url}, {entry_id})",
+    )
+    inputs: list[InputSpec] = Field(
+        default_factory=list, description="files the caller provides, staged before it starts"
     )
     source: str | None = Field(None, description="file the template was loaded from")
 
@@ -403,6 +419,9 @@ class ServiceSummary(BaseModel):
     )
     resources: Resources
     parameters: dict[str, Any]
+    inputs: list[InputSpec] = Field(
+        default_factory=list, description="files to pass as inputs={name: uri} when launching"
+    )
 
 
 # ----------------------------------------------------------------------------- principals

@@ -7,6 +7,7 @@ import getpass
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from fastmcp import FastMCP
 from fastmcp.server.auth import AccessToken, AuthProvider
@@ -52,9 +53,11 @@ def token_principal(token: AccessToken) -> Principal:
     return Principal(id=sub, admin="admin" in token.scopes, claims=claims)
 
 
-def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] | None:
-    """Who a bearer token that /mcp accepts with the read scope names (for HTTP reads next to
-    /mcp, such as artifact downloads); None when the server has no auth."""
+def bearer_reader(
+    mcp: FastMCP, scope: Literal["read", "submit"] = "read"
+) -> Callable[[str], Awaitable[Principal | None]] | None:
+    """Who a bearer token that /mcp accepts with `scope` names (for HTTP next to /mcp: artifact
+    downloads, uploads of inputs); None when the server has no auth."""
     auth = mcp.auth
     if auth is None:
         return None
@@ -64,7 +67,7 @@ def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] 
             access = await auth.verify_token(token)
         except Exception:  # a refused token (TokenRefused) is no principal
             return None
-        if access is None or not IMPLIED["read"] & set(access.scopes):
+        if access is None or not IMPLIED[scope] & set(access.scopes):
             return None
         return token_principal(access)
 

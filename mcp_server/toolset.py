@@ -220,6 +220,17 @@ TOOLS: tuple[ToolSpec, ...] = (
         render=lambda c: artifact_result(c),
     ),
     ToolSpec(
+        "upload_input",
+        tools.upload_input,
+        m.UploadInput,
+        m.UploadView,
+        "Upload a small file (at most 128 KiB, as text or base64) to pass to a job as an input: "
+        "submit_job(..., inputs={name: uri}) with the uri returned. Bigger files go over "
+        "HTTP (POST /uploads). Only you can use what you upload. Not idempotent.",
+        "submit",
+        read_only=False,
+    ),
+    ToolSpec(
         "cancel_entry",
         tools.cancel_entry,
         m.EntryRef,

@@ -153,6 +153,7 @@ class Catalogue:
                     dev_versions=[v for v in versions if is_prerelease(v)],
                     resources=latest.resources,
                     parameters=latest.parameters,
+                    inputs=latest.inputs,
                 )
             )
         return out

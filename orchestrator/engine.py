@@ -73,11 +73,15 @@ from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
 from orchestrator.dataplane import RedisPlane
 from orchestrator.groups import EXPORTS, HELD, Groups, held
+from orchestrator.inputs import drop_staging, resolve_inputs, stage_inputs
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
 from orchestrator.results import ResultsIndex
 from orchestrator.routing import choose_site
+from orchestrator.storage import open_store
+from orchestrator.storage.artifacts import ArtifactArchive
+from orchestrator.storage.uploads import Uploads
 from orchestrator.store import Store, now
 
 log = logging.getLogger("sciorch.engine")
@@ -193,6 +197,11 @@ class Engine:
             RedisPlane(settings.data_plane, settings.data_plane_host)
             if settings.data_plane
             else None
+        )
+        self.storage = open_store(settings)
+        self.archive = ArtifactArchive(self.storage, settings.storage.retention_days)
+        self.uploads = Uploads(
+            self.storage, settings.home / "uploads", settings.storage.max_upload_bytes
         )
 
     # ================================================================ lifecycle
@@ -374,6 +383,8 @@ class Engine:
             await self.store.apply_transition(entry_id, state, at, reason, fields)
             if state.terminal:
                 self._locks.pop(entry_id, None)
+        if state.terminal and entry.kind == "job":
+            await self._keep_artifacts(entry, fields.get("handle", entry.handle))
         if state.terminal:  # in the catalogue before anyone hears it finished
             await self.results.index_finished(self, entry_id)
         self.bus.publish(
@@ -386,6 +397,23 @@ class Engine:
                 at=at,
             )
         )
+
+    async def _keep_artifacts(self, entry: Entry, handle: Mapping[str, Any]) -> None:
+        """Copy a finished job's artifacts into storage before its end is announced, so
+        whoever sees it finished can read them there (the work dir still serves on failure)."""
+        await asyncio.to_thread(drop_staging, self, entry.id)
+        backend = self.backends.get(entry.site)
+        if backend is None:
+            return
+        try:
+            stats = await backend.list_artifacts(entry.id, handle)
+
+            async def read(path: str, offset: int, limit: int) -> ArtifactChunk:
+                return await backend.read_artifact(entry.id, handle, path, offset, limit)
+
+            await self.archive.keep(entry.id, entry.event_id, stats, read)
+        except Exception as exc:
+            log.warning("entry %s: keeping its artifacts in storage failed: %s", entry.id, exc)
 
     async def log_grew(self, entry_id: str, size: int) -> None:
         self.bus.publish(Message(kind="log", entry_id=entry_id, log_size=size, at=now()))
@@ -468,6 +496,7 @@ class Engine:
         ttl_s: int | None = None,
         *,
         default: bool = False,
+        retention_days: float | None = None,
     ) -> Event:
         if site is not None and site not in self.backends:
             raise InvalidInput(
@@ -475,6 +504,8 @@ class Engine:
             )
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidInput("ttl_seconds must be positive", field="ttl_seconds")
+        if retention_days is not None and retention_days <= 0:
+            raise InvalidInput("retention_days must be positive", field="retention_days")
         ttl = ttl_s if ttl_s is not None else self.settings.event_ttl_s
         at = now()
         event = Event(
@@ -487,6 +518,8 @@ class Engine:
             default=default,
         )
         await self.store.insert_event(event)
+        if retention_days is not None:  # kept with the artifacts it governs
+            await self.archive.set_retention(event.id, retention_days)
         if event.expires_at:
             self._expiry_wake.set()
         self.bus.publish(Message(kind="event", event_id=event.id, at=at))
@@ -580,8 +613,15 @@ class Engine:
         self._expiry_wake.set()
 
     async def expiry_loop(self) -> None:
+        swept = 0.0
         while True:
             self._expiry_wake.clear()
+            if (t := asyncio.get_running_loop().time()) - swept >= 3600:
+                swept = t
+                try:
+                    await self.archive.sweep()
+                except Exception as exc:
+                    log.warning("sweeping expired artifacts failed: %s", exc)
             nxt = await self.store.next_expiry()
             delay = 3600.0 if nxt is None else (nxt[1] - now()).total_seconds()
             if nxt is not None and delay <= 0:
@@ -612,10 +652,13 @@ class Engine:
         version: str | None = None,
         priority: Literal["normal", "urgent"] = "normal",
         member: Member | None = None,
+        inputs: Mapping[str, str] | None = None,
     ) -> Entry:
         """Validate, route, record and hand the entry to a backend. `priority="urgent"` marks
         time-sensitive work (a Slurm site submits it with its urgent QoS). A composed service
-        launches its group (orchestrator.groups), whose members come back here as `member`."""
+        launches its group (orchestrator.groups), whose members come back here as `member`.
+        `inputs` (name -> URI, see orchestrator.inputs) are checked before anything is
+        recorded."""
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -640,10 +683,12 @@ class Engine:
             )
         res = (resources or ResourceRequest()).apply_to(resources_for(svc, params))
         event = await self.event_to_submit_to(principal, event_id)
+        resolved = await resolve_inputs(self, principal, svc, inputs or {})
         request_hash = hashlib.sha256(
             json.dumps(
                 [svc.ref, params, event.id, site, res.model_dump()]
-                + ([priority] if priority != "normal" else []),
+                + ([priority] if priority != "normal" else [])
+                + ([dict(inputs)] if inputs else []),
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -713,6 +758,9 @@ class Engine:
             priority=priority,
             account=account,
         )
+        if resolved:
+            urls_only = bool(getattr(self.backends[chosen], "stages_from_urls", False))
+            spec.inputs = await stage_inputs(self, principal, entry_id, resolved, urls_only)
         at = now()
         entry = Entry(
             id=entry_id,
@@ -943,6 +991,8 @@ class Engine:
     async def list_artifacts(self, principal: Principal, entry_id: str) -> list[ArtifactStat]:
         """The entry's files under output/ that this server can read, with size and sha256."""
         entry, _ = await self._entry_for(principal, entry_id)
+        if entry.state.terminal and (kept := await self.archive.manifest(entry.id)) is not None:
+            return kept.artifacts
         backend = self.backends.get(entry.site)
         return await backend.list_artifacts(entry.id, entry.handle) if backend else []
 
@@ -962,6 +1012,10 @@ class Engine:
                 f"limit must be between 1 and {MAX_ARTIFACT_READ} bytes", field="limit"
             )
         entry, _ = await self._entry_for(principal, entry_id)
+        if entry.state.terminal and (kept := await self.archive.manifest(entry.id)) is not None:
+            if kept.has(path):
+                return entry, await self.archive.read(kept, path, offset, limit)
+            # Not kept: the site says why (a path out of output/, a link out, no such file).
         backend = self.backends.get(entry.site)
         if backend is None:
             raise NotFound(f"site {entry.site!r} of entry {entry.id} is gone", field="path")

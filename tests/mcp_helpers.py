@@ -288,7 +288,11 @@ async def run_http_server(
             routes += extra_routes
             lifespans += extra_lifespans
         app = create_http_app(
-            engine, extra_routes=routes, lifespans=lifespans, bearer=bearer_reader(server)
+            engine,
+            extra_routes=routes,
+            lifespans=lifespans,
+            bearer=bearer_reader(server),
+            uploader=bearer_reader(server, "submit"),
         )
         async with serve_asgi(app, sock) as base:
             yield HttpServer(engine=engine, mcp=server, base=base, keys_dir=keys)

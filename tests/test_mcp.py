@@ -165,6 +165,7 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "create_event",
         "launch_service",
         "stream_access",
+        "upload_input",
     }
     assert not any(s.read_only and s.destructive for s in TOOLS)
 
@@ -709,6 +710,8 @@ def _minimal_args(spec: ToolSpec, entry_id: str = "ent-000000000000") -> dict[st
         "service": "sim-instrument",
         "principal": "bob",
         "path": "out.csv",
+        "name": "in.txt",
+        "content": "hello",
     }
     return {k: v for k, v in base.items() if k in _required(spec.input)}
 

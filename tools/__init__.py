@@ -17,6 +17,7 @@ from tools.operations import (
     stop_event,
     stream_access,
     submit_job,
+    upload_input,
     wait_entry,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "stop_event",
     "stream_access",
     "submit_job",
+    "upload_input",
     "wait_entry",
 ]

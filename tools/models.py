@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from ground.compose import EntryGroup, group_of
 from ground.contract import MAX_ARTIFACT_READ, ArtifactStat
+from ground.errors import InvalidInput
 from ground.models import (
     Entry,
     EntryState,
@@ -58,6 +59,9 @@ class CreateEventInput(_In):
     ttl_seconds: OptInt = Field(
         None, gt=0, le=366 * 86400, description="lifetime; entries are stopped when it ends"
     )
+    retention_days: float | None = Field(
+        None, gt=0, description="how long its jobs' artifacts are kept (default: for ever)"
+    )
 
 
 class EventRef(_In):
@@ -90,6 +94,13 @@ class _LaunchInput(_In):
     )
     resources: ResourceRequest | None = Field(
         None, description="override the template's resources (cpus, memory_mb, gpus, ...)"
+    )
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="files for the template's declared inputs, name -> URI: an upload "
+        "(sciorch://uploads/<id> from upload_input), another entry's artifact "
+        "(sciorch://entries/<id>/artifacts/<path>, a trailing / for a directory) or an object "
+        "in the server's store (s3://bucket/key); the job finds them under $SCIORCH_INPUTS/<name>",
     )
 
     @field_validator("parameters")
@@ -526,3 +537,50 @@ class StreamAccess(BaseModel):
     password: str | None = Field(None, description="keep private; it reads this stream only")
     url: str | None = Field(None, description="redis:// URL with the credential")
     expires_at: datetime | None = None
+
+
+# ------------------------------------------------------------------ inputs (uploads)
+
+# Bytes one upload_input call may carry; bigger files go over HTTP (POST /uploads). As base64
+# they stay under the MCP server's cap on a call's arguments (256 KiB).
+MAX_TOOL_UPLOAD = 128 << 10
+
+
+class UploadInput(_In):
+    name: str = Field(min_length=1, max_length=200, description="file name, e.g. 'sample.csv'")
+    content: str = Field(description="the file's content: text, or base64 (see encoding)")
+    encoding: Literal["text", "base64"] = Field(
+        "text", description="text: content is the file as UTF-8; base64: its bytes, encoded"
+    )
+
+    def data(self) -> bytes:
+        import base64
+        import binascii
+
+        if self.encoding == "text":
+            try:
+                data = self.content.encode()
+            except UnicodeEncodeError as exc:
+                raise InvalidInput(f"not valid text: {exc.reason}", field="content") from exc
+        else:
+            try:
+                data = base64.b64decode(self.content, validate=True)
+            except binascii.Error as exc:
+                raise InvalidInput(f"not base64: {exc}", field="content") from exc
+        if len(data) > MAX_TOOL_UPLOAD:
+            raise InvalidInput(
+                f"{len(data)} bytes; upload_input takes at most {MAX_TOOL_UPLOAD}: send bigger "
+                "files over HTTP (POST /uploads, then PUT the bytes)",
+                field="content",
+            )
+        return data
+
+
+class UploadView(BaseModel):
+    id: str
+    uri: str = Field(description="pass it as an input: inputs={name: uri}")
+    name: str
+    size: int
+    received: int = Field(description="bytes received so far (HTTP uploads)")
+    complete: bool
+    sha256: str | None = None

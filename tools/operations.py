@@ -41,6 +41,8 @@ from tools.models import (
     StreamAccess,
     StreamAccessInput,
     SubmitJobInput,
+    UploadInput,
+    UploadView,
     WaitEntryInput,
     WaitResult,
     artifact_uri,
@@ -71,7 +73,10 @@ async def list_sites(engine: Engine, principal: Principal) -> SiteList:
 
 
 async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:
-    return EventView.of(await engine.create_event(principal, req.name, req.site, req.ttl_seconds))
+    event = await engine.create_event(
+        principal, req.name, req.site, req.ttl_seconds, retention_days=req.retention_days
+    )
+    return EventView.of(event)
 
 
 async def list_events(engine: Engine, principal: Principal) -> EventList:
@@ -113,6 +118,7 @@ async def _launch(
         resources=req.resources,
         idempotency_key=idempotency_key,
         kind=kind,
+        inputs=req.inputs,
     )
     return await _full_view(engine, principal, entry)
 
@@ -263,3 +269,8 @@ async def stream_access(
         url=grant.url(),
         expires_at=datetime.fromtimestamp(grant.expires_at, UTC),
     )
+
+
+async def upload_input(engine: Engine, principal: Principal, req: UploadInput) -> UploadView:
+    up = await engine.uploads.put_small(principal, req.name, req.data())
+    return UploadView(**up.model_dump(include=set(UploadView.model_fields) - {"uri"}), uri=up.uri)

@@ -33,6 +33,7 @@ from sciorch.web.edge import http_protocol
 from sciorch.web.hooks import hook_routes
 from sciorch.web.hub import Hub
 from sciorch.web.proxy import EntryProxy
+from sciorch.web.uploads import UploadRoutes
 
 log = logging.getLogger("sciorch.http")
 
@@ -48,12 +49,14 @@ def create_http_app(
     lifespans: Sequence[Lifespan] = (),
     bearer: BearerReader | None = None,
     auth: AuthProvider | None = None,
+    uploader: BearerReader | None = None,
 ) -> Starlette:
     """The proxy routes plus GET /healthz (alive) and /readyz (the store answers) and artifact
     downloads. `extra_routes` come first (e.g. the MCP mount); `lifespans` are entered in
     order at start-up (e.g. the MCP app's session manager); `bearer` names who an MCP bearer
-    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token; `auth` (the
-    MCP server's) checks the tokens people sign in to the web hub with."""
+    token is (`mcp_server.server.bearer_reader`), for downloads with the /mcp token; `uploader`
+    the same with the submit scope, for uploads of inputs (/uploads); `auth` (the MCP server's)
+    checks the tokens people sign in to the web hub with."""
     proxy = EntryProxy(lambda: engine)
     downloads = ArtifactDownloads(engine, bearer, proxy.asgi)
     hub = Hub(engine, auth)
@@ -94,6 +97,7 @@ def create_http_app(
         Route("/readyz", readyz, methods=["GET"]),
         *downloads.routes(),
         *hook_routes(engine),
+        *UploadRoutes(engine, uploader).routes(),
         *proxy.routes(),
         *hub.routes(),
     ]
@@ -165,10 +169,11 @@ async def serve_http(
             await close_engine()
 
     try:
-        bearer = None
+        bearer = uploader = None
         if mcp_factory is not None:
             mcp = mcp_factory(engine)
             bearer = bearer_reader(mcp)
+            uploader = bearer_reader(mcp, "submit")
             mcp_routes, mcp_lifespans = mcp_mount(mcp, settings)
             extra_routes = [*mcp_routes, *extra_routes]
             lifespans = [*mcp_lifespans, *lifespans]
@@ -178,6 +183,7 @@ async def serve_http(
             lifespans=[engine_lifespan, *lifespans],
             bearer=bearer,
             auth=mcp.auth if mcp_factory is not None else None,
+            uploader=uploader,
         )
         for line in hub_banner(app):
             print(line, file=sys.stderr, flush=True)
