@@ -404,6 +404,7 @@ class Principal(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     admin: bool = False
+    urgent: bool = Field(False, description="may ask for urgent work (the sciorch.urgent scope)")
 
 
 # ----------------------------------------------------------------------------- events
@@ -429,6 +430,8 @@ class Event(BaseModel):
     stopped_at: datetime | None = None
     shares: dict[str, Role] = Field(default_factory=dict)
     default: bool = False
+    reservation: str | None = Field(None, description="Slurm reservation its entries run in")
+    webhook_url: str | None = Field(None, description="where its warnings are POSTed")
 
     def role_of(self, principal: Principal) -> Role | None:
         if principal.admin or principal.id == self.owner:

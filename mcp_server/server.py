@@ -32,6 +32,9 @@ Entries live in events (allocations) you own or that are shared with you; withou
 your default event is used. Errors name the field that was wrong and what was expected."""
 
 
+URGENT_SCOPE = "sciorch.urgent"  # may ask for priority=urgent (see Engine.check_priority)
+
+
 def local_principal() -> Principal:
     """Who stdio and the CLI act as: $SCIORCH_PRINCIPAL, else the login name."""
     who = os.environ.get("SCIORCH_PRINCIPAL")
@@ -46,7 +49,9 @@ def local_principal() -> Principal:
 def token_principal(token: AccessToken) -> Principal:
     # subject: the claim the verifier names the caller by ([auth] principal_claim)
     sub = str(token.subject or token.claims.get("sub") or token.client_id)
-    return Principal(id=sub, admin="admin" in token.scopes)
+    return Principal(
+        id=sub, admin="admin" in token.scopes, urgent=URGENT_SCOPE in token.scopes
+    )
 
 
 def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] | None:

@@ -439,6 +439,8 @@ class Engine:
         ttl_s: int | None = None,
         *,
         default: bool = False,
+        reservation: str | None = None,
+        webhook_url: str | None = None,
     ) -> Event:
         if site is not None and site not in self.backends:
             raise InvalidInput(
@@ -456,6 +458,8 @@ class Engine:
             created_at=at,
             expires_at=at + timedelta(seconds=ttl) if ttl else None,
             default=default,
+            reservation=reservation,
+            webhook_url=webhook_url,
         )
         await self.store.insert_event(event)
         if event.expires_at:
@@ -585,6 +589,7 @@ class Engine:
     ) -> Entry:
         """Validate, route, record and hand the entry to a backend. `priority="urgent"` marks
         time-sensitive work (a Slurm site submits it with its urgent QoS)."""
+        self.check_priority(principal, priority)
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -622,6 +627,63 @@ class Engine:
                 )
         maintenance = {s.name: s.maintenance for s in self.settings.sites}
         chosen = await choose_site(self.backends, maintenance, res, svc.kind, site or event.site)
+        entry, spec = self.new_entry(
+            principal, svc, params, res, event, chosen, priority, idempotency_key
+        )
+        entry_id = entry.id
+        try:
+            await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
+        except IntegrityError:
+            # The same idempotency key raced in from a concurrent call.
+            if idempotency_key is None:
+                raise
+            found = await self.store.find_idempotent(principal.id, idempotency_key)
+            assert found is not None
+            return (await self._entry_for(principal, found[0]))[0]
+        self.bus.publish(
+            Message(
+                kind="transition",
+                entry_id=entry_id,
+                event_id=event.id,
+                state=EntryState.PENDING,
+                at=entry.created_at,
+            )
+        )
+        if self.replicas is not None and not self.replicas.owns(chosen):
+            # Another replica drives this site (or will, once it takes the site over).
+            self.replicas.hand_over(entry_id)
+        else:
+            await self.submit_to_backend(chosen, spec)
+        return await self.get_entry(principal, entry_id)
+
+    def check_priority(self, principal: Principal, priority: str) -> None:
+        """Urgent work is a policy: admins, holders of the sciorch.urgent scope and the
+        principals of the urgent_principals setting may ask for it."""
+        allowed = self.settings.urgent_principals
+        if priority != "urgent" or principal.admin or principal.urgent:
+            return
+        if "*" in allowed or principal.id in allowed:
+            return
+        raise NotAllowed(
+            f"{principal.id} may not ask for urgent work: it needs the sciorch.urgent scope or "
+            "a place in the urgent_principals setting; submit with priority normal",
+            field="priority",
+        )
+
+    def new_entry(
+        self,
+        principal: Principal,
+        svc: Service,
+        params: dict[str, Any],
+        res: Resources,
+        event: Event,
+        chosen: str,
+        priority: Literal["normal", "urgent"] = "normal",
+        idempotency_key: str | None = None,
+        **spec_extra: Any,
+    ) -> tuple[Entry, LaunchSpec]:
+        """The record and the launch spec of a new entry (not yet stored); `spec_extra` sets
+        more LaunchSpec fields (a sweep element's)."""
         entry_id = new_id("ent")
         base_path = f"/entries/{entry_id}/"
         argv = fill_command(
@@ -652,6 +714,8 @@ class Engine:
             base_path=base_path,
             image=svc.image,
             priority=priority,
+            reservation=event.reservation,
+            **spec_extra,
         )
         at = now()
         entry = Entry(
@@ -670,30 +734,7 @@ class Engine:
             url=self.settings.public_url.rstrip("/") + base_path if svc.kind == "service" else None,
             idempotency_key=idempotency_key,
         )
-        try:
-            await self.store.insert_entry(entry, spec.model_dump(mode="json"), request_hash)
-        except IntegrityError:
-            # The same idempotency key raced in from a concurrent call.
-            if idempotency_key is None:
-                raise
-            found = await self.store.find_idempotent(principal.id, idempotency_key)
-            assert found is not None
-            return (await self._entry_for(principal, found[0]))[0]
-        self.bus.publish(
-            Message(
-                kind="transition",
-                entry_id=entry_id,
-                event_id=event.id,
-                state=EntryState.PENDING,
-                at=at,
-            )
-        )
-        if self.replicas is not None and not self.replicas.owns(chosen):
-            # Another replica drives this site (or will, once it takes the site over).
-            self.replicas.hand_over(entry_id)
-        else:
-            await self.submit_to_backend(chosen, spec)
-        return await self.get_entry(principal, entry_id)
+        return entry, spec
 
     async def submit_to_backend(self, site: str, spec: LaunchSpec) -> None:
         """Give a recorded entry to its site's backend (once); a refusal fails the entry."""
@@ -898,6 +939,16 @@ class Engine:
             [entry], EntryState.CANCELLED, "cancelled by " + principal.id, wait_s
         )
         return await self.get_entry(principal, entry_id)
+
+    async def cancel_entries(
+        self, principal: Principal, entries: list[Entry], wait_s: float = 10.0
+    ) -> None:
+        """Cancel several entries at once (a sweep's), each checked for operator rights."""
+        for entry in entries:
+            await self._entry_for(principal, entry.id, Role.OPERATOR)
+        active = [e for e in entries if not e.state.terminal]
+        reason = "cancelled by " + principal.id
+        await self._stop_entries(active, EntryState.CANCELLED, reason, wait_s)
 
     async def _stop_entries(
         self, entries: list[Entry], final: EntryState, reason: str, wait_s: float
