@@ -514,7 +514,7 @@ class Site(BaseModel):
 class Message(BaseModel):
     """What the event bus carries. `kind` says which fields are set."""
 
-    kind: Literal["transition", "log", "stream", "event"]
+    kind: Literal["transition", "log", "stream", "event", "warning"]
     entry_id: str | None = None
     event_id: str | None = None
     state: EntryState | None = None

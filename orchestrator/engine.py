@@ -68,6 +68,7 @@ from ground.models import (
 from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
+from orchestrator.deadlines import Warner
 from orchestrator.locks import try_lock
 from orchestrator.registry import create_backend
 from orchestrator.replicas import Replicas, new_replica_id, open_bus
@@ -174,6 +175,7 @@ class Engine:
         self._started = False
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
+        self.warner: Warner | None = None
 
     # ================================================================ lifecycle
 
@@ -210,9 +212,13 @@ class Engine:
         else:
             await self.reconcile()
             self._expiry_task = asyncio.create_task(self.expiry_loop(), name="sciorch-expiry")
+            self.warner = Warner(self)
+            self.warner.start()
         self._started = True
 
     async def close(self) -> None:
+        if self.warner is not None:
+            await self.warner.close()
         if self.replicas is not None:
             await self.replicas.close()
         if self._expiry_task:

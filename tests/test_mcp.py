@@ -156,8 +156,11 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "read_logs",
         "read_results",
         "read_artifact",
+        "get_sweep",
+        "wait_sweep",
     }
-    assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
+    destructive = {s.name for s in TOOLS if s.destructive}
+    assert destructive == {"stop_event", "cancel_entry", "cancel_sweep"}
     assert {s.name for s in TOOLS if not s.idempotent} == {"create_event", "launch_service"}
     assert not any(s.read_only and s.destructive for s in TOOLS)
 
@@ -700,6 +703,8 @@ def _minimal_args(spec: ToolSpec, entry_id: str = "ent-000000000000") -> dict[st
         "service": "sim-instrument",
         "principal": "bob",
         "path": "out.csv",
+        "sweep_id": "swp-000000000000",
+        "walltime_seconds": 7200,
     }
     return {k: v for k, v in base.items() if k in _required(spec.input)}
 
@@ -798,6 +803,8 @@ async def test_unknown_and_other_principals_entries_are_not_found(
     )
     if spec.name == "read_artifact":  # the job wrote no such file: the entry itself is found
         assert_tool_error(mine, "not_found", "path")
+    elif spec.name == "extend_entry":  # found, but it has ended: nothing to extend
+        assert_tool_error(mine, "conflict", "entry_id")
     else:
         assert not mine.is_error, text_of(mine)
 

@@ -7,7 +7,9 @@ import base64
 from collections.abc import Awaitable, Callable
 
 from ground.contract import whole_utf8
+from ground.errors import InvalidInput
 from ground.models import Entry, Message, Principal, Role, ServiceKind
+from orchestrator import deadlines
 from orchestrator.engine import Engine
 from tools.models import (
     IMAGE_TYPES,
@@ -56,7 +58,19 @@ async def list_sites(engine: Engine, principal: Principal) -> SiteList:
 
 
 async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:
-    return EventView.of(await engine.create_event(principal, req.name, req.site, req.ttl_seconds))
+    if (req.webhook_url is None) != (req.webhook_secret is None):
+        raise InvalidInput("webhook_url and webhook_secret go together", field="webhook_secret")
+    event = await engine.create_event(
+        principal,
+        req.name,
+        req.site,
+        req.ttl_seconds,
+        reservation=req.reservation,
+        webhook_url=req.webhook_url,
+    )
+    if req.webhook_secret is not None:
+        await deadlines.set_webhook_secret(engine, event.id, req.webhook_secret)
+    return EventView.of(event)
 
 
 async def list_events(engine: Engine, principal: Principal) -> EventList:
@@ -98,6 +112,7 @@ async def _launch(
         resources=req.resources,
         idempotency_key=idempotency_key,
         kind=kind,
+        priority=req.priority,
     )
     return _view(engine, principal, entry)
 

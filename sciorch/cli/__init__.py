@@ -11,7 +11,7 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign
+from sciorch.cli import serve, catalogue, entries, sweeps, fetch, events, steer, agent, campaign
 
 # isort: on
 
@@ -26,6 +26,7 @@ __all__ = [
     "main",
     "serve",
     "steer",
+    "sweeps",
 ]
 
 
