@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from ground.errors import Conflict, InvalidParameters, NotAllowed, NotSupported
+from ground.errors import Conflict, InvalidInput, InvalidParameters, NotAllowed, NotSupported
 from ground.models import EntryState, Principal, ResourceRequest
 from orchestrator import deadlines, sweeps
 from orchestrator.engine import Engine
+from steering.spec import parse_spec
 from tests.conftest import ALICE, BOB, make_settings, shutdown
 from tests.mcp_helpers import (
     assert_tool_error,
@@ -28,6 +29,7 @@ from tests.mcp_helpers import (
     serve_asgi,
     structured,
 )
+from tests.test_steering import branin_spec
 
 PAYLOAD = """
 import json, os, time
@@ -261,3 +263,13 @@ async def test_sweep_tools_over_mcp_with_a_second_principal_refused(
                 )
             )
             assert ok["state"] == "pending"
+
+
+def test_a_campaign_file_may_ask_for_urgent_evaluations() -> None:
+    base = branin_spec()
+    urgent = {**base, "objective": {**base["objective"], "priority": "urgent"}}
+    assert parse_spec(urgent, "c.toml").objective.priority == "urgent"
+    wrong = {**base, "objective": {**base["objective"], "priority": "high"}}
+    with pytest.raises(InvalidInput) as bad:
+        parse_spec(wrong, "c.toml")
+    assert (bad.value.field or "").startswith("objective.priority")
