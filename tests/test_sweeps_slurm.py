@@ -10,7 +10,7 @@ import pytest
 
 from ground.errors import NotAllowed, NotFound, NotSupported
 from ground.models import EntryState
-from orchestrator import sweeps
+from orchestrator import deadlines, sweeps
 from tests import test_slurm
 from tests.conftest import ALICE, BOB
 from tests.test_slurm import Cluster, job_field, need_root, slurm_cmd, wait_done
@@ -99,11 +99,13 @@ async def test_a_running_jobs_time_limit_is_extended(cluster: Cluster, transport
     entry = await eng.launch(ALICE, "sleeper", {"seconds": 20})
     running = await eng.wait_entry(ALICE, entry.id, timeout_s=30, until="started")
     assert running[0].state == EntryState.RUNNING
-    backend = cluster.backend(eng)
     if transport == "rest":
         # slurmrestd acts as the job's user, who may lower a limit but not raise it.
         with pytest.raises(NotSupported, match="refused the new time limit"):
-            await backend.extend(entry.id, running[0].handle, 600)
+            await deadlines.extend_entry(eng, ALICE, entry.id, 600)
         return
-    await backend.extend(entry.id, running[0].handle, 600)
+    with pytest.raises(NotFound):
+        await deadlines.extend_entry(eng, BOB, entry.id, 600)
+    longer = await deadlines.extend_entry(eng, ALICE, entry.id, 600)
+    assert longer.resources.walltime_s == 600
     assert job_field(entry.handle["job_id"], "%l") == "10:00"
