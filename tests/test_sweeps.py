@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import mcp
 import pytest
 
 from ground.errors import Conflict, InvalidInput, InvalidParameters, NotAllowed, NotSupported
 from ground.models import EntryState, Principal, ResourceRequest
+from mcp_server.server import create_server
 from orchestrator import deadlines, sweeps
 from orchestrator.engine import Engine
 from steering.spec import parse_spec
-from tests.conftest import ALICE, BOB, make_settings, shutdown
+from tests.conftest import ALICE, BOB, BOTH_STORES, make_settings, shutdown
 from tests.mcp_helpers import (
     assert_tool_error,
     free_socket,
@@ -53,7 +55,7 @@ async def open_engine(home: Path, catalogue: Path, cpus: int = 8, **kw: Any) -> 
 
 
 @pytest.fixture
-async def eng(home: Path, catalogue: Path) -> AsyncIterator[Engine]:
+async def eng(home: Path, catalogue: Path, store_url: str | None) -> AsyncIterator[Engine]:
     engine = await open_engine(home, catalogue, urgent_principals=["alice"])
     try:
         yield engine
@@ -93,6 +95,7 @@ async def test_each_element_is_validated_before_anything_is_recorded(eng: Engine
     assert entries == []
 
 
+@BOTH_STORES
 async def test_a_grid_expands_and_the_idempotency_key_returns_the_same_sweep(
     eng: Engine,
 ) -> None:
@@ -273,3 +276,50 @@ def test_a_campaign_file_may_ask_for_urgent_evaluations() -> None:
     with pytest.raises(InvalidInput) as bad:
         parse_spec(wrong, "c.toml")
     assert (bad.value.field or "").startswith("objective.priority")
+
+
+async def test_a_listening_client_hears_the_walltime_warning(home: Path, catalogue: Path) -> None:
+    eng = await open_engine(home, catalogue, warning_lead_s=25)
+    try:
+        entry = await eng.launch(
+            ALICE, "double", {"x": 1, "sleep": 60}, resources=ResourceRequest(walltime_s=30)
+        )
+        running, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=10, until="started")
+        assert running.state == EntryState.RUNNING
+        uri = f"sciorch://entries/{entry.id}"
+        async with mcp.Client(create_server(eng, principal=ALICE)._mcp_server) as sdk:
+            async with sdk.listen(resource_subscriptions=[uri]) as sub:
+                update = await asyncio.wait_for(anext(aiter(sub)), 10)
+        assert update.uri == uri  # type: ignore[union-attr]
+        # The entry says why it changed; the walltime has not run out yet.
+        now = await eng.get_entry(ALICE, entry.id)
+        assert now.state == EntryState.RUNNING
+        assert "walltime ends in" in (now.reason or ""), now.reason
+        await eng.cancel(ALICE, entry.id)
+    finally:
+        await shutdown(eng)
+
+
+async def test_an_events_ttl_warning_is_posted_to_its_webhook(home: Path, catalogue: Path) -> None:
+    got: list[dict[str, Any]] = []
+
+    async def receiver(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        msg = await receive()
+        got.append(json.loads(msg.get("body", b"{}")))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with serve_asgi(receiver, free_socket()) as url:
+        eng = await open_engine(home, catalogue, warning_lead_s=120)
+        try:
+            event = await eng.create_event(ALICE, "short", ttl_s=60, webhook_url=url)
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.1)
+            assert got and got[0]["kind"] == "ttl" and got[0]["event_id"] == event.id, got
+            assert 0 < got[0]["seconds_left"] <= 60
+        finally:
+            await shutdown(eng)
