@@ -49,9 +49,7 @@ def local_principal() -> Principal:
 def token_principal(token: AccessToken) -> Principal:
     # subject: the claim the verifier names the caller by ([auth] principal_claim)
     sub = str(token.subject or token.claims.get("sub") or token.client_id)
-    return Principal(
-        id=sub, admin="admin" in token.scopes, urgent=URGENT_SCOPE in token.scopes
-    )
+    return Principal(id=sub, admin="admin" in token.scopes, urgent=URGENT_SCOPE in token.scopes)
 
 
 def bearer_reader(mcp: FastMCP) -> Callable[[str], Awaitable[Principal | None]] | None:
