@@ -161,6 +161,10 @@ class KubernetesOptions(BaseModel):
     impersonate_groups: list[str] = Field(
         default_factory=list, description="Impersonate-Group headers sent with them"
     )
+    priority_class_urgent: str | None = Field(
+        None, description="PriorityClass of urgent entries' pods (the cluster admin makes it)"
+    )
+    priority_class: str | None = Field(None, description="PriorityClass of other entries' pods")
     node_selector: dict[str, str] = Field(default_factory=dict)
     cpu_limit: bool = Field(False, description="also limit CPU (default: request only)")
     service_port: int = Field(8080, ge=1, le=65535, description="port services listen on")
@@ -471,6 +475,11 @@ def pod_spec(
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in opts.gpu_tolerations]
     if opts.service_account:
         pod["serviceAccountName"] = opts.service_account
+    priority_class = (
+        opts.priority_class_urgent if spec.priority == "urgent" else None
+    ) or opts.priority_class
+    if priority_class:
+        pod["priorityClassName"] = priority_class
     if opts.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in opts.image_pull_secrets]
     return pod

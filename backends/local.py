@@ -112,6 +112,12 @@ class _Entry(EntryRecord):
         start = self.started_at if self.started_at is not None else now
         return max(now, start + self.resources.walltime_s)
 
+    @property
+    def group(self) -> tuple[str, int] | None:
+        if self.spec.sweep_id and self.spec.sweep_throttle:
+            return self.spec.sweep_id, self.spec.sweep_throttle
+        return None
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -358,7 +364,12 @@ class LocalBackend(Supervisor[_Entry]):
     def _enqueue(self, e: _Entry) -> None:
         e.phase = _Phase.QUEUED
         self._entries[e.id] = e
-        self._pool.queue.append(e)
+        queue = self._pool.queue
+        if e.spec.priority == "urgent":  # the front of the queue, behind earlier urgent work
+            at = next((i for i, q in enumerate(queue) if q.spec.priority != "urgent"), len(queue))
+            queue.insert(at, e)
+        else:
+            queue.append(e)
         self._schedule()
 
     def _schedule(self) -> None:

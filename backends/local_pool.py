@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ class Allocation(Protocol):
 
     def deadline(self, now: float) -> float:
         """When it gives its resources back at the latest (its walltime's end)."""
+        ...
+
+    @property
+    def group(self) -> tuple[str, int] | None:
+        """(name, n): at most n entries of this group hold resources at once (a sweep's
+        throttle); None: no such bound."""
         ...
 
 
@@ -164,7 +171,10 @@ class ResourcePool(Generic[A]):
         shadow_extra: Pool | None = None
         start: list[tuple[A, list[int]]] = []
         held = list(holding)
+        in_group = Counter(e.group[0] for e in held if e.allocated and e.group)
         for e in list(self.queue):
+            if e.group and in_group[e.group[0]] >= e.group[1]:
+                continue  # its sweep's throttle: it waits without holding up the others
             gpus = self.fit(free, e.resources)
             if gpus is None:
                 if shadow_t is None:
@@ -183,6 +193,8 @@ class ResourcePool(Generic[A]):
                 shadow_extra.take(e.resources, spare)
             free.take(e.resources, gpus)
             start.append((e, gpus))
+            if e.group:
+                in_group[e.group[0]] += 1
         return start
 
     def _shadow(self, free: Pool, blocked: A, holding: list[A], now: float) -> tuple[float, Pool]:

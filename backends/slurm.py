@@ -66,7 +66,7 @@ from backends.posix_users import PosixUser, give_workdir, run_as
 from backends.slurm_accounts import association
 from backends.slurm_callback import CallbackListener
 from backends.slurm_cli import CliTransport
-from backends.slurm_job import SlurmOptions, build_script, job_request
+from backends.slurm_job import SlurmOptions, array_request, build_script, env_file, job_request
 from backends.slurm_rest import RestTransport
 from backends.slurm_site import SlurmSite
 from backends.slurm_states import (
@@ -78,6 +78,7 @@ from backends.slurm_states import (
 )
 from backends.slurm_transport import (
     JobInfo,
+    SlurmAuthError,
     SlurmError,
     SlurmRejected,
     SlurmTransport,
@@ -90,7 +91,7 @@ from backends.supervisor import (
     restart_reason,
     wait_healthy,
 )
-from ground.errors import BackendError, InvalidInput, SciorchError
+from ground.errors import BackendError, InvalidInput, NotSupported, SciorchError
 from ground.models import (
     AccountUsage,
     Capabilities,
@@ -360,6 +361,68 @@ class SlurmBackend(Supervisor[_Job]):
                 self._start_health(j)
         self._track(j)
 
+    async def submit_array(self, specs: list[LaunchSpec], throttle: int | None) -> None:
+        """A sweep's elements as one Slurm job array (`--array=0-N%throttle`): each element
+        keeps its own entry directory, job.sh and log; element i is '<array id>_<i>'."""
+        specs = [s for s in specs if self._is_new(s)]
+        if not specs:
+            return
+        sweep_id = specs[0].sweep_id or specs[0].entry_id
+        sweep_dir = self.shared_dir / f"sweep-{sweep_id}"
+        jobs = [_Job(spec=s, workdir=WorkDir(self.shared_dir / s.entry_id)) for s in specs]
+        reqs = [job_request(j.spec, j.workdir, self.options, self._callback_env) for j in jobs]
+        await asyncio.to_thread(self._prepare_array, sweep_dir, jobs, reqs)
+        for j in jobs:
+            self._entries[j.id] = j
+        try:
+            array_id = await self._queue(
+                array_request(reqs, sweep_id, sweep_dir, throttle), jobs[0].spec
+            )
+        except BaseException:
+            for j in jobs:
+                self._entries.pop(j.id, None)
+            raise
+        for i, j in enumerate(jobs):
+            j.job_id = f"{array_id}_{i}"
+            await self._report(
+                j,
+                j.state,
+                force=True,
+                reason=f"queued as element {i} of Slurm job array {array_id}",
+                handle=self._handle(j),
+            )
+            self._track(j)
+
+    def _prepare_array(self, sweep_dir: Path, jobs: list[_Job], reqs: list[Any]) -> None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        for j, req in zip(jobs, reqs, strict=True):
+            self._prepare_dir(j.workdir, j.spec)
+            (j.workdir.root / "env.sh").write_text(env_file(req.env))
+        (sweep_dir / "elements").write_text("".join(f"{j.workdir.root}\n" for j in jobs))
+        if os.geteuid() == 0 and self.job_user != "root":
+            try:
+                pw = pwd.getpwnam(self.job_user)
+            except KeyError:
+                return
+            os.chown(sweep_dir, pw.pw_uid, pw.pw_gid)
+
+    async def extend(self, entry_id: str, handle: Mapping[str, Any], walltime_s: int) -> None:
+        """A new time limit for the entry's Slurm job (Slurm lets root or SlurmUser do it)."""
+        j = self._entries.get(entry_id)
+        job_id = (j.job_id if j is not None else None) or handle.get("job_id")
+        if not job_id:
+            raise NotSupported(f"entry {entry_id} has no Slurm job yet", field="entry_id")
+        try:
+            await self.transport.set_time_limit(str(job_id), max(1, -(-walltime_s // 60)))
+        except (SlurmRejected, SlurmAuthError) as exc:
+            raise NotSupported(
+                f"site {self.name!r}: Slurm refused the new time limit: {exc.message} "
+                "(only root or SlurmUser may raise a job's limit)",
+                field="walltime_seconds",
+            ) from exc
+        except SlurmError as exc:
+            raise BackendError(f"site {self.name!r}: {exc.message}") from exc
+
     # ------------------------------------------------------------------ submitting
 
     def _user_for(self, spec: LaunchSpec) -> PosixUser | None:
@@ -392,18 +455,7 @@ class SlurmBackend(Supervisor[_Job]):
         if j.user is not None:
             env = {**req.env, **j.user.identity()}
             req = dataclasses.replace(req, user=j.user.name, env=env)
-        try:
-            job_id = await self.transport.submit(req)
-        except SlurmRejected as exc:
-            raise InvalidInput(
-                f"site {self.name!r}: Slurm rejected the job: {exc.message}"
-                f"{self.site.rejection_hint(j.spec.resources, exc.message)}",
-                field="resources",
-            ) from exc
-        except SlurmError as exc:
-            raise BackendError(
-                f"site {self.name!r}: could not submit to Slurm: {exc.message}"
-            ) from exc
+        job_id = await self._queue(req, j.spec)
         j.job_id = job_id
         j.missing = 0
         await self._report(
@@ -414,6 +466,21 @@ class SlurmBackend(Supervisor[_Job]):
             + (f" (restart {j.restarts})" if j.restarts else ""),
             handle=self._handle(j),
         )
+
+    async def _queue(self, req: Any, spec: LaunchSpec) -> str:
+        """Submit; Slurm's refusal becomes a typed error naming the resources."""
+        try:
+            return await self.transport.submit(req)
+        except SlurmRejected as exc:
+            raise InvalidInput(
+                f"site {self.name!r}: Slurm rejected the job: {exc.message}"
+                f"{self.site.rejection_hint(spec.resources, exc.message)}",
+                field="resources",
+            ) from exc
+        except SlurmError as exc:
+            raise BackendError(
+                f"site {self.name!r}: could not submit to Slurm: {exc.message}"
+            ) from exc
 
     def _track(self, j: _Job) -> None:
         if self._watcher is not None:
@@ -539,6 +606,10 @@ class SlurmBackend(Supervisor[_Job]):
             if info is None:
                 async with j.lock:
                     outcome = _read_json(j.workdir.exit)
+                if outcome is None and j.cancel_sent:
+                    # Cancelled while it waited (a pending array element leaves no record).
+                    await self._finish(j, EntryState.CANCELLED, "cancelled before it started", None)
+                    return
                 if outcome is not None:
                     info = JobInfo(job_id=j.job_id, state="COMPLETED" if outcome.get(
                         "exit_code") == 0 else "FAILED")

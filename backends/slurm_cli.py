@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from backends.slurm_transport import (
     JobInfo,
@@ -21,6 +22,7 @@ from backends.slurm_transport import (
     base_state,
     classify,
     epoch,
+    expand_array_id,
     expand_nodes,
     json_node,
     parse_gres,
@@ -85,6 +87,8 @@ class CliTransport:
             "--no-requeue",
             "--export=ALL",
         ]
+        if req.array:
+            argv.append(f"--array={req.array}")
         if req.memory_mb:
             argv.append(f"--mem={req.memory_mb}M")
         if req.gres:
@@ -137,13 +141,17 @@ class CliTransport:
             if "invalid job id" in err.lower():
                 return []  # the only job asked for is unknown
             raise classify(f"squeue: {err.strip() or f'exit status {rc}'}")
-        return [j for j in (_squeue_line(line) for line in out.splitlines()) if j is not None]
+        found = [j for j in (_squeue_line(line) for line in out.splitlines()) if j is not None]
+        # An array's pending elements come as one line; each element is asked for by its id.
+        return [replace(j, job_id=i) for j in found for i in expand_array_id(j.job_id)]
 
     async def job_detail(self, job_id: str) -> JobInfo | None:
         rc, out, err = await self._run("scontrol", "-o", "show", "job", job_id)
         if rc == 0 and out.strip():
             return _scontrol_job(out.strip().splitlines()[0])
-        if rc != 0 and "invalid job id" not in err.lower():
+        # A pending array element cancelled before it split off: 'Job 12_0 not found'.
+        gone = "invalid job id" in err.lower() or "not found" in (err + out).lower()
+        if rc != 0 and not gone:
             raise classify(f"scontrol show job {job_id}: {err.strip() or f'status {rc}'}")
         # Gone from slurmctld: accounting, if the site has it.
         rc, out, err = await self._run(
@@ -182,6 +190,16 @@ class CliTransport:
             if "invalid job id" in low or "already completing" in low or "already completed" in low:
                 return
             raise classify(f"scancel {job_id}: {err.strip() or f'exit status {rc}'}")
+
+    async def set_time_limit(self, job_id: str, minutes: int) -> None:
+        rc, out, err = await self._run(
+            "scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"
+        )
+        if rc != 0:
+            text = (err or out).strip().removeprefix("slurm_update error: ")
+            raise classify(
+                f"scontrol update {job_id}: {text or f'exit status {rc}'}", submitting=True
+            )
 
     async def nodes(self) -> list[NodeInfo]:
         rc, out, err = await self._run("sinfo", "--json")

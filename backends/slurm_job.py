@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -140,9 +141,37 @@ def job_request(
         partition=o.partition,
         account=o.account,
         qos=qos,
-        reservation=o.reservation,
+        reservation=spec.reservation or o.reservation,
         comment=f"sciorch entry {spec.entry_id}",
     )
 
 
-__all__ = ["SlurmOptions", "build_script", "job_request"]
+def env_file(env: Mapping[str, str]) -> str:
+    """An element's environment as env.sh, which the array script sources."""
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()) if k.isidentifier())
+
+
+def array_request(
+    elements: list[JobRequest], sweep_id: str, sweep_dir: Path, throttle: int | None
+) -> JobRequest:
+    """One job array for a sweep's elements (each already has its job.sh and env.sh): the
+    resources and placement of the first element (a sweep's elements share them), element i
+    running the entry on line i+1 of <sweep_dir>/elements."""
+    first = elements[0]
+    last = len(elements) - 1
+    script = render_script(
+        "slurm-array.sh",
+        {"sweep_id": sweep_id, "dir": str(sweep_dir), "dir_q": shlex.quote(str(sweep_dir))},
+    )
+    return replace(
+        first,
+        name=f"sciorch-sweep-{sweep_id}"[:200],
+        script=script,
+        cwd=str(sweep_dir),
+        output=str(sweep_dir / "slurm-%a.out"),
+        array=f"0-{last}" + (f"%{throttle}" if throttle else ""),
+        comment=f"sciorch sweep {sweep_id}",
+    )
+
+
+__all__ = ["SlurmOptions", "array_request", "build_script", "env_file", "job_request"]

@@ -10,6 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from backends.slurm_transport import (
     base_state,
     classify,
     epoch,
+    expand_array_id,
     expand_nodes,
     json_node,
     parse_tres_gpus,
@@ -251,7 +253,7 @@ class RestTransport:
             job["memory_per_node"] = req.memory_mb
         if req.gres:
             job["gres"] = req.gres
-        for key in ("partition", "account", "qos", "reservation", "comment"):
+        for key in ("partition", "account", "qos", "reservation", "comment", "array"):
             value = getattr(req, key)
             if value:
                 job[key] = value
@@ -292,10 +294,34 @@ class RestTransport:
         _status, body = await self._request("GET", f"{API}/job/{job_id}")
         if "_error" in body:
             if _unknown_job(body["_errors"]):
-                return None
+                return await self._pending_element(job_id) if "_" in job_id else None
             raise classify(f"slurmrestd could not show job {job_id}: {body['_error']}")
         jobs = body.get("jobs") or []
-        return _rest_job(jobs[0]) if jobs else None
+        if not jobs:
+            return None
+        info = _rest_job(jobs[0])
+        # An array element is known by '<array id>_<index>' (its record has its own job id).
+        return replace(info, job_id=job_id) if "_" in job_id else info
+
+    async def _pending_element(self, job_id: str) -> JobInfo | None:
+        """An array element still pending inside its array's record ('4-19%4'), which
+        slurmrestd does not find by the element's id."""
+        array_id = job_id.partition("_")[0]
+        _status, body = await self._request("GET", f"{API}/job/{array_id}")
+        for j in body.get("jobs") or [] if "_error" not in body else []:
+            tasks = j.get("array_task_string")
+            if tasks and job_id in expand_array_id(f"{array_id}_[{tasks}]"):
+                return replace(_rest_job(j), job_id=job_id)
+        return None
+
+    async def set_time_limit(self, job_id: str, minutes: int) -> None:
+        _status, body = await self._request(
+            "POST", f"{API}/job/{job_id}", json_body={"time_limit": minutes}
+        )
+        if "_error" in body:
+            raise classify(
+                f"slurmrestd could not update job {job_id}: {body['_error']}", submitting=True
+            )
 
     async def job_detail(self, job_id: str) -> JobInfo | None:
         found = await self._one_job(job_id)
@@ -371,7 +397,10 @@ def _looks_like_auth_failure(errors: list[dict[str, Any]]) -> bool:
 
 def _unknown_job(errors: list[dict[str, Any]]) -> bool:
     return any(
-        e.get("error_number") == 2017 or "invalid job id" in str(e.get("error", "")).lower()
+        e.get("error_number") == 2017
+        or "invalid job id" in str(e.get("error", "")).lower()
+        # a pending array element cancelled before it split off
+        or "unable to find jobid" in f"{e.get('error', '')} {e.get('description', '')}".lower()
         for e in errors
     )
 

@@ -52,6 +52,7 @@ class JobRequest:
     reservation: str | None = None
     comment: str | None = None
     user: str | None = None  # the Slurm user it is submitted as (None: the site's own)
+    array: str | None = None  # a job array's indices, '0-19%4' (elements: '<id>_<index>')
 
     @property
     def gres(self) -> str | None:
@@ -153,6 +154,10 @@ class SlurmTransport(Protocol):
         """scancel (as `user`, the job's own, where it is not the site's); a job that is gone
         already is not an error."""
 
+    async def set_time_limit(self, job_id: str, minutes: int) -> None:
+        """scontrol update JobId=.. TimeLimit=.. (as root or SlurmUser); SlurmRejected if
+        Slurm refuses."""
+
     async def nodes(self) -> list[NodeInfo]: ...
 
     async def partitions(self) -> list[PartitionInfo]: ...
@@ -161,6 +166,22 @@ class SlurmTransport(Protocol):
 
 
 # ----------------------------------------------------------------------------- parsing helpers
+
+_ARRAY_RE = re.compile(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$")
+
+
+def expand_array_id(job_id: str) -> list[str]:
+    """'123_[2-4,7%2]' (an array's elements still pending as one record) -> ['123_2', '123_3',
+    '123_4', '123_7']; any other id as it is."""
+    m = _ARRAY_RE.match(job_id)
+    if m is None:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
 
 _GRES_RE = re.compile(r"^(?:gres[:/])?gpu(?::([^:(,]+))?:(\d+)")
 

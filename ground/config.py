@@ -168,6 +168,14 @@ class Settings(BaseModel):
     data_plane_host: str | None = Field(
         None, description="the Redis address clients are given; default: data_plane's host"
     )
+    urgent_principals: list[str] = Field(
+        default_factory=list,
+        description="who may ask for priority=urgent besides admins and holders of the "
+        "sciorch.urgent scope ('*': everyone)",
+    )
+    warning_lead_s: float = Field(
+        300.0, ge=0, description="warn this long before an entry's walltime or an event's TTL ends"
+    )
 
     @property
     def db_path(self) -> Path:

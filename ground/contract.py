@@ -68,6 +68,13 @@ class LaunchSpec(BaseModel):
         None, description="the site account it runs as (ground.accounts); None: the server's"
     )
     inputs: list[StagedInput] = Field(default_factory=list)
+    # A sweep element: one entry of a sweep (orchestrator.sweeps). A backend with a native array
+    # runs the sweep's elements as one (ArrayBackend); others bound the sweep's running elements
+    # to sweep_throttle.
+    sweep_id: str | None = None
+    sweep_index: int | None = None
+    sweep_throttle: int | None = None
+    reservation: str | None = Field(None, description="the event's Slurm reservation, if any")
 
 
 class Outcome(BaseModel):
@@ -208,6 +215,23 @@ class ReportsAccounts(Protocol):
     async def account_usage(self, account: str) -> AccountUsage | None: ...
 
 
+@runtime_checkable
+class ArrayBackend(Protocol):
+    """A backend that runs a sweep's elements as one native array (a Slurm job array)."""
+
+    async def submit_array(self, specs: list[LaunchSpec], throttle: int | None) -> None:
+        """Queue every element as one array (at most `throttle` running at once); each
+        element's transitions arrive through the reporter as for `submit`."""
+
+
+@runtime_checkable
+class ExtendableBackend(Protocol):
+    """A backend that can lengthen a running entry's time limit."""
+
+    async def extend(self, entry_id: str, handle: Mapping[str, Any], walltime_s: int) -> None:
+        """Make the entry's whole walltime `walltime_s`; NotSupported when the site cannot."""
+
+
 class BackendFactory(Protocol):
     """What a backend kind is registered as (entry point group `sciorch.backends`): called with
     the site's name, its own options from config and the directory for entries' files."""
@@ -259,10 +283,12 @@ __all__ = [
     "OVERSIZE_RESULT",
     "PAGE_BYTES",
     "PAGE_RECORDS",
+    "ArrayBackend",
     "ArtifactChunk",
     "ArtifactStat",
     "Backend",
     "BackendFactory",
+    "ExtendableBackend",
     "HealthSpec",
     "LaunchSpec",
     "LogChunk",

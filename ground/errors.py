@@ -83,6 +83,10 @@ class InvalidTransition(SciorchError, code="invalid_transition"): ...
 class BackendError(SciorchError, code="backend_error"): ...
 
 
+class NotSupported(SciorchError, code="not_supported"):
+    """The site cannot do this at all (extend a job's time on a site without a scheduler)."""
+
+
 class NotFound(SciorchError, code="not_found"):
     """Also raised for objects the caller may not see, so ids of others are not disclosed."""
 

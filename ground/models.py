@@ -443,6 +443,7 @@ class Principal(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     admin: bool = False
+    urgent: bool = Field(False, description="may ask for urgent work (the sciorch.urgent scope)")
     # The string claims of the caller's access token, as (name, value) pairs (a tuple keeps the
     # model hashable): a site may map a principal to its account by one (ground.accounts).
     claims: tuple[tuple[str, str], ...] = ()
@@ -474,6 +475,8 @@ class Event(BaseModel):
     stopped_at: datetime | None = None
     shares: dict[str, Role] = Field(default_factory=dict)
     default: bool = False
+    reservation: str | None = Field(None, description="Slurm reservation its entries run in")
+    webhook_url: str | None = Field(None, description="where its warnings are POSTed")
 
     def role_of(self, principal: Principal) -> Role | None:
         if principal.admin or principal.id == self.owner:
@@ -574,7 +577,7 @@ class AccountUsage(BaseModel):
 class Message(BaseModel):
     """What the event bus carries. `kind` says which fields are set."""
 
-    kind: Literal["transition", "log", "stream", "event"]
+    kind: Literal["transition", "log", "stream", "event", "warning"]
     entry_id: str | None = None
     event_id: str | None = None
     state: EntryState | None = None

@@ -26,7 +26,7 @@ from ground.errors import InvalidInput
 
 ISSUER = "sciorch"
 AUDIENCE = "sciorch-mcp"
-SCOPES = ("read", "submit", "admin")
+SCOPES = ("read", "submit", "admin", "sciorch.urgent")
 PRIVATE = "mcp-signing.pem"
 PUBLIC = "mcp-signing.pub.pem"
 

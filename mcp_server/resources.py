@@ -47,6 +47,8 @@ def uris_for(msg: Message) -> list[str]:
         return [log]
     if msg.kind == "stream":
         return [results]
+    if msg.kind == "warning":  # a deadline is near: the entry's reason says which
+        return [entry]
     return []
 
 

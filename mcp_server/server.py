@@ -34,6 +34,9 @@ Entries live in events (allocations) you own or that are shared with you; withou
 your default event is used. Errors name the field that was wrong and what was expected."""
 
 
+URGENT_SCOPE = "sciorch.urgent"  # may ask for priority=urgent (see Engine.check_priority)
+
+
 def local_principal() -> Principal:
     """Who stdio and the CLI act as: $SCIORCH_PRINCIPAL, else the login name."""
     who = os.environ.get("SCIORCH_PRINCIPAL")
@@ -50,7 +53,9 @@ def token_principal(token: AccessToken) -> Principal:
     sub = str(token.subject or token.claims.get("sub") or token.client_id)
     # the string claims: a site may map the caller to its account by one (ground.accounts)
     claims = tuple(sorted((k, v) for k, v in token.claims.items() if isinstance(v, str)))
-    return Principal(id=sub, admin="admin" in token.scopes, claims=claims)
+    return Principal(
+        id=sub, admin="admin" in token.scopes, urgent=URGENT_SCOPE in token.scopes, claims=claims
+    )
 
 
 def bearer_reader(

@@ -25,6 +25,7 @@ from ground.models import Message, Principal
 from orchestrator.engine import Engine
 from steering import export
 from tools import models as m
+from tools import sweeps as sw
 
 Scope = Literal["read", "submit", "admin"]
 Refusal = TypeVar("Refusal", bound=FastMCPError)
@@ -257,6 +258,29 @@ TOOLS: tuple[ToolSpec, ...] = (
         idempotent=True,
     ),
     ToolSpec(
+        "submit_sweep",
+        sw.submit_sweep,
+        sw.SubmitSweepInput,
+        sw.SweepView,
+        "Run one job template over a list (parameter_sets) or a grid of parameter sets: one "
+        "entry per element, grouped by a sweep id, run as a native array where the site has "
+        "one (a Slurm job array), at most `throttle` at once. Every element is validated first; "
+        "an error names the element's index and field. Use get_entry/read_results per element.",
+        "submit",
+        read_only=False,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "get_sweep",
+        sw.get_sweep,
+        sw.SweepRef,
+        sw.SweepView,
+        "A sweep's elements with their states, results (when small) and counts per state.",
+        "read",
+        read_only=True,
+        idempotent=True,
+    ),
+    ToolSpec(
         "stream_access",
         tools.stream_access,
         m.StreamAccessInput,
@@ -267,6 +291,39 @@ TOOLS: tuple[ToolSpec, ...] = (
         "come through wait_entry and read_results).",
         "read",
         read_only=True,
+    ),
+    ToolSpec(
+        "wait_sweep",
+        sw.wait_sweep,
+        sw.WaitSweepInput,
+        sw.SweepWaitResult,
+        "Wait until every element of a sweep has finished (or timeout_seconds pass).",
+        "read",
+        read_only=True,
+        idempotent=True,
+        long_running=True,
+    ),
+    ToolSpec(
+        "cancel_sweep",
+        sw.cancel_sweep,
+        sw.SweepRef,
+        sw.SweepView,
+        "Cancel every element of a sweep still queued or running (cancel_entry stops one).",
+        "submit",
+        read_only=False,
+        destructive=True,
+        idempotent=True,
+    ),
+    ToolSpec(
+        "extend_entry",
+        sw.extend_entry,
+        sw.ExtendEntryInput,
+        m.EntryView,
+        "Give a running entry more time (its new whole walltime), where the site allows it "
+        "(Slurm: scontrol update TimeLimit). A site that cannot says why (not_supported).",
+        "submit",
+        read_only=False,
+        idempotent=True,
     ),
 )
 

@@ -72,6 +72,7 @@ from orchestrator.bus import Bus
 from orchestrator.catalogue import Catalogue, resources_for, validate_parameters
 from orchestrator.database import IntegrityError
 from orchestrator.dataplane import RedisPlane
+from orchestrator.deadlines import Warner
 from orchestrator.groups import EXPORTS, HELD, Groups, held
 from orchestrator.inputs import drop_staging, resolve_inputs, stage_inputs
 from orchestrator.locks import try_lock
@@ -203,6 +204,7 @@ class Engine:
         self.uploads = Uploads(
             self.storage, settings.home / "uploads", settings.storage.max_upload_bytes
         )
+        self.warner: Warner | None = None
 
     # ================================================================ lifecycle
 
@@ -239,10 +241,14 @@ class Engine:
         else:
             await self.reconcile()
             self._expiry_task = asyncio.create_task(self.expiry_loop(), name="sciorch-expiry")
+            self.warner = Warner(self)
+            self.warner.start()
         await self.groups.start()
         self._started = True
 
     async def close(self) -> None:
+        if self.warner is not None:
+            await self.warner.close()
         await self.groups.close()
         if self.replicas is not None:
             await self.replicas.close()
@@ -497,6 +503,8 @@ class Engine:
         *,
         default: bool = False,
         retention_days: float | None = None,
+        reservation: str | None = None,
+        webhook_url: str | None = None,
     ) -> Event:
         if site is not None and site not in self.backends:
             raise InvalidInput(
@@ -516,6 +524,8 @@ class Engine:
             created_at=at,
             expires_at=at + timedelta(seconds=ttl) if ttl else None,
             default=default,
+            reservation=reservation,
+            webhook_url=webhook_url,
         )
         await self.store.insert_event(event)
         if retention_days is not None:  # kept with the artifacts it governs
@@ -659,6 +669,7 @@ class Engine:
         launches its group (orchestrator.groups), whose members come back here as `member`.
         `inputs` (name -> URI, see orchestrator.inputs) are checked before anything is
         recorded."""
+        self.check_priority(principal, priority)
         svc = self.catalogue.get(service, version)
         if kind is not None and svc.kind != kind:
             hint = "launch_service" if svc.kind == "service" else "submit_job"
@@ -717,6 +728,83 @@ class Engine:
         # asked for by name refuses with AccountNotMapped.
         routable = self.backends if requested else sites_for(self, principal)
         chosen = await choose_site(routable, maintenance, res, svc.kind, requested)
+        entry, spec = await self.new_entry(
+            principal,
+            svc,
+            params,
+            res,
+            event,
+            chosen,
+            priority,
+            idempotency_key,
+            member=member,
+            resolved=resolved,
+        )
+        entry_id = entry.id
+        stored = spec.model_dump(mode="json")
+        if exports := {**svc.exports, **(member.exports if member else {})}:
+            stored[EXPORTS] = exports
+        if member is not None and member.hold:
+            stored[HELD] = True
+        try:
+            await self.store.insert_entry(entry, stored, request_hash)
+        except IntegrityError:
+            # The same idempotency key raced in from a concurrent call.
+            if idempotency_key is None:
+                raise
+            found = await self.store.find_idempotent(principal.id, idempotency_key)
+            assert found is not None
+            return (await self._entry_for(principal, found[0]))[0]
+        self.bus.publish(
+            Message(
+                kind="transition",
+                entry_id=entry_id,
+                event_id=event.id,
+                state=EntryState.PENDING,
+                at=entry.created_at,
+            )
+        )
+        if member is not None and member.hold:
+            pass  # its group starts it (orchestrator.groups)
+        elif self.replicas is not None and not self.replicas.owns(chosen):
+            # Another replica drives this site (or will, once it takes the site over).
+            self.replicas.hand_over(entry_id)
+        else:
+            await self.submit_to_backend(chosen, spec)
+        return await self.get_entry(principal, entry_id)
+
+    def check_priority(self, principal: Principal, priority: str) -> None:
+        """Urgent work is a policy: admins, holders of the sciorch.urgent scope and the
+        principals of the urgent_principals setting may ask for it."""
+        allowed = self.settings.urgent_principals
+        if priority != "urgent" or principal.admin or principal.urgent:
+            return
+        if "*" in allowed or principal.id in allowed:
+            return
+        raise NotAllowed(
+            f"{principal.id} may not ask for urgent work: it needs the sciorch.urgent scope or "
+            "a place in the urgent_principals setting; submit with priority normal",
+            field="priority",
+        )
+
+    async def new_entry(
+        self,
+        principal: Principal,
+        svc: Service,
+        params: dict[str, Any],
+        res: Resources,
+        event: Event,
+        chosen: str,
+        priority: Literal["normal", "urgent"] = "normal",
+        idempotency_key: str | None = None,
+        *,
+        member: Member | None = None,
+        resolved: Any = None,
+        **spec_extra: Any,
+    ) -> tuple[Entry, LaunchSpec]:
+        """The record and the launch spec of a new entry (not yet stored): its account on the
+        chosen site, a group member's environment, its staged inputs (`resolved`, from
+        orchestrator.inputs); `spec_extra` sets more LaunchSpec fields (a sweep element's)."""
         account = self.account_for(chosen, principal)
         entry_id = new_id("ent")
         base_path = f"/entries/{entry_id}/"
@@ -757,6 +845,8 @@ class Engine:
             image=svc.image,
             priority=priority,
             account=account,
+            reservation=event.reservation,
+            **spec_extra,
         )
         if resolved:
             urls_only = bool(getattr(self.backends[chosen], "stages_from_urls", False))
@@ -783,37 +873,7 @@ class Engine:
                 **({"group": _membership(member, entry_id)} if member else {}),
             },
         )
-        stored = spec.model_dump(mode="json")
-        if exports := {**svc.exports, **(member.exports if member else {})}:
-            stored[EXPORTS] = exports
-        if member is not None and member.hold:
-            stored[HELD] = True
-        try:
-            await self.store.insert_entry(entry, stored, request_hash)
-        except IntegrityError:
-            # The same idempotency key raced in from a concurrent call.
-            if idempotency_key is None:
-                raise
-            found = await self.store.find_idempotent(principal.id, idempotency_key)
-            assert found is not None
-            return (await self._entry_for(principal, found[0]))[0]
-        self.bus.publish(
-            Message(
-                kind="transition",
-                entry_id=entry_id,
-                event_id=event.id,
-                state=EntryState.PENDING,
-                at=at,
-            )
-        )
-        if member is not None and member.hold:
-            pass  # its group starts it (orchestrator.groups)
-        elif self.replicas is not None and not self.replicas.owns(chosen):
-            # Another replica drives this site (or will, once it takes the site over).
-            self.replicas.hand_over(entry_id)
-        else:
-            await self.submit_to_backend(chosen, spec)
-        return await self.get_entry(principal, entry_id)
+        return entry, spec
 
     async def submit_to_backend(self, site: str, spec: LaunchSpec) -> None:
         """Give a recorded entry to its site's backend (once); a refusal fails the entry."""
@@ -1035,6 +1095,16 @@ class Engine:
         self, entries: list[Entry], final: EntryState, reason: str, wait_s: float = 0.0
     ) -> None:
         await self._stop_entries(entries, final, reason, wait_s)
+
+    async def cancel_entries(
+        self, principal: Principal, entries: list[Entry], wait_s: float = 10.0
+    ) -> None:
+        """Cancel several entries at once (a sweep's), each checked for operator rights."""
+        for entry in entries:
+            await self._entry_for(principal, entry.id, Role.OPERATOR)
+        active = [e for e in entries if not e.state.terminal]
+        reason = "cancelled by " + principal.id
+        await self._stop_entries(active, EntryState.CANCELLED, reason, wait_s)
 
     async def _stop_entries(
         self, entries: list[Entry], final: EntryState, reason: str, wait_s: float

@@ -144,7 +144,7 @@ class Store:
         async with self._writing(transaction=True) as db:
             await db.execute(
                 "INSERT INTO events (id, name, owner, site, state, created_at, expires_at, "
-                "stopped_at, is_default) VALUES (?,?,?,?,?,?,?,?,?)",
+                "stopped_at, is_default, reservation, webhook_url) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     event.id,
                     event.name,
@@ -155,6 +155,8 @@ class Store:
                     self._ts(event.expires_at),
                     self._ts(event.stopped_at),
                     int(event.default),
+                    event.reservation,
+                    event.webhook_url,
                 ),
             )
 
@@ -170,6 +172,8 @@ class Store:
             stopped_at=_dt(row["stopped_at"]),
             shares=shares,
             default=bool(row["is_default"]),
+            reservation=row["reservation"],
+            webhook_url=row["webhook_url"],
         )
 
     async def _shares(self, event_ids: Sequence[str]) -> dict[str, dict[str, Role]]:

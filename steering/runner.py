@@ -565,6 +565,8 @@ class CampaignRunner:
         }
         if self.spec.site:
             args["site"] = self.spec.site
+        if self.spec.objective.priority != "normal":
+            args["priority"] = self.spec.objective.priority
         try:
             entry = await self.tools.call("submit_job", args)
         except ToolFailed as exc:

@@ -94,6 +94,9 @@ class Objective(_Strict):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="fixed parameters sent with every evaluation"
     )
+    priority: Literal["normal", "urgent"] = Field(
+        "normal", description="urgent: each evaluation is submitted as urgent work (by policy)"
+    )
     field: str = Field(
         "value",
         min_length=1,

@@ -57,6 +57,9 @@ MUTATING = {
     "launch_service",
     "submit_job",
     "cancel_entry",
+    "submit_sweep",
+    "cancel_sweep",
+    "extend_entry",
 }
 ROOT = Path(__file__).resolve().parent.parent
 

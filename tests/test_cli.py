@@ -196,3 +196,22 @@ def test_demo(tmp_path: Path) -> None:
     assert re.search(r"known optimum\s+0\.397887 \(gap ", out), out
     plots = re.findall(r"^plot\s+(\S+\.png)$", out, re.M)
     assert len(plots) == 2 and all(Path(p).stat().st_size > 0 for p in plots), out
+
+
+def test_sweep_runs_a_grid_and_reports_each_element(home: Path) -> None:
+    proc = ok(sciorch(
+        home, "sweep", "sim-instrument", "-g", "x1=1,2", "-g", "x2=0.5",
+        "-p", "duration_s=0.05", "-p", "records=1", "--throttle", "1", "--wait",
+    ))
+    sweep_id = proc.stdout.splitlines()[0].strip()
+    assert sweep_id.startswith("swp-"), proc.stdout
+    assert "2 succeeded" in proc.stderr
+    status = ok(sciorch(home, "sweep-status", sweep_id)).stdout
+    assert status.count("succeeded") == 2, status
+    line = user_error(sciorch(home, "sweep", "sim-instrument", "-g", "x1=1,abc"))
+    assert "grid[1].x1" in line
+
+
+def test_urgent_is_refused_without_the_policy(home: Path) -> None:
+    line = user_error(sciorch(home, "submit", "sim-instrument", "-p", "x1=1", "--urgent"))
+    assert "urgent" in line and "priority" in line

@@ -158,8 +158,11 @@ async def test_every_tool_has_input_and_output_schema_and_truthful_annotations(
         "read_artifact",
         "search_results",
         "stream_access",
+        "get_sweep",
+        "wait_sweep",
     }
-    assert {s.name for s in TOOLS if s.destructive} == {"stop_event", "cancel_entry"}
+    destructive = {s.name for s in TOOLS if s.destructive}
+    assert destructive == {"stop_event", "cancel_entry", "cancel_sweep"}
     # stream_access hands out a new credential per call.
     assert {s.name for s in TOOLS if not s.idempotent} == {
         "create_event",
@@ -712,6 +715,8 @@ def _minimal_args(spec: ToolSpec, entry_id: str = "ent-000000000000") -> dict[st
         "path": "out.csv",
         "name": "in.txt",
         "content": "hello",
+        "sweep_id": "swp-000000000000",
+        "walltime_seconds": 7200,
     }
     return {k: v for k, v in base.items() if k in _required(spec.input)}
 
@@ -810,6 +815,8 @@ async def test_unknown_and_other_principals_entries_are_not_found(
     )
     if spec.name == "read_artifact":  # the job wrote no such file: the entry itself is found
         assert_tool_error(mine, "not_found", "path")
+    elif spec.name == "extend_entry":  # found, but it has ended: nothing to extend
+        assert_tool_error(mine, "conflict", "entry_id")
     else:
         assert not mine.is_error, text_of(mine)
 

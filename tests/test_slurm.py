@@ -434,6 +434,7 @@ async def test_site_options_reach_slurm(cluster: Cluster) -> None:
             partition="long", account="other", qos="normal", qos_urgent="urgent",
             reservation=resv,
         )
+        eng.settings.urgent_principals = ["alice"]  # urgent work is a policy
         assert (await cluster.backend(eng).capabilities()).max_walltime_s == 3600
         normal = await eng.launch(ALICE, "sleeper", {"seconds": 0.1},
                                   resources=ResourceRequest(walltime_s=900, cpus=2,

@@ -40,6 +40,14 @@ EntryId = Field(
 EventIdField = Field(description="event id, e.g. 'evt-1a2b3c4d5e6f'", min_length=1, max_length=64)
 
 
+Priority = Literal["normal", "urgent"]
+PriorityField: Any = Field(
+    "normal",
+    description="urgent: time-sensitive work, run ahead of normal work (a higher QoS on Slurm); "
+    "allowed by policy only",
+)
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +69,22 @@ class CreateEventInput(_In):
     )
     retention_days: float | None = Field(
         None, gt=0, description="how long its jobs' artifacts are kept (default: for ever)"
+    )
+    reservation: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="a Slurm reservation the event's entries on Slurm run in",
+    )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=r"^https?://",
+        description="warnings (walltime, TTL) are POSTed here, signed with webhook_secret",
+    )
+    webhook_secret: str | None = Field(
+        None, min_length=16, max_length=200, description="HMAC-SHA256 key for the webhook"
     )
 
 
@@ -102,6 +126,7 @@ class _LaunchInput(_In):
         "(sciorch://entries/<id>/artifacts/<path>, a trailing / for a directory) or an object "
         "in the server's store (s3://bucket/key); the job finds them under $SCIORCH_INPUTS/<name>",
     )
+    priority: Priority = PriorityField
 
     @field_validator("parameters")
     @classmethod
@@ -398,6 +423,8 @@ class EventView(BaseModel):
     stopped_at: datetime | None
     shares: dict[str, str]
     default: bool
+    reservation: str | None = None
+    webhook_url: str | None = None
 
     @classmethod
     def of(cls, event: Event) -> EventView:

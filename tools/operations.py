@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from ground.contract import whole_utf8
+from ground.errors import InvalidInput
 from ground.models import Entry, EntryState, Message, Principal, Role, ServiceKind
+from orchestrator import deadlines
 from orchestrator.accounts import with_accounts
 from orchestrator.engine import Engine
 from orchestrator.results import TIME_SORTS, ResultSearch
@@ -73,9 +75,19 @@ async def list_sites(engine: Engine, principal: Principal) -> SiteList:
 
 
 async def create_event(engine: Engine, principal: Principal, req: CreateEventInput) -> EventView:
+    if (req.webhook_url is None) != (req.webhook_secret is None):
+        raise InvalidInput("webhook_url and webhook_secret go together", field="webhook_secret")
     event = await engine.create_event(
-        principal, req.name, req.site, req.ttl_seconds, retention_days=req.retention_days
+        principal,
+        req.name,
+        req.site,
+        req.ttl_seconds,
+        retention_days=req.retention_days,
+        reservation=req.reservation,
+        webhook_url=req.webhook_url,
     )
+    if req.webhook_secret is not None:
+        await deadlines.set_webhook_secret(engine, event.id, req.webhook_secret)
     return EventView.of(event)
 
 
@@ -119,6 +131,7 @@ async def _launch(
         idempotency_key=idempotency_key,
         kind=kind,
         inputs=req.inputs,
+        priority=req.priority,
     )
     return await _full_view(engine, principal, entry)
 

@@ -41,8 +41,11 @@ if [ @SERVICE_FLAG@ = 1 ]; then
   export PORT=$port SCIORCH_PORT=$port
 fi
 host=$(hostname -s 2>/dev/null || hostname)
+job_id=${SLURM_JOB_ID:-}
+# An element of a job array is known to sciorch as <array id>_<index>.
+[ -n "${SLURM_ARRAY_TASK_ID:-}" ] && job_id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 printf -v info '{"job_id": "%s", "host": "%s", "port": %s, "started_at": %s}' \
-  "${SLURM_JOB_ID:-}" "$host" "$port" "$(sciorch_now)"
+  "$job_id" "$host" "$port" "$(sciorch_now)"
 sciorch_write started.json "$info"
 sciorch_notify started
 start=$(date +%s)

@@ -13,8 +13,8 @@ area of commands, registered on `app` when imported here."""
 # them.
 # isort: off
 from sciorch.cli.app import app
-from sciorch.cli import serve, catalogue, entries, fetch, events, steer, agent, campaign, flow
-from sciorch.cli import search
+from sciorch.cli import serve, catalogue, entries, sweeps, fetch, events, steer, agent, campaign
+from sciorch.cli import flow, search
 
 # isort: on
 
@@ -31,6 +31,7 @@ __all__ = [
     "search",
     "serve",
     "steer",
+    "sweeps",
 ]
 
 

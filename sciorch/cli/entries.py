@@ -53,6 +53,9 @@ GpusOpt = Annotated[int | None, typer.Option("--gpus", help="GPUs (overrides the
 CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU cores")]
 MemoryOpt = Annotated[str | None, typer.Option("--memory", help="memory, e.g. 4Gi")]
 WalltimeOpt = Annotated[str | None, typer.Option("--walltime", help="time limit, e.g. 01:00:00")]
+UrgentOpt = Annotated[
+    bool, typer.Option("--urgent", help="time-sensitive work (allowed by policy only)")
+]
 TimeoutOpt = Annotated[
     float | None, typer.Option("--timeout", help="with --wait: give up after this many seconds")
 ]
@@ -122,11 +125,12 @@ def submit(
         bool, typer.Option("--wait", help="wait for the end; exit 1 unless it succeeded")
     ] = False,
     timeout: TimeoutOpt = None,
+    urgent: UrgentOpt = False,
 ) -> None:
     """Submit a job; prints the entry id (and with --wait its result)."""
     req = _request(
         SubmitJobInput, service, param, params_json, event, site, gpus, cpus, memory, walltime,
-        idempotency_key=idempotency_key,
+        idempotency_key=idempotency_key, priority="urgent" if urgent else "normal",
     )
     _start(ctx, tools.submit_job, req, wait, timeout, "auto", {EntryState.SUCCEEDED})
 
@@ -147,10 +151,12 @@ def launch(
         bool, typer.Option("--wait", help="wait until it is ready; exit 1 if it ends instead")
     ] = False,
     timeout: TimeoutOpt = None,
+    urgent: UrgentOpt = False,
 ) -> None:
     """Launch a long-running service; prints the entry id (and with --wait its URL)."""
     req = _request(
-        LaunchServiceInput, service, param, params_json, event, site, gpus, cpus, memory, walltime
+        LaunchServiceInput, service, param, params_json, event, site, gpus, cpus, memory, walltime,
+        priority="urgent" if urgent else "normal",
     )
     if _start(ctx, tools.launch_service, req, wait, timeout, "ready", _UP) is False:
         err.print("the URL answers while `sciorch serve` runs on this home", style="dim")

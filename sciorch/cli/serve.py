@@ -88,7 +88,9 @@ app.add_typer(token_app, name="token")
 def token_create(
     ctx: typer.Context,
     sub: Annotated[str, typer.Option(help="the principal the token speaks for")],
-    scopes: Annotated[str, typer.Option(help="comma list of read, submit, admin")] = "read",
+    scopes: Annotated[
+        str, typer.Option(help="comma list of read, submit, admin, sciorch.urgent")
+    ] = "read",
     ttl: Annotated[str, typer.Option(help="lifetime, e.g. 3600, 30m, 1h, 7d")] = "1h",
 ) -> None:
     """Print one signed token on stdout (signed by this home's key, made on first use)."""
