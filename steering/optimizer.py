@@ -125,8 +125,14 @@ class Optimizer:
         return len(self._y)
 
     def tell(
-        self, points: Sequence[Point], values: Sequence[float], noise: Sequence[float | None]
+        self,
+        points: Sequence[Point],
+        values: Sequence[float],
+        noise: Sequence[float | None],
+        results: Sequence[dict[str, Any] | None] | None = None,
     ) -> None:
+        """Measurements: `results` (each evaluation's whole result) serves the models of
+        several fields (steering.multi); one objective needs only the values."""
         if not points:
             return
         x = self.space.snap(self.space.encode(points))
@@ -429,9 +435,10 @@ class Optimizer:
 
     # ================================================================ the posterior
 
-    def predict(self, x: Array) -> tuple[Array, Array]:
-        """Posterior mean and standard deviation at encoded points, in result units."""
-        gp = self._sync()
+    def predict(self, x: Array, gp: Any = None) -> tuple[Array, Array]:
+        """Posterior mean and standard deviation at encoded points, in result units (of this
+        GP, or of `gp`, a copy of it with more told)."""
+        gp = self._sync() if gp is None else gp
         mean = np.empty(len(x))
         std = np.empty(len(x))
         for i in range(0, len(x), CHUNK):
