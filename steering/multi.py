@@ -46,6 +46,7 @@ from steering.views import lookup
 MC_SAMPLES = 64
 SCREENED = 96  # candidates that get the Monte-Carlo estimate
 GPC_MAX_POINTS = 300
+GPC_LENGTH = 0.25  # unit box
 COST_FLOOR = 0.05  # of the median candidate cost: a step of zero is not free
 
 
@@ -323,11 +324,15 @@ class Composite:
         self._fit_feasibility(failed)
         gps = {id(m): m.opt._sync() for m in self.models}
         pend = self._encode(pending)
-        if len(pend) or k > 1:
+        if len(pend) or len(failed) or k > 1:
             gps = {key: copy.deepcopy(gp) for key, gp in gps.items()}
         fantasy = np.zeros((0, len(self.objectives)))
         if len(pend):
             fantasy = self._fantasise(gps, pend)
+        if len(failed):
+            # Failed points are told at the posterior mean too (their uncertainty collapses,
+            # so the GP does not chase the hole they leave), but achieve nothing on the front.
+            self._fantasise(gps, failed)
         at = self._position_x()
         chosen: list[Array] = []
         scores: list[float] = []
@@ -417,10 +422,19 @@ class Composite:
         failed = failed[-GPC_MAX_POINTS:]
         x = np.vstack([ok, failed])
         y = np.concatenate([np.ones(len(ok)), np.zeros(len(failed))])
-        kernel = ConstantKernel(4.0, (0.1, 100.0)) * RBF(
-            np.full(self.space.dim, 0.2), length_scale_bounds=(0.02, 3.0)
+        # A few failures say little about length scales: marginal likelihood would then
+        # flatten the classifier into the base rate everywhere, and the GP would go on
+        # proposing next to a failed point. Fixed, local hyperparameters until both classes
+        # have five points; learned (within local bounds) after.
+        learn = len(failed) >= 5 and len(ok) >= 5
+        kernel = ConstantKernel(9.0, (1.0, 100.0)) * RBF(
+            np.full(self.space.dim, GPC_LENGTH), length_scale_bounds=(0.1, 1.0)
         )
-        gpc = GaussianProcessClassifier(kernel=kernel, random_state=self.seed)
+        gpc = GaussianProcessClassifier(
+            kernel=kernel,
+            optimizer="fmin_l_bfgs_b" if learn else None,
+            random_state=self.seed,
+        )
         try:
             gpc.fit(x, y)
         except (ValueError, np.linalg.LinAlgError):

@@ -5,8 +5,11 @@ through the MCP tools with real gpCAM, scikit-learn and sim-instrument jobs."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,9 @@ from mcp_server.server import create_server
 from orchestrator.engine import Engine
 from orchestrator.payloads.surfaces import SURFACES
 from steering.constraints import parse_inequality, split_constraints
+from steering.multi import Composite, make_optimizer, spent_cost
 from steering.pareto import Boxes, expected_improvement, hypervolume, non_dominated
-from steering.spec import parse_spec
+from steering.spec import load_spec, parse_spec
 from tests.conftest import campaign_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,3 +211,139 @@ async def test_two_objectives_keep_and_report_the_pareto_front(
         assert listed["campaigns"] == []
         refused = await bob.call_tool("get_campaign", {"campaign_id": cid}, raise_on_error=False)
         assert refused.is_error
+
+
+def _in_fault_region(point: dict[str, Any]) -> bool:
+    return 0.75 <= point["x1"] <= 1.0
+
+
+async def test_constraints_known_outcome_and_learned_failures(alice: Client[Any]) -> None:
+    spec = spec_dict(
+        objective={
+            "service": "sim-instrument",
+            "parameters": {**SIM, "fail_region": {"x1": [0.75, 1.0]}},
+        },
+        constraints=["x1 + x2 <= 1.2", "value_b <= 8"],
+        initial_design={"count": 8},
+        budget={"evaluations": 26},
+        retries=0,
+    )
+    cid = structured(await alice.call_tool("start_campaign", spec))["id"]
+    view = await finished(alice, cid)
+    assert view["state"] == "completed", view["reason"]
+    evals = view["evaluations"]
+    assert len(evals) == 26
+    # known: nothing outside the constraint was ever proposed, design included
+    assert all(e["point"]["x1"] + e["point"]["x2"] <= 1.2 + 1e-12 for e in evals)
+    # unknown: the instrument fails for x1 >= 0.75 (a quarter of the box); once it has failed there
+    # the classifier keeps the GP away
+    failed = [e for e in evals if e["state"] == "failed"]
+    assert failed and all(_in_fault_region(e["point"]) for e in failed)
+    # no point the GP chose after a failure was recorded lies next to that failure
+    gp_after = 0
+    for f in failed:
+        done = datetime.fromisoformat(f["finished_at"])
+        for e in evals:
+            if e["source"] == "gp" and datetime.fromisoformat(e["asked_at"]) > done:
+                gp_after += 1
+                gap = math.dist(
+                    (e["point"]["x1"], e["point"]["x2"]), (f["point"]["x1"], f["point"]["x2"])
+                )
+                assert gap > 0.1, (f["point"], e["point"])
+    assert gp_after >= 5
+    assert len(failed) <= 8, [e["point"] for e in failed]
+    # outcome: value_b <= 8 is modelled; the GP's choices mostly keep to it
+    ok = [e for e in evals if e["state"] == "succeeded"]
+    assert all(set(e["values"]) == {"value", "value_b"} for e in ok)
+    gp = [e for e in ok if e["source"] == "gp"]
+    held = sum(e["values"]["value_b"] <= 8 for e in gp)
+    assert held >= 0.7 * len(gp), [(e["point"], e["values"]) for e in gp]
+
+
+def _travel(points: list[dict[str, Any]], per_unit: dict[str, float]) -> float:
+    return sum(
+        sum(abs(b[n] - a[n]) * w for n, w in per_unit.items())
+        for a, b in itertools.pairwise(points)
+    )
+
+
+async def test_a_cost_budget_ends_the_campaign_and_cost_is_reported(alice: Client[Any]) -> None:
+    per_unit = {"x1": 6.0, "x2": 2.0}
+    spec = spec_dict(
+        cost={"overhead": 1.0, "per_unit": per_unit},
+        budget={"evaluations": 60, "cost": 45.0},
+        batch_size=1,
+    )
+    cid = structured(await alice.call_tool("start_campaign", spec))["id"]
+    view = await finished(alice, cid)
+    assert view["state"] == "completed"
+    assert view["reason"].startswith("cost budget spent"), view["reason"]
+    done = sorted(
+        (e for e in view["evaluations"] if e["state"] == "succeeded"), key=lambda e: e["seq"]
+    )
+    spent = len(done) + _travel([e["point"] for e in done], per_unit)
+    assert view["cost_spent"] == pytest.approx(spent)
+    assert 45.0 <= spent and len(done) < 60
+    # spent just past the budget: without the last evaluation it was still under
+    without_last = len(done) - 1 + _travel([e["point"] for e in done[:-1]], per_unit)
+    assert without_last < 45.0
+
+
+def _loop(spec: dict[str, Any], seed: int, budget: int) -> list[dict[str, Any]]:
+    parsed = parse_spec(spec)
+    opt = make_optimizer(parsed, seed)
+    design = opt.space.decode(
+        opt.space.design(parsed.initial_design, parsed.design_count, np.random.default_rng(seed))
+    )
+    asked: list[dict[str, Any]] = []
+
+    def measure(points: list[dict[str, Any]]) -> None:
+        asked.extend(points)
+        values = [BRANIN01((p["x1"], p["x2"])) for p in points]
+        opt.tell(points, values, [1e-4] * len(points), [{"value": v} for v in values])
+
+    measure(design)
+    while len(asked) < budget:
+        job = opt.training_due()
+        if job is not None:
+            opt.train_now(job)
+        measure(opt.ask(1).points)
+    return asked
+
+
+def test_choosing_per_unit_cost_shortens_travel() -> None:
+    per_unit = {"x1": 10.0, "x2": 10.0}
+    base = spec_dict(budget={"evaluations": 20})
+    costly = spec_dict(budget={"evaluations": 20}, cost={"overhead": 1.0, "per_unit": per_unit})
+    plain, aware = [], []
+    for seed in (1, 2):
+        plain.append(_travel(_loop(base, seed, 20)[6:], per_unit))
+        aware.append(_travel(_loop(costly, seed, 20)[6:], per_unit))
+    assert sum(aware) < 0.7 * sum(plain), (aware, plain)
+
+
+def test_a_batch_is_ordered_to_shorten_travel() -> None:
+    spec = parse_spec(spec_dict(cost={"per_unit": {"x1": 1.0, "x2": 1.0}}))
+    opt = Composite(spec, 0)
+    opt.position = {"x1": 0.0, "x2": 0.0}
+    far, near, mid = (opt._encode([{"x1": v, "x2": v}])[0] for v in (0.9, 0.1, 0.5))
+    ordered = opt._order([far, near, mid])
+    assert [round(float(x[0]), 2) for x in ordered] == [0.1, 0.5, 0.9]
+    assert spent_cost(spec, []) == 0.0
+
+
+@pytest.mark.parametrize("name", ["campaign_multiobjective.toml", "campaign_constrained.toml"])
+async def test_the_examples_run_on_the_embedded_default(alice: Client[Any], name: str) -> None:
+    spec = load_spec(ROOT / "examples" / name).model_dump(exclude_none=True)
+    spec["objective"]["parameters"]["duration_s"] = 0.01
+    spec["budget"]["evaluations"] = 10
+    cid = structured(await alice.call_tool("start_campaign", spec))["id"]
+    view = await finished(alice, cid)
+    assert view["state"] == "completed", view["reason"]
+    assert view["progress"]["succeeded"] >= 5
+    if "multi" in name:
+        assert view["front"]["points"] and view["front"]["hypervolume"] >= 0
+        assert any(Path(p).name == "front.png" for p in view["plots"])
+    else:
+        assert view["cost_spent"] > 0
+        assert all(e["point"]["x1"] + e["point"]["x2"] <= 1.2 for e in view["evaluations"])
