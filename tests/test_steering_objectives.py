@@ -214,7 +214,7 @@ async def test_two_objectives_keep_and_report_the_pareto_front(
 
 
 def _in_fault_region(point: dict[str, Any]) -> bool:
-    return 0.75 <= point["x1"] <= 1.0
+    return bool(0.75 <= point["x1"] <= 1.0)
 
 
 async def test_constraints_known_outcome_and_learned_failures(alice: Client[Any]) -> None:
