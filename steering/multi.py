@@ -516,6 +516,11 @@ class Composite:
         if len(centres):
             parts.append(main._perturb(centres, 24, 0.1))
             parts.append(main._perturb(centres, 24, 0.3))
+            # the same steps clipped rather than reflected: optima on a wall (Pareto sets
+            # often lie on one) are reached exactly; the acquisition judges them with the rest
+            reps = np.repeat(centres, 16, axis=0)
+            steps = main._steps(0.2) * self.rng.normal(0.0, 1.0, reps.shape)
+            parts.append(self.space.snap(np.clip(reps + steps, 0.0, 1.0)))
         return self._free(unique_rows(np.vstack(parts)), taken)
 
     def _maximise(
