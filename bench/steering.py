@@ -234,6 +234,8 @@ def quality(
         print(f"{name:<12} {surface.minimum:>9.4f} " + " ".join(f"{c:>18}" for c in cells))
         print(f"{'  spread':<12} {'':>9} " + " ".join(f"{c:>18}" for c in spreads))
         baselines = {k: v for k, v in medians.items() if not k.startswith("steering")}
+        if not baselines or "steering" not in medians:
+            continue  # a subset of methods (--methods): nothing to compare
         best_name = min(baselines, key=lambda k: baselines[k])
         best_baseline = baselines[best_name]
         good = medians["steering"] <= best_baseline + 1e-9

@@ -75,12 +75,37 @@ def hypervolume(z: Array, ref: Array) -> float:
     return float(np.sum(area * (ref[-1] - last[finite])))
 
 
-class Boxes:
-    """The non-dominated region of a front below ref, as boxes, for many HVI evaluations."""
+def thin(front: Array, keep: int) -> Array:
+    """At most `keep` points of a front, spread out (farthest-point order in objectives
+    scaled to the front's range, starting from each objective's best)."""
+    if len(front) <= keep:
+        return front
+    span = np.ptp(front, axis=0)
+    u = (front - front.min(axis=0)) / np.where(span > 0, span, 1.0)
+    chosen = list(dict.fromkeys(int(i) for i in np.argmin(front, axis=0)))
+    d = np.min(np.linalg.norm(u[:, None, :] - u[None, chosen, :], axis=2), axis=1)
+    while len(chosen) < keep:
+        i = int(np.argmax(d))
+        chosen.append(i)
+        d = np.minimum(d, np.linalg.norm(u - u[i], axis=1))
+    out: Array = front[np.sort(chosen)]
+    return out
 
-    def __init__(self, z: Array, ref: Array) -> None:
+
+class Boxes:
+    """The non-dominated region of a front below ref, as boxes, for many HVI evaluations.
+    With `keep`, a front of more points is thinned to that many first (3 objectives make
+    (m + 1)^2 boxes): improvement is then overestimated in the gaps, which only makes the
+    choice look there a little more."""
+
+    def __init__(self, z: Array, ref: Array, keep: int | None = None) -> None:
         self.ref = np.asarray(ref, dtype=float)
         front = _front_below(z, self.ref)
+        if keep is not None:
+            front = thin(front, keep)
+        self._build(front)
+
+    def _build(self, front: Array) -> None:
         k = len(self.ref)
         if k == 1:
             top = front[:, 0].min() if len(front) else self.ref[0]

@@ -347,3 +347,21 @@ async def test_the_examples_run_on_the_embedded_default(alice: Client[Any], name
     else:
         assert view["cost_spent"] > 0
         assert all(e["point"]["x1"] + e["point"]["x2"] <= 1.2 for e in view["evaluations"])
+
+
+def test_a_large_front_is_thinned_to_spread_points_with_its_extremes() -> None:
+    from steering.pareto import thin
+
+    rng = np.random.default_rng(1)
+    z = rng.random((400, 3))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)  # all on a sphere: all non-dominated
+    front = z[non_dominated(z)]
+    kept = thin(front, 25)
+    assert len(kept) == 25
+    for j in range(3):  # each objective's best survives
+        assert front[:, j].min() in kept[:, j]
+    boxes = Boxes(front, np.full(3, 1.1), 25)
+    assert len(boxes.front) == 25 and len(boxes.lo) <= 26 * 26
+    # thinning can only raise the improvement it sees
+    y = rng.random((50, 3)) * 0.9
+    assert np.all(boxes.improvement(y) >= Boxes(front, np.full(3, 1.1)).improvement(y) - 1e-12)
