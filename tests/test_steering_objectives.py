@@ -365,3 +365,34 @@ def test_a_large_front_is_thinned_to_spread_points_with_its_extremes() -> None:
     # thinning can only raise the improvement it sees
     y = rng.random((50, 3)) * 0.9
     assert np.all(boxes.improvement(y) >= Boxes(front, np.full(3, 1.1)).improvement(y) - 1e-12)
+
+
+def _failures(feasibility: str, seed: int) -> int:
+    """Minimise Branin on [0, 1]^2, whose best basin (0.96, 0.17) lies where the instrument
+    fails (x1 >= 0.75): failed proposals after the first failure."""
+    spec = parse_spec(
+        spec_dict(feasibility=feasibility, constraints=["x1 <= 2"], initial_design={"count": 6})
+    )
+    opt = Composite(spec, seed)
+    points = opt.space.decode(opt.space.design(spec.initial_design, 6, np.random.default_rng(seed)))
+    failed: list[dict[str, Any]] = [{"x1": 0.8, "x2": 0.2}]  # known from the start
+    later = 0
+    for _ in range(12):
+        ok = [p for p in points if p["x1"] < 0.75]
+        bad = [p for p in points if p["x1"] >= 0.75]
+        failed += bad
+        later += len(bad)
+        values = [BRANIN01((p["x1"], p["x2"])) for p in ok]
+        opt.tell(ok, values, [1e-4] * len(ok), [{"value": v} for v in values])
+        job = opt.training_due()
+        if job is not None:
+            opt.train_now(job)
+        points = opt.ask(1, avoid=failed).points
+    return later
+
+
+def test_learned_feasibility_keeps_the_choice_out_of_where_it_fails() -> None:
+    learned = [_failures("learn", s) for s in (0, 1)]
+    ignored = [_failures("off", s) for s in (0, 1)]
+    assert sum(learned) < sum(ignored), (learned, ignored)
+    assert sum(learned) <= 4, learned
