@@ -332,10 +332,14 @@ class Composite:
         gps = {id(m): m.opt._sync() for m in self.models}
         pend = self._encode(pending)
         if len(pend) or len(failed) or k > 1:
-            gps = {key: copy.deepcopy(gp) for key, gp in gps.items()}
+            # Only the objectives' GPs take fantasies (copied first): the models of
+            # constrained fields and cost only weigh the choice, and every told point is a
+            # rank-one update in gpCAM, O(n^2) each.
+            mine = {id(m) for m in self.objectives}
+            gps = {key: copy.deepcopy(gp) if key in mine else gp for key, gp in gps.items()}
         fantasy = np.zeros((0, len(self.objectives)))
         if len(pend):
-            fantasy = self._fantasise(gps, pend)
+            fantasy = self._fantasise(gps, pend, objectives_only=True)
         if len(failed):
             # Failed points are told at the posterior mean too (their uncertainty collapses,
             # so the GP does not chase the hole they leave), but achieve nothing on the front.
@@ -355,7 +359,9 @@ class Composite:
             taken = np.vstack([taken, x[None, :]])
             at = x
             if j < k - 1:
-                fantasy = np.vstack([fantasy, self._fantasise(gps, x[None, :])])
+                fantasy = np.vstack(
+                    [fantasy, self._fantasise(gps, x[None, :], objectives_only=True)]
+                )
         ordered = self._order(chosen)
         return self._decided(ordered, started, "gp", scores)
 
