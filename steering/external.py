@@ -355,7 +355,9 @@ class ExternalRunner(CampaignRunner):
                 finished_at=e.finished_at,
                 reason=None,
             )
-            await asyncio.to_thread(self.opt.tell, [e.point], [float(req.value)], [noise])
+            await asyncio.to_thread(
+                self.opt.tell, [e.point], [float(req.value)], [noise], [req.data]
+            )
             ending = await self._ending()
             if ending is not None:
                 await self._close(*ending)

@@ -51,6 +51,7 @@ from steering.models import (
 from steering.runner import CampaignRunner, check_service, decision_stats, key_for
 from steering.spec import CampaignSpec, parse_spec
 from steering.store import CampaignStore, now
+from steering.views import objectives_view, reported_fields
 
 if TYPE_CHECKING:
     from fastmcp import Client
@@ -176,7 +177,7 @@ def build_view(
         decision_s_max=worst,
         plots=rec.plots,
         spec=spec,
-        evaluations=[EvaluationView.of(e) for e in evals]
+        evaluations=[EvaluationView.of(e, reported_fields(spec)) for e in evals]
         if with_evals
         else None,
         actions=None
@@ -185,6 +186,7 @@ def build_view(
             ActionView(at=a.at, principal=a.principal, action=a.action, arguments=a.arguments)
             for a in actions
         ],
+        **objectives_view(spec, evals),
     )
 
 

@@ -146,10 +146,17 @@ class EvaluationView(BaseModel):
     decision_s: float | None = Field(None, description="time the GP took to choose this point")
     asked_at: datetime
     finished_at: datetime | None
+    values: dict[str, float | None] | None = Field(
+        None,
+        description="several objectives, constraints, cost: each modelled result field's value",
+    )
 
     @classmethod
-    def of(cls, e: EvaluationRecord) -> EvaluationView:
+    def of(cls, e: EvaluationRecord, fields: list[str] | None = None) -> EvaluationView:
+        from steering.views import lookup
+
         return cls(
+            values={f: lookup(e.result, f) for f in fields} if fields else None,
             seq=e.seq,
             point_id=e.point_id,
             point=e.point,
@@ -239,6 +246,27 @@ class CampaignView(BaseModel):
         description="what people did (pause, budget, points, rejections, notes), oldest "
         "first (omitted in lists)",
     )
+    front: FrontView | None = Field(
+        None, description="several objectives: the Pareto front of the feasible measurements"
+    )
+    cost_spent: float | None = Field(
+        None, description="with `cost`: what the finished evaluations cost (budget.cost units)"
+    )
+
+
+class FrontPoint(BaseModel):
+    seq: int
+    point: dict[str, Any]
+    values: dict[str, float] = Field(description="the objectives' measured values")
+
+
+class FrontView(BaseModel):
+    points: list[FrontPoint] = Field(description="non-dominated, by the first objective")
+    hypervolume: float = Field(description="dominated up to the reference point")
+    reference_point: list[float] | None = Field(
+        None, description="per objective, in result units (given, or worst seen + 10 % range)"
+    )
+    feasible: int = Field(description="measurements with every objective and constraint met")
 
 
 class CampaignList(BaseModel):

@@ -64,6 +64,7 @@ EVERY_POINT_BELOW = 50
 # make the GP overconfident far from the data (measured: Hartmann-3 runs stuck in its local
 # minimum at -3.09 with the bound at 10, none with 3).
 LENGTH_BOUNDS = (0.01, 3.0)
+RUGGED_LENGTH = 0.1
 SIGNAL_BOUNDS = (0.01, 100.0)
 NOISE_BOUNDS = (1e-6, 1.0)
 
@@ -125,8 +126,14 @@ class Optimizer:
         return len(self._y)
 
     def tell(
-        self, points: Sequence[Point], values: Sequence[float], noise: Sequence[float | None]
+        self,
+        points: Sequence[Point],
+        values: Sequence[float],
+        noise: Sequence[float | None],
+        results: Sequence[dict[str, Any] | None] | None = None,
     ) -> None:
+        """Measurements: `results` (each evaluation's whole result) serves the models of
+        several fields (steering.multi); one objective needs only the values."""
         if not points:
             return
         x = self.space.snap(self.space.encode(points))
@@ -307,7 +314,7 @@ class Optimizer:
             chosen, scores = self._ask_set(model, k, taken)
         else:
             for j in range(k):
-                best = self._maximise(model, taken)
+                best = self._maximise(model, taken, self._portfolio())
                 if best is None:
                     break
                 x, score = best
@@ -351,11 +358,11 @@ class Optimizer:
         else:
             model.tell(x, mean, noise_variances=np.full(len(x), noise[0]))
 
-    def _acq(self, model: Any, x: Array) -> Array:
+    def _acq(self, model: Any, x: Array, acquisition: str | None = None) -> Array:
         out = np.empty(len(x))
         for i in range(0, len(x), CHUNK):
             vals = model.evaluate_acquisition_function(
-                x[i : i + CHUNK], acquisition_function=self.acquisition
+                x[i : i + CHUNK], acquisition_function=acquisition or self.acquisition
             )
             out[i : i + CHUNK] = np.asarray(vals, dtype=float).reshape(-1)
         out[~np.isfinite(out)] = -np.inf
@@ -395,18 +402,39 @@ class Optimizer:
             parts.append(self._perturb(top, 32, 0.3))
         return self._free(unique_rows(np.vstack(parts)), taken)
 
-    def _maximise(self, model: Any, taken: Array) -> tuple[Array, float] | None:
+    def _rugged(self) -> bool:
+        """The GP resolves structure much finer than the space (median length scale below
+        RUGGED_LENGTH of the unit box): a landscape of many local optima."""
+        h = self.hyperparameters
+        if h is None or self.trained_n < 15:
+            return False
+        return bool(np.median(h[1 : 1 + self.space.dim]) < RUGGED_LENGTH)
+
+    def _portfolio(self) -> str | None:
+        """On a rugged landscape expected improvement commits to the first good basin: every
+        other pick there is upper-confidence (mean + 3 std) instead, which keeps looking at
+        the other basins. Elsewhere (and for any other acquisition) nothing changes."""
+        if self.acquisition != "expected improvement" or not self._rugged():
+            return None
+        self._portfolio_turn += 1
+        return "ucb" if self._portfolio_turn % 2 == 0 else None
+
+    _portfolio_turn = 0
+
+    def _maximise(
+        self, model: Any, taken: Array, acquisition: str | None = None
+    ) -> tuple[Array, float] | None:
         cands = self._candidates(taken)
         if len(cands) == 0:
             return None
-        vals = self._acq(model, cands)
+        vals = self._acq(model, cands, acquisition)
         for scale in (0.2, 0.06, 0.015):
             centres = _distinct_top(cands, vals, 4, 0.05)
             local = self._perturb(centres, 64, scale)
             local = self._free(unique_rows(local), taken)
             if len(local) == 0:
                 continue
-            lv = self._acq(model, local)
+            lv = self._acq(model, local, acquisition)
             cands = np.vstack([cands, local])
             vals = np.concatenate([vals, lv])
         i = int(np.argmax(vals))
@@ -429,9 +457,10 @@ class Optimizer:
 
     # ================================================================ the posterior
 
-    def predict(self, x: Array) -> tuple[Array, Array]:
-        """Posterior mean and standard deviation at encoded points, in result units."""
-        gp = self._sync()
+    def predict(self, x: Array, gp: Any = None) -> tuple[Array, Array]:
+        """Posterior mean and standard deviation at encoded points, in result units (of this
+        GP, or of `gp`, a copy of it with more told)."""
+        gp = self._sync() if gp is None else gp
         mean = np.empty(len(x))
         std = np.empty(len(x))
         for i in range(0, len(x), CHUNK):

@@ -173,11 +173,62 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def front_plot(rec: CampaignRecord, evals: list[EvaluationRecord], path: Path) -> Path | None:
+    """Several objectives: every measurement and the Pareto front, one panel per pair."""
+    from steering.multi import front_of
+    from steering.views import lookup
+
+    spec = rec.spec
+    objectives = spec.objectives or []
+    front = front_of(spec, evals)
+    if front is None:
+        return None
+    fields = [o.field for o in objectives]
+
+    def values(e: EvaluationRecord) -> list[float | None]:
+        return [e.value if f == spec.objective.field else lookup(e.result, f) for f in fields]
+
+    measured = [v for e in evals if e.state == EvalState.SUCCEEDED for v in [values(e)]]
+    measured = [v for v in measured if all(x is not None for x in v)]
+    best = [[p["values"][f] for f in fields] for p in front["points"]]
+    pairs = [(0, 1)] if len(fields) == 2 else [(0, 1), (0, 2), (1, 2)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), dpi=110)
+    axes = [axes] if len(pairs) == 1 else list(axes)
+    for ax, (i, j) in zip(axes, pairs, strict=True):
+        ax.scatter(
+            [v[i] for v in measured], [v[j] for v in measured], s=14, c="#8c8c8c", label="measured"
+        )
+        pts = sorted(best, key=lambda v: v[i])
+        ax.scatter([v[i] for v in pts], [v[j] for v in pts], s=26, c="#d62728", label="front")
+        if len(fields) == 2:
+            ax.step([v[i] for v in pts], [v[j] for v in pts], where="post", color="#d62728")
+        ref = front["reference_point"]
+        if ref is not None:
+            ax.scatter([ref[i]], [ref[j]], marker="x", c="black", label="reference point")
+        ax.set_xlabel(f"{fields[i]} ({objectives[i].goal})")
+        ax.set_ylabel(f"{fields[j]} ({objectives[j].goal})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{rec.name}: Pareto front of {len(best)} of {front['feasible']} feasible measurements, "
+        f"hypervolume {front['hypervolume']:.4g}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     rec: CampaignRecord, evals: list[EvaluationRecord], opt: Any, folder: Path
 ) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = [objective_plot(rec, evals, folder / "objective.png")]
+    pareto = front_plot(rec, evals, folder / "front.png")
+    if pareto is not None:
+        out.append(pareto)
     post = posterior_plot(rec, evals, opt, folder / "posterior.png")
     if post is not None:
         out.append(post)

@@ -120,6 +120,11 @@ def result_value(spec: CampaignSpec, result: dict[str, Any] | None) -> tuple[flo
         noise = v if math.isfinite(v) and v >= 0 else None
     if noise is None and spec.noise.variance is not None:
         noise = spec.noise.variance
+    from steering.views import lookup, modelled_fields
+
+    for extra in modelled_fields(spec):  # other objectives, constrained fields, cost
+        if lookup(result, extra) is None:
+            raise ValueError(f"the result has no finite number at field {extra!r}")
     return float(node), noise
 
 
@@ -393,9 +398,9 @@ class CampaignRunner:
 
     async def _load_optimizer(self) -> None:
         """The GP told every measurement so far, and what is left of the initial design."""
-        from steering.optimizer import Optimizer  # gpCAM is imported when a campaign runs
+        from steering.multi import make_optimizer  # gpCAM is imported when a campaign runs
 
-        self.opt = Optimizer(self.spec, self.rec.seed)
+        self.opt = make_optimizer(self.spec, self.rec.seed)
         self.opt.set_state(self.rec.gp_state)
         done = [e for e in self.evals.values() if e.state == EvalState.SUCCEEDED]
         if done:
@@ -404,6 +409,7 @@ class CampaignRunner:
                 [e.point for e in done],
                 [float(e.value or 0.0) for e in done],
                 [e.noise for e in done],
+                [e.result for e in done],
             )
         design = await asyncio.to_thread(self._design)
         # Seeded results stand in for design points: with enough of them the GP asks first.
@@ -468,6 +474,7 @@ class CampaignRunner:
                 [e.point for e in told],
                 [float(e.value or 0.0) for e in told],
                 [e.noise for e in told],
+                [e.result for e in told],
             )
             self._notify()
 
@@ -727,6 +734,12 @@ class CampaignRunner:
 
     async def _stop_rule(self) -> str | None:
         stop = self.spec.stop
+        if self.spec.budget.cost is not None:
+            from steering.multi import spent_cost
+
+            spent = spent_cost(self.spec, list(self.evals.values())) or 0.0
+            if spent >= self.spec.budget.cost:
+                return f"cost budget spent: {spent:.6g} >= {self.spec.budget.cost:g}"
         best = self.best()
         if stop.target is not None and best is not None and best.value is not None:
             if self.spec.objective.goal == "minimise" and best.value <= stop.target:

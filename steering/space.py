@@ -28,8 +28,13 @@ Point = dict[str, Any]
 
 
 class Space:
-    def __init__(self, params: Sequence[Parameter]) -> None:
+    def __init__(self, params: Sequence[Parameter], constraints: Sequence[str] = ()) -> None:
         self.params = list(params)
+        # Known constraints on parameters (steering.constraints): space-filling designs and
+        # candidates keep to the points that satisfy them.
+        from steering.constraints import split_constraints
+
+        self.known = split_constraints(constraints, {p.name: p.type for p in self.params}).known
         self.slices: list[slice] = []
         start = 0
         for p in self.params:
@@ -163,6 +168,38 @@ class Space:
                 u[:, sl.start] = z[:, j]
         return self.snap(u)
 
+    def values(self, u: Array) -> dict[str, Array]:
+        """Each numeric parameter's values (its own units) at encoded points, vectorised."""
+        u = np.atleast_2d(u)
+        out: dict[str, Array] = {}
+        for p, sl in zip(self.params, self.slices, strict=True):
+            if p.type == "categorical":
+                continue
+            lo, hi = self._span(p)
+            x = np.clip(u[:, sl.start], 0.0, 1.0)
+            if p.type == "integer" and not p.log:
+                assert p.low is not None and p.high is not None
+                n = int(p.high) - int(p.low) + 1
+                out[p.name] = int(p.low) + np.minimum(np.floor(x * n), n - 1)
+                continue
+            v = lo + x * (hi - lo)
+            out[p.name] = np.exp(v) if p.log else v
+            if p.type == "integer":
+                out[p.name] = np.round(out[p.name])
+        return out
+
+    def satisfied(self, u: Array) -> NDArray[np.bool_]:
+        """Which encoded points satisfy every known constraint."""
+        ok = np.ones(len(np.atleast_2d(u)), dtype=bool)
+        if self.known and len(ok):
+            vals = self.values(u)
+            for c in self.known:
+                ok &= c.holds(vals)
+        return ok
+
+    def feasible(self, u: Array) -> Array:
+        return u[self.satisfied(u)] if self.known else u
+
     def random(self, n: int, rng: np.random.Generator) -> Array:
         return self.from_unit(rng.random((n, len(self.params))))
 
@@ -174,10 +211,26 @@ class Space:
             z = sampler.random(n)
         return self.from_unit(z)
 
+    def sobol_feasible(self, n: int, rng: np.random.Generator) -> Array:
+        """About n scrambled-Sobol points that satisfy the known constraints (more are drawn
+        in proportion to the share rejected)."""
+        u = self.feasible(self.sobol(n, rng))
+        if not self.known or len(u) >= n or len(u) == 0:
+            return u
+        extra = self.feasible(self.sobol(int(min(64 * n, n * n / max(len(u), 1))), rng))
+        return np.vstack([u, extra])[:n]
+
     def design(self, spec: InitialDesign, n: int, rng: np.random.Generator) -> Array:
         """The initial design: n distinct points (fewer if the space has fewer)."""
         if n <= 0:
             return np.zeros((0, self.dim))
+        if self.known:  # drawn from the feasible region (no stratification survives the cut)
+            u = unique_rows(self.sobol_feasible(n, rng))
+            tries = 0
+            while len(u) < n and tries < 20:
+                u = unique_rows(np.vstack([u, self.feasible(self.random(8 * n, rng))]))
+                tries += 1
+            return u[:n]
         if spec.method == "lhs":
             z = qmc.LatinHypercube(d=len(self.params), seed=rng).random(n)
             u = self.from_unit(z)

@@ -206,6 +206,9 @@ class Budget(_Strict):
         le=MAX_DURATION_S,
         description="stop after this long from the start ('2h', '30m' accepted)",
     )
+    cost: OptNumber = Field(
+        None, gt=0, description="stop once the evaluations' cost (see `cost`) reaches this"
+    )
 
     @field_validator("wall_time_s", mode="before")
     @classmethod
@@ -283,6 +286,47 @@ class SeedFrom(_Strict):
         return v
 
 
+class ObjectiveField(_Strict):
+    """One of several objectives: a result field, its direction, and optionally its coordinate
+    of the hypervolume reference point (the worst value still worth anything)."""
+
+    field: str = Field(min_length=1, max_length=200, description="result field, dotted if nested")
+    goal: Literal["minimise", "maximise"] = "minimise"
+    reference_point: OptNumber = Field(
+        None,
+        description="hypervolume reference (default: the worst value seen plus 10 % of the range)",
+    )
+
+    @field_validator("goal", mode="before")
+    @classmethod
+    def _goal(cls, v: Any) -> Any:
+        name = _GOAL_ALIASES.get(v.strip().lower()) if isinstance(v, str) else None
+        return name if name in ("minimise", "maximise") else v
+
+
+class Cost(_Strict):
+    """The cost of an evaluation: a result field (e.g. measured seconds), plus a movement model:
+    `overhead` + the distance travelled along each parameter from the previous point times its
+    `per_unit` cost (motors moving one after another; `simultaneous`: the slowest counts)."""
+
+    field: str | None = Field(
+        None, min_length=1, max_length=200, description="result field holding the cost"
+    )
+    per_unit: dict[str, Number] = Field(
+        default_factory=dict, description="cost per unit of travel, by space parameter"
+    )
+    overhead: Number = Field(0.0, ge=0, description="fixed cost of every evaluation")
+    simultaneous: Bool = Field(False, description="parameters move at once: the slowest counts")
+
+    @model_validator(mode="after")
+    def _some(self) -> Cost:
+        if self.field is None and not self.per_unit and self.overhead == 0:
+            raise ValueError("cost: give a field, per_unit travel costs or an overhead")
+        if any(v < 0 for v in self.per_unit.values()):
+            raise ValueError("cost.per_unit: costs must be >= 0")
+        return self
+
+
 class CampaignFields(_Strict):
     """The sections of a campaign, each validated on its own (the start_campaign tool's input);
     `CampaignSpec` adds the checks across sections."""
@@ -318,6 +362,25 @@ class CampaignFields(_Strict):
     seed_from: SeedFrom | None = Field(
         None, description="seed the GP with earlier results found by this search"
     )
+    objectives: list[ObjectiveField] | None = Field(
+        None,
+        min_length=2,
+        max_length=3,
+        description="several result fields to balance (replaces objective.field and goal): "
+        "the campaign keeps their Pareto front and chooses by expected hypervolume improvement",
+    )
+    constraints: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="inequalities: on parameters ('x1 + x2 <= 1.5', never proposed where "
+        "violated) or on one result field ('value_b <= 3', modelled by its own GP)",
+    )
+    feasibility: Literal["learn", "off"] = Field(
+        "learn",
+        description="learn where evaluations fail (a GP classifier on failed and succeeded "
+        "points) and stop proposing there",
+    )
+    cost: Cost | None = Field(None, description="what an evaluation costs; choose per unit cost")
 
     @field_validator("acquisition", mode="before")
     @classmethod
@@ -376,6 +439,7 @@ class CampaignSpec(CampaignFields):
             raise ValueError(
                 "seed_from: seeds campaigns whose jobs sciorch runs, not external ones"
             )
+        _check_extensions(self)
         return self
 
     @property
@@ -392,6 +456,57 @@ class CampaignSpec(CampaignFields):
             return min(self.initial_design.count, self.budget.evaluations)
         default = max(5, 2 * len(self.space) + 2)
         return max(min(default, self.budget.evaluations // 2), min(2, self.budget.evaluations))
+
+
+# ------------------------------------------------------------------------------ objectives,
+# constraints, cost
+
+
+def _check_extensions(spec: CampaignSpec) -> None:
+    from steering.constraints import split_constraints
+
+    names = [p.name for p in spec.space]
+    if spec.objectives is not None:
+        if spec.objective.goal == "explore":
+            raise ValueError("objectives: several objectives are optimised, not explored")
+        if spec.acquisition is not None:
+            raise ValueError(
+                "acquisition: several objectives are chosen by expected hypervolume improvement"
+            )
+        if spec.stop.target is not None:
+            raise ValueError("stop.target: applies to one objective; drop it with objectives")
+        fields = [o.field for o in spec.objectives]
+        if len(set(fields)) != len(fields):
+            raise ValueError("objectives: the fields must be distinct")
+        # objective.field/goal describe the first objective (best, plots, a tell's `value`)
+        spec.objective.field, spec.objective.goal = fields[0], spec.objectives[0].goal
+    try:
+        split_constraints(spec.constraints, {p.name: p.type for p in spec.space})
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+    if spec.cost is not None:
+        unknown = sorted(set(spec.cost.per_unit) - set(names))
+        if unknown:
+            raise ValueError(f"cost.per_unit: {unknown} are not space parameters {names}")
+        cats = [
+            p.name for p in spec.space if p.type == "categorical" and p.name in spec.cost.per_unit
+        ]
+        if cats:
+            raise ValueError(f"cost.per_unit: {cats} are categorical; travel needs numbers")
+    if spec.budget.cost is not None and spec.cost is None:
+        raise ValueError("budget.cost: say what an evaluation costs in `cost`")
+    if spec.constraints:
+        from steering.space import Space
+
+        space = Space(spec.space, spec.constraints)
+        if not len(space.feasible(space.sobol(4096, _rng(spec)))):
+            raise ValueError("constraints: no point of the space satisfies them all")
+
+
+def _rng(spec: CampaignSpec) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0 if spec.seed is None else spec.seed)
 
 
 # ------------------------------------------------------------------------------ loading

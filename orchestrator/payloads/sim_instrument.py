@@ -81,6 +81,22 @@ def main() -> int:
         return 3
 
     x = list(point.values())
+    # A region where the instrument fails ({"x1": [lo, hi], ...}): feasibility to be learned.
+    region = params.get("fail_region") or {}
+    if (
+        isinstance(region, dict)
+        and region
+        and all(
+            isinstance(b, list) and len(b) == 2 and b[0] <= point.get(k, math.nan) <= b[1]
+            for k, b in region.items()
+        )
+    ):
+        print(
+            f"[sim-instrument] error: instrument fault in region {region} at {point}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 3
     try:
         true_value = surface(x)
         if not math.isfinite(true_value):
@@ -122,13 +138,20 @@ def main() -> int:
                 stream.close()
         value = sum(samples) / len(samples)
 
-    result = {
+    result: dict[str, Any] = {
         "value": value,
         "noise_variance": noise_std**2,
         "surface": surface.name,
         "point": point,
         "true_value": true_value,
     }
+    # A second surface measured at the same point (`value_b`): a second objective or an
+    # outcome to constrain.
+    if params.get("surface_b"):
+        second = get_surface(str(params["surface_b"]))
+        true_b = second(x[: second.dim])
+        result["value_b"] = true_b + (rng.gauss(0.0, noise_std) if noise_std > 0 else 0.0)
+        result["true_value_b"] = true_b
     result_path = os.environ.get("SCIORCH_RESULT")
     if result_path:
         write_json_atomic(Path(result_path), result)

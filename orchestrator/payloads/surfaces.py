@@ -103,6 +103,21 @@ def himmelblau(x: Sequence[float]) -> float:
     return (x1**2 + x2 - 11) ** 2 + (x1 + x2**2 - 7) ** 2
 
 
+def branin01(x: Sequence[float]) -> float:
+    """Branin on [0, 1]^2 (the first of the BraninCurrin pair of objectives)."""
+    return branin((15.0 * x[0] - 5.0, 15.0 * x[1]))
+
+
+def currin(x: Sequence[float]) -> float:
+    """Currin's exponential function on [0, 1]^2 (BraninCurrin's second objective)."""
+    x1, x2 = x
+    x2 = max(x2, 1e-9)
+    poly = (2300 * x1**3 + 1900 * x1**2 + 2092 * x1 + 60) / (
+        100 * x1**3 + 500 * x1**2 + 4 * x1 + 20
+    )
+    return (1 - math.exp(-1 / (2 * x2))) * poly
+
+
 SURFACES: dict[str, Surface] = {
     s.name: s
     for s in (
@@ -171,6 +186,25 @@ SURFACES: dict[str, Surface] = {
             himmelblau,
             "Himmelblau, 2-D, [-5, 5]^2; minimum 0 at (3, 2), (-2.805118, 3.131312), "
             "(-3.779310, -3.283186), (3.584428, -1.848126)",
+        ),
+        Surface(
+            "branin01",
+            2,
+            ((0.0, 1.0),) * 2,
+            0.397887,
+            ((0.12389, 0.81833), (0.5428, 0.15167), (0.96165, 0.165)),
+            branin01,
+            "Branin rescaled to [0, 1]^2 (BraninCurrin's first objective); minimum 0.397887",
+        ),
+        Surface(
+            "currin",
+            2,
+            ((0.0, 1.0),) * 2,
+            1.180408,
+            ((0.0, 1.0),),
+            currin,
+            "Currin exponential, 2-D, [0, 1]^2 (BraninCurrin's second objective); minimum "
+            "1.180408 at (0, 1)",
         ),
     )
 }
