@@ -22,6 +22,7 @@ from ground.models import (
     Int,
     Number,
     OptInt,
+    OptNumber,
     ResourceRequest,
     Resources,
     ServiceKind,
@@ -67,7 +68,7 @@ class CreateEventInput(_In):
     ttl_seconds: OptInt = Field(
         None, gt=0, le=366 * 86400, description="lifetime; entries are stopped when it ends"
     )
-    retention_days: float | None = Field(
+    retention_days: OptNumber = Field(
         None, gt=0, description="how long its jobs' artifacts are kept (default: for ever)"
     )
     reservation: str | None = Field(
@@ -592,7 +593,7 @@ class UploadInput(_In):
         else:
             try:
                 data = base64.b64decode(self.content, validate=True)
-            except binascii.Error as exc:
+            except (binascii.Error, ValueError) as exc:  # ValueError: not even ASCII
                 raise InvalidInput(f"not base64: {exc}", field="content") from exc
         if len(data) > MAX_TOOL_UPLOAD:
             raise InvalidInput(
