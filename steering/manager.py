@@ -83,6 +83,11 @@ def manager_for(
     return mgr
 
 
+def owner_of(rec: CampaignRecord) -> Principal:
+    """Whom a campaign's work runs as: its owner, with the claims it started it with."""
+    return Principal(id=rec.owner, admin=rec.admin, claims=tuple(rec.owner_claims))
+
+
 def new_campaign_id() -> str:
     return f"cmp-{secrets.token_hex(6)}"
 
@@ -106,6 +111,7 @@ def new_record(principal: Principal, spec: CampaignSpec, endpoint: str) -> Campa
         name=default_name(spec),
         owner=principal.id,
         admin=principal.admin,
+        owner_claims=list(principal.claims),
         spec=spec,
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         state=CampaignState.RUNNING,
@@ -387,7 +393,7 @@ class CampaignManager:
             runner = CampaignRunner(
                 self._store_or_fail(),
                 rec.id,
-                self.client_factory(Principal(id=rec.owner, admin=rec.admin)),
+                self.client_factory(owner_of(rec)),
                 campaign_dir(self.home, rec.id),
                 on_update=self.notify,
             )
@@ -395,7 +401,7 @@ class CampaignManager:
         # A fresh context: the runner must not inherit the request that started it (the servers
         # it calls read the HTTP request and the access token from contextvars).
         task = asyncio.create_task(
-            self._run(runner, Principal(id=rec.owner, admin=rec.admin)),
+            self._run(runner, owner_of(rec)),
             name=f"campaign-{rec.id}",
             context=contextvars.Context(),
         )
@@ -482,7 +488,7 @@ class CampaignManager:
             # Its runner talks to another server: record the stop; that runner ends it.
             return
         evals = await store.evaluations(rec.id)
-        principal = Principal(id=rec.owner, admin=rec.admin)
+        principal = owner_of(rec)
         async with self.using_server(principal), self.clients(principal) as client:
             for e in evals:
                 if e.state.finished:

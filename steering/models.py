@@ -97,6 +97,8 @@ class CampaignRecord(BaseModel):
     name: str
     owner: str
     admin: bool = False
+    # The owner's token claims, so its jobs map to the same site accounts (ground.accounts).
+    owner_claims: list[tuple[str, str]] = Field(default_factory=list)
     spec: CampaignSpec
     seed: int
     state: CampaignState

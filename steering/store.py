@@ -20,7 +20,17 @@ from typing import Any
 from orchestrator.database import Database, Row, open_database
 from steering.models import ActionRecord, CampaignRecord, CampaignState, EvaluationRecord
 
-_JSON = {"spec", "gp_state", "posterior", "plots", "point", "attempts", "result", "arguments"}
+_JSON = {
+    "owner_claims",
+    "spec",
+    "gp_state",
+    "posterior",
+    "plots",
+    "point",
+    "attempts",
+    "result",
+    "arguments",
+}
 
 
 def now() -> datetime:

@@ -58,6 +58,26 @@ resources: {cpus: 1, memory: 64Mi, walltime: 120}
 """
 
 
+PLUS = r"""
+name: plus
+kind: job
+description: x1 + x2, as the job's user
+command:
+  - sh
+  - -c
+  - |-
+    awk -v a="$1" -v b="$2" 'BEGIN {{ printf "{{\"value\": %.12g}}", a + b }}' > "$SCIORCH_RESULT"
+  - plus
+  - "{x1}"
+  - "{x2}"
+parameters:
+  type: object
+  additionalProperties: false
+  properties: {x1: {type: number}, x2: {type: number}}
+resources: {cpus: 1, memory: 64Mi, walltime: 60}
+"""
+
+
 def need_users() -> None:
     """Root and the test users alice and bob: skip without, fail under CI=true."""
     why = None
@@ -523,3 +543,37 @@ async def test_a_flow_s_steps_run_as_the_account_its_owner_s_claim_maps_to(
         await mgr.shutdown()
     assert view.state == "succeeded", view.reason
     assert view.outputs == {"users": ["bob", "bob"]}
+
+
+async def test_a_campaign_s_jobs_run_as_the_account_its_owner_s_claim_maps_to(
+    open_home: Path, catalogue: Path
+) -> None:
+    """A campaign keeps its owner's token claims (stored with it): the jobs its runner submits
+    through the in-process server map to the owner's account on a site that maps by claim."""
+    import tomllib
+
+    from mcp_server.steering_tools import campaign_manager
+    from steering.spec import CampaignSpec
+    from tests.test_steering import CAMPAIGN_TOML
+
+    need_users()
+    # A job the test users can run (not this checkout's Python): the value is x1 + x2.
+    (catalogue / "plus.yaml").write_text(PLUS)
+    site = {**local_site(), "accounts": {"claim": "preferred_username"}}
+    owner = Principal(id="b-0002", claims=(("preferred_username", "bob"),))
+    toml = CAMPAIGN_TOML.format(duration=0, budget=3)
+    toml = toml.replace('service = "sim-instrument"', 'service = "plus"').replace(
+        'parameters = { surface = "branin", duration_s = 0, records = 1 }', "parameters = {}"
+    )
+    spec = CampaignSpec.model_validate(tomllib.loads(toml))
+    async with engine_on(open_home, catalogue, site) as eng:
+        mgr = campaign_manager(eng)
+        try:
+            view = await mgr.start(owner, spec)
+            await asyncio.wait_for(mgr.wait(view.id), 120)
+            done = await mgr.get(owner, view.id)
+            entries, _ = await eng.list_entries(owner, limit=100)
+        finally:
+            await mgr.shutdown()
+    assert done.state == "completed", done.reason
+    assert len(entries) == 3 and {e.handle.get("account") for e in entries} == {"bob"}
