@@ -273,7 +273,9 @@ def need_conformance() -> str:
     pytest.skip(why)
 
 
-def test_conformance_server_scenarios(served: Served, tmp_path: Path) -> None:
+def run_conformance(served: Served, tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The conformance CLI's server scenarios against `served`, with its token; the checks
+    of each applicable scenario, none failed."""
     cli = need_conformance()
     # The CLI has no option for request headers: a preload gives every request it makes the
     # bearer token. The URL must name localhost for the DNS rebinding scenario.
@@ -302,7 +304,45 @@ def test_conformance_server_scenarios(served: Served, tmp_path: Path) -> None:
         if name in APPLICABLE
     }
     assert not any(failed.values()), {k: v for k, v in failed.items() if v}
+    return results
+
+
+def test_conformance_server_scenarios(served: Served, tmp_path: Path) -> None:
+    results = run_conformance(served, tmp_path)
     assert {c["id"] for c in results["dns-rebinding-protection"]} == {
         "localhost-host-rebinding-rejected",
         "localhost-host-valid-accepted",
     }
+
+
+def test_conformance_server_scenarios_with_a_facility_idp(tmp_path: Path) -> None:
+    """The same scenarios against a `sciorch serve` configured with the test identity provider
+    ([auth] issuers), called with an access token that provider issued for it (audience: the
+    server's /mcp, RFC 8707), as a remote assistant would."""
+    import asyncio
+
+    from tests.oauth_helpers import idp_issuer, idp_token
+
+    issuer = idp_issuer()
+    home = tmp_path / "home"
+    home.mkdir()
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    auth = f'[auth]\nissuers = ["{issuer}"]\n\n[[sites]]'
+    config = f'public_url = "{base}"\n' + CONFIG.replace("[[sites]]", auth)
+    (home / "config.toml").write_text(config)
+    token = asyncio.run(idp_token(base + "/mcp", "alice", "sciorch.read sciorch.submit"))
+    cli = [sys.executable, "-m", "sciorch.cli", "--home", str(home)]
+    serve = [*cli, "serve", "--port", str(port)]
+    with serving(
+        serve, base, what="sciorch serve", env=_env(home), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ):  # fmt: skip
+        unauthenticated = httpx2.post(base + "/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+        assert unauthenticated.status_code == 401
+        assert "resource_metadata=" in unauthenticated.headers["www-authenticate"]
+        meta = httpx2.get(base + "/.well-known/oauth-protected-resource/mcp").json()
+        assert meta["authorization_servers"] == [issuer]
+        results = run_conformance(Served(base=base, port=port, token=token), tmp_path)
+    assert set(results) >= APPLICABLE
