@@ -15,13 +15,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from flows.expr import Missing, render
 from flows.models import RunRecord, RunState, StepRecord, StepState
 from flows.spec import FlowSpec, StepSpec
 from flows.store import FlowStore, now
-from ground.errors import SciorchError
+from ground.errors import SciorchError, invalid_input
 from ground.models import EntryState, Principal
 from orchestrator.engine import Engine
+from tools.models import SearchResultsInput
+from tools.operations import search_results
 
 log = logging.getLogger("sciorch.flows")
 
@@ -263,6 +267,9 @@ class FlowRunner:
         if step.kind == "approval":
             await self._approval(key, row)
             return
+        if step.kind == "search":
+            await self._search(key, row, step)
+            return
         attempts = step.retries + 1
         attempt = max(row.attempt, 1)
         while True:
@@ -289,6 +296,7 @@ class FlowRunner:
         if row.entry_id is None or row.attempt != attempt:
             try:
                 params = render(step.parameters, self.context(row))
+                inputs = render(step.inputs, self.context(row))
             except Missing as exc:
                 raise StepFailed(f"parameters: {exc}", retry=False) from None
             await self._set(
@@ -306,6 +314,7 @@ class FlowRunner:
                     kind=step.kind,
                     version=version or None,
                     priority=step.priority,
+                    inputs=inputs or None,
                 )
             except SciorchError as exc:
                 # Refused before anything ran (bad parameters, no site): retrying cannot help
@@ -330,6 +339,33 @@ class FlowRunner:
             return entry.result
         why = entry.reason or entry.state.value
         raise StepFailed(f"entry {entry.id} {entry.state.value}: {why}")
+
+    async def _search(self, key: str, row: StepRecord, step: StepSpec) -> None:
+        """A catalogue step: the rows of a search_results query, as the run's owner sees them
+        (the result is {"rows": [...], "count": n})."""
+        await self._set(key, state=StepState.RUNNING, attempt=1, started_at=now())
+        try:
+            query = render(step.query or "", self.context(row))
+            filters = render(step.search, self.context(row))
+            req = SearchResultsInput.model_validate({**filters, "query": query})
+            page = await search_results(self.engine, self.principal, req)
+        except Missing as exc:
+            await self._set(key, state=StepState.FAILED, error=str(exc), finished_at=now())
+            return
+        except ValidationError as exc:
+            err = invalid_input(exc)
+            await self._set(key, state=StepState.FAILED, error=err.text(), finished_at=now())
+            return
+        except SciorchError as exc:
+            await self._set(key, state=StepState.FAILED, error=exc.text(), finished_at=now())
+            return
+        rows = [r.model_dump(mode="json") for r in page.rows]
+        await self._set(
+            key,
+            state=StepState.SUCCEEDED,
+            result={"rows": rows, "count": len(rows)},
+            finished_at=now(),
+        )
 
     async def _approval(self, key: str, row: StepRecord) -> None:
         if row.state != StepState.WAITING:

@@ -17,7 +17,7 @@ from flows.expr import parse_path, references
 from ground.documents import read_document
 from ground.errors import InvalidInput, invalid_input
 
-StepKind = Literal["job", "service", "approval", "record"]
+StepKind = Literal["job", "service", "approval", "record", "search"]
 _STEP_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 FLOW_NAME = _STEP_NAME
 
@@ -71,8 +71,21 @@ class StepSpec(BaseModel):
     on_failure: Literal["fail", "continue"] = Field(
         "fail", description="fail: the run fails; continue: later steps still run"
     )
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="job/service: files for the template's inputs, name -> URI, staged to the "
+        "step's site; an earlier step's file is "
+        "sciorch://entries/{steps.<step>.entry_id}/artifacts/<path>",
+    )
     values: dict[str, Any] = Field(
         default_factory=dict, description="record: what to record (placeholders allowed)"
+    )
+    query: str | None = Field(
+        None, max_length=4000, description="search: a results-catalogue query (search_results)"
+    )
+    search: dict[str, Any] = Field(
+        default_factory=dict,
+        description="search: search_results' other filters (service, campaign_id, sort, limit)",
     )
     message: str | None = Field(None, description="approval: what the person is asked")
 
@@ -80,10 +93,14 @@ class StepSpec(BaseModel):
     def _kind_fields(self) -> StepSpec:
         if self.kind in ("job", "service") and not self.service:
             raise ValueError(f"a {self.kind} step needs service")
-        if self.kind in ("approval", "record") and self.service:
+        if self.kind in ("approval", "record", "search") and self.service:
             raise ValueError(f"a {self.kind} step runs no service")
-        if self.for_each is not None and self.kind not in ("job", "record"):
-            raise ValueError("for_each is for job and record steps")
+        if self.inputs and self.kind not in ("job", "service"):
+            raise ValueError("inputs are for job and service steps")
+        if (self.query is not None or self.search) and self.kind != "search":
+            raise ValueError("query and search are for search steps")
+        if self.for_each is not None and self.kind not in ("job", "record", "search"):
+            raise ValueError("for_each is for job, record and search steps")
         return self
 
 
@@ -155,6 +172,8 @@ def _check_graph(flow: FlowSpec) -> None:
         where = f"steps.{name}"
         refs = list(references(step.parameters, f"{where}.parameters"))
         refs += list(references(step.values, f"{where}.values"))
+        refs += list(references(step.inputs, f"{where}.inputs"))
+        refs += list(references(step.query or "", f"{where}.query"))
         if step.for_each is not None:
             field = f"{where}.for_each"
             refs.append((field, parse_path(step.for_each.strip().strip("{}"), field)))

@@ -742,3 +742,58 @@ async def test_a_flow_name_is_never_a_path(tmp_path: Path) -> None:
             mgr.flow_named("nope")
     finally:
         await shutdown(eng)
+
+
+async def test_a_step_gets_an_earlier_step_s_file_as_an_input_and_a_search_step_reads_the_catalogue(
+    tmp_path: Path,
+) -> None:
+    """Data between steps: fit gets reduce's reduced.csv staged as its input `data` (not a path
+    on the server), and a search step reads the results catalogue as the run's owner sees it."""
+    raw = detector_file(tmp_path / "scan.csv")
+    flow = {
+        "name": "staged",
+        "inputs": {"path": {"type": "string"}},
+        "steps": {
+            "reduce": {
+                "service": "detector-analysis",
+                "parameters": {"mode": "reduce", "path": "{inputs.path}", "seed": 3},
+            },
+            "fit": {
+                "service": "detector-analysis",
+                "needs": ["reduce"],
+                "parameters": {"mode": "fit"},
+                "inputs": {
+                    "data": "sciorch://entries/{steps.reduce.entry_id}/artifacts/reduced.csv"
+                },
+            },
+            "found": {
+                "kind": "search",
+                "needs": ["fit"],
+                "query": 'mode = "fit"',
+                "search": {"service": "detector-analysis"},
+            },
+        },
+        "outputs": {"found": "{steps.found.result.count}"},
+    }
+    async with run_http_server(tmp_path / "home") as srv:
+        async with sdk_client(srv.mcp_url, srv.token("alice")) as alice:
+            run = structured(
+                await alice.call_tool("start_flow", {"flow": flow, "inputs": {"path": str(raw)}})
+            )
+            view = await wait_run(alice, run["run_id"])
+            steps = {s["key"]: s for s in view["steps"]}
+            fit_entry = structured(
+                await alice.call_tool("get_entry", {"entry_id": steps["fit"]["entry_id"]})
+            )
+            # bob's run of the same search finds nothing of alice's
+            async with sdk_client(srv.mcp_url, srv.token("bob")) as bob:
+                only = {"name": "peek", "steps": {"found": flow["steps"]["found"] | {"needs": []}}}
+                theirs = structured(await bob.call_tool("start_flow", {"flow": only}))
+                peek = await wait_run(bob, theirs["run_id"])
+    assert view["state"] == "succeeded", view
+    assert "path" not in fit_entry["parameters"]
+    assert steps["fit"]["result"]["points"] == 12  # read the staged copy of reduce's table
+    assert view["outputs"]["found"] >= 1
+    rows = steps["found"]["result"]["rows"]
+    assert steps["fit"]["entry_id"] in {r["entry_id"] for r in rows}
+    assert peek["state"] == "succeeded" and peek["steps"][0]["result"]["count"] == 0

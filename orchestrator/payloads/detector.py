@@ -26,11 +26,21 @@ from orchestrator.payloads.sim_instrument import load_params, log, write_json_at
 from orchestrator.payloads.surfaces import get_surface
 
 
+def source_of(params: dict[str, Any]) -> Path:
+    """The `path` parameter, else the staged input `data`."""
+    if params.get("path"):
+        return Path(str(params["path"]))
+    staged = Path(os.environ.get("SCIORCH_INPUTS", "inputs")) / "data"
+    if not staged.is_file():
+        raise ValueError("give path, or the input data")
+    return staged
+
+
 def reduce(params: dict[str, Any], out: Path) -> dict[str, Any]:
     surface = get_surface(str(params.get("surface") or "branin"))
     noise = float(params.get("noise_std", 0.01))
     rng = random.Random(params.get("seed"))
-    source = Path(str(params["path"]))
+    source = source_of(params)
     with source.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
@@ -58,7 +68,7 @@ def reduce(params: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def fit(params: dict[str, Any]) -> dict[str, Any]:
-    with Path(str(params["path"])).open(newline="") as fh:
+    with source_of(params).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     coords = [c for c in rows[0] if c != "value"]
     x = np.array([[float(r[c]) for c in coords] for r in rows])
