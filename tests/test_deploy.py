@@ -205,12 +205,17 @@ def test_ports_agree_from_image_to_ingress() -> None:
     assert f"127.0.0.1:{port}/healthz" in health
 
 
-def test_probe_paths_are_served_by_the_http_app() -> None:
+def test_probe_paths_are_served_by_the_http_app(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from ground.config import load_settings
+
     c = container()
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    engine: Any = object()  # routes are built without touching the engine
+    # Routes are built without a running engine (the web hub reads only its settings).
+    engine: Any = SimpleNamespace(settings=load_settings(tmp_path / "home"))
     paths = {getattr(r, "path", None) for r in create_http_app(engine).routes}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["path"] in paths, probe
