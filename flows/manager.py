@@ -59,6 +59,7 @@ def flow_manager(engine: Engine, *, auto_resume: bool | None = None) -> FlowMana
     mgr = _MANAGERS.get(engine)
     if mgr is None:
         mgr = _MANAGERS[engine] = FlowManager(engine)
+        engine.closers.append(mgr.shutdown)  # its store must not outlive the engine's
     if auto_resume is not None:
         mgr.auto_resume = auto_resume
     return mgr

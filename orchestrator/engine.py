@@ -190,6 +190,9 @@ class Engine:
         self._expiry_task: asyncio.Task[None] | None = None
         self._expiry_wake = asyncio.Event()
         self._started = False
+        # What layers above close with the engine (a flow manager's store): run first, newest
+        # first, so that nothing of theirs outlives it.
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self._lock_fd: int | None = None
         self.replicas: Replicas | None = None
         self.groups = Groups(self)
@@ -247,6 +250,12 @@ class Engine:
         self._started = True
 
     async def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing %r with the engine failed", closer)
+        self.closers.clear()
         if self.warner is not None:
             await self.warner.close()
         await self.groups.close()
@@ -386,11 +395,12 @@ class Engine:
                             fields["result"] = data.result
                     except Exception as exc:  # the transition matters more than the result
                         log.warning("entry %s: reading results failed: %s", entry_id, exc)
+            if state.terminal and entry.kind == "job":
+                # Before the store says it ended: whoever reads it finished finds its files.
+                await self._keep_artifacts(entry, fields.get("handle", entry.handle))
             await self.store.apply_transition(entry_id, state, at, reason, fields)
             if state.terminal:
                 self._locks.pop(entry_id, None)
-        if state.terminal and entry.kind == "job":
-            await self._keep_artifacts(entry, fields.get("handle", entry.handle))
         if state.terminal:  # in the catalogue before anyone hears it finished
             await self.results.index_finished(self, entry_id)
         self.bus.publish(
@@ -405,8 +415,8 @@ class Engine:
         )
 
     async def _keep_artifacts(self, entry: Entry, handle: Mapping[str, Any]) -> None:
-        """Copy a finished job's artifacts into storage before its end is announced, so
-        whoever sees it finished can read them there (the work dir still serves on failure)."""
+        """Copy a finished job's artifacts into storage before its end is recorded, so whoever
+        sees it finished can read them there (the work dir still serves on failure)."""
         await asyncio.to_thread(drop_staging, self, entry.id)
         backend = self.backends.get(entry.site)
         if backend is None:
