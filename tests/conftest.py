@@ -82,8 +82,17 @@ async def store_url(
 def make_settings(home: Path, **overrides: Any) -> Settings:
     sites = overrides.pop(
         "sites",
-        [{"name": "local", "kind": "local", "gpus": 2, "gpu_type": "virtual", "cpus": 8,
-          "memory_mb": 16384, "term_grace_s": 1}],
+        [
+            {
+                "name": "local",
+                "kind": "local",
+                "gpus": 2,
+                "gpu_type": "virtual",
+                "cpus": 8,
+                "memory_mb": 16384,
+                "term_grace_s": 1,
+            }
+        ],
     )
     return load_settings(home, sites=sites, **overrides)
 
@@ -137,6 +146,7 @@ class EngineHost:
 def campaign_engine() -> Any:
     """An `eng` fixture for steering tests: an engine in `home` whose campaign manager is shut
     down before the engine (campaigns hold engine work)."""
+
     @pytest.fixture
     async def eng(home: Path, store_url: str | None) -> AsyncIterator[Engine]:
         engine = await Engine.open(make_settings(home))
@@ -155,3 +165,31 @@ def engine_factory(home: Path) -> Callable[..., Any]:
         return await Engine.open(make_settings(home, **overrides))
 
     return make
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A store connection left open (aiosqlite's worker thread is not a daemon) would keep the
+    interpreter from exiting after the last test, and CI would wait for its time limit: name
+    the leak on stderr and end the process with the tests' own status."""
+    import sys
+    import threading
+
+    left = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+        and not t.daemon
+        and getattr(getattr(t, "_target", None), "__name__", "") == "_connection_worker_thread"
+    ]
+    if left and _EXIT_STATUS:
+        print(f"conftest: {len(left)} store connection(s) left open by the tests", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
