@@ -498,6 +498,14 @@ class FlowManager:
             self.leases.signal(START, id=rec.id)
         return rec
 
+    def campaign_changed(self, campaign_id: str, owner: str, state: str, evaluations: int) -> None:
+        """What the campaigns' manager reports (wired by the server): campaign triggers fire
+        where the runs are driven."""
+        if self._triggers is not None:
+            self._triggers.spawn(
+                self._triggers.campaign_progress(campaign_id, owner, state, evaluations)
+            )
+
     async def start_queued(self, trigger: TriggerRecord) -> None:
         # One at a time, and each run marked running before the next count: two ends at once
         # must not both start the same free slot's run.

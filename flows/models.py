@@ -86,6 +86,7 @@ class TriggerKind(StrEnum):
     SCHEDULE = "schedule"
     WEBHOOK = "webhook"
     FLOW_END = "flow_end"
+    CAMPAIGN = "campaign"
 
 
 class TriggerRecord(BaseModel):
@@ -200,6 +201,15 @@ class CreateTriggerInput(BaseModel):
     on_states: list[EndState] = Field(
         default_factory=lambda: list[EndState](["succeeded"]),
         description="flow_end: which endings fire",
+    )
+    campaign_id: str | None = Field(
+        None, description="campaign: only this campaign of yours (default: any of yours)"
+    )
+    every: Int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="campaign: fire each time this many more evaluations end",
     )
     inputs: dict[str, Any] = Field(default_factory=dict, description="inputs of every run")
     event_id: str | None = None

@@ -63,6 +63,8 @@ def check_trigger(req: CreateTriggerInput) -> dict[str, Any]:
         if not req.source_flow:
             raise InvalidInput("a flow_end trigger needs source_flow", field="source_flow")
         return {"source_flow": req.source_flow, "on_states": list(req.on_states)}
+    if req.kind == TriggerKind.CAMPAIGN:
+        return {"campaign_id": req.campaign_id, "every": req.every}
     return {}
 
 
@@ -93,7 +95,7 @@ class TriggerWatch:
             self._spawn(rec, self._directory(rec))
         elif rec.kind == TriggerKind.SCHEDULE:
             self._spawn(rec, self._schedule(rec))
-        elif rec.kind == TriggerKind.FLOW_END:
+        elif rec.kind in (TriggerKind.FLOW_END, TriggerKind.CAMPAIGN):
             self.flow_end[rec.id] = rec
 
     def _spawn(self, rec: TriggerRecord, work: Any) -> None:
@@ -144,7 +146,11 @@ class TriggerWatch:
             return
         for rec in list(self.flow_end.values()):
             cfg = rec.config
-            if cfg["source_flow"] == fresh.flow and fresh.state.value in cfg["on_states"]:
+            if (
+                rec.kind == TriggerKind.FLOW_END
+                and cfg["source_flow"] == fresh.flow
+                and fresh.state.value in cfg["on_states"]
+            ):
                 info = {
                     "kind": "flow_end",
                     "run_id": fresh.id,
@@ -153,6 +159,31 @@ class TriggerWatch:
                     "outputs": fresh.outputs,
                 }
                 await self.manager.fire(rec, info, fresh.id)
+
+    async def campaign_progress(
+        self, campaign_id: str, owner: str, state: str, evaluations: int
+    ) -> None:
+        """A campaign changed: fire the campaign triggers of its owner, once per milestone
+        (its end; with `every`, each multiple of that many finished evaluations)."""
+        for rec in list(self.flow_end.values()):
+            cfg = rec.config
+            if rec.kind != TriggerKind.CAMPAIGN or rec.owner != owner:
+                continue
+            if cfg.get("campaign_id") not in (None, campaign_id):
+                continue
+            info = {
+                "kind": "campaign",
+                "campaign_id": campaign_id,
+                "state": state,
+                "evaluations": evaluations,
+            }
+            every = cfg.get("every")
+            if every and evaluations and evaluations % every == 0:
+                await self.manager.fire(
+                    rec, {**info, "milestone": f"{evaluations}"}, f"{campaign_id}:n{evaluations}"
+                )
+            if state != "running":
+                await self.manager.fire(rec, {**info, "milestone": "end"}, f"{campaign_id}:end")
 
     # ------------------------------------------------------------------ kinds
 

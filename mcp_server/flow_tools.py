@@ -6,9 +6,11 @@ runs left running resume and the triggers watch while the server runs."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastmcp import FastMCP
 
@@ -30,6 +32,7 @@ from ground.models import Principal
 from mcp_server.resources import WatchBus, updates_for
 from mcp_server.toolset import ToolSpec, hold_while_serving, refused_read, register_tools
 from orchestrator.engine import Engine
+from steering.manager import CampaignManager
 
 FLOW_RUN = "sciorch://flow-runs/{run_id}"
 _FLOW_RUN_URI = re.compile(r"^sciorch://flow-runs/([^/]+)$")
@@ -165,6 +168,7 @@ def flow_tools(manager: FlowManager) -> tuple[ToolSpec, ...]:
 class FlowSurface:
     manager: FlowManager
     tools: list[ToolSpec]
+    _followed: set[Any] = field(default_factory=set)
 
     async def visible(self, who: Principal, uri: str) -> bool | None:
         match = _FLOW_RUN_URI.match(uri)
@@ -178,6 +182,33 @@ class FlowSurface:
 
     def publish_to(self, sub_bus: WatchBus) -> None:
         self.manager.listeners.append(updates_for(sub_bus, flow_run_uri))
+
+    def follow_campaigns(self, campaigns: CampaignManager) -> None:
+        """Campaign milestones for the campaign triggers (flows and steering know nothing of
+        each other; the server joins them). Once per manager pair."""
+        if campaigns in self._followed:
+            return
+        self._followed.add(campaigns)
+        flows = self.manager
+        pending: set[asyncio.Task[None]] = set()
+
+        async def report(campaign_id: str) -> None:
+            store = await campaigns.store()
+            rec = await store.get_campaign(campaign_id)
+            if rec is None:
+                return
+            done = sum(e.state == "succeeded" for e in await store.evaluations(campaign_id))
+            flows.campaign_changed(campaign_id, rec.owner, rec.state.value, done)
+
+        def heard(campaign_id: str) -> None:
+            try:
+                task = asyncio.get_running_loop().create_task(report(campaign_id))
+            except RuntimeError:
+                return
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        campaigns.listeners.append(heard)
 
 
 def register_flows(

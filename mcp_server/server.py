@@ -157,6 +157,7 @@ def create_server(
     steering.publish_to(sub_bus)
     if flows is not None:
         flows.publish_to(sub_bus)
+        flows.follow_campaigns(steering.manager)
 
     mutating = [s.name for s in registered if not s.read_only]
     mcp.add_middleware(ErrorResults())

@@ -797,3 +797,49 @@ async def test_a_step_gets_an_earlier_step_s_file_as_an_input_and_a_search_step_
     rows = steps["found"]["result"]["rows"]
     assert steps["fit"]["entry_id"] in {r["entry_id"] for r in rows}
     assert peek["state"] == "succeeded" and peek["steps"][0]["result"]["count"] == 0
+
+
+async def test_a_campaign_milestone_starts_a_run_of_its_owner_s_trigger_only(
+    tmp_path: Path,
+) -> None:
+    import tomllib
+
+    from tests.test_steering import CAMPAIGN_TOML
+
+    spec = tomllib.loads(CAMPAIGN_TOML.format(duration=0, budget=3))
+    flow = {
+        "name": "after-campaign",
+        "steps": {
+            "note": {
+                "kind": "record",
+                "values": {"m": "{trigger.milestone}", "state": "{trigger.state}"},
+            }
+        },
+    }
+    async with run_http_server(tmp_path / "home") as srv:
+        async with (
+            sdk_client(srv.mcp_url, srv.token("alice")) as alice,
+            sdk_client(srv.mcp_url, srv.token("bob")) as bob,
+        ):
+            args = {"flow": flow, "kind": "campaign", "every": 2}
+            structured(await alice.call_tool("create_trigger", args))
+            structured(await bob.call_tool("create_trigger", {"flow": flow, "kind": "campaign"}))
+            cid = structured(await alice.call_tool("start_campaign", spec))["id"]
+            deadline = time.monotonic() + 120
+            runs: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                runs = structured(await alice.call_tool("list_flow_runs", {}))["runs"]
+                if len(runs) >= 2 and all(r["state"] == "succeeded" for r in runs):
+                    break
+                await asyncio.sleep(0.3)
+            views = [
+                structured(await alice.call_tool("get_flow_run", {"run_id": r["run_id"]}))
+                for r in runs
+            ]
+            await asyncio.sleep(1)  # nothing more comes, and nothing for bob
+            again = structured(await alice.call_tool("list_flow_runs", {}))["runs"]
+            bobs = structured(await bob.call_tool("list_flow_runs", {}))["runs"]
+    got = sorted((v["trigger"]["milestone"], v["steps"][0]["result"]["state"]) for v in views)
+    assert got == [("2", "running"), ("end", "completed")], got
+    assert {v["trigger"]["campaign_id"] for v in views} == {cid}
+    assert len(again) == 2 and bobs == []
