@@ -199,7 +199,7 @@ async def test_local_entries_run_as_their_users_in_closed_work_dirs(
     need_users()
     alice, bob = Principal(id="alice"), Principal(id="bob")
     async with engine_on(open_home, catalogue, local_site()) as eng:
-        a = await eng.launch(alice, "whoami", {"seconds": 3})
+        a = await eng.launch(alice, "whoami", {"seconds": 8})
         assert a.handle["account"] == "alice"
         workdir = Path(eng.settings.entries_dir / a.id)
         await until_file(workdir / "secret")
