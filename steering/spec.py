@@ -8,14 +8,12 @@ A campaign is a TOML or YAML file (or the arguments of the `start_campaign` tool
 from __future__ import annotations
 
 import math
-import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ground.documents import read_document
 from ground.errors import InvalidInput, invalid_input
 from ground.models import MAX_DURATION_S, Bool, Int, Number, OptInt, OptNumber, parse_duration_s
 from orchestrator.results_query import parse_query
@@ -527,20 +525,4 @@ def parse_spec(data: Any, source: str | None = None) -> CampaignSpec:
 
 def load_spec(path: Path) -> CampaignSpec:
     """Read a campaign from a .toml, .yaml or .yml file."""
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".yaml", ".yml"):
-        raise InvalidInput(f"campaign file {path} must end in .toml, .yaml or .yml", field="file")
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidInput(
-            f"cannot read campaign file {path}: {exc.strerror}", field="file"
-        ) from exc
-    try:
-        data: Any = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidInput(f"{path}: not valid TOML: {exc}", field="file") from exc
-    except yaml.YAMLError as exc:
-        line = re.sub(r"\s+", " ", str(exc))
-        raise InvalidInput(f"{path}: not valid YAML: {line}", field="file") from exc
-    return parse_spec(data, str(path))
+    return parse_spec(read_document(path, "campaign"), str(path))
