@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from flows.models import RunRecord, RunState, StepRecord, TriggerRecord
-from orchestrator.database import Database, IntegrityError, Row, open_database
+from orchestrator.database import Database, IntegrityError, Row, Where, open_database
 
 _JSON = {
     "owner_claims",
@@ -126,31 +126,17 @@ class FlowStore:
         limit: int = 1000,
     ) -> list[RunRecord]:
         """Newest first. `owners` and `event_ids` together: runs of either."""
-        where: list[str] = []
-        args: list[Any] = []
-        seen: list[str] = []
-        if owners is not None:
-            seen.append(f"owner IN ({','.join('?' * len(owners))})" if owners else "0 = 1")
-            args += owners
-        if event_ids:
-            seen.append(f"event_id IN ({','.join('?' * len(event_ids))})")
-            args += event_ids
-        if seen:
-            where.append("(" + " OR ".join(seen) + ")")
-        if flow is not None:
-            where.append("flow = ?")
-            args.append(flow)
-        if states is not None:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += [s.value for s in states]
-        if trigger_id is not None:
-            where.append("trigger_id = ?")
-            args.append(trigger_id)
-        sql = "SELECT * FROM flow_runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = await self._db.fetch(sql, [*args, limit])
+        where = (
+            Where()
+            .either(Where().among("owner", owners), Where().among("event_id", event_ids or None))
+            .equal("flow", flow)
+            .among("state", None if states is None else [s.value for s in states])
+            .equal("trigger_id", trigger_id)
+        )
+        rows = await self._db.fetch(
+            f"SELECT * FROM flow_runs{where.sql()} ORDER BY created_at DESC, id DESC LIMIT ?",
+            [*where.args, limit],
+        )
         return [self._dec(r, RunRecord) for r in rows]
 
     async def oldest_queued(self, trigger_id: str, n: int) -> list[RunRecord]:

@@ -78,6 +78,46 @@ def parse_ts(value: str | datetime) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
+class Where:
+    """The AND-ed conditions of a listing query and their `?` arguments, built from optional
+    filters: a filter given as None adds nothing; an empty list of values matches nothing."""
+
+    def __init__(self) -> None:
+        self.conditions: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, condition: str, *args: Any) -> Where:
+        self.conditions.append(condition)
+        self.args += args
+        return self
+
+    def equal(self, column: str, value: Any) -> Where:
+        return self if value is None else self.add(f"{column} = ?", value)
+
+    def among(self, column: str, values: Iterable[Any] | None) -> Where:
+        if values is None:
+            return self
+        items = list(values)
+        if not items:
+            return self.add("0 = 1")
+        return self.add(f"{column} IN ({','.join('?' * len(items))})", *items)
+
+    def either(self, *alternatives: Where) -> Where:
+        """One condition: any of `alternatives` (each AND-ed inside); nothing if none has a
+        condition."""
+        given = [a for a in alternatives if a.conditions]
+        if not given:
+            return self
+        return self.add(
+            "(" + " OR ".join(f"({' AND '.join(a.conditions)})" for a in given) + ")",
+            *[arg for a in given for arg in a.args],
+        )
+
+    def sql(self) -> str:
+        """' WHERE ...', or '' when there is no condition."""
+        return " WHERE " + " AND ".join(self.conditions) if self.conditions else ""
+
+
 def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 

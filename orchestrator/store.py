@@ -24,7 +24,7 @@ from ground.models import (
     Role,
     Transition,
 )
-from orchestrator.database import Conn, Database, Row, open_database, parse_ts
+from orchestrator.database import Conn, Database, Row, Where, open_database, parse_ts
 
 
 def now() -> datetime:
@@ -209,17 +209,18 @@ class Store:
         self, principal: str | None, include_inactive: bool = False
     ) -> list[Event]:
         """Events `principal` owns or has a share in (all events if principal is None)."""
-        where, args = [], []
+        where = Where()
         if principal is not None:
-            where.append("(owner = ? OR id IN (SELECT event_id FROM shares WHERE principal = ?))")
-            args += [principal, principal]
+            where.add(
+                "(owner = ? OR id IN (SELECT event_id FROM shares WHERE principal = ?))",
+                principal,
+                principal,
+            )
         if not include_inactive:
-            where.append("state = 'active'")
-        sql = "SELECT * FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at"
-        rows = await self._db.fetch(sql, args)
+            where.add("state = 'active'")
+        rows = await self._db.fetch(
+            f"SELECT * FROM events{where.sql()} ORDER BY created_at", where.args
+        )
         shares = await self._shares([r["id"] for r in rows])
         return [self._event(r, shares[r["id"]]) for r in rows]
 
@@ -359,33 +360,17 @@ class Store:
         after: tuple[str, str] | None = None,
     ) -> list[Entry]:
         """Newest-last pages; `after` is the (created_at, id) of the last entry already seen."""
-        where: list[str] = []
-        args: list[Any] = []
-        if event_ids is not None:
-            ids = list(event_ids)
-            if not ids:
-                return []
-            where.append(f"event_id IN ({','.join('?' * len(ids))})")
-            args += ids
-        if states is not None:
-            sts = [s.value for s in states]
-            where.append(f"state IN ({','.join('?' * len(sts))})")
-            args += sts
-        if service is not None:
-            where.append("service = ?")
-            args.append(service)
-        if submitted_by is not None:
-            where.append("submitted_by = ?")
-            args.append(submitted_by)
+        where = (
+            Where()
+            .among("event_id", event_ids)
+            .among("state", None if states is None else [s.value for s in states])
+            .equal("service", service)
+            .equal("submitted_by", submitted_by)
+        )
         if after is not None:
-            where.append("(created_at, id) > (?, ?)")
-            args += [self._ts(parse_ts(after[0])), after[1]]
-        sql = f"SELECT {_ENTRY_COLS} FROM entries"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, id LIMIT ?"
-        args.append(limit)
-        return [self._entry(r, None) for r in await self._db.fetch(sql, args)]
+            where.add("(created_at, id) > (?, ?)", self._ts(parse_ts(after[0])), after[1])
+        sql = f"SELECT {_ENTRY_COLS} FROM entries{where.sql()} ORDER BY created_at, id LIMIT ?"
+        return [self._entry(r, None) for r in await self._db.fetch(sql, [*where.args, limit])]
 
     async def count_active(self, submitted_by: str, service: str) -> int:
         marks = ",".join("?" * len(ACTIVE_STATES))

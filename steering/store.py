@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.database import Database, Row, open_database
+from orchestrator.database import Database, Row, Where, open_database
 from steering.models import ActionRecord, CampaignRecord, CampaignState, EvaluationRecord
 
 _JSON = {
@@ -106,22 +106,15 @@ class CampaignStore:
         states: list[CampaignState] | None = None,
         endpoint: str | None = None,
     ) -> list[CampaignRecord]:
-        where: list[str] = []
-        args: list[Any] = []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if states is not None:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += [s.value for s in states]
-        if endpoint is not None:
-            where.append("endpoint = ?")
-            args.append(endpoint)
-        sql = "SELECT * FROM campaigns"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, id"
-        rows = await self._db.fetch(sql, args)
+        where = (
+            Where()
+            .equal("owner", owner)
+            .among("state", None if states is None else [s.value for s in states])
+            .equal("endpoint", endpoint)
+        )
+        rows = await self._db.fetch(
+            f"SELECT * FROM campaigns{where.sql()} ORDER BY created_at, id", where.args
+        )
         return [CampaignRecord.model_validate(_decode_row(r)) for r in rows]
 
     async def update_campaign(self, campaign_id: str, **fields: Any) -> None:
