@@ -7,7 +7,6 @@ runs left running resume and the triggers watch while the server runs."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,19 +26,11 @@ from flows.models import (
     TriggerRef,
     TriggerView,
 )
-from ground.errors import SciorchError
 from ground.models import Principal
-from mcp_server.resources import WatchBus, updates_for
-from mcp_server.toolset import ToolSpec, hold_while_serving, refused_read, register_tools
+from mcp_server.resources import RecordResource, WatchBus
+from mcp_server.toolset import ToolSpec, hold_while_serving, register_tools
 from orchestrator.engine import Engine
 from steering.manager import CampaignManager
-
-FLOW_RUN = "sciorch://flow-runs/{run_id}"
-_FLOW_RUN_URI = re.compile(r"^sciorch://flow-runs/([^/]+)$")
-
-
-def flow_run_uri(run_id: str) -> str:
-    return FLOW_RUN.format(run_id=run_id)
 
 
 def flow_tools(manager: FlowManager) -> tuple[ToolSpec, ...]:
@@ -168,20 +159,14 @@ def flow_tools(manager: FlowManager) -> tuple[ToolSpec, ...]:
 class FlowSurface:
     manager: FlowManager
     tools: list[ToolSpec]
+    resource: RecordResource
     _followed: set[Any] = field(default_factory=set)
 
     async def visible(self, who: Principal, uri: str) -> bool | None:
-        match = _FLOW_RUN_URI.match(uri)
-        if match is None:
-            return None
-        try:
-            await self.manager.get(who, match.group(1))
-        except SciorchError:
-            return False
-        return True
+        return await self.resource.visible(who, uri)
 
     def publish_to(self, sub_bus: WatchBus) -> None:
-        self.manager.listeners.append(updates_for(sub_bus, flow_run_uri))
+        self.resource.publish(self.manager.listeners, sub_bus)
 
     def follow_campaigns(self, campaigns: CampaignManager) -> None:
         """Campaign milestones for the campaign triggers (flows and steering know nothing of
@@ -231,17 +216,11 @@ def register_flows(
         disable_destructive=disable_destructive,
     )
 
-    @mcp.resource(
-        FLOW_RUN,
-        mime_type="application/json",
-        description="A flow run (as get_flow_run); updated as its steps progress",
+    resource = RecordResource(
+        "sciorch://flow-runs/{run_id}",
+        "A flow run (as get_flow_run); updated as its steps progress",
+        manager.get,
     )
-    async def flow_run_resource(run_id: str) -> str:
-        try:
-            view = await manager.get(principal_of(), run_id)
-        except SciorchError as exc:
-            raise refused_read(exc) from exc
-        return view.model_dump_json()
-
+    resource.register(mcp, principal_of)
     hold_while_serving(mcp, manager.serving)
-    return FlowSurface(manager, registered)
+    return FlowSurface(manager, registered, resource)

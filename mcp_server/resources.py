@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mcp_types
 from fastmcp import FastMCP
 from fastmcp.resources import ResourceContent, ResourceResult
 from mcp.server.subscriptions import ListenHandler, ResourceUpdated, ServerEvent
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 import tools
 from ground.contract import whole_utf8
@@ -230,3 +232,63 @@ def updates_for(sub_bus: WatchBus, uri_of: Callable[[str], str]) -> Callable[[st
         task.add_done_callback(pending.discard)
 
     return forward
+
+
+@dataclass(frozen=True)
+class RecordResource:
+    """A resource `sciorch://<kind>/{<key>}` holding one record of a manager (a campaign, a
+    flow run) as its get tool returns it: readable and watchable by whoever may get it, and
+    updated whenever the manager says the record changed."""
+
+    template: str
+    description: str
+    get: Callable[[Principal, str], Awaitable[BaseModel]]
+    # May `who` see it: by default `get` succeeding; a manager may have a cheaper way.
+    check: Callable[[Principal, str], Awaitable[object]] | None = None
+
+    @property
+    def _key(self) -> str:
+        return self.template[self.template.index("{") + 1 : self.template.index("}")]
+
+    def uri(self, ident: str) -> str:
+        return self.template.format(**{self._key: ident})
+
+    def ident(self, uri: str) -> str | None:
+        prefix = self.template[: self.template.index("{")]
+        rest = uri.removeprefix(prefix)
+        return rest if rest != uri and rest and "/" not in rest else None
+
+    def register(self, mcp: FastMCP, principal_of: Callable[[], Principal]) -> None:
+        async def read(**params: str) -> str:
+            try:
+                view = await self.get(principal_of(), params[self._key])
+            except SciorchError as exc:
+                raise refused_read(exc) from exc
+            return view.model_dump_json()
+
+        # fastmcp matches the template's parameter to the function's by name (inspect.signature,
+        # and pydantic reads the annotations), so `read` takes the template's own name.
+        read.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(self._key, inspect.Parameter.KEYWORD_ONLY, annotation=str)],
+            return_annotation=str,
+        )
+        read.__annotations__ = {self._key: str, "return": str}
+        read.__name__ = self.template.split("://")[1].split("/")[0].replace("-", "_")
+        mcp.resource(self.template, mime_type="application/json", description=self.description)(
+            read
+        )
+
+    async def visible(self, who: Principal, uri: str) -> bool | None:
+        """For subscriptions/listen: may `who` watch `uri` (None: not one of these records)."""
+        ident = self.ident(uri)
+        if ident is None:
+            return None
+        try:
+            await (self.check or self.get)(who, ident)
+        except SciorchError:
+            return False
+        return True
+
+    def publish(self, listeners: list[Callable[[str], None]], sub_bus: WatchBus) -> None:
+        """Send ResourceUpdated for a record's URI whenever its manager reports a change."""
+        listeners.append(updates_for(sub_bus, self.uri))

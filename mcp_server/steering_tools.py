@@ -13,17 +13,15 @@ campaigns left running (when it starts) and pauses them (when it stops).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastmcp import FastMCP
 
-from ground.errors import SciorchError
 from ground.models import Principal
 from mcp_server.connect import CampaignClients
-from mcp_server.resources import WatchBus, updates_for
-from mcp_server.toolset import ToolSpec, hold_while_serving, refused_read, register_tools
+from mcp_server.resources import RecordResource, WatchBus
+from mcp_server.toolset import ToolSpec, hold_while_serving, register_tools
 from orchestrator.engine import Engine
 from steering import export as table
 from steering.manager import CampaignManager, manager_for
@@ -49,13 +47,6 @@ from steering.models import (
 from steering.spec import parse_spec
 
 log = logging.getLogger("sciorch.steering")
-
-CAMPAIGN = "sciorch://campaigns/{campaign_id}"
-_CAMPAIGN_URI = re.compile(r"^sciorch://campaigns/([^/]+)$")
-
-
-def campaign_uri(campaign_id: str) -> str:
-    return CAMPAIGN.format(campaign_id=campaign_id)
 
 
 def steering_tools(manager: CampaignManager) -> tuple[ToolSpec, ...]:
@@ -95,9 +86,7 @@ def steering_tools(manager: CampaignManager) -> tuple[ToolSpec, ...]:
     async def reject(engine: Engine, who: Principal, req: RejectPointInput) -> CampaignView:
         return await manager.reject(who, req.campaign_id, req.point_id, req.note)
 
-    async def annotate(
-        engine: Engine, who: Principal, req: AnnotateCampaignInput
-    ) -> CampaignView:
+    async def annotate(engine: Engine, who: Principal, req: AnnotateCampaignInput) -> CampaignView:
         return await manager.annotate(who, req.campaign_id, req.text)
 
     async def export(engine: Engine, who: Principal, req: ExportCampaignInput) -> ExportResult:
@@ -279,23 +268,14 @@ class SteeringSurface:
     tools: list[ToolSpec]
     principal_of: Callable[[], Principal]
     internal: bool
+    resource: RecordResource
 
     async def visible(self, who: Principal, uri: str) -> bool | None:
-        """For subscriptions/listen: may `who` watch this campaign URI (None: not a campaign
-        URI)."""
-        match = _CAMPAIGN_URI.match(uri)
-        if match is None:
-            return None
-        try:
-            await self.manager.get(who, match.group(1), with_evals=False)
-        except SciorchError:
-            return False
-        return True
+        return await self.resource.visible(who, uri)
 
     def publish_to(self, sub_bus: WatchBus) -> None:
-        """Send ResourceUpdated for a campaign's URI whenever it changes."""
         if not self.internal:
-            self.manager.listeners.append(updates_for(sub_bus, campaign_uri))
+            self.resource.publish(self.manager.listeners, sub_bus)
 
 
 def campaign_manager(engine: Engine, *, auto_resume: bool | None = None) -> CampaignManager:
@@ -328,19 +308,18 @@ def register_steering(
         disable_destructive=disable_destructive,
     )
 
-    @mcp.resource(
-        CAMPAIGN,
-        mime_type="application/json",
-        description="A campaign (as get_campaign); updated as its evaluations progress",
-    )
-    async def campaign_resource(campaign_id: str) -> str:
-        try:
-            view = await manager.get(principal_of(), campaign_id)
-        except SciorchError as exc:
-            raise refused_read(exc) from exc
-        return view.model_dump_json()
+    async def seen(who: Principal, campaign_id: str) -> object:
+        return await manager.get(who, campaign_id, with_evals=False)
 
-    surface = SteeringSurface(manager, registered, principal_of, internal)
+    resource = RecordResource(
+        "sciorch://campaigns/{campaign_id}",
+        "A campaign (as get_campaign); updated as its evaluations progress",
+        manager.get,
+        seen,
+    )
+    resource.register(mcp, principal_of)
+
+    surface = SteeringSurface(manager, registered, principal_of, internal, resource)
     if internal:
         return surface
 
