@@ -192,28 +192,22 @@ class FlowRunner:
                     StepRecord(run_id=self.run_id, key=name, step=name, state=StepState.PENDING)
                 )
                 continue
+            error = None
             try:
                 items = render("{" + step.for_each.strip().strip("{}") + "}", self.context())
             except Missing as exc:
+                error = f"for_each: {exc}"
+            else:
+                if not isinstance(items, list):
+                    error = f"for_each must name a list, got {type(items).__name__}"
+            if error is not None:
                 await self._add(
                     StepRecord(
                         run_id=self.run_id,
                         key=name,
                         step=name,
                         state=StepState.FAILED,
-                        error=f"for_each: {exc}",
-                        finished_at=now(),
-                    )
-                )
-                continue
-            if not isinstance(items, list):
-                await self._add(
-                    StepRecord(
-                        run_id=self.run_id,
-                        key=name,
-                        step=name,
-                        state=StepState.FAILED,
-                        error=f"for_each must name a list, got {type(items).__name__}",
+                        error=error,
                         finished_at=now(),
                     )
                 )
