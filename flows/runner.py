@@ -75,7 +75,7 @@ class FlowRunner:
         try:
             while True:
                 if failure is None:
-                    await self._expand()
+                    failure = await self._expand()
                 for key, row in self.rows.items():
                     if failure is not None or len(tasks) >= self.spec.max_parallel:
                         break
@@ -176,8 +176,10 @@ class FlowRunner:
             ctx["index"] = row.item_index
         return ctx
 
-    async def _expand(self) -> None:
-        """Write the rows of every step whose needs have all ended (once each)."""
+    async def _expand(self) -> str | None:
+        """Write the rows of every step whose needs have all ended (once each). Returns the
+        run's failure when a step failed already here (its for_each named no list)."""
+        failure = None
         expanded = {r.step for r in self.rows.values()}
         for name, step in self.spec.steps.items():
             if name in expanded:
@@ -211,6 +213,8 @@ class FlowRunner:
                         finished_at=now(),
                     )
                 )
+                if step.on_failure == "fail":
+                    failure = failure or f"step {name} failed: {error}"
                 continue
             for i, item in enumerate(items):
                 await self._add(
@@ -234,6 +238,7 @@ class FlowRunner:
                         finished_at=now(),
                     )
                 )
+        return failure
 
     async def _add(self, row: StepRecord) -> None:
         await self.store.insert_step(row)

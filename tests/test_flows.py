@@ -314,6 +314,37 @@ async def test_a_fan_out_runs_one_job_per_file_and_gathers_them(tmp_path: Path) 
     assert [t["source"] for t in tables] == files  # in item order
 
 
+async def test_a_fan_out_over_no_list_fails_its_step_and_over_an_empty_one_succeeds(
+    tmp_path: Path,
+) -> None:
+    def fan(over: str) -> dict[str, Any]:
+        return {
+            "name": "fan",
+            "steps": {
+                "first": {"kind": "record", "values": {"n": 3, "none": []}},
+                "each": {
+                    "kind": "record",
+                    "needs": ["first"],
+                    "for_each": over,
+                    "values": {"i": "{item}"},
+                },
+            },
+        }
+
+    async with run_http_server(tmp_path / "home") as srv:
+        async with sdk_client(srv.mcp_url, srv.token("alice")) as client:
+            views = []
+            for over in ("{steps.first.result.n}", "{steps.first.result.none}"):
+                run = structured(await client.call_tool("start_flow", {"flow": fan(over)}))
+                views.append(await wait_run(client, run["run_id"]))
+    bad, empty = ({s["key"]: s for s in v["steps"]}["each"] for v in views)
+    assert bad["state"] == "failed"
+    assert views[0]["state"] == "failed", views[0]
+    assert views[0]["reason"] == "step each failed: for_each must name a list, got int"
+    assert bad["error"] == "for_each must name a list, got int"
+    assert views[1]["state"] == "succeeded" and empty["result"] == []
+
+
 # ----------------------------------------------------------------------------- triggers
 
 
