@@ -505,6 +505,9 @@ async def test_a_group_moves_on_after_a_server_restart(tmp_path: Path) -> None:
         assert done.result is not None
         assert done.result["SCIORCH_COMPONENT_SLOW_ENTRY_ID"] == side[0].id
         assert done.result["SCIORCH_COMPONENT_SLOW_ENDPOINT"] == side[0].endpoint
+        # the sidecar shares the main entry's lifetime, across the restart too
+        ended, timed_out = await eng.wait_entry(ALICE, side[0].id, 30, until="finished")
+        assert not timed_out and ended.state.terminal, (ended.state, ended.reason)
     finally:
         for engine in list(host.engines):
             await shutdown(engine)
