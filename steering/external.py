@@ -145,6 +145,7 @@ class ExternalRunner(CampaignRunner):
         self._notify()
         while True:
             async with self.lock:
+                self._poke.clear()  # before the state is read (see CampaignRunner.run)
                 if self.ended:
                     return
                 ending = await self._ending()

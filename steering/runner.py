@@ -309,9 +309,12 @@ class CampaignRunner:
             elif e.state in (EvalState.ASKED, EvalState.SUBMITTED):
                 await self._submit(e)
         self._notify()
-        deadline = self._deadline()
 
         while True:
+            # Cleared before the state is read, never in the wait: a poke that comes while this
+            # iteration runs then wakes the wait below instead of being lost.
+            self._poke.clear()
+            deadline = self._deadline()  # each time: a person may have changed the budget
             if self._stop.is_set():
                 await self._end(CampaignState.STOPPED, "stopped by request", self._cancel_in_flight)
                 return
@@ -433,7 +436,6 @@ class CampaignRunner:
         """Sleep until an evaluation finishes, training ends, a stop is asked or the deadline
         passes; then record and tell what finished."""
         stop_task = asyncio.ensure_future(self._stop.wait())
-        self._poke.clear()
         poke_task = asyncio.ensure_future(self._poke.wait())
         tasks: set[asyncio.Future[Any]] = {*self.waiters.values()}
         if stop:

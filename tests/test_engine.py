@@ -612,7 +612,8 @@ async def test_a_stop_survives_a_server_restart(home: Path, store_url: str | Non
     records `cancelled` with the caller's reason, not a death by signal."""
     eng = await Engine.open(make_settings(home))
     entry = await eng.launch(ALICE, "sim-instrument", {"duration_s": 30})
-    started, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=10, until="started")
+    # Generous waits: they end as soon as the state is reached; a loaded CI machine is slow.
+    started, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=60, until="started")
     assert started.state == EntryState.RUNNING
     mid = await eng.cancel(ALICE, entry.id, wait_s=0)
     assert not mid.state.terminal
@@ -620,7 +621,7 @@ async def test_a_stop_survives_a_server_restart(home: Path, store_url: str | Non
     await asyncio.sleep(0.5)
     eng = await Engine.open(make_settings(home))
     try:
-        done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=10)
+        done, _ = await eng.wait_entry(ALICE, entry.id, timeout_s=60)
         assert done.state == EntryState.CANCELLED
         assert done.reason == "cancelled by alice"
     finally:
