@@ -54,6 +54,7 @@ class ClusterFacts:
         self.nodes: list[Node] | None = None
         self.nodes_note: str | None = None
         self.pending_pods: int | None = None
+        self.gpus_held: dict[str, int] | None = None  # node -> GPUs its bound pods request
         self.unreachable: str | None = None
         self._refreshed = 0.0
         self._refreshing: asyncio.Task[None] | None = None
@@ -90,10 +91,31 @@ class ClusterFacts:
             return
         self.unreachable = None
         try:
-            pending, _ = await api.list("Pod", None, field_selector="status.phase=Pending")
-            self.pending_pods = len(pending)
+            # The pods that hold (or wait for) node resources: what `kubectl describe node`
+            # counts as allocated is the requests of the non-terminated pods bound to it.
+            pods, _ = await api.list(
+                "Pod", None, field_selector="status.phase!=Succeeded,status.phase!=Failed"
+            )
+            self.pending_pods = sum(1 for p in pods if dig(p, "status", "phase") == "Pending")
+            self.gpus_held = self._gpus_held(pods)
         except (KubeApiError, KubeUnreachable):
             self.pending_pods = None
+            self.gpus_held = None
+
+    def _gpus_held(self, pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+        """GPUs requested by the pods bound to each node (a GPU request, an extended
+        resource, defaults to its limit when only the limit is set)."""
+        held: dict[str, int] = {}
+        key = self.options.gpu_resource
+        for pod in pods:
+            node = dig(pod, "spec", "nodeName")
+            if not node:
+                continue
+            for c in dig(pod, "spec", "containers") or []:
+                res = (c.get("resources") or {}) if isinstance(c, Mapping) else {}
+                want = (res.get("requests") or {}).get(key, (res.get("limits") or {}).get(key))
+                held[node] = held.get(node, 0) + math.ceil(parse_quantity(want))
+        return held
 
     def _node(self, n: Mapping[str, Any]) -> Node:
         alloc = dig(n, "status", "allocatable") or {}
@@ -134,6 +156,12 @@ class ClusterFacts:
             gpus=o.gpus if o.gpus is not None else gpus,
             gpu_types=list(types),
             max_walltime_s=o.max_walltime_s,
+            gpus_total=sum(n.gpus for n in nodes) if self.nodes is not None else None,
+            gpus_free=(
+                sum(max(0, n.gpus - self.gpus_held.get(n.name, 0)) for n in nodes)
+                if self.nodes is not None and self.gpus_held is not None
+                else None
+            ),
         )
 
     def no_node_ready(self) -> bool:

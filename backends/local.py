@@ -239,6 +239,8 @@ class LocalBackend(Supervisor[_Entry]):
             gpus=len(pool.gpu_names),
             gpu_types=pool.gpu_types,
             max_walltime_s=pool.max_walltime_s,
+            gpus_total=len(pool.gpu_names),
+            gpus_free=len(pool.free.gpus),
         )
 
     async def status(self) -> tuple[SiteStatus, str | None]:

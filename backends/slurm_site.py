@@ -75,12 +75,17 @@ class SlurmSite:
         view = self.view
         part = self.partition(view)
         nodes = self.partition_nodes(view, part)
+        usable = [n for n in nodes if n.usable]
         return Capabilities(
             cpus=float(max((n.cpus for n in nodes), default=0)),
             memory_mb=max((n.memory_mb for n in nodes), default=0),
             gpus=max((n.gpus for n in nodes), default=0),
             gpu_types=sorted({t for n in nodes for t in n.gpu_types}),
             max_walltime_s=part.max_time_s if part is not None else None,
+            gpus_total=sum(n.gpus for n in usable) if view.error is None else None,
+            gpus_free=(
+                sum(max(0, n.gpus - n.gpus_used) for n in usable) if view.error is None else None
+            ),
         )
 
     async def status(self, poll_error: str | None) -> tuple[SiteStatus, str | None]:

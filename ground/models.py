@@ -541,6 +541,13 @@ class Capabilities(BaseModel):
     gpu_types: list[str] = Field(default_factory=list)
     max_walltime_s: int | None = None
     kinds: list[ServiceKind] = Field(default_factory=lambda: list(_ALL_KINDS))
+    # `gpus` is what one entry can get (the largest node); these two are the whole site now.
+    gpus_total: int | None = Field(
+        None, ge=0, description="GPUs across the site's usable nodes (None: the site does not say)"
+    )
+    gpus_free: int | None = Field(
+        None, ge=0, description="of those, GPUs no running work holds now (None: unknown)"
+    )
 
 
 class Site(BaseModel):

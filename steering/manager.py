@@ -695,6 +695,9 @@ class CampaignManager:
         """Keep a point out: not measured (cancelled if in flight), not told to the GP, and its
         neighbourhood not proposed again."""
         rec = await self._visible(principal, campaign_id)
+        # before anything else: rejecting a rejected point changes nothing, but a viewer
+        # is told no all the same
+        await self._operable(principal, rec, "reject its points")
         seq = seq_of(rec.id, pid)
         store = await self.store()
         e = next((x for x in await store.evaluations(rec.id) if x.seq == seq), None)

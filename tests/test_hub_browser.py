@@ -7,6 +7,8 @@ CI=true, where they fail."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -18,9 +20,10 @@ import pytest
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.hub_browser import MISSING, Served, browser_paths, chrome, output_dir, sciorch_serve
+from tests.mcp_helpers import sdk_client, structured
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,6 +64,31 @@ resources:
   memory: 128Mi
   walltime: "00:10:00"
 """
+# Holds one of the local site's two (virtual) GPUs until cancelled.
+GPU_JOB = """\
+name: gpu-hold
+version: 1.0.0
+kind: job
+description: holds a GPU until cancelled
+command: ["{python}", "-c", "import time; time.sleep(600)"]
+parameters:
+  type: object
+  additionalProperties: false
+  properties: {}
+resources:
+  cpus: 0.5
+  memory: 128Mi
+  gpus: 1
+  walltime: "00:10:00"
+"""
+SITES = """
+[[sites]]
+name = "local"
+kind = "local"
+gpus = 2
+gpu_type = "virtual"
+"""
+MCP_PROTOCOL = "2026-07-28"
 STREAMS = ["/hub/live/entries", "/hub/live/campaigns/cmp-000000000000"]
 POSTS = [
     "/hub/launch/http-app",
@@ -69,6 +97,10 @@ POSTS = [
     "/hub/entries/ent-000000000000/cancel",
     "/hub/campaigns",
     "/hub/campaigns/cmp-000000000000/stop",
+    "/hub/campaigns/cmp-000000000000/points",
+    "/hub/campaigns/cmp-000000000000/reject",
+    "/hub/campaigns/cmp-000000000000/annotate",
+    "/hub/campaigns/cmp-000000000000/budget",
     "/logout",
 ]
 
@@ -88,7 +120,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     templates = home.parent / "templates"
     templates.mkdir()
     (templates / "plot-job.yaml").write_text(PLOT_JOB)
-    (home / "config.toml").write_text(f'catalogue_dirs = ["{templates}"]\n')
+    (templates / "gpu-hold.yaml").write_text(GPU_JOB)
+    (home / "config.toml").write_text(f'catalogue_dirs = ["{templates}"]\n{SITES}')
     with sciorch_serve(home, "alice") as server:
         try:
             yield server
@@ -425,6 +458,229 @@ def test_a_campaign_started_in_the_hub_gains_points_on_its_chart_without_reloadi
     wait_for(browser, lambda d: text_of(d, "#c-state").split()[0] in ("stopped", "finished"))
     browser.get(served.base + "/hub/campaigns")
     shot(browser, "12-campaigns")
+
+
+def mcp_calls(served: Served, who: str, *calls: tuple[str, dict[str, Any]]) -> list[Any]:
+    """Tool calls over MCP (the SDK client, streamable HTTP) as `who`: what each returned."""
+
+    async def run() -> list[Any]:
+        url = served.base + "/mcp"
+        async with sdk_client(url, served.token(who), mode=MCP_PROTOCOL) as client:
+            return [structured(await client.call_tool(name, args)) for name, args in calls]
+
+    return asyncio.run(run())
+
+
+def local_gpus(served: Served) -> tuple[int | None, int | None]:
+    (listing,) = mcp_calls(served, "alice", ("list_sites", {}))
+    caps = next(s for s in listing["sites"] if s["name"] == "local")["capabilities"]
+    return caps["gpus_free"], caps["gpus_total"]
+
+
+@contextlib.contextmanager
+def session_of(driver: WebDriver, served: Served) -> Iterator[tuple[httpx2.Client, str]]:
+    """An HTTP client on the browser's session, and the session's CSRF token."""
+    cookie = driver.get_cookie("sciorch_hub")
+    assert cookie is not None
+    with httpx2.Client(base_url=served.base, cookies={"sciorch_hub": cookie["value"]}) as http:
+        found = re.search(r'name="csrf" value="([^"]+)"', http.get("/hub/events").text)
+        assert found is not None
+        yield http, found.group(1)
+
+
+# ------------------------------------------------------------------ sites
+
+
+def test_free_gpus_drop_while_an_entry_holds_one_over_mcp_and_on_the_sites_page(
+    served: Served, browser: WebDriver
+) -> None:
+    sign_in_as_alice(browser, served)
+    assert local_gpus(served) == (2, 2)
+    browser.get(served.base + "/hub/sites")
+    assert text_of(browser, "#site-local td.gpus") == "2 of 2 (virtual)"
+    browser.get(served.base + "/hub/launch/gpu-hold")
+    browser.find_element(By.ID, "launch-submit").click()
+    wait_for(browser, lambda d: "/hub/entries/ent-" in d.current_url)
+    entry_page = browser.current_url
+    wait_for(browser, lambda d: text_of(d, "#state") == "running", timeout=120)
+    assert local_gpus(served) == (1, 2)
+    browser.get(served.base + "/hub/sites")
+    assert text_of(browser, "#site-local td.gpus") == "1 of 2 (virtual)"
+    shot(browser, "17-sites-gpu-held")
+    browser.get(entry_page)
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda d: text_of(d, "#state") == "cancelled", timeout=60)
+    assert local_gpus(served) == (2, 2)  # given back
+
+
+# ------------------------------------------------------------------ the entries list, live
+
+
+def test_entries_join_the_list_live_only_for_those_who_may_see_them(
+    served: Served, browser: WebDriver
+) -> None:
+    sign_in_as_alice(browser, served)
+    browser.get(served.base + "/hub/entries")
+    wait_for(browser, lambda d: text_of(d, "#live") == "live")
+    alice_mark = mark_page(browser)
+    bob = chrome()
+    try:
+        sign_in_with_token(bob, served, served.token("bob"))
+        bob.get(served.base + "/hub/entries")
+        wait_for(bob, lambda d: text_of(d, "#live") == "live")
+        bob_mark = mark_page(bob)
+        own, shared = mcp_calls(
+            served,
+            "alice",
+            ("create_event", {"name": "alice alone"}),
+            ("create_event", {"name": "alice with bob"}),
+        )
+        mcp_calls(
+            served,
+            "alice",
+            ("share_event", {"event_id": shared["id"], "principal": "bob", "role": "viewer"}),
+        )
+        # first in alice's own event, then in the shared one: bob's stream hears them in
+        # this order, so once the second shows, the first has been passed over
+        hidden, seen = mcp_calls(
+            served,
+            "alice",
+            ("submit_job", {"service": "plot-job", "event_id": own["id"]}),
+            ("submit_job", {"service": "plot-job", "event_id": shared["id"]}),
+        )
+        row = f"#e-{seen['id']}"
+        wait_for(bob, lambda d: d.find_elements(By.CSS_SELECTOR, row))
+        assert "plot-job" in text_of(bob, row) and "alice" in text_of(bob, row)
+        wait_for(bob, lambda d: text_of(d, f"{row} .st") == "succeeded", timeout=120)
+        mcp_calls(served, "alice", ("wait_entry", {"entry_id": hidden["id"]}))
+        assert not bob.find_elements(By.ID, f"e-{hidden['id']}")
+        assert same_page(bob, bob_mark), "bob's list grew by reloading"
+        shot(bob, "18-bob-entries-live")
+        # alice's own list gained both, live
+        for entry in (hidden, seen):
+            wait_for(browser, lambda d, e=entry: text_of(d, f"#e-{e['id']} .st") == "succeeded")
+        assert same_page(browser, alice_mark)
+        link = browser.find_element(By.CSS_SELECTOR, f"#e-{seen['id']} a")
+        assert link.get_attribute("href") == f"{served.base}/hub/entries/{seen['id']}"
+    finally:
+        bob.quit()
+
+
+# ------------------------------------------------------------------ steering a campaign
+
+
+def test_a_campaign_is_steered_from_its_page_and_a_viewer_may_not(
+    served: Served, browser: WebDriver
+) -> None:
+    sign_in_as_alice(browser, served)
+    browser.get(served.base + "/hub/campaigns")
+    spec = browser.find_element(By.ID, "spec")
+    text = spec.get_attribute("value") or ""
+    spec.clear()
+    spec.send_keys(text.replace("evaluations = 10", "evaluations = 40"))
+    browser.find_element(By.ID, "start-campaign").click()
+    wait_for(browser, lambda d: "/hub/campaigns/cmp-" in d.current_url)
+    campaign_id = browser.current_url.rsplit("/", 1)[-1]
+    mark = mark_page(browser)
+    browser.find_element(By.ID, "c-pause").click()
+    wait_for(browser, lambda d: "(paused)" in text_of(d, "#c-state"))
+
+    # a point outside the space: the server's error beside its field
+    browser.execute_script("document.getElementById('add-point-form').noValidate = true;")
+    x1 = browser.find_element(By.ID, "param-x1")
+    x1.clear()
+    x1.send_keys("99")
+    browser.find_element(By.ID, "param-x2").send_keys("2.5")
+    browser.find_element(By.ID, "add-point-submit").click()
+    error = wait_for(browser, lambda d: d.find_elements(By.ID, "param-x1-error"))[0]
+    assert "points.0.x1" in error.text and "outside" in error.text
+    assert browser.find_element(By.ID, "param-x1").get_attribute("aria-invalid") == "true"
+    shot(browser, "19-campaign-point-error")
+
+    x1 = browser.find_element(By.ID, "param-x1")
+    x1.clear()
+    x1.send_keys("1.5")
+    x2 = browser.find_element(By.ID, "param-x2")
+    x2.clear()
+    x2.send_keys("2.5")
+    browser.find_element(By.ID, "add-point-submit").click()
+
+    def points_table(d: WebDriver) -> list[dict[str, str]]:
+        # read in one script: the table is rebuilt on each change the stream brings
+        return list(
+            d.execute_script(
+                "return Array.from(document.querySelectorAll('#points tbody tr')).map("
+                "r => ({id: r.id, text: r.innerText, state: r.dataset.state}));"
+            )
+        )
+
+    def added(d: WebDriver) -> list[dict[str, str]]:
+        return [
+            r for r in points_table(d) if "x1=1.500, x2=2.500" in r["text"] and "added" in r["text"]
+        ]
+
+    row = wait_for(browser, added)[0]
+    point_id = row["id"].removeprefix("pt-")
+    assert row["state"] == "queued"
+    assert not browser.find_elements(By.ID, "param-x1-error")  # the fresh form
+    # reject it (the paused campaign has not measured it)
+    wait_for(browser, lambda d: point_id in text_of(d, "#reject-point"))
+    Select(browser.find_element(By.ID, "reject-point")).select_by_value(point_id)
+    browser.find_element(By.ID, "reject-note").send_keys("too close to the edge")
+    browser.find_element(By.ID, "reject-submit").click()
+    wait_for(browser, lambda d: added(d)[0]["state"] == "rejected")
+    browser.find_element(By.ID, "annotate-text").send_keys("looks promising near x1=1.5")
+    browser.find_element(By.ID, "annotate-submit").click()
+    wait_for(browser, lambda d: "alice annotate" in text_of(d, "#actions"))
+    assert "looks promising near x1=1.5" in text_of(browser, "#actions")
+    assert "alice reject" in text_of(browser, "#actions")
+    budget = browser.find_element(By.ID, "budget-evaluations")
+    budget.clear()
+    budget.send_keys("12")
+    browser.find_element(By.ID, "budget-submit").click()
+    wait_for(browser, lambda d: text_of(d, "#c-progress").endswith("/ 12"))
+    assert same_page(browser, mark), "the campaign page was reloaded"
+    shot(browser, "20-campaign-steered")
+
+    # bob, a viewer of the campaign's event, sees it and its notes, not the forms; carol
+    # (nothing shared) sees nothing; neither may steer, whatever they post
+    (view,) = mcp_calls(served, "alice", ("get_campaign", {"campaign_id": campaign_id}))
+    assert view["event_id"], view
+    mcp_calls(
+        served,
+        "alice",
+        ("share_event", {"event_id": view["event_id"], "principal": "bob", "role": "viewer"}),
+    )
+    posts = {
+        "points": {"p.x1": "1", "p.x2": "1"},
+        "reject": {"point_id": point_id},
+        "annotate": {"text": "mine now"},
+        "budget": {"evaluations": "99"},
+        "stop": {},
+    }
+    for who, status in (("bob", 403), ("carol", 404)):
+        sign_in_with_token(browser, served, served.token(who))
+        browser.get(f"{served.base}/hub/campaigns/{campaign_id}")
+        if who == "bob":
+            assert "alice annotate" in text_of(browser, "#actions")
+            assert not browser.find_elements(By.ID, "steer")
+            assert not browser.find_elements(By.ID, "c-stop")
+            shot(browser, "21-campaign-viewer")
+        else:
+            assert not browser.find_elements(By.ID, "campaign")
+        with session_of(browser, served) as (http, csrf):
+            for action, data in posts.items():
+                resp = http.post(
+                    f"/hub/campaigns/{campaign_id}/{action}", data={"csrf": csrf, **data}
+                )
+                assert resp.status_code == status, (who, action, resp.status_code)
+    (after,) = mcp_calls(served, "alice", ("get_campaign", {"campaign_id": campaign_id}))
+    assert after["progress"]["budget"] == 12 and after["state"] == "running"
+    assert not [a for a in after["actions"] if a["principal"] != "alice"]
+    sign_in_as_alice(browser, served)
+    browser.get(f"{served.base}/hub/campaigns/{campaign_id}")
+    browser.find_element(By.ID, "c-stop").click()
+    wait_for(browser, lambda d: text_of(d, "#c-state").split()[0] in ("stopped", "finished"))
 
 
 def test_the_pages_fit_a_phone_screen(served: Served, browser: WebDriver) -> None:

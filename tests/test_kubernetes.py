@@ -981,3 +981,33 @@ async def test_real_cluster(
 ) -> None:
     monkeypatch.setattr(f"{__name__}.ns_of", real_ns)
     await scenario(real_engine, Real(real_engine))
+
+
+async def test_free_gpus_are_allocatable_minus_the_requests_of_bound_pods(
+    open_engine: Any, emu: KubeEmulator
+) -> None:
+    eng = await open_engine(refresh_s=0.05)
+    try:
+        backend = eng.backends["spin"]
+        assert isinstance(backend, KubernetesBackend)
+
+        async def free() -> tuple[int | None, int | None]:
+            await backend.cluster.refresh(backend.api)  # type: ignore[arg-type]
+            caps = await backend.capabilities()
+            return caps.gpus_free, caps.gpus_total
+
+        assert await free() == (4, 4)
+        entry = await eng.launch(ALICE, "kgpu")
+        ns = ns_of(entry.event_id)
+        await emu.wait_object("jobs", ns, entry.id)
+        pod = emu.create_pod(ns, "jobs", entry.id)
+        assert await free() == (4, 4)  # pending, bound to no node: holds nothing yet
+        emu.schedule(ns, pod, "node-2")
+        emu.run(ns, pod)
+        assert await free() == (3, 4)
+        (spin,) = await eng.list_sites()  # what list_sites and the Sites page report
+        assert (spin.capabilities.gpus_free, spin.capabilities.gpus_total) == (3, 4)
+        emu.terminate(ns, pod, 0)
+        assert await free() == (4, 4)  # a finished pod holds nothing
+    finally:
+        await shutdown(eng)

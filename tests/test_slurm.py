@@ -35,6 +35,7 @@ from backends.slurm_transport import (
     NodeInfo,
     PartitionInfo,
     base_state,
+    json_node,
     parse_gres,
     parse_slurm_duration,
     split_wait_status,
@@ -339,6 +340,8 @@ async def test_gpus_map_to_gres_and_a_third_gpu_job_waits_with_reason(cluster: C
         return e.state == EntryState.PENDING and "Resources" in (e.reason or "")
 
     await until(pending_on_resources, 15, "the pending reason Resources")
+    held = await cluster.backend(eng).capabilities()  # what the Sites page shows
+    assert (held.gpus_free, held.gpus_total) == (0, 2)
     e = await eng.get_entry(ALICE, waiting.id)
     assert e.reason is not None and e.reason.startswith("Slurm: Resources (")
     # The router sees the wait: a GPU job would wait, a CPU job would not.
@@ -748,3 +751,29 @@ async def test_site_with_some_nodes_out_is_degraded(tmp_path: Path) -> None:
     )
     caps = await backend.capabilities()
     assert (caps.cpus, caps.gpus, caps.gpu_types, caps.max_walltime_s) == (8, 2, ["a100"], 600)
+
+
+async def test_free_gpus_are_gres_minus_gres_used_of_the_usable_nodes(tmp_path: Path) -> None:
+    """Nodes as `sinfo --json` (Slurm 22.05, the test cluster's) prints them, one GPU of two
+    held on vm; gpu2's GPUs are out with the node (drained)."""
+    printed = [
+        {"name": "vm", "state": "mixed", "cpus": 16, "alloc_cpus": 1, "real_memory": 16000,
+         "alloc_memory": 128, "gres": "gpu:virtual:2", "gres_used": "gpu:virtual:1(IDX:0)",
+         "partitions": ["debug", "long"]},
+        {"name": "gpu2", "state": "idle", "state_flags": ["DRAIN"], "cpus": 8,
+         "real_memory": 8000, "gres": "gpu:a100:4(S:0-1)", "gres_used": "gpu:a100:0(IDX:N/A)",
+         "partitions": ["debug"]},
+    ]
+    nodes = [json_node(n) for n in printed]
+    assert (nodes[0].gpus, nodes[0].gpus_used, nodes[1].gpus, nodes[1].usable) == (2, 1, 4, False)
+    backend = SlurmBackend("cluster", {"transport": "cli", "status_ttl_s": 3600}, tmp_path)
+    backend.site.view = View(
+        at=time.time(),
+        nodes=nodes,
+        partitions=[PartitionInfo("debug", default=True, nodes=("vm", "gpu2"))],
+    )
+    caps = await backend.capabilities()
+    assert (caps.gpus_free, caps.gpus_total) == (1, 2)
+    backend.site.view.error = "slurmctld unreachable"
+    caps = await backend.capabilities()
+    assert (caps.gpus_free, caps.gpus_total) == (None, None)  # unknown, not zero

@@ -44,7 +44,7 @@ def _types(prop: dict[str, Any]) -> tuple[list[str], bool]:
     return [t for t in types if t != "null"] or ["string"], nullable
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -68,12 +68,12 @@ def fields_for(schema: dict[str, Any], values: dict[str, Any] | None = None) -> 
             label=str(prop.get("title") or name.replace("_", " ")),
             control="input",
             required=name in required and not nullable,
-            value=_shown(given),
+            value=shown(given),
             description=str(prop.get("description") or ""),
         )
         if "enum" in prop:
             f.control = "select"
-            f.choices = [_shown(c) for c in prop["enum"] if c is not None]
+            f.choices = [shown(c) for c in prop["enum"] if c is not None]
         elif kind == "boolean":
             f.control = "checkbox"
         elif kind in ("number", "integer"):
@@ -81,7 +81,7 @@ def fields_for(schema: dict[str, Any], values: dict[str, Any] | None = None) -> 
             f.attrs["step"] = "1" if kind == "integer" else "any"
             for key, attr in (("minimum", "min"), ("maximum", "max")):
                 if key in prop:
-                    f.attrs[attr] = _shown(prop[key])
+                    f.attrs[attr] = shown(prop[key])
             # exclusive bounds have no HTML5 attribute: the server says it
         elif kind in ("object", "array"):
             f.control = "textarea"
@@ -89,7 +89,7 @@ def fields_for(schema: dict[str, Any], values: dict[str, Any] | None = None) -> 
         else:
             for key, attr in (("maxLength", "maxlength"), ("minLength", "minlength")):
                 if key in prop:
-                    f.attrs[attr] = _shown(prop[key])
+                    f.attrs[attr] = shown(prop[key])
             if "pattern" in prop:
                 f.attrs["pattern"] = str(prop["pattern"])
         out.append(f)

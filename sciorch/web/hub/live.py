@@ -34,6 +34,11 @@ def entry_state(view: Any) -> dict[str, Any]:
         "reason": view.reason,
         "access_url": view.access_url,
         "exit_code": view.exit_code,
+        # what a row of the entries list shows, so a new entry joins the list as it appears
+        "service": view.service,
+        "site": view.site,
+        "submitted_by": view.submitted_by,
+        "created_at": view.created_at.isoformat(),
         "transitions": [
             {"state": t.state.value, "at": t.at.isoformat(), "reason": t.reason}
             for t in getattr(view, "transitions", [])

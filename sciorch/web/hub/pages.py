@@ -30,7 +30,7 @@ from mcp_server.steering_tools import campaign_manager, steering_tools
 from mcp_server.toolset import ToolSpec
 from orchestrator.engine import Engine
 from sciorch.web.artifacts import ArtifactDownloads
-from sciorch.web.hub import forms, live
+from sciorch.web.hub import forms, live, steer
 from sciorch.web.hub.oidc import CALLBACK, OIDCLogin
 from sciorch.web.hub.sessions import Session, Sessions, csrf_ok
 from steering.models import CampaignView
@@ -485,7 +485,12 @@ class Hub:
             request,
             session,
             "entries.html",
-            {"entries": page.entries, "next_cursor": page.next_cursor, "event_id": event_id},
+            {
+                "entries": page.entries,
+                "next_cursor": page.next_cursor,
+                "event_id": event_id,
+                "last_page": page.next_cursor is None,
+            },
         )
 
     async def entry(self, request: Request, session: Session) -> Response:
@@ -569,18 +574,71 @@ class Hub:
             return await self.campaigns(request, session, exc, text)
         return RedirectResponse(f"/hub/campaigns/{view.id}", 303)
 
-    async def campaign(self, request: Request, session: Session) -> Response:
-        view = await self._campaign_call(
-            "get_campaign", session.principal, {"campaign_id": request.path_params["campaign_id"]}
+    async def campaign(
+        self,
+        request: Request,
+        session: Session,
+        failed: tuple[str, SciorchError] | None = None,
+        form: dict[str, str] | None = None,
+    ) -> Response:
+        who = session.principal
+        cid = request.path_params["campaign_id"]
+        view = await self._campaign_call("get_campaign", who, {"campaign_id": cid})
+        events = await ops.list_events(self.engine, who)
+        action, error = failed if failed is not None else ("", None)
+        given = {k.removeprefix(forms.PREFIX): v for k, v in (form or {}).items()}
+        beside = steer.beside(action, error)
+        point_error = error if action == "points" and beside else None
+        fields = steer.point_fields(view.spec, given if action == "points" else None, point_error)
+        return self.render(
+            request,
+            session,
+            "campaign.html",
+            {
+                "c": view,
+                "may_steer": steer.may_steer(who, view, events.events),
+                "point_fields": fields,
+                "pending": steer.pending(view),
+                "failed": action,
+                "error": error,
+                "beside": beside,  # else the page shows it, above the forms
+                "form": form or {},
+            },
+            status=400 if error else 200,
         )
-        return self.render(request, session, "campaign.html", {"c": view})
 
     async def campaign_action(self, request: Request, session: Session) -> Response:
         cid, action = request.path_params["campaign_id"], request.path_params["action"]
-        tools = {"pause": "pause_campaign", "resume": "resume_campaign", "stop": "stop_campaign"}
-        if action not in tools:
-            raise NotFound(f"no campaign action {action!r}; known: {', '.join(tools)}")
-        await self._campaign_call(tools[action], session.principal, {"campaign_id": cid})
+        if action not in steer.ACTIONS:
+            known = ", ".join(steer.ACTIONS)
+            raise NotFound(f"no campaign action {action!r}; known: {known}", field="action")
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        note = form.get("note", "").strip() or None
+        args: dict[str, Any] = {"campaign_id": cid}
+        try:
+            if action == "points":
+                view = await self._campaign_call(
+                    "get_campaign", session.principal, {"campaign_id": cid, "evaluations": False}
+                )
+                args |= {"points": [steer.point_from(view.spec, form)], "note": note}
+            elif action == "reject":
+                args |= {"point_id": form.get("point_id", ""), "note": note}
+            elif action == "annotate":
+                args["text"] = form.get("text", "").strip()
+            elif action == "budget":
+                budget = (
+                    {"evaluations": int(form["evaluations"])} if form.get("evaluations") else {}
+                )
+                args |= {"budget": budget, "note": note}
+            await self._campaign_call(steer.ACTIONS[action], session.principal, args)
+        except ValueError as exc:  # an evaluations field that is no whole number
+            return await self.campaign(
+                request, session, (action, _typed(exc, "budget.evaluations")), form
+            )
+        except (InvalidInput, NotFound) as exc:
+            if isinstance(exc, NotFound) and exc.field == "campaign_id":
+                raise  # a 404, as for a page that is not there
+            return await self.campaign(request, session, (action, exc), form)
         return RedirectResponse(f"/hub/campaigns/{cid}", 303)
 
     async def live_campaign(self, request: Request, session: Session) -> Response:
@@ -618,6 +676,9 @@ def chart_data(c: CampaignView) -> dict[str, Any]:
                 "value": e.value,
                 "best": best if e.value is not None else None,
                 "entry_id": e.entry_id,
+                "point_id": e.point_id,
+                "source": e.source,
+                "reason": e.reason,
             }
         )
     return {
@@ -629,7 +690,19 @@ def chart_data(c: CampaignView) -> dict[str, Any]:
         "posterior": c.posterior.model_dump(mode="json") if c.posterior else None,
         "reference": c.reference,
         "points": points,
+        "actions": [
+            {"at": a.at.isoformat(), "principal": a.principal, "action": a.action, **_said(a)}
+            for a in c.actions or []
+        ],
     }
+
+
+def _said(a: Any) -> dict[str, Any]:
+    """An action's words for the page: a note's text, or what changed."""
+    args = a.arguments or {}
+    text = args.get("text") or args.get("note")
+    detail = {k: v for k, v in args.items() if k not in ("text", "note") and v is not None}
+    return {"text": text, "detail": detail}
 
 
 def _typed(exc: ValueError, field: str) -> InvalidInput:

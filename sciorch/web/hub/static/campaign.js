@@ -40,7 +40,9 @@
         var v = p.point[k];
         return k + "=" + (typeof v === "number" ? v.toPrecision(4) : v);
       }).join(", ");
-      [String(p.seq), point, p.state, p.value === null ? "" : p.value.toPrecision(6)].forEach(function (t) {
+      tr.id = "pt-" + p.point_id;
+      tr.dataset.state = p.state;
+      [String(p.seq), point, p.source, p.state, p.value === null ? "" : p.value.toPrecision(6)].forEach(function (t) {
         var td = document.createElement("td"); td.textContent = t; tr.appendChild(td);
       });
       var td = document.createElement("td");
@@ -61,6 +63,66 @@
     document.getElementById("c-std").textContent = c.posterior ? c.posterior.max_std.toPrecision(4) : "";
     draw(c.points);
     table(c.points);
+    pending(c.points);
+    actions(c.actions);
   });
+  // The steering forms (shown to those who may steer): what may be rejected follows the table.
+  var PENDING = ["asked", "submitted", "queued"];
+  function pending(points) {
+    var reject = document.getElementById("reject-point");  // a form may have been replaced
+    if (!reject) return;
+    var chosen = reject.value;
+    reject.textContent = "";
+    points.filter(function (p) { return PENDING.indexOf(p.state) >= 0; }).forEach(function (p) {
+      var o = document.createElement("option");
+      o.value = p.point_id;
+      o.textContent = p.point_id + " · " + p.state + " · " + Object.keys(p.point).map(function (k) {
+        return k + "=" + p.point[k];
+      }).join(", ");
+      o.selected = p.point_id === chosen;
+      reject.appendChild(o);
+    });
+  }
+  var log = document.getElementById("actions");
+  function actions(list) {
+    if (!log || !list) return;
+    log.textContent = "";
+    list.forEach(function (a) {
+      var li = document.createElement("li");
+      var who = document.createElement("span");
+      who.className = "who"; who.textContent = a.principal;
+      li.appendChild(who);
+      li.appendChild(document.createTextNode(" " + a.action + " " + a.at.substr(11, 8) + (a.text ? ": " + a.text : "")));
+      log.appendChild(li);
+    });
+  }
   source.addEventListener("refused", function () { source.close(); });
+  // The steering forms post in the background and the page stays: the change comes back over
+  // the stream above; the server's answer (the page it redirects to, or the page with its
+  // error beside the field) supplies the fresh form. Without scripts they post as forms do.
+  var said = document.getElementById("steer-status");
+  function enhance(form) {
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var body = new URLSearchParams(new FormData(form));
+      fetch(form.action, { method: "POST", body: body, credentials: "same-origin" })
+        .then(function (r) { return r.text().then(function (html) { return { ok: r.ok, html: html }; }); })
+        .then(function (got) {
+          var doc = new DOMParser().parseFromString(got.html, "text/html");
+          var fresh = doc.getElementById(form.id);
+          if (fresh) {
+            form.replaceWith(fresh);
+            enhance(fresh);
+            var bad = fresh.querySelector("[aria-invalid=true]");
+            if (bad) bad.focus();
+          }
+          if (said) {
+            var error = got.ok ? null : doc.querySelector("main .error");
+            said.textContent = got.ok ? "done" : (error ? error.textContent : "refused");
+          }
+        })
+        .catch(function () { if (said) said.textContent = "could not reach the server"; });
+    });
+  }
+  document.querySelectorAll("form.steering").forEach(enhance);
 })();

@@ -56,9 +56,27 @@
     } else {
       var row = document.getElementById("e-" + e.id);
       if (row) setState(row.children[2], e.state);
-      else if (status) status.textContent = "live · new entries: reload to see them";
+      else if (table.dataset.last === "true") addRow(e);
     }
   });
+  // A new entry (the server sends only those the caller may see) goes at the end, where the
+  // oldest-first list the server renders would have it (on its last page).
+  function addRow(e) {
+    var empty = document.getElementById("no-entries");
+    if (empty) empty.remove();
+    var tr = document.createElement("tr");
+    tr.id = "e-" + e.id;
+    var cells = ["", e.service, "", e.site, e.submitted_by,
+      e.created_at.substr(5, 5) + " " + e.created_at.substr(11, 5)];
+    cells.forEach(function (text) {
+      var td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+    });
+    var a = document.createElement("a");
+    a.href = "/hub/entries/" + e.id; a.textContent = e.id;
+    tr.children[0].appendChild(a);
+    setState(tr.children[2], e.state);
+    table.tBodies[0].appendChild(tr);
+  }
   source.addEventListener("log", function (ev) {
     var chunk = JSON.parse(ev.data);
     var pre = document.getElementById("logs");
