@@ -15,7 +15,10 @@ The job contract on Kubernetes (results through the pod log)
     The command's wrapper writes stream records, the result, artifact names and the exit status
     into the pod log between `@@sciorch:` markers; the backend follows each running pod's log
     into a local mirror of the work dir that `read_logs` and `read_results` serve (the markers
-    and the mirror: backends.kube_log).
+    and the mirror: backends.kube_log). The files under output/ stay in the pod; where the
+    server's storage makes upload forms (S3: a POST policy for the entry's prefix), the form
+    reaches the pod in a Secret and the wrapper uploads each file before it exits, so they are
+    in storage, and served from there, by the time the Job completes.
 
 Status
     Pods, Jobs and core/v1 Events of each active namespace are watched (list, then watch from
@@ -150,6 +153,8 @@ class KubernetesBackend(Supervisor[_Entry]):
     kind = "kubernetes"
     # Inputs reach the pod by URL (an init container downloads them), not as server files.
     stages_from_urls = True
+    # Outputs leave it the same way: the wrapper uploads them to the site's object storage.
+    uploads_outputs = True
 
     def __init__(
         self,
