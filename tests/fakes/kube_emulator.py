@@ -991,7 +991,8 @@ class KubeEmulator:
         self._workdirs.append(root)
 
         def local(text: str) -> str:
-            return text.replace(WORK_ROOT, root)
+            # The volume's paths only: not a URL of a bucket whose name starts the same.
+            return re.sub(re.escape(WORK_ROOT) + r"(?=/|$)", lambda _: root, text)
 
         owner = obj["metadata"]["ownerReferences"][0]["name"]
         cm = self.get("configmaps", ns, owner + "-params")
