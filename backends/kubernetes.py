@@ -87,6 +87,7 @@ from backends.kube_manifests import (
     namespace_name,
     object_name,
     object_refs,
+    upload_name,
 )
 from backends.kube_objects import SiteObjects
 from backends.kube_status import (
@@ -750,6 +751,12 @@ class KubernetesBackend(Supervisor[_Entry]):
             return
         self._stop_timers(e)
         await self._final_log(e)
+        if e.spec.outputs is not None and not delete:
+            # The job has uploaded what it will: its form goes (it stays valid until it
+            # expires, but no one in the namespace can read it any more).
+            with contextlib.suppress(KubeApiError, KubeUnreachable):
+                api = self._api_for(e.spec.account)
+                await api.delete("Secret", e.namespace, upload_name(e.id))
         if delete:
             try:
                 await self.objects.delete_objects(

@@ -38,6 +38,7 @@ from tests.test_artifacts import CSV, PNG_SIGNATURE, catalogue
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CURRENT = "2026-07-28"
+SECRETS: dict[str, dict[str, Any]] = {}  # each entry's upload Secret, as its pod saw it
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,9 @@ async def job(http: HttpServer, emu: KubeEmulator) -> dict[str, Any]:
         ns = "sciorch-" + entry["event_id"]
         await emu.wait_object("jobs", ns, entry["id"], within=30)
         pod = emu.create_pod(ns, "jobs", entry["id"])
+        secret = emu.get("secrets", ns, entry["id"] + "-upload")
+        assert secret is not None
+        SECRETS[entry["id"]] = secret
         kubelet = emu.start_kubelet(ns, pod)
         waited = await client.call_tool("wait_entry", {"entry_id": entry["id"]})
         done = structured(waited)["entry"]
@@ -91,9 +95,12 @@ async def job(http: HttpServer, emu: KubeEmulator) -> dict[str, Any]:
 
 
 def upload_form(emu: KubeEmulator, entry: dict[str, Any]) -> dict[str, str]:
-    """The form lines the pod got from its entry's Secret."""
-    secret = emu.get("secrets", "sciorch-" + entry["event_id"], entry["id"] + "-upload")
-    assert secret is not None and secret["type"] == "Opaque"
+    """The form lines the pod got from its entry's Secret (deleted once the job ended: the
+    emulator keeps the history of each object)."""
+    ns, name = "sciorch-" + entry["event_id"], entry["id"] + "-upload"
+    assert emu.get("secrets", ns, name) is None
+    secret = SECRETS[entry["id"]]
+    assert secret["type"] == "Opaque"
     lines = base64.b64decode(secret["data"]["form"]).decode().splitlines()
     return dict(line.split("=", 1) for line in lines)
 
@@ -211,7 +218,6 @@ async def test_the_upload_form_reaches_only_its_entrys_prefix(
     assert not s3_allows(fields, "another-bucket", prefix + "x", 10, now)
     assert not s3_allows(fields, BUCKET, prefix + "x", cap + 1, now)
     assert not s3_allows(fields, BUCKET, prefix + "x", 10, now + 8 * 86400)
-
 
 
 def test_the_policy_is_signed_as_botocore_signs_it() -> None:
