@@ -16,17 +16,24 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
 
+from backends.kube_manifests import JOB_WRAPPER
+from ground.contract import OutputUpload
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import (
     HttpServer,
     assert_tool_error,
+    free_socket,
     run_http_server,
     sdk_client,
     structured,
@@ -220,7 +227,7 @@ async def test_the_upload_form_reaches_only_its_entrys_prefix(
     assert not s3_allows(fields, BUCKET, prefix + "x", 10, now + 8 * 86400)
 
 
-def test_the_policy_is_signed_as_botocore_signs_it() -> None:
+async def test_the_policy_is_signed_as_botocore_signs_it() -> None:
     """A known answer: botocore 1.44.8's generate_presigned_post (AWS's documented example
     keys, 2026-12-02, us-east-1) signed this policy so."""
     from orchestrator.storage.post_policy import signature
@@ -240,3 +247,69 @@ def test_the_policy_is_signed_as_botocore_signs_it() -> None:
     assert signature(policy, secret, "20261203", "us-east-1") != signature(
         policy, secret, "20261202", "us-east-1"
     )
+
+
+def run_wrapper(tmp: Path, form: OutputUpload, path_dirs: str) -> subprocess.CompletedProcess[str]:
+    """The pod's wrapper under /bin/sh, as the container runs it, with this upload form."""
+    work = tmp / "pod"
+    work.mkdir()
+    env = {
+        "PATH": path_dirs,
+        "SCIORCH_WORKDIR": str(work),
+        "SCIORCH_RESULT": str(work / "result.json"),
+        "SCIORCH_STREAM": str(work / "stream.jsonl"),
+        "SCIORCH_OUTPUT_DIR": str(work / "output"),
+        "SCIORCH_UPLOAD_URL": form.url,
+        "SCIORCH_UPLOAD_PREFIX": form.key_prefix,
+        "SCIORCH_UPLOAD_FORM": "".join(f"{k}={v}\n" for k, v in form.fields.items()),
+    }
+    payload = (
+        'test -z "$SCIORCH_UPLOAD_FORM" || exit 9; '  # the form is not the payload's
+        'mkdir -p "$SCIORCH_OUTPUT_DIR/d"; printf x,y > "$SCIORCH_OUTPUT_DIR/d/a b.csv"'
+    )
+    return subprocess.run(
+        ["/bin/sh", "-c", JOB_WRAPPER, "sciorch-job", "sh", "-c", payload],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+    )
+
+
+def tools_without_python(tmp: Path) -> str:
+    """A PATH with what the wrapper needs and curl, but no python3 (an image like curl's)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "mkdir", "rm", "tail", "sleep", "cat", "find", "curl", "test"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+async def test_without_python_the_wrapper_uploads_with_curl(
+    tmp_path: Path, s3: S3Server, http: HttpServer
+) -> None:
+    store = http.engine.storage
+    prefix = "sciorch/artifacts/ent-curl00000001/"
+    form = store.upload_form(prefix, 600, 1 << 20)
+    assert form is not None
+    done = run_wrapper(tmp_path, form, tools_without_python(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert await store.read(prefix + "d/a b.csv", 0, 100) == b"x,y"
+
+
+async def test_an_upload_that_fails_fails_the_job(tmp_path: Path, http: HttpServer) -> None:
+    form = http.engine.storage.upload_form("sciorch/artifacts/ent-fail00000001/", 600, 1 << 20)
+    assert form is not None
+    closed = free_socket()  # bound, never listening: the storage cannot be reached
+    port = closed.getsockname()[1]
+    try:
+        form = form.model_copy(update={"url": f"http://127.0.0.1:{port}/{BUCKET}"})
+        done = run_wrapper(tmp_path, form, os.environ["PATH"])
+    finally:
+        closed.close()
+    assert done.returncode == 1, done.stdout
+    assert "sciorch: uploading output d/a b.csv to storage failed" in done.stdout
+    assert "@@sciorch:exit 1" in done.stdout
