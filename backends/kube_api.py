@@ -86,6 +86,7 @@ KINDS: dict[str, _Kind] = {
     "Namespace": _Kind("core", "namespace", "V1Namespace", namespaced=False),
     "Node": _Kind("core", "node", "V1Node", namespaced=False),
     "ConfigMap": _Kind("core", "config_map", "V1ConfigMap"),
+    "Secret": _Kind("core", "secret", "V1Secret"),
     "Pod": _Kind("core", "pod", "V1Pod"),
     "Service": _Kind("core", "service", "V1Service"),
     "Event": _Kind("core", "event", "CoreV1Event"),

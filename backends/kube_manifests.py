@@ -15,6 +15,7 @@ result and the exit status to the pod log between `@@sciorch:` marker lines.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -33,6 +34,7 @@ from ground.contract import INPUTS_DIR
 CONTAINER = "main"
 WORK_ROOT = "/sciorch"
 PARAMS_KEY = "params.json"
+UPLOAD_KEY = "form"
 PORT_NAME = "http"
 MARK = "@@sciorch:"
 LABEL_PREFIX = "sciorch.io/"
@@ -115,6 +117,10 @@ def object_name(entry_id: str) -> str:
 
 def params_name(entry_id: str) -> str:
     return object_name(entry_id) + "-params"
+
+
+def upload_name(entry_id: str) -> str:
+    return object_name(entry_id) + "-upload"
 
 
 # ----------------------------------------------------------------------------- site options
@@ -369,12 +375,24 @@ def command(spec: LaunchSpec, opts: KubernetesOptions) -> list[str]:
 
 def container(spec: LaunchSpec, opts: KubernetesOptions) -> dict[str, Any]:
     env = {**spec.env, **contract_env(spec, opts)}
+    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    if spec.outputs is not None:
+        env_list += [
+            {"name": "SCIORCH_UPLOAD_URL", "value": spec.outputs.url},
+            {"name": "SCIORCH_UPLOAD_PREFIX", "value": spec.outputs.key_prefix},
+            {
+                "name": "SCIORCH_UPLOAD_FORM",
+                "valueFrom": {
+                    "secretKeyRef": {"name": upload_name(spec.entry_id), "key": UPLOAD_KEY}
+                },
+            },
+        ]
     c: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or opts.image,
         "command": command(spec, opts),
         "workingDir": WORK_ROOT,
-        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "env": env_list,
         "resources": resources(spec, opts),
         "volumeMounts": [
             {"name": "work", "mountPath": WORK_ROOT}
@@ -514,6 +532,21 @@ def params_configmap(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> di
     }
 
 
+def upload_secret(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> dict[str, Any]:
+    """The job's upload form (LaunchSpec.outputs) as `name=value` lines: a credential, so in a
+    Secret, not in the pod spec where anyone who may read pods would see it."""
+    assert spec.outputs is not None
+    ns = namespace_name(opts.namespace_prefix, spec.event_id)
+    lines = "".join(f"{k}={v}\n" for k, v in spec.outputs.fields.items())
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(upload_name(spec.entry_id), ns, spec, site),
+        "type": "Opaque",
+        "data": {UPLOAD_KEY: base64.b64encode(lines.encode()).decode()},
+    }
+
+
 def job_manifest(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> dict[str, Any]:
     ns = namespace_name(opts.namespace_prefix, spec.event_id)
     walltime = spec.resources.walltime_s
@@ -618,6 +651,8 @@ def build_manifests(spec: LaunchSpec, opts: KubernetesOptions, site: str) -> lis
     """Every object of one entry (not its namespace), in creation order."""
     out = [params_configmap(spec, opts, site)]
     if spec.kind == "job":
+        if spec.outputs is not None:
+            out.append(upload_secret(spec, opts, site))
         out.append(job_manifest(spec, opts, site))
     else:
         out += [deployment_manifest(spec, opts, site), service_manifest(spec, opts, site)]
@@ -630,7 +665,8 @@ def object_refs(spec: LaunchSpec, opts: KubernetesOptions) -> list[str]:
     """`Kind/name` of each object `build_manifests` makes, in the same order."""
     name = object_name(spec.entry_id)
     if spec.kind == "job":
-        return [f"ConfigMap/{params_name(spec.entry_id)}", f"Job/{name}"]
+        secret = [f"Secret/{upload_name(spec.entry_id)}"] if spec.outputs is not None else []
+        return [f"ConfigMap/{params_name(spec.entry_id)}", *secret, f"Job/{name}"]
     refs = [f"ConfigMap/{params_name(spec.entry_id)}", f"Deployment/{name}", f"Service/{name}"]
     return refs + ([f"Ingress/{name}"] if opts.ingress_enabled else [])
 
@@ -778,7 +814,7 @@ def check_manifest(obj: Mapping[str, Any]) -> list[str]:
 def check_bundle(objs: Iterable[Mapping[str, Any]]) -> list[str]:
     """`check_manifest` for each object, plus the references between them: a Service selects
     the pods of a workload in the bundle, an Ingress points at a Service port that exists, a
-    pod's ConfigMap volume names a ConfigMap of the bundle."""
+    pod's ConfigMap volume names a ConfigMap of the bundle, a secretKeyRef a Secret of it."""
     items = list(objs)
     problems = [p for obj in items for p in check_manifest(obj)]
     by_kind: dict[str, list[Mapping[str, Any]]] = {}
@@ -798,6 +834,14 @@ def check_bundle(objs: Iterable[Mapping[str, Any]]) -> list[str]:
             cm = (vol.get("configMap") or {}).get("name")
             if cm is not None and cm not in configmaps:
                 problems.append(f"volume {vol.get('name')!r} uses ConfigMap {cm!r}, not defined")
+        secrets = {(o.get("metadata") or {}).get("name") for o in by_kind.get("Secret", [])}
+        for c in (t.get("spec") or {}).get("containers") or []:
+            for env in c.get("env") or []:
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef") or {}
+                if ref and ref.get("name") not in secrets:
+                    problems.append(
+                        f"env {env.get('name')!r} uses Secret {ref.get('name')!r}, not defined"
+                    )
     services: dict[str, set[str]] = {}
     for svc in by_kind.get("Service", []):
         sname = (svc.get("metadata") or {}).get("name", "")

@@ -109,6 +109,7 @@ class SiteObjects:
             ("Ingress", name),
             ("Service", name),
             ("ConfigMap", name + "-params"),
+            ("Secret", name + "-upload"),  # 404 (there was none): not an error
         ):
             if kind in ("Ingress", "Service") and workload == "Job":
                 continue

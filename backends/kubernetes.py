@@ -15,7 +15,10 @@ The job contract on Kubernetes (results through the pod log)
     The command's wrapper writes stream records, the result, artifact names and the exit status
     into the pod log between `@@sciorch:` markers; the backend follows each running pod's log
     into a local mirror of the work dir that `read_logs` and `read_results` serve (the markers
-    and the mirror: backends.kube_log).
+    and the mirror: backends.kube_log). The files under output/ stay in the pod; where the
+    server's storage makes upload forms (S3: a POST policy for the entry's prefix), the form
+    reaches the pod in a Secret and the wrapper uploads each file before it exits, so they are
+    in storage, and served from there, by the time the Job completes.
 
 Status
     Pods, Jobs and core/v1 Events of each active namespace are watched (list, then watch from
@@ -84,6 +87,7 @@ from backends.kube_manifests import (
     namespace_name,
     object_name,
     object_refs,
+    upload_name,
 )
 from backends.kube_objects import SiteObjects
 from backends.kube_status import (
@@ -150,6 +154,8 @@ class KubernetesBackend(Supervisor[_Entry]):
     kind = "kubernetes"
     # Inputs reach the pod by URL (an init container downloads them), not as server files.
     stages_from_urls = True
+    # Outputs leave it the same way: the wrapper uploads them to the site's object storage.
+    uploads_outputs = True
 
     def __init__(
         self,
@@ -745,6 +751,12 @@ class KubernetesBackend(Supervisor[_Entry]):
             return
         self._stop_timers(e)
         await self._final_log(e)
+        if e.spec.outputs is not None and not delete:
+            # The job has uploaded what it will: its form goes (it stays valid until it
+            # expires, but no one in the namespace can read it any more).
+            with contextlib.suppress(KubeApiError, KubeUnreachable):
+                api = self._api_for(e.spec.account)
+                await api.delete("Secret", e.namespace, upload_name(e.id))
         if delete:
             try:
                 await self.objects.delete_objects(

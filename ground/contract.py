@@ -45,6 +45,18 @@ class StagedInput(BaseModel):
 INPUTS_DIR = "inputs"
 
 
+class OutputUpload(BaseModel):
+    """How a job's side hands its output files to the site's object storage (a site whose
+    files this server cannot read, `Backend.uploads_outputs`): POST each file as a form to
+    `url` with `fields`, a `key` that starts with `key_prefix` (the file's path under output/
+    after it), and the file last. The store refuses other keys, bigger files and late ones."""
+
+    url: str
+    fields: dict[str, str]
+    key_prefix: str
+    expires_at: float
+
+
 class LaunchSpec(BaseModel):
     """Everything a backend needs to run one entry; scheduler details stay inside the backend."""
 
@@ -75,6 +87,9 @@ class LaunchSpec(BaseModel):
     sweep_index: int | None = None
     sweep_throttle: int | None = None
     reservation: str | None = Field(None, description="the event's Slurm reservation, if any")
+    outputs: OutputUpload | None = Field(
+        None, description="where the job hands its output files (uploads_outputs sites)"
+    )
 
 
 class Outcome(BaseModel):
@@ -144,7 +159,12 @@ class Reporter(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """One site's backend. All methods are async and must not block the event loop."""
+    """One site's backend. All methods are async and must not block the event loop.
+
+    Optional class attributes (read with getattr): `stages_from_urls`, inputs reach the job
+    by URL, not as server files; `uploads_outputs`, the job's output files stay out of this
+    server's reach, so the engine gives its jobs an `OutputUpload` (LaunchSpec.outputs) where
+    the storage makes one and keeps what they uploaded when they end."""
 
     name: str
     kind: str
@@ -293,6 +313,7 @@ __all__ = [
     "LaunchSpec",
     "LogChunk",
     "Outcome",
+    "OutputUpload",
     "Reporter",
     "ReportsAccounts",
     "ResultData",

@@ -81,7 +81,7 @@ from orchestrator.replicas import Replicas, new_replica_id, open_bus
 from orchestrator.results import ResultsIndex
 from orchestrator.routing import choose_site
 from orchestrator.storage import open_store
-from orchestrator.storage.artifacts import ArtifactArchive
+from orchestrator.storage.artifacts import ArtifactArchive, upload_ttl_s
 from orchestrator.storage.uploads import Uploads
 from orchestrator.store import Store, now
 
@@ -422,6 +422,10 @@ class Engine:
         if backend is None:
             return
         try:
+            raw = await self.store.get_spec(entry.id)
+            if raw and raw.get("outputs"):  # the job uploaded them itself (LaunchSpec.outputs)
+                await self.archive.keep_uploaded(entry.id, entry.event_id)
+                return
             stats = await backend.list_artifacts(entry.id, handle)
 
             async def read(path: str, offset: int, limit: int) -> ArtifactChunk:
@@ -858,6 +862,10 @@ class Engine:
             reservation=event.reservation,
             **spec_extra,
         )
+        if svc.kind == "job" and getattr(self.backends[chosen], "uploads_outputs", False):
+            spec.outputs = self.archive.upload_grant(
+                entry_id, upload_ttl_s(res.walltime_s), self.settings.storage.max_upload_bytes
+            )
         if resolved:
             urls_only = bool(getattr(self.backends[chosen], "stages_from_urls", False))
             spec.inputs = await stage_inputs(self, principal, entry_id, resolved, urls_only)

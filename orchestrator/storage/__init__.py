@@ -17,6 +17,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from ground.config import Settings
+from ground.contract import OutputUpload
 from ground.errors import InvalidInput
 
 # Writes go out in parts of this size (S3 multipart needs at least 5 MiB but the last).
@@ -62,6 +63,10 @@ class ObjectStore(Protocol):
 
     async def presign(self, key: str, ttl_s: int) -> str | None:
         """A URL anyone holding it can GET the object from, where the store makes them."""
+
+    def upload_form(self, key_prefix: str, ttl_s: int, max_bytes: int) -> OutputUpload | None:
+        """A form its holder can upload objects under `key_prefix` with and nothing else (an
+        S3 POST policy), where the store makes them."""
 
 
 def open_store(settings: Settings) -> ObjectStore:

@@ -4,11 +4,14 @@ The copy is made as the job ends (the engine calls `keep` before it announces th
 state), a file at a time in ranges, so it outlives the work dir, the site and the event. A
 manifest, written last, lists what was kept; while it is missing the work dir still serves.
 Each manifest carries `expires_at` from the event's retention (none: kept for ever) and
-`sweep` deletes what has expired.
+`sweep` deletes what has expired. A site whose files this server cannot read (Kubernetes:
+they are in the pod) has its jobs upload them under their entry's prefix instead
+(`upload_grant`), and `keep_uploaded` writes the manifest of what arrived.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -16,15 +19,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
-from ground.contract import ArtifactChunk, ArtifactStat
+from ground.contract import ArtifactChunk, ArtifactStat, OutputUpload
 from ground.errors import NotFound
-from orchestrator.storage import ObjectStore
+from orchestrator.storage import ObjectStore, read_chunks
 
 log = logging.getLogger("sciorch.storage")
 
 ReadRange = Callable[[str, int, int], Awaitable[ArtifactChunk]]
 
 _CHUNK = 1 << 20
+# An upload form outlives the job's walltime by this much (its wait in the queue), up to
+# the week a SigV4 signature lasts at most.
+UPLOAD_GRACE_S = 86400
+UPLOAD_MAX_TTL_S = 7 * 86400
+
+
+def upload_ttl_s(walltime_s: int | None) -> int:
+    return min(UPLOAD_MAX_TTL_S, (walltime_s or 86400) + UPLOAD_GRACE_S)
 
 
 class Manifest(BaseModel):
@@ -88,6 +99,36 @@ class ArtifactArchive:
             except NotFound:  # deleted while it was being kept
                 continue
             kept.append(stat.model_copy(update={"size": info.size}))
+        return await self._write_manifest(entry_id, event_id, kept)
+
+    def upload_prefix(self, entry_id: str) -> str:
+        return self.object_key(entry_id, "") + "/"
+
+    def upload_grant(self, entry_id: str, ttl_s: int, max_bytes: int) -> OutputUpload | None:
+        """A form the entry's job can upload its output files with, under its own prefix
+        only (None where the store makes no such forms)."""
+        return self.store.upload_form(self.upload_prefix(entry_id), ttl_s, max_bytes)
+
+    async def keep_uploaded(self, entry_id: str, event_id: str) -> Manifest:
+        """The manifest of what the entry's job uploaded itself (`upload_grant`): each object
+        under its prefix, hashed here in ranges (the job's own word is not taken for it)."""
+        prefix = self.upload_prefix(entry_id)
+        kept: list[ArtifactStat] = []
+        for info in await self.store.list(prefix):
+            path = info.key[len(prefix) :]
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                continue
+            digest = hashlib.sha256()
+            async for chunk in read_chunks(self.store, info.key, info.size, _CHUNK):
+                digest.update(chunk)
+            kept.append(
+                ArtifactStat(path=path, size=info.size, mtime=info.mtime, sha256=digest.hexdigest())
+            )
+        return await self._write_manifest(entry_id, event_id, kept)
+
+    async def _write_manifest(
+        self, entry_id: str, event_id: str, kept: list[ArtifactStat]
+    ) -> Manifest:
         days = await self.retention(event_id)
         at = time.time()
         manifest = Manifest(

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import AsyncIterable
 from pathlib import Path, PurePosixPath
 
+from ground.contract import OutputUpload
 from ground.errors import InvalidInput, NotFound
 from orchestrator.storage import ObjectInfo
 
@@ -45,6 +46,9 @@ class LocalStore:
         return self._path(key)
 
     async def presign(self, key: str, ttl_s: int) -> str | None:
+        return None
+
+    def upload_form(self, key_prefix: str, ttl_s: int, max_bytes: int) -> OutputUpload | None:
         return None
 
     def _tmp(self, target: Path) -> tuple[int, str]:

@@ -5,14 +5,17 @@ reads are ranged GETs: memory stays a few parts deep whatever the object's size.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from ground.config import StorageConfig
+from ground.contract import OutputUpload
 from ground.errors import InvalidInput, NotFound
 from orchestrator.storage import PART_BYTES, ObjectInfo
+from orchestrator.storage.post_policy import presigned_post
 
 IN_FLIGHT = 2
 
@@ -29,6 +32,7 @@ class S3Store:
                 "storage kind s3 needs obstore: pip install 'sciorch[s3]'", field="storage.kind"
             ) from exc
         assert cfg.bucket
+        self._cfg = cfg
         self._obs: Any = obstore
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix.strip("/")
@@ -65,6 +69,28 @@ class S3Store:
     async def presign(self, key: str, ttl_s: int) -> str | None:
         url: str = await self._obs.sign_async(self._store, "GET", key, timedelta(seconds=ttl_s))
         return url
+
+    def upload_form(self, key_prefix: str, ttl_s: int, max_bytes: int) -> OutputUpload | None:
+        cfg = self._cfg
+        access = cfg.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = cfg.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not access or not secret:
+            return None  # credentials from elsewhere (instance roles): nothing to sign with
+        if cfg.endpoint:
+            url = f"{cfg.endpoint.rstrip('/')}/{self.bucket}"  # path style, as obstore's
+        else:
+            url = f"https://{self.bucket}.s3.{cfg.region}.amazonaws.com"
+        return presigned_post(
+            url=url,
+            bucket=self.bucket,
+            key_prefix=key_prefix,
+            access_key=access,
+            secret_key=secret,
+            region=cfg.region,
+            ttl_s=ttl_s,
+            max_bytes=max_bytes,
+            session_token=os.environ.get("AWS_SESSION_TOKEN") if not cfg.access_key_id else None,
+        )
 
     async def _put(self, key: str, source: Any) -> ObjectInfo:
         await self._obs.put_async(

@@ -35,6 +35,7 @@ temporary directory, and streams its output into the pod log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import json
@@ -65,6 +66,7 @@ RESOURCES: dict[str, tuple[str, str, str, bool]] = {
     "nodes": ("", "v1", "Node", False),
     "pods": ("", "v1", "Pod", True),
     "configmaps": ("", "v1", "ConfigMap", True),
+    "secrets": ("", "v1", "Secret", True),
     "services": ("", "v1", "Service", True),
     "events": ("", "v1", "Event", True),
     "persistentvolumeclaims": ("", "v1", "PersistentVolumeClaim", True),
@@ -989,14 +991,18 @@ class KubeEmulator:
         self._workdirs.append(root)
 
         def local(text: str) -> str:
-            return text.replace(WORK_ROOT, root)
+            # The volume's paths only: not a URL of a bucket whose name starts the same.
+            return re.sub(re.escape(WORK_ROOT) + r"(?=/|$)", lambda _: root, text)
 
         owner = obj["metadata"]["ownerReferences"][0]["name"]
         cm = self.get("configmaps", ns, owner + "-params")
         if cm is not None:
             await asyncio.to_thread(Path(root, "params.json").write_text, cm["data"]["params.json"])
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": root}
-        env.update({e["name"]: local(e.get("value", "")) for e in container.get("env") or []})
+        for e in container.get("env") or []:
+            env[e["name"]] = local(e.get("value", "")) if "valueFrom" not in e else self._env_from(
+                ns, e["valueFrom"]
+            )
         argv = [local(a) for a in container["command"]]
         spawn = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
@@ -1043,6 +1049,13 @@ class KubeEmulator:
             else:
                 self.fail_job(ns, owner)
         return code
+
+    def _env_from(self, ns: str, source: Mapping[str, Any]) -> str:
+        """What a kubelet puts in a `valueFrom` variable (a Secret's key, decoded)."""
+        ref = source["secretKeyRef"]
+        secret = self.get("secrets", ns, ref["name"])
+        assert secret is not None, f"no Secret {ns}/{ref['name']} (a kubelet would not start)"
+        return base64.b64decode(secret["data"][ref["key"]]).decode()
 
     def start_kubelet(self, ns: str, pod: str, *, finish_job: bool = True) -> asyncio.Task[int]:
         task = asyncio.get_running_loop().create_task(
