@@ -276,8 +276,9 @@ class KubernetesBackend(Supervisor[_Entry]):
         specs = [s for s in specs if self._is_new(s, self.cluster.never_fits(s.resources))]
         if not specs:
             return
+        one_account = len({s.account for s in specs}) == 1  # calls impersonate one user
         manifests = indexed_manifests(specs, throttle, self.options, self.name)
-        if manifests is None:
+        if manifests is None or not one_account:
             for s in specs:
                 await self.submit(s)
             return
