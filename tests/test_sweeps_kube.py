@@ -5,6 +5,7 @@ each pod's real command."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,66 @@ async def _final_status(api: KubeApi, ns: str, name: str) -> dict[str, Any] | No
     status = (job or {}).get("status") or {}
     done = any(c.get("type") in ("Complete", "Failed") for c in status.get("conditions") or [])
     return status if done else None
+
+
+async def test_a_cancelled_index_is_not_retried_where_a_failed_one_is() -> None:
+    """The Indexed Job's own rules, on the emulator's controller: with one retry per index, an
+    index that fails is run twice, an index whose pod is deleted (a cancel) once."""
+    argvs = [["sh", "-c", "sleep 30"], ["sh", "-c", "exit 3"]]
+    specs = [
+        spec(
+            entry_id=f"ent-{i:012x}",
+            sweep_id="swp-retry",
+            argv=argv,
+            restart_policy="on-failure",
+            max_restarts=1,
+        )
+        for i, argv in enumerate(argvs)
+    ]
+    opts = KubernetesOptions(python=sys.executable)
+    made = indexed_manifests(specs, None, opts, "spin")
+    assert made is not None and made[1]["spec"]["backoffLimitPerIndex"] == 1
+    ns = made[1]["metadata"]["namespace"]
+    async with KubeEmulator() as emu:
+        IndexedJobController(emu).start()
+        emu.put("namespaces", {"metadata": {"name": ns}})
+        api = await KubeApi.connect(host=emu.url)
+        try:
+            for body in made:
+                await api.create(body)
+            job = made[1]["metadata"]["name"]
+
+            def running(index: int) -> list[dict[str, Any]]:
+                return [
+                    p
+                    for p in emu.items("pods", ns)
+                    if p["metadata"]["labels"][INDEX_KEY] == str(index)
+                    and p["status"].get("phase") == "Running"
+                ]
+
+            pod = (await emu.wait_for(lambda: running(0), 20, "index 0 running"))[0]
+            await api.patch("ConfigMap", ns, f"{job}-sweep", {"data": {"cancelled-0": "1"}})
+            await api.delete("Pod", ns, pod["metadata"]["name"])
+            final = await emu.wait_for(
+                lambda: (emu.get("jobs", ns, job) or {}).get("status", {}).get("conditions"),
+                30,
+                "the Job's end",
+            )
+            assert final[-1]["reason"] == "FailedIndexes"
+            status = (emu.get("jobs", ns, job) or {})["status"]
+            assert parse_indexes(status["failedIndexes"]) == {0, 1}
+            tries = {
+                i: len(
+                    [
+                        c
+                        for c in emu._history
+                        if c.plural == "pods"
+                        and c.type == "ADDED"
+                        and c.object["metadata"]["labels"].get(INDEX_KEY) == str(i)
+                    ]
+                )
+                for i in (0, 1)
+            }
+            assert tries == {0: 1, 1: 2}
+        finally:
+            await api.close()
