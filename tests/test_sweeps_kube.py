@@ -16,6 +16,8 @@ from backends.kube_api import KubeApi
 from backends.kube_manifests import KubernetesOptions
 from backends.kube_sweep import CANCEL_CODE, indexed_manifests, parse_indexes
 from ground.models import Resources
+from orchestrator import sweeps
+from tests.conftest import ALICE, EngineHost, shutdown
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.fakes.kube_indexed import INDEX_KEY, IndexedJobController, compress
 from tests.mcp_helpers import (
@@ -246,3 +248,28 @@ async def test_a_cancelled_index_is_not_retried_where_a_failed_one_is() -> None:
             assert tries == {0: 1, 1: 2}
         finally:
             await api.close()
+
+
+async def test_a_restarted_server_adopts_each_element_of_a_running_indexed_job(
+    home: Path, catalogue: Path
+) -> None:
+    async with KubeEmulator() as emu:
+        emu.add_node("node-1", cpu="16", memory="64Gi")
+        IndexedJobController(emu).start()
+        host = EngineHost(home, {"name": "spin", "kind": "kubernetes", "host": emu.url}, catalogue)
+        eng = await host.open()
+        try:
+            sets = [{"x": i, "sleep": 1.0} for i in range(4)]
+            sweep = await sweeps.submit_sweep(eng, ALICE, "double", sets, throttle=2)
+            first = sweep.entries[0].id
+            running, _ = await eng.wait_entry(ALICE, first, timeout_s=30, until="started")
+            assert running.handle["index"] == 0
+            eng = await host.restart(eng)  # the Job runs on while no server watches it
+            done, timed_out = await sweeps.wait_sweep(eng, ALICE, sweep.id, timeout_s=60)
+            assert not timed_out and done.counts == {"succeeded": 4}, [
+                e.reason for e in done.entries
+            ]
+            assert [(e.result or {})["y"] for e in done.entries] == [0, 2, 4, 6]
+        finally:
+            for e in host.engines:
+                await shutdown(e)
