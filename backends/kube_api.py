@@ -314,6 +314,20 @@ class KubeApi:
                 return None
             raise
 
+    async def patch(
+        self, kind: str, namespace: str | None, name: str, change: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A merge patch (RFC 7386) of the object."""
+        fn = self._method(kind, "patch", namespace)
+        return await self._send(
+            f"patch {kind} {name}",
+            lambda: fn(
+                *self._args(kind, namespace, name),
+                dict(change),
+                _content_type="application/merge-patch+json",
+            ),
+        )
+
     async def delete(
         self, kind: str, namespace: str | None, name: str, propagation: str = "Background"
     ) -> bool:

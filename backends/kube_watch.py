@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from backends.kube_api import KubeApi, KubeApiError, KubeGone, KubeUnreachable
 from backends.kube_manifests import ENTRY_LABEL, MANAGED_BY, MANAGER, SITE_LABEL, label_value
 from backends.kube_status import dig, event_problem, name_of
+from backends.kube_sweep import INDEX_KEY, SWEEP_LABEL
 from backends.supervisor import EntryRecord
 
 log = logging.getLogger("sciorch.backends.kubernetes")
@@ -153,6 +154,24 @@ class WatchedEntry(EntryRecord):
     job: dict[str, Any] | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: dict[str, tuple[str, str]] = field(default_factory=dict)  # object -> (kind, text)
+    index: int | None = None  # a sweep element: its index in the Indexed Job `name`
+
+    @property
+    def pod_selector(self) -> str:
+        if self.index is None:
+            return f"{ENTRY_LABEL}={label_value(self.id)}"
+        return f"batch.kubernetes.io/job-name={self.name},{INDEX_KEY}={self.index}"
+
+    @property
+    def job_selector(self) -> str:
+        if self.index is None:
+            return f"{ENTRY_LABEL}={label_value(self.id)}"
+        return f"{SWEEP_LABEL}={self.name}"
+
+    def owns_event_about(self, target: str) -> bool:
+        if self.index is not None:
+            return target == self.name or target.startswith(f"{self.name}-{self.index}-")
+        return target == self.name or target.startswith(self.name + "-")
 
 
 E = TypeVar("E", bound=WatchedEntry)
@@ -226,12 +245,11 @@ class SiteWatches(Generic[E]):
 
     async def sync_entry(self, e: E) -> None:
         """Feed the entry's current objects through the handlers (after an adoption)."""
-        selector = f"{ENTRY_LABEL}={label_value(e.id)}"
         try:
-            pods, _ = await self._api().list("Pod", e.namespace, label_selector=selector)
+            pods, _ = await self._api().list("Pod", e.namespace, label_selector=e.pod_selector)
             jobs: list[dict[str, Any]] = []
             if e.spec.kind == "job":
-                jobs, _ = await self._api().list("Job", e.namespace, label_selector=selector)
+                jobs, _ = await self._api().list("Job", e.namespace, label_selector=e.job_selector)
         except (KubeApiError, KubeUnreachable) as exc:
             log.warning("syncing %s: %s; the watches will tell", e.id, exc)
             return
@@ -255,9 +273,31 @@ class SiteWatches(Generic[E]):
             await dispatch(handler, "ADDED", item)
 
     def _entry_of(self, obj: Mapping[str, Any]) -> E | None:
-        eid = (dig(obj, "metadata", "labels") or {}).get(ENTRY_LABEL)
-        e = self._entries.get(str(eid)) if eid else None
-        return None if e is None or e.finished else e
+        found = self._entries_of(obj)
+        return found[0] if found else None
+
+    def _entries_of(self, obj: Mapping[str, Any]) -> list[E]:
+        """The live entries an object is about: its entry's, or for a sweep's Indexed Job
+        every element's, for one of its pods the element of the pod's completion index."""
+        labels = dig(obj, "metadata", "labels") or {}
+        eid = labels.get(ENTRY_LABEL)
+        if eid:
+            e = self._entries.get(str(eid))
+            return [] if e is None or e.finished else [e]
+        job = labels.get(SWEEP_LABEL)
+        if not job:
+            return []
+        ns = dig(obj, "metadata", "namespace")
+        index = labels.get(INDEX_KEY)
+        return [
+            e
+            for e in self._entries.values()
+            if not e.finished
+            and e.index is not None
+            and e.name == job
+            and e.namespace == ns
+            and (index is None or str(e.index) == index)
+        ]
 
     async def _on_pod(self, typ: str, pod: dict[str, Any]) -> None:
         e = self._entry_of(pod)
@@ -274,17 +314,17 @@ class SiteWatches(Generic[E]):
             await self._evaluate(e)
 
     async def _on_job(self, typ: str, job: dict[str, Any]) -> None:
-        e = self._entry_of(job)
-        if e is None or name_of(job) != e.name:
-            return
-        async with e.lock:
-            if e.finished:
-                return
-            if typ == "DELETED":
-                await self._job_deleted(e)
-                return
-            e.job = job
-            await self._evaluate(e)
+        for e in self._entries_of(job):
+            if name_of(job) != e.name:
+                continue
+            async with e.lock:
+                if e.finished:
+                    continue
+                if typ == "DELETED":
+                    await self._job_deleted(e)
+                    continue
+                e.job = job
+                await self._evaluate(e)
 
     async def _on_event(self, typ: str, ev: dict[str, Any]) -> None:
         if typ == "DELETED":
@@ -297,7 +337,7 @@ class SiteWatches(Generic[E]):
         for e in list(self._entries.values()):
             if e.finished or e.namespace != ns:
                 continue
-            if target == e.name or target.startswith(e.name + "-"):
+            if e.owns_event_about(target):
                 async with e.lock:
                     if e.finished:
                         return

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -78,12 +79,10 @@ from backends.kube_api import Identity, KubeApi, KubeApiError, KubeUnreachable, 
 from backends.kube_cluster import ClusterFacts, Running
 from backends.kube_log import LogFollower, Mirror, Records
 from backends.kube_manifests import (
-    ENTRY_LABEL,
     KubernetesOptions,
     build_manifests,
     check_bundle,
     endpoint,
-    label_value,
     namespace_name,
     object_name,
     object_refs,
@@ -100,6 +99,12 @@ from backends.kube_status import (
     name_of,
     pending_pod,
     pod_done,
+)
+from backends.kube_sweep import (
+    INDEX_KEY,
+    indexed_manifests,
+    parse_indexes,
+    sweep_configmap_name,
 )
 from backends.kube_watch import SiteWatches, WatchedEntry
 from backends.supervisor import (
@@ -271,6 +276,55 @@ class KubernetesBackend(Supervisor[_Entry]):
 
     # ------------------------------------------------------------------ protocol: entries
 
+    async def submit_array(self, specs: list[LaunchSpec], throttle: int | None) -> None:
+        """A sweep as one Indexed Job (backends.kube_sweep); element i is its index i. When
+        the elements cannot share one pod template, each is submitted on its own."""
+        specs = [s for s in specs if self._is_new(s, self.cluster.never_fits(s.resources))]
+        if not specs:
+            return
+        one_account = len({s.account for s in specs}) == 1  # calls impersonate one user
+        manifests = indexed_manifests(specs, throttle, self.options, self.name)
+        if manifests is None or not one_account:
+            for s in specs:
+                await self.submit(s)
+            return
+        problems = check_bundle(manifests)
+        if problems:
+            raise BackendError(
+                f"site {self.name!r}: the Indexed Job of sweep {specs[0].sweep_id} is invalid: "
+                + "; ".join(problems)
+            )
+        job = str(manifests[1]["metadata"]["name"])
+        elements = []
+        for i, s in enumerate(specs):
+            e = self._new_entry(s, EntryState.PENDING)
+            e.name, e.index = job, i
+            elements.append(e)
+            self._entries[e.id] = e
+        api = self._api_for(specs[0].account)
+        try:
+            ns = await self.objects.ensure_namespace(specs[0].event_id, api)
+            self.watches.watch(ns)
+            for body in manifests:
+                await self.objects.create(body, specs[0].entry_id, api)
+        except BaseException:
+            for e in elements:
+                self._entries.pop(e.id, None)
+            for kind, name in (("Job", job), ("ConfigMap", sweep_configmap_name(job))):
+                with contextlib.suppress(Exception):
+                    await api.delete(kind, elements[0].namespace, name)
+            self.watches.maybe_unwatch(elements[0].namespace)
+            raise
+        for e in elements:
+            async with e.lock:
+                if e.state == EntryState.PENDING and e.reason is None:
+                    await self._report_locked(
+                        e,
+                        EntryState.PENDING,
+                        reason=f"queued as index {e.index} of Indexed Job {e.namespace}/{job}",
+                        handle=self._handle(e),
+                    )
+
     async def submit(self, spec: LaunchSpec) -> None:
         if not self._is_new(spec, self.cluster.never_fits(spec.resources)):
             return
@@ -311,7 +365,11 @@ class KubernetesBackend(Supervisor[_Entry]):
         e = self._entries.get(entry_id)
         if e is None:
             ns, name = handle.get("namespace"), handle.get("name")
-            if ns and name:
+            if ns and name and handle.get("index") is not None:
+                await self._cancel_element(
+                    str(ns), str(name), int(handle["index"]), self._api_for(handle.get("account"))
+                )
+            elif ns and name:
                 kind = "Job" if handle.get("kind") == "Job" else "Deployment"
                 api = self._api_for(handle.get("account"))
                 await self.objects.delete_objects(str(ns), str(name), kind, api)
@@ -339,6 +397,8 @@ class KubernetesBackend(Supervisor[_Entry]):
             await self.submit(spec)
             return
         e = self._new_entry(spec, state, str(handle.get("namespace") or "") or None)
+        if handle.get("index") is not None:
+            e.name, e.index = str(handle["name"]), int(handle["index"])
         e.restarts = int(handle.get("restarts") or 0)
         started = handle.get("started_at")
         e.started_at = float(started) if started else None
@@ -442,6 +502,9 @@ class KubernetesBackend(Supervisor[_Entry]):
             if e.finished:
                 return
         job = e.job
+        if e.index is not None:
+            await self._evaluate_element(e, job)
+            return
         if job is not None and (is_true(job, "Complete") or is_true(job, "SuccessCriteriaMet")):
             await self._end(e, EntryState.SUCCEEDED, None, 0, delete=False)
             return
@@ -478,6 +541,59 @@ class KubernetesBackend(Supervisor[_Entry]):
             if stuck is not None:
                 await self._stuck(e, stuck[0], stuck[1])
 
+    async def _evaluate_element(self, e: _Entry, job: dict[str, Any] | None) -> None:
+        """A sweep element: its index among the Job's completed or failed indexes ends it;
+        the Job failing as a whole (its deadline) ends the elements not done."""
+        if job is None:
+            return
+        if e.index in parse_indexes(dig(job, "status", "completedIndexes")):
+            await self._end(e, EntryState.SUCCEEDED, None, 0, delete=False)
+            return
+        if e.index in parse_indexes(dig(job, "status", "failedIndexes")):
+            await self._final_log(e)
+            code = self._exit_code(e, current_pod(e.pods))
+            tries = len(e.failed_pods) or 1
+            what = f"exit code {code}" + (f" (after {tries} attempts)" if tries > 1 else "")
+            await self._end(e, EntryState.FAILED, with_tail(what, e.mirror.wd), code, delete=False)
+            return
+        failed = condition(job, "Failed")
+        if failed is not None and failed.get("status") == "True":
+            why = str(failed.get("reason") or "")
+            if why == "FailedIndexes":
+                return  # the other indexes' news; ours has not arrived yet
+            state = EntryState.EXPIRED if why == "DeadlineExceeded" else EntryState.FAILED
+            text = str(failed.get("message") or why or "the Job failed")
+            await self._end(e, state, f"its Indexed Job ended: {text}", None, delete=False)
+
+    async def _cancel_element(self, ns: str, job: str, index: int, api: KubeApi) -> None:
+        """Kubernetes cannot cancel one index: mark it cancelled in the sweep's ConfigMap (a pod
+        that starts for it exits at once) and delete its pods (their launcher exits with the
+        code the Job's podFailurePolicy turns into FailIndex). See backends.kube_sweep. The
+        last live element of the Job takes the Job and its ConfigMap with it."""
+        cm = sweep_configmap_name(job)
+        mark = {"data": {f"cancelled-{index}": "1"}}
+        try:
+            await retry(lambda: api.patch("ConfigMap", ns, cm, mark))
+        except KubeApiError as exc:
+            if exc.status != 404:
+                raise
+            return  # the sweep's objects are gone (the whole sweep was cancelled)
+        selector = f"batch.kubernetes.io/job-name={job},{INDEX_KEY}={index}"
+        pods, _ = await retry(lambda: api.list("Pod", ns, label_selector=selector))
+        for pod in pods:
+            await retry(functools.partial(api.delete, "Pod", ns, name_of(pod)))
+        live = [
+            x
+            for x in self._entries.values()
+            if x.index not in (None, index)
+            and x.name == job
+            and x.namespace == ns
+            and not (x.finished or x.cancel_requested or x.expired)
+        ]
+        if not live:
+            for kind, name in (("Job", job), ("ConfigMap", cm)):
+                await retry(functools.partial(api.delete, kind, ns, name))
+
     def _exit_code(self, e: _Entry, pod: Mapping[str, Any] | None) -> int | None:
         code = exit_code(pod)
         return code if code is not None else e.mirror.exit_code
@@ -494,13 +610,20 @@ class KubernetesBackend(Supervisor[_Entry]):
             await self._report_locked(
                 e, EntryState.RUNNING, reason=None, handle=self._handle(e, name)
             )
+            if e.index is not None:
+                self._arm_walltime(e)  # the Job's deadline bounds the whole sweep
         # Followed only now: a record announced from the log never precedes 'running'.
         if phase in ("Running", "Succeeded", "Failed"):
             self._follow(e, name, name)
         if phase == "Failed" and name not in e.failed_pods:
             e.failed_pods.add(name)
-            limit = int(dig(e.job, "spec", "backoffLimit") or 0)
-            if len(e.failed_pods) <= limit and not is_true(e.job, "Failed"):
+            if e.index is None:
+                limit = int(dig(e.job, "spec", "backoffLimit") or 0)
+                over = is_true(e.job, "Failed")
+            else:
+                limit = int(dig(e.job, "spec", "backoffLimitPerIndex") or 0)
+                over = e.index in parse_indexes(dig(e.job, "status", "failedIndexes"))
+            if len(e.failed_pods) <= limit and not over:
                 code = self._exit_code(e, pod)
                 e.restarts = len(e.failed_pods)
                 await self._report_locked(
@@ -700,7 +823,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             # The Job's end can arrive before its pod's news (separate watches): ask.
             with contextlib.suppress(KubeApiError, KubeUnreachable):
                 pods, _ = await self._api_for(e.spec.account).list(
-                    "Pod", e.namespace, label_selector=f"{ENTRY_LABEL}={label_value(e.id)}"
+                    "Pod", e.namespace, label_selector=e.pod_selector
                 )
                 e.pods.update({name_of(p): p for p in pods})
             current = current_pod(e.pods)
@@ -759,9 +882,17 @@ class KubernetesBackend(Supervisor[_Entry]):
                 await api.delete("Secret", e.namespace, upload_name(e.id))
         if delete:
             try:
-                await self.objects.delete_objects(
-                    e.namespace, e.name, e.workload, self._api_for(e.spec.account)
-                )
+                if e.index is not None:
+                    api = self._api_for(e.spec.account)
+                    await self._cancel_element(e.namespace, e.name, e.index, api)
+                else:
+                    await self.objects.delete_objects(
+                        e.namespace, e.name, e.workload, self._api_for(e.spec.account)
+                    )
+            except KubeApiError as exc:
+                if state == EntryState.CANCELLED:
+                    raise self.objects.refusal(exc, f"cancel index {e.index} of {e.name}") from exc
+                reason = f"{reason}; cancelling its index failed: {exc.message}"
             except (BackendError, KubeUnreachable) as exc:
                 if state == EntryState.CANCELLED:
                     raise
@@ -782,7 +913,7 @@ class KubernetesBackend(Supervisor[_Entry]):
             "workdir": str(e.mirror.wd.root),
             "started_at": e.started_at,
             "restarts": e.restarts,
-        }
+        } | ({"index": e.index} if e.index is not None else {})
 
     def _maybe_refresh(self) -> None:
         if not self._closed:

@@ -367,10 +367,20 @@ class SlurmBackend(Supervisor[_Job]):
         specs = [s for s in specs if self._is_new(s)]
         if not specs:
             return
+        if len({s.account for s in specs}) > 1:  # one array is one Slurm user's
+            for s in specs:
+                await self.submit(s)
+            return
         sweep_id = specs[0].sweep_id or specs[0].entry_id
         sweep_dir = self.shared_dir / f"sweep-{sweep_id}"
-        jobs = [_Job(spec=s, workdir=WorkDir(self.shared_dir / s.entry_id)) for s in specs]
+        user = self._user_for(specs[0])
+        jobs = [
+            _Job(spec=s, workdir=WorkDir(self.shared_dir / s.entry_id), user=user) for s in specs
+        ]
         reqs = [job_request(j.spec, j.workdir, self.options, self._callback_env) for j in jobs]
+        if user is not None:  # the array runs as the sweep's account, as its entries would
+            ident = user.identity()
+            reqs = [dataclasses.replace(r, user=user.name, env={**r.env, **ident}) for r in reqs]
         await asyncio.to_thread(self._prepare_array, sweep_dir, jobs, reqs)
         for j in jobs:
             self._entries[j.id] = j
@@ -396,10 +406,14 @@ class SlurmBackend(Supervisor[_Job]):
     def _prepare_array(self, sweep_dir: Path, jobs: list[_Job], reqs: list[Any]) -> None:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         for j, req in zip(jobs, reqs, strict=True):
-            self._prepare_dir(j.workdir, j.spec)
+            (j.workdir.root).mkdir(parents=True, exist_ok=True)
             (j.workdir.root / "env.sh").write_text(env_file(req.env))
+            self._prepare_dir(j.workdir, j.spec, j.user)
         (sweep_dir / "elements").write_text("".join(f"{j.workdir.root}\n" for j in jobs))
-        if os.geteuid() == 0 and self.job_user != "root":
+        user = jobs[0].user
+        if user is not None:  # the array's own output goes here, written as its user
+            give_workdir(sweep_dir, user)
+        elif os.geteuid() == 0 and self.job_user != "root":
             try:
                 pw = pwd.getpwnam(self.job_user)
             except KeyError:

@@ -7,6 +7,12 @@ that the bus message `warning` causes), the server logs it, and an event with a 
 HTTP POST whose body is signed with the event's secret (`X-Sciorch-Signature: sha256=<hex
 HMAC-SHA256 of the body>`), retried with back-off. Extending an entry moves its deadline, so a
 new warning comes before the new end.
+
+With several replicas on one store, one of them warns: the Warner runs under the `warnings`
+lease (orchestrator.replicas), and a warning is recorded in `warnings_sent` (entry or event,
+kind, deadline) before anything is sent, so a replica that takes the lease over never sends it
+again. That makes a warning at most once: a holder killed between recording one and posting
+its webhook loses that webhook (the entry's reason and the bus message went first).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import httpx
 from ground.contract import ExtendableBackend
 from ground.errors import Conflict, InvalidInput, NotSupported
 from ground.models import ACTIVE_STATES, Entry, EventState, Message, Principal
+from orchestrator.database import IntegrityError
 from orchestrator.store import now
 
 if TYPE_CHECKING:
@@ -140,11 +147,27 @@ class Warner:
                 if (event.expires_at - at).total_seconds() <= lead:
                     await self._warn("ttl", event.id, None, event.expires_at)
 
+    async def _first_time(self, kind: str, subject: str, deadline: str) -> bool:
+        """Record the warning; False when it was recorded before (by any replica)."""
+        db = self.engine.store.database
+        owner = self.engine.replicas.id if self.engine.replicas is not None else None
+        try:
+            await db.execute(
+                "INSERT INTO warnings_sent (subject, kind, deadline, sent_at, sent_by) "
+                "VALUES (?,?,?,?,?)",
+                (subject, kind, deadline, db.ts(now()), owner),
+            )
+        except IntegrityError:
+            return False
+        return True
+
     async def _warn(self, kind: str, event_id: str, entry: Entry | None, end: datetime) -> None:
         key = (entry.id if entry else event_id, end.isoformat())
         if key in self.sent:
             return
         self.sent.add(key)
+        if not await self._first_time(kind, *key):
+            return
         left = max(0, int((end - now()).total_seconds()))
         what = "walltime" if kind == "walltime" else "event lifetime"
         text = f"{what} ends in {left} s (at {end.isoformat(timespec='seconds')})"

@@ -11,6 +11,8 @@ has one owner, held by a lease (orchestrator.leases):
   a replica takes the lease and adopts it. An entry is handed to the backend once per owner:
   the owner claims each entry id before it submits or adopts it.
 - `expiry`: the replica that holds it runs the event-expiry timer.
+- `warnings`: the replica that holds it sends the walltime and TTL warnings
+  (orchestrator.deadlines; each is recorded in the store first, so it goes out once).
 - `campaign:<id>`: the replica that holds it runs that campaign (steering.manager).
 
 Replicas share one home directory: the work directories of a dead replica's entries (local and
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ground.contract import LaunchSpec
 from ground.models import ACTIVE_STATES, EntryState, Message
 from orchestrator.database import PostgresDatabase, split_schema
+from orchestrator.deadlines import Warner
 from orchestrator.leases import LeaseKeeper
 from orchestrator.pg_bus import PgBus
 
@@ -90,6 +93,7 @@ class Replicas:
                 lambda site=site: self._leave_site(site),  # type: ignore[misc]
             )
         keeper.want("expiry", self._start_expiry, self._stop_expiry)
+        keeper.want("warnings", self._start_warner, self._stop_warner)
         await keeper.start()
         return self
 
@@ -97,6 +101,7 @@ class Replicas:
         """Stop renewing and driving; then (the backends closed by the engine) `release`."""
         await self.keeper.stop()
         await self._stop_expiry()
+        await self._stop_warner()
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
@@ -113,6 +118,16 @@ class Replicas:
 
     async def _start_expiry(self) -> None:
         self._expiry = asyncio.create_task(self.engine.expiry_loop(), name="sciorch-expiry")
+
+    async def _start_warner(self) -> None:
+        if self.engine.warner is None:
+            self.engine.warner = Warner(self.engine)
+            self.engine.warner.start()
+
+    async def _stop_warner(self) -> None:
+        warner, self.engine.warner = self.engine.warner, None
+        if warner is not None:
+            await warner.close()
 
     async def _stop_expiry(self) -> None:
         if self._expiry is not None:
@@ -201,4 +216,3 @@ class Replicas:
                 return None
             return message.model_copy(update={"record": data.records[0]})
         return message
-

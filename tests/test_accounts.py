@@ -577,3 +577,28 @@ async def test_a_campaign_s_jobs_run_as_the_account_its_owner_s_claim_maps_to(
             await mgr.shutdown()
     assert done.state == "completed", done.reason
     assert len(entries) == 3 and {e.handle.get("account") for e in entries} == {"bob"}
+
+
+async def test_a_slurm_sweep_runs_as_its_submitters_account(
+    slurm_shared: Path, open_home: Path, catalogue: Path
+) -> None:
+    """One job array for the sweep, submitted as the principal's account (not the site's
+    user): each element says it ran as alice, and so does sacct."""
+    from orchestrator import sweeps
+    from tests.test_slurm import slurm_site
+
+    site = {**slurm_site("hpc", "cli", slurm_shared), "accounts": {"table": {"alice": "alice"}}}
+    alice = Principal(id="alice")
+    async with engine_on(open_home, catalogue, site) as eng:
+        sweep = await sweeps.submit_sweep(eng, alice, "whoami", grid={"seconds": [0, 0.1, 0.2]})
+        done, timed_out = await sweeps.wait_sweep(eng, alice, sweep.id, timeout_s=90)
+        assert not timed_out and done.counts == {"succeeded": 3}, [e.reason for e in done.entries]
+        assert [(e.result or {}).get("user") for e in done.entries] == ["alice"] * 3
+        job_ids = [str(e.handle["job_id"]) for e in done.entries]
+        array_id = job_ids[0].split("_")[0]
+        assert job_ids == [f"{array_id}_{i}" for i in range(3)]
+        for _ in range(100):  # slurmctld hands the record to slurmdbd a moment later
+            if sacct_user(array_id):
+                break
+            await asyncio.sleep(0.1)
+        assert set(sacct_user(array_id).split()) == {"alice"}

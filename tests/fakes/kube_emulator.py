@@ -24,7 +24,9 @@ Impersonation: every request's Impersonate-User and Impersonate-Group headers ar
 Forbidden in a real server's words when no rule allows it. A request without the headers is
 the credentials' own (sciorch's service account: allowed everything, as before).
 
-Controllers: there are none. The test creates pods for Jobs and Deployments (`create_pod`),
+Controllers: none run by themselves, except the Job controller for Indexed Jobs when a test
+starts it (tests/fakes/kube_indexed.py: `IndexedJobController(emu).start()`). The test creates
+pods for other Jobs and for Deployments (`create_pod`),
 moves them through their phases (`schedule`, `run`, `set_ready`, `terminate`, ...), writes their
 logs (`write_log`), sets Job conditions (`complete_job`, `fail_job`) and Events (`event`).
 `kubelet_run` plays the kubelet for a job pod: it runs the pod's real container command
@@ -46,7 +48,7 @@ import signal
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +82,19 @@ PLURAL = {kind: plural for plural, (_, _, kind, _) in RESOURCES.items()}
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _env_value(var: Mapping[str, Any], pod: Mapping[str, Any]) -> str:
+    """An env var's value, a downward-API fieldRef (metadata.name, .namespace,
+    .labels['k'], .annotations['k']) read from the pod."""
+    ref = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    if not ref:
+        return str(var.get("value", ""))
+    meta = pod.get("metadata") or {}
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", ref)
+    if m:
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    return str(meta.get(ref.removeprefix("metadata."), ""))
 
 
 def _now() -> str:
@@ -253,6 +268,15 @@ class KubeEmulator:
         self._kubelets: set[asyncio.Task[Any]] = set()
         self._procs: dict[tuple[str, str], asyncio.subprocess.Process] = {}
         self._all_procs: list[asyncio.subprocess.Process] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` first when the emulator stops (a controller playing on it)."""
+        self._closers.append(fn)
+
+    async def changed(self) -> None:
+        """Return at the next change of any object."""
+        await self._tick.wait()
 
     async def __aenter__(self) -> KubeEmulator:
         await self.handler.__aenter__()
@@ -262,6 +286,8 @@ class KubeEmulator:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for closer in self._closers:
+            await closer()
         for t in list(self._kubelets):
             t.cancel()
         await asyncio.gather(*self._kubelets, return_exceptions=True)
@@ -335,11 +361,24 @@ class KubeEmulator:
             raise KeyError(f"{plural} {ns}/{name} does not exist")
         return self.put(plural, _merge(obj, change))
 
-    def remove(self, plural: str, ns: str | None, name: str) -> dict[str, Any] | None:
-        """Delete an object (and what it owns) and announce it."""
+    def remove(
+        self, plural: str, ns: str | None, name: str, force: bool = False
+    ) -> dict[str, Any] | None:
+        """Delete an object (and what it owns) and announce it. A pod with finalizers (an
+        Indexed Job's, see kube_indexed) is only marked deleted and its container sent SIGTERM,
+        as a kubelet does; whoever owns the finalizer removes it (`force`)."""
         obj = self.get(plural, ns, name)
         if obj is None:
             return None
+        if plural == "pods" and obj["metadata"].get("finalizers") and not force:
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj["metadata"]["deletionTimestamp"] = _now()
+                self.put("pods", obj)
+                proc = self._procs.get((ns or "", name))
+                if proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
+            return obj
         key = (_res(plural), ns, name)
         self.objects[key].delete()
         self._record(plural, ns, "DELETED", obj)
@@ -353,7 +392,7 @@ class KubeEmulator:
             for pod in self.items("pods", ns):
                 owners = pod["metadata"].get("ownerReferences") or []
                 if any(o.get("uid") == uid for o in owners):
-                    self.remove("pods", ns, pod["metadata"]["name"])
+                    self.remove("pods", ns, pod["metadata"]["name"], force=True)
         if plural == "pods":
             log = self.logs.get((ns or "", name))
             if log is not None:
@@ -766,8 +805,16 @@ class KubeEmulator:
             },
         )
 
-    def create_pod(self, ns: str, owner_plural: str, owner: str, suffix: str | None = None) -> str:
-        """A pod from a Job's or Deployment's template, Pending and not yet scheduled."""
+    def create_pod(
+        self,
+        ns: str,
+        owner_plural: str,
+        owner: str,
+        suffix: str | None = None,
+        mutate: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """A pod from a Job's or Deployment's template, Pending and not yet scheduled
+        (`mutate` changes it before it is created, as a controller adds its own fields)."""
         parent = self.get(owner_plural, ns, owner)
         if parent is None:
             raise KeyError(f"{owner_plural} {ns}/{owner} does not exist")
@@ -795,6 +842,8 @@ class KubeEmulator:
             "spec": template["spec"],
             "status": {"phase": "Pending", "conditions": []},
         }
+        if mutate is not None:
+            mutate(pod)
         self.put("pods", pod)
         return name
 
@@ -995,14 +1044,13 @@ class KubeEmulator:
             return re.sub(re.escape(WORK_ROOT) + r"(?=/|$)", lambda _: root, text)
 
         owner = obj["metadata"]["ownerReferences"][0]["name"]
-        cm = self.get("configmaps", ns, owner + "-params")
-        if cm is not None:
-            await asyncio.to_thread(Path(root, "params.json").write_text, cm["data"]["params.json"])
+        await asyncio.to_thread(self._mount_configmaps, ns, obj, container, local)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": root}
         for e in container.get("env") or []:
-            env[e["name"]] = local(e.get("value", "")) if "valueFrom" not in e else self._env_from(
-                ns, e["valueFrom"]
-            )
+            if (e.get("valueFrom") or {}).get("secretKeyRef"):
+                env[e["name"]] = self._env_from(ns, e["valueFrom"])
+            else:
+                env[e["name"]] = local(_env_value(e, obj))
         argv = [local(a) for a in container["command"]]
         spawn = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
@@ -1023,22 +1071,34 @@ class KubeEmulator:
             raise
         self._procs[(ns, pod)] = proc
         self._all_procs.append(proc)
-        if self.get("pods", ns, pod) is None:
+        now_obj = self.get("pods", ns, pod)
+        if now_obj is None or now_obj["metadata"].get("deletionTimestamp"):
             _kill_group(proc)  # deleted while it was starting
         else:
             self.schedule(ns, pod)
             self.run(ns, pod)
         assert proc.stdout is not None
-        try:
-            while True:
-                chunk = await proc.stdout.read(4096)
-                if not chunk:
-                    break
+        stdout = proc.stdout
+
+        async def pump() -> None:
+            while chunk := await stdout.read(4096):
                 self.write_log(ns, pod, chunk)
-            code = await proc.wait()
+
+        reader = asyncio.get_running_loop().create_task(pump())
+        try:
+            # asyncio's wait() also waits for the pipes, which a left-behind child holds open:
+            # the first process's own exit shows in returncode.
+            while proc.returncode is None and not reader.done():
+                await asyncio.wait([reader], timeout=0.05)
+            code = await proc.wait() if proc.returncode is None else proc.returncode
+            if code < 0:
+                code = 128 - code  # killed by a signal: the container runtime's exit code
         finally:
-            _kill_group(proc)  # what the command left behind (the wrapper's tail -f, ...)
+            # The container ends with its first process: what that left behind (the wrapper's
+            # tail -f, a child it was killed away from) goes with it, then the log is drained.
+            _kill_group(proc)
             await proc.wait()
+            await asyncio.gather(reader, return_exceptions=True)
             self._procs.pop((ns, pod), None)
         if self.get("pods", ns, pod) is None:
             return code  # deleted meanwhile: nothing left to report
@@ -1056,6 +1116,37 @@ class KubeEmulator:
         secret = self.get("secrets", ns, ref["name"])
         assert secret is not None, f"no Secret {ns}/{ref['name']} (a kubelet would not start)"
         return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+    def _mount_configmaps(
+        self,
+        ns: str,
+        pod: Mapping[str, Any],
+        container: Mapping[str, Any],
+        local: Callable[[str], str],
+    ) -> None:
+        """Write the ConfigMap volumes the container mounts (a key at a subPath, or every key
+        or item as a file under the mount path). Their text is mapped like the command's
+        (/sciorch is the temporary directory): a script in a ConfigMap names container paths."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        for mount in container.get("volumeMounts") or []:
+            source = (volumes.get(mount["name"]) or {}).get("configMap")
+            if not source:
+                continue
+            cm = self.get("configmaps", ns, source["name"])
+            if cm is None:
+                continue
+            data: dict[str, str] = cm.get("data") or {}
+            items = source.get("items") or []
+            files = {i["path"]: data[i["key"]] for i in items if i["key"] in data} or dict(data)
+            target = Path(local(mount["mountPath"]))
+            if mount.get("subPath"):
+                if mount["subPath"] in files:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(local(files[mount["subPath"]]))
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            for path, text in files.items():
+                (target / path).write_text(local(text))
 
     def start_kubelet(self, ns: str, pod: str, *, finish_job: bool = True) -> asyncio.Task[int]:
         task = asyncio.get_running_loop().create_task(
