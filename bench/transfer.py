@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -75,6 +76,11 @@ async def latencies(c: Any, entry_id: str, stop: asyncio.Event | None, n: int = 
     return out
 
 
+def started() -> None:
+    """Tells the parent the bytes start moving now (the latency window opens)."""
+    print("go", flush=True)
+
+
 async def upload(base: str, token: str, mb: int, chunk_mb: int) -> float:
     size = mb * MIB
     auth = {"authorization": f"Bearer {token}"}
@@ -82,6 +88,7 @@ async def upload(base: str, token: str, mb: int, chunk_mb: int) -> float:
         made = await web.post("/uploads", json={"name": "big.bin", "size": size})
         made.raise_for_status()
         url = made.json()["url"]
+        started()
         t = time.perf_counter()
         for start in range(0, size, chunk_mb * MIB):
             end = min(size, start + chunk_mb * MIB)
@@ -102,12 +109,51 @@ async def download(base: str, token: str, entry_id: str) -> tuple[float, int]:
     auth = {"authorization": f"Bearer {token}"}
     got = 0
     async with httpx2.AsyncClient(base_url=base, headers=auth, timeout=600) as web:
+        started()
         t = time.perf_counter()
         async with web.stream("GET", f"/entries/{entry_id}/artifacts/big.bin") as r:
             r.raise_for_status()
             async for chunk in r.aiter_bytes():
                 got += len(chunk)
         return time.perf_counter() - t, got
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def transfer_process(
+    name: str, base: str, token: str, entry_id: str, mb: int, chunk_mb: int, c: Any
+) -> tuple[dict[str, Any], list[float]]:
+    """The transfer's figures and get_entry's latencies while its bytes moved (from the
+    client's "go" to its answer: not while it starts up)."""
+    args = [name, base, token, entry_id, str(mb), str(chunk_mb)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE), "--client", *args, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    if (await proc.stdout.readline()).strip() != b"go":
+        raise RuntimeError(f"the {name} client did not start")
+    stop = asyncio.Event()
+    calls = asyncio.create_task(latencies(c, entry_id, stop))
+    out = await proc.stdout.read()
+    stop.set()
+    during = await calls
+    if await proc.wait() != 0:
+        raise RuntimeError(f"the {name} client failed ({proc.returncode})")
+    figures: dict[str, Any] = json.loads(out)
+    return figures, during
+
+
+def client_main(name: str, base: str, token: str, entry_id: str, mb: int, chunk_mb: int) -> None:
+    if name == "upload":
+        secs = asyncio.run(upload(base, token, mb, chunk_mb))
+    else:
+        secs, got = asyncio.run(download(base, token, entry_id))
+        assert got == mb * MIB, got
+    print(json.dumps({"seconds": secs}))
 
 
 def summary(xs: list[float]) -> tuple[float, float]:
@@ -135,30 +181,24 @@ async def measure(mb: int = 200, chunk_mb: int = 50) -> dict[str, Any]:
                     figures["idle"] = summary(await latencies(c, entry_id, None))
                     for name in ("upload", "download"):
                         before = sampler.reset()
-                        stop = asyncio.Event()
-                        calls = asyncio.create_task(latencies(c, entry_id, stop))
-                        # The transfer runs on a loop of its own (a thread), so pushing bytes
-                        # does not delay this loop's get_entry calls: what is measured is the
-                        # server's answer.
-                        if name == "upload":
-                            secs = await asyncio.to_thread(
-                                asyncio.run, upload(base, token, mb, chunk_mb)
-                            )
-                        else:
-                            secs, got = await asyncio.to_thread(
-                                asyncio.run, download(base, token, entry_id)
-                            )
-                            assert got == mb * MIB, got
-                        stop.set()
-                        during = await calls
+                        cpu = cpu_seconds(pid)
+                        # The transfer's client is a process of its own: in a thread here it
+                        # would hold this process's GIL while it pushes 200 MB, and delay this
+                        # loop's get_entry calls, which must measure the server alone.
+                        out, during = await transfer_process(
+                            name, base, token, entry_id, mb, chunk_mb, c
+                        )
                         figures[name] = {
-                            "seconds": secs,
+                            "seconds": out["seconds"],
                             "rss_before_mb": before,
                             "rss_peak_mb": sampler.peak,
                             "rss_growth_mb": sampler.peak - before,
+                            "server_cpu_s": cpu_seconds(pid) - cpu,
                             "get_entry": summary(during),
                             "calls": len(during),
                         }
+                    # Idle again after both: how far the machine's own noise moves the baseline.
+                    figures["idle_after"] = summary(await latencies(c, entry_id, None))
             finally:
                 sampler.close()
         return figures
@@ -166,21 +206,30 @@ async def measure(mb: int = 200, chunk_mb: int = 50) -> dict[str, Any]:
 
 def report(f: dict[str, Any]) -> None:
     idle_med, idle_p95 = f["idle"]
-    print(f"get_entry idle: median {idle_med:.1f} ms, p95 {idle_p95:.1f} ms")
+    after_med, after_p95 = f["idle_after"]
+    print(
+        f"get_entry idle: p50 {idle_med:.1f} ms, p95 {idle_p95:.1f} ms "
+        f"(idle again after the transfers: p50 {after_med:.1f} ms, p95 {after_p95:.1f} ms)"
+    )
     for name in ("upload", "download"):
         x = f[name]
         med, p95 = x["get_entry"]
         print(
-            f"{name} {f['mb']} MB in {x['seconds']:.1f} s ({f['mb'] / x['seconds']:.0f} MB/s): "
-            f"server RSS {x['rss_before_mb']:.1f} -> peak {x['rss_peak_mb']:.1f} MB "
-            f"(+{x['rss_growth_mb']:.1f} MB); get_entry during it ({x['calls']} calls) median "
-            f"{med:.1f} ms ({med / idle_med:.2f}x idle), p95 {p95:.1f} ms"
+            f"{name} {f['mb']} MB in {x['seconds']:.1f} s ({f['mb'] / x['seconds']:.0f} MB/s, "
+            f"server CPU {x['server_cpu_s']:.1f} s): server RSS {x['rss_before_mb']:.1f} -> "
+            f"peak {x['rss_peak_mb']:.1f} MB (+{x['rss_growth_mb']:.1f} MB); get_entry during "
+            f"it ({x['calls']} calls) p50 {med:.1f} ms ({med / idle_med:.2f}x idle), "
+            f"p95 {p95:.1f} ms ({p95 / idle_p95:.2f}x idle)"
         )
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--payload"]:
         payload()
+        sys.exit(0)
+    if sys.argv[1:2] == ["--client"]:
+        name, base, token, entry_id, mb, chunk_mb = sys.argv[2:8]
+        client_main(name, base, token, entry_id, int(mb), int(chunk_mb))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=200)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from ground.errors import InvalidInput, NotFound
@@ -125,6 +125,27 @@ class LocalStore:
             return out
 
         return await asyncio.to_thread(walk)
+
+    async def concat(self, key: str, parts: Sequence[str]) -> ObjectInfo:
+        target = self._path(key)
+        paths = [self._path(p) for p in parts]
+
+        def join() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if len(paths) == 1:
+                os.replace(paths[0], target)
+                return
+            fd, tmp = self._tmp(target)
+            with os.fdopen(fd, "wb") as out:
+                for path in paths:
+                    with path.open("rb") as f:
+                        shutil.copyfileobj(f, out, 8 << 20)
+            os.replace(tmp, target)
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(join)
+        return _info(key, target)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
