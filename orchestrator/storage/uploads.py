@@ -69,37 +69,49 @@ def _check_name(name: str) -> str:
 
 class _Blocks:
     """The request's chunks in BLOCK-sized blocks, counted, at most `room` bytes, and hashed
-    on a worker thread when a hash runs."""
+    on a worker thread when a hash runs: block k is hashed while the store writes it (the
+    hash of k is awaited before k+1's starts, so the hash sees the blocks in order)."""
 
     def __init__(self, chunks: AsyncIterable[bytes], room: int, hasher: Any | None) -> None:
         self.chunks = chunks
         self.room = room
         self.hasher = hasher
         self.count = 0
+        self._hashing: asyncio.Future[None] | None = None
 
     async def _out(self, parts: list[bytes]) -> bytes:
         block = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.hasher is not None:
-            await asyncio.to_thread(self.hasher.update, block)
+            await self.hashed()
+            self._hashing = asyncio.ensure_future(asyncio.to_thread(self.hasher.update, block))
         self.count += len(block)
         return block
+
+    async def hashed(self) -> None:
+        """Wait for the last block's hash (before the hash is read or kept)."""
+        if self._hashing is not None:
+            await self._hashing
+            self._hashing = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         held: list[bytes] = []
         size = 0
-        async for chunk in self.chunks:
-            if self.count + size + len(chunk) > self.room:
-                raise InvalidInput(
-                    "more bytes than the upload's size (Content-Range's total)",
-                    field="content-range",
-                )
-            held.append(chunk)
-            size += len(chunk)
-            if size >= BLOCK:
+        try:
+            async for chunk in self.chunks:
+                if self.count + size + len(chunk) > self.room:
+                    raise InvalidInput(
+                        "more bytes than the upload's size (Content-Range's total)",
+                        field="content-range",
+                    )
+                held.append(chunk)
+                size += len(chunk)
+                if size >= BLOCK:
+                    yield await self._out(held)
+                    held, size = [], 0
+            if held:
                 yield await self._out(held)
-                held, size = [], 0
-        if held:
-            yield await self._out(held)
+        finally:
+            await self.hashed()
 
 
 class Uploads:
@@ -225,7 +237,10 @@ class Uploads:
         blocks = _Blocks(chunks, up.size - offset, hasher)
         key = self._part_key(up.id, offset)
         if offset < up.size:
-            await self.store.put_stream(key, blocks)
+            try:
+                await self.store.put_stream(key, blocks)
+            finally:
+                await blocks.hashed()
         if blocks.count:
             done = offset + blocks.count
             async with self.db.writer() as conn:
