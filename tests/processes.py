@@ -56,3 +56,11 @@ def serving(
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+# `python -c HIDE_PYARROW <sciorch args>`: the CLI as if pyarrow were not installed (an import
+# of it fails, find_spec finds nothing), to test what an export says without the extra.
+HIDE_PYARROW = (
+    "import sys; sys.modules['pyarrow'] = None; sys.argv[0] = 'sciorch'; "
+    "from sciorch.cli import main; main()"
+)

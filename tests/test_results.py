@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
@@ -29,11 +31,10 @@ from orchestrator.engine import Engine
 from orchestrator.results import CAMPAIGN_KEY, ResultSearch, ResultsIndex, campaign_of
 from orchestrator.results_query import BoolOp, Compare, Field, Not, parse_field, parse_query
 from orchestrator.store import Store
-from steering.export import parquet_available
 from steering.runner import key_for
 from tests.conftest import BOTH_STORES, make_settings, shutdown
 from tests.mcp_helpers import structured, submit_sim, wait_entry
-from tests.processes import cli_env
+from tests.processes import HIDE_PYARROW, cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -341,18 +342,29 @@ def _search_through_the_cli(home: Path, ids_: list[str]) -> None:
     )  # fmt: skip
     assert bad.returncode == 2 and "at column 5: expected a value" in bad.stderr
     parquet = home.parent / "found.parquet"
-    wrote = subprocess.run(
-        [sys.executable, "-m", "sciorch.cli", "search", "--parquet", str(parquet)],
+    search = ["search", "--parquet", str(parquet)]
+    # Without pyarrow: refused before anything runs, naming the extra to install.
+    hidden = subprocess.run(
+        [sys.executable, "-c", HIDE_PYARROW, *search],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    if parquet_available():
-        import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
-
-        assert wrote.returncode == 0, wrote.stderr
-        assert sorted(pq.read_table(parquet).column("entry_id").to_pylist()) == sorted(ids_)
-    else:  # refused before anything runs, saying what to install
-        assert wrote.returncode == 2 and "needs pyarrow" in wrote.stderr
-        assert not parquet.exists()
+    assert hidden.returncode == 2 and "pip install 'sciorch[parquet]'" in hidden.stderr
+    assert not parquet.exists()
+    wrote = subprocess.run(
+        [sys.executable, "-m", "sciorch.cli", *search],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert wrote.returncode == 0, wrote.stderr
+    table = pq.read_table(parquet)
+    rows = sorted(table.to_pylist(), key=lambda r: r["parameters.x1"])
+    assert [r["entry_id"] for r in rows] == ids_  # submitted with x1 = 1, 2, 3
+    assert [r["parameters.x1"] for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["service"] == "sim-instrument" and r["state"] == "succeeded" for r in rows)
+    types = {f.name: f.type for f in table.schema}
+    assert types["parameters.x1"] == pa.float64() and types["parameters.surface"] == pa.string()
+    assert types["result.value"] == pa.float64() and types["entry_id"] == pa.string()
+    assert types["finished_at"] == pa.timestamp("us", tz="UTC")
+    assert all(r["finished_at"] > r["started_at"] for r in rows)
     as_bob = subprocess.run(
         [sys.executable, "-m", "sciorch.cli", "search", "--json"],
         env=cli_env(home, principal="bob"), capture_output=True, text=True, timeout=120,

@@ -23,6 +23,7 @@ from steering.space import Space, min_distances
 from steering.spec import parse_spec
 from tests.conftest import campaign_engine, make_settings, shutdown
 from tests.mcp_helpers import text_of
+from tests.processes import HIDE_PYARROW
 
 ALICE = Principal(id="alice")
 BOB = Principal(id="bob")
@@ -269,6 +270,28 @@ def test_the_campaign_cli_annotates_and_exports(tmp_path: Path) -> None:
     assert done.returncode == 0 and "2 rows" in done.stdout, done.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["state"] for r in rows] == ["succeeded", "succeeded"] and rows[0]["x1"]
+    # Parquet, typed: the numbers as numbers, the times as timestamps.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table_out = tmp_path / "data.parquet"
+    done = cli("export", cid, "-o", str(table_out))
+    assert done.returncode == 0 and "2 rows" in done.stdout, done.stderr
+    table = pq.read_table(table_out)
+    got = table.to_pylist()
+    assert [r["seq"] for r in got] == [int(r["seq"]) for r in rows]
+    assert [r["x1"] for r in got] == [float(r["x1"]) for r in rows]
+    assert [r["value"] for r in got] == [float(r["value"]) for r in rows]
+    assert [r["state"] for r in got] == ["succeeded", "succeeded"]
+    types = {f.name: f.type for f in table.schema}
+    assert types["seq"] == pa.int64() and types["x1"] == types["value"] == pa.float64()
+    assert types["asked_at"] == pa.timestamp("us", tz="UTC") and types["state"] == pa.string()
+    hidden = subprocess.run(  # as if pyarrow were not installed: the extra is named
+        [sys.executable, "-c", HIDE_PYARROW, "campaign", "export", cid, "-o", str(table_out)],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert hidden.returncode == 2 and "pip install 'sciorch[parquet]'" in hidden.stderr
     bad = cli("reject", cid, f"{cid}-p0")
     assert bad.returncode == 2 and "already measured" in bad.stderr, bad.stderr
 

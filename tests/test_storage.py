@@ -65,6 +65,26 @@ async def test_both_stores_write_streams_and_read_ranges(store: ObjectStore) -> 
     assert await store.list(store.key("artifacts", "ent-1") + "/") == []
 
 
+async def test_both_stores_join_parts_into_one_object_and_drop_the_parts(
+    store: ObjectStore,
+) -> None:
+    """An upload's ranges, received as objects of their own, become its one object."""
+    pieces = [os.urandom(PART_BYTES + 5), os.urandom(3), os.urandom(1 << 20)]
+    keys = [store.key("uploads", "upl-1", "parts", str(i)) for i in range(len(pieces))]
+    for key, piece in zip(keys, pieces, strict=True):
+        await store.put_stream(key, _chunks(piece, 1 << 20))
+    joined = store.key("uploads", "upl-1", "data")
+    info = await store.concat(joined, keys)
+    whole = b"".join(pieces)
+    assert info.size == len(whole)
+    assert await store.read(joined, 0, len(whole)) == whole
+    assert [o.key for o in await store.list(store.key("uploads", "upl-1") + "/")] == [joined]
+    # One part: moved (renamed), not copied through this process.
+    await store.put_bytes(keys[0], b"only")
+    assert (await store.concat(joined, keys[:1])).size == 4
+    assert await store.read(joined, 0, 10) == b"only" and await store.stat(keys[0]) is None
+
+
 async def test_object_urls_are_only_those_of_the_configured_bucket(store: ObjectStore) -> None:
     if isinstance(store, LocalStore):
         with pytest.raises(InvalidInput, match='kind = "s3"') as exc:

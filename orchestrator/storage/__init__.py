@@ -10,7 +10,7 @@ work dir and its event), `Uploads` (inputs sent by callers, resumable) and `reso
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +54,11 @@ class ObjectStore(Protocol):
     async def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def concat(self, key: str, parts: Sequence[str]) -> ObjectInfo:
+        """The objects `parts`, in order, as one object at `key`; the parts are gone after.
+        (An upload's ranges, each received as an object of its own, perhaps by another
+        replica.)"""
 
     async def delete_prefix(self, prefix: str) -> int:
         """Every object under `prefix` (a folder: it ends in '/')."""

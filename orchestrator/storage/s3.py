@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 from ground.config import StorageConfig
 from ground.contract import OutputUpload
 from ground.errors import InvalidInput, NotFound
-from orchestrator.storage import PART_BYTES, ObjectInfo
+from orchestrator.storage import PART_BYTES, ObjectInfo, read_chunks
 from orchestrator.storage.post_policy import presigned_post
 
 IN_FLIGHT = 2
@@ -151,6 +151,26 @@ class S3Store:
                     )
                 )
         return sorted(out, key=lambda o: o.key)
+
+    async def concat(self, key: str, parts: Sequence[str]) -> ObjectInfo:
+        if len(parts) == 1:  # a copy inside the store: no byte passes through here
+            await self._obs.rename_async(self._store, parts[0], key)
+        else:
+            # obstore has no multipart API to join parts server-side: the parts are read
+            # back in ranges and written as one multipart object, a few parts in memory.
+            async def chunks() -> AsyncIterator[bytes]:
+                for part in parts:
+                    info = await self.stat(part)
+                    if info is None:
+                        raise NotFound(f"no object {part!r}", field="key")
+                    async for data in read_chunks(self, part, info.size, PART_BYTES):
+                        yield data
+
+            await self._put(key, chunks())
+            await self._obs.delete_async(self._store, list(parts))
+        info = await self.stat(key)
+        assert info is not None
+        return info
 
     async def delete(self, key: str) -> None:
         await self._obs.delete_async(self._store, key)

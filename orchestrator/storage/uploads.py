@@ -1,30 +1,46 @@
 """Inputs sent by callers: small ones whole (the MCP tool), big ones over HTTP in ranges.
 
-An HTTP upload is created with its total size, then its bytes are PUT in order, each chunk
+An HTTP upload is created with its total size, then its bytes are PUT in order, each range
 saying where it starts (`Content-Range: bytes a-b/total`); a client that lost its connection
-asks HEAD for the offset reached and goes on from there. The partial file lives under
-home/uploads on this server; the whole one moves into the object store and is an input from
-then on (`sciorch://uploads/<id>`), readable only by the principal who sent it.
+asks HEAD for the offset reached and goes on from there, through any replica. Nothing lives on
+one server's disk: the upload's state is a row of the store (table `uploads`), and each PUT's
+bytes, as they arrive, become one object of the storage layer (`uploads/<id>/parts/...`; on S3
+a multipart object). A PUT cut off keeps what arrived. The part is recorded by a
+compare-and-set on `received`, so of two PUTs racing from one offset (on two replicas) one
+wins and the other gets 409 with the offset to resume from. Once the last byte is in, the
+parts are joined into one object (`ObjectStore.concat`), which is an input from then on
+(`sciorch://uploads/<id>`), readable only by the principal who sent it.
+
+The checksum: a replica hashes the bytes it receives (off the event loop) and keeps the hash
+while the next range may continue it; a range that lands on another replica, or after a
+restart, drops it, and the whole object is hashed from storage once it is complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
+import json
 import secrets
 import time
-from collections.abc import AsyncIterable
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from ground.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from ground.models import Principal
-from orchestrator.storage import ObjectStore
+from orchestrator.database import Database, Row, parse_ts
+from orchestrator.storage import PART_BYTES, ObjectStore, read_chunks
 
 UPLOAD_URI = "sciorch://uploads/"
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# Received bytes are written (and hashed) in blocks of this size: a few thread hops a
+# hundred MB, and a few MB held.
+BLOCK = 4 << 20
+_HASHES_KEPT = 256
 
 
 class Upload(BaseModel):
@@ -51,33 +67,86 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+class _Blocks:
+    """The request's chunks in BLOCK-sized blocks, counted, at most `room` bytes, and hashed
+    on a worker thread when a hash runs: block k is hashed while the store writes it (the
+    hash of k is awaited before k+1's starts, so the hash sees the blocks in order)."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], room: int, hasher: Any | None) -> None:
+        self.chunks = chunks
+        self.room = room
+        self.hasher = hasher
+        self.count = 0
+        self._hashing: asyncio.Future[None] | None = None
+
+    async def _out(self, parts: list[bytes]) -> bytes:
+        block = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.hasher is not None:
+            await self.hashed()
+            self._hashing = asyncio.ensure_future(asyncio.to_thread(self.hasher.update, block))
+        self.count += len(block)
+        return block
+
+    async def hashed(self) -> None:
+        """Wait for the last block's hash (before the hash is read or kept)."""
+        if self._hashing is not None:
+            await self._hashing
+            self._hashing = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        held: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.chunks:
+                if self.count + size + len(chunk) > self.room:
+                    raise InvalidInput(
+                        "more bytes than the upload's size (Content-Range's total)",
+                        field="content-range",
+                    )
+                held.append(chunk)
+                size += len(chunk)
+                if size >= BLOCK:
+                    yield await self._out(held)
+                    held, size = [], 0
+            if held:
+                yield await self._out(held)
+        finally:
+            await self.hashed()
 
 
 class Uploads:
-    def __init__(self, store: ObjectStore, spool: Path, max_bytes: int) -> None:
+    def __init__(self, store: ObjectStore, db: Database, max_bytes: int) -> None:
         self.store = store
-        self.spool = spool
+        self.db = db
         self.max_bytes = max_bytes
-        self._locks: dict[str, asyncio.Lock] = {}
-        spool.mkdir(parents=True, exist_ok=True)
+        # (upload id, offset reached) -> the running sha256 of bytes 0..offset on this replica.
+        self._hashes: OrderedDict[tuple[str, int], Any] = OrderedDict()
 
     def data_key(self, upload_id: str) -> str:
         return self.store.key("uploads", upload_id, "data")
 
-    def _meta_key(self, upload_id: str) -> str:
-        return self.store.key("uploads", upload_id, "meta.json")
+    def _part_key(self, upload_id: str, offset: int) -> str:
+        # The token keeps two racing PUTs from one offset off each other's object.
+        return self.store.key(
+            "uploads", upload_id, "parts", f"{offset:016d}-{secrets.token_hex(4)}"
+        )
 
-    def _part(self, upload_id: str) -> Path:
-        return self.spool / f"{upload_id}.part"
-
-    def _pending(self, upload_id: str) -> Path:
-        return self.spool / f"{upload_id}.json"
+    async def _insert(self, up: Upload) -> None:
+        created = self.db.ts(datetime.fromtimestamp(up.created_at, UTC))
+        await self.db.execute(
+            "INSERT INTO uploads (id, principal, name, size, received, complete, sha256, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                up.id,
+                up.principal,
+                up.name,
+                up.size,
+                up.received,
+                int(up.complete),
+                up.sha256,
+                created,
+            ),
+        )
 
     async def create(self, principal: Principal, name: str, size: int) -> Upload:
         if size < 0:
@@ -94,16 +163,10 @@ class Uploads:
             size=size,
             created_at=time.time(),
         )
-        await asyncio.to_thread(self._write_pending, up)
-        await asyncio.to_thread(self._part(up.id).touch)
+        await self._insert(up)
         if size == 0:
-            return await self._finish(up)
+            return await self._finish(up, [], hashlib.sha256())
         return up
-
-    def _write_pending(self, up: Upload) -> None:
-        tmp = self._pending(up.id).with_suffix(".tmp")
-        tmp.write_text(up.model_dump_json())
-        os.replace(tmp, self._pending(up.id))
 
     async def put_small(self, principal: Principal, name: str, data: bytes) -> Upload:
         up = Upload(
@@ -117,25 +180,39 @@ class Uploads:
             created_at=time.time(),
         )
         await self.store.put_bytes(self.data_key(up.id), data)
-        await self.store.put_bytes(self._meta_key(up.id), up.model_dump_json().encode())
+        await self._insert(up)
         return up
+
+    async def _row(self, upload_id: str) -> Row | None:
+        if not (set(upload_id) <= _NAME_OK and upload_id.startswith("upl-")):
+            return None
+        return await self.db.fetchrow("SELECT * FROM uploads WHERE id = ?", (upload_id,))
+
+    @staticmethod
+    def _upload(row: Row) -> Upload:
+        return Upload(
+            id=row["id"],
+            principal=row["principal"],
+            name=row["name"],
+            size=row["size"],
+            received=row["received"],
+            complete=bool(row["complete"]),
+            sha256=row["sha256"],
+            created_at=parse_ts(row["created_at"]).timestamp(),
+        )
 
     async def get(self, principal: Principal, upload_id: str, field: str = "upload_id") -> Upload:
         """The upload, finished or not; another principal's is not found."""
-        up: Upload | None = None
-        if set(upload_id) <= _NAME_OK and upload_id.startswith("upl-"):
-            pending = self._pending(upload_id)
-            if pending.exists():
-                up = Upload.model_validate_json(await asyncio.to_thread(pending.read_text))
-                up.received = (await asyncio.to_thread(self._part(upload_id).stat)).st_size
-            else:
-                info = await self.store.stat(self._meta_key(upload_id))
-                if info is not None:
-                    raw = await self.store.read(self._meta_key(upload_id), 0, info.size)
-                    up = Upload.model_validate_json(raw)
-        if up is None or (up.principal != principal.id and not principal.admin):
-            raise NotFound(f"no upload {upload_id!r} of yours", field=field)
+        up, _ = await self._get(principal, upload_id, field)
         return up
+
+    async def _get(
+        self, principal: Principal, upload_id: str, field: str
+    ) -> tuple[Upload, list[str]]:
+        row = await self._row(upload_id)
+        if row is None or (row["principal"] != principal.id and not principal.admin):
+            raise NotFound(f"no upload {upload_id!r} of yours", field=field)
+        return self._upload(row), list(json.loads(row["parts"]))
 
     async def append(
         self,
@@ -146,59 +223,77 @@ class Uploads:
         length: int | None = None,
     ) -> Upload:
         """Write the bytes from `offset` (which must be where the upload stands)."""
-        lock = self._locks.setdefault(upload_id, asyncio.Lock())
-        if lock.locked():
-            raise Conflict(f"upload {upload_id} is being written by another request", field="id")
-        async with lock:
-            up = await self.get(principal, upload_id, "id")
-            if up.complete:
-                raise Conflict(f"upload {upload_id} is already complete", field="id")
-            if offset != up.received:
-                raise Conflict(
-                    f"upload {upload_id} stands at byte {up.received}, not {offset}: "
-                    "resume from there",
-                    field="offset",
-                    offset=up.received,
+        up, parts = await self._get(principal, upload_id, "id")
+        if up.complete:
+            raise Conflict(f"upload {upload_id} is already complete", field="id")
+        if offset != up.received:
+            raise self._elsewhere(up)
+        if length is not None and offset + length > up.size:
+            raise InvalidInput(
+                f"bytes {offset}..{offset + length} go past the upload's size {up.size}",
+                field="content-range",
+            )
+        hasher = hashlib.sha256() if offset == 0 else self._hashes.pop((up.id, offset), None)
+        blocks = _Blocks(chunks, up.size - offset, hasher)
+        key = self._part_key(up.id, offset)
+        if offset < up.size:
+            try:
+                await self.store.put_stream(key, blocks)
+            finally:
+                await blocks.hashed()
+        if blocks.count:
+            done = offset + blocks.count
+            async with self.db.writer() as conn:
+                won = await conn.fetch(
+                    "UPDATE uploads SET received = ?, parts = ? "
+                    "WHERE id = ? AND received = ? AND complete = 0 RETURNING id",
+                    (done, json.dumps([*parts, key]), up.id, offset),
                 )
-            if length is not None and offset + length > up.size:
-                raise InvalidInput(
-                    f"bytes {offset}..{offset + length} go past the upload's size {up.size}",
-                    field="content-range",
-                )
-            written = up.received
-            with self._part(upload_id).open("r+b") as f:
-                f.seek(offset)
-                buf = bytearray()
-                try:
-                    async for chunk in chunks:
-                        if written + len(buf) + len(chunk) > up.size:
-                            raise InvalidInput(
-                                f"more bytes than the upload's size {up.size}",
-                                field="content-range",
-                            )
-                        buf += chunk
-                        if len(buf) >= 1 << 20:
-                            await asyncio.to_thread(f.write, buf)
-                            written += len(buf)
-                            buf = bytearray()
-                finally:
-                    # What arrived before a broken connection stays: the client resumes.
-                    if buf:
-                        await asyncio.to_thread(f.write, buf)
-                        written += len(buf)
-                    await asyncio.to_thread(f.flush)
-            up.received = written
-            if written == up.size:
-                up = await self._finish(up)
-        self._locks.pop(upload_id, None)
-        return up
+            if not won:  # another PUT from this offset was recorded first
+                await self.store.delete(key)
+                raise self._elsewhere(await self.get(principal, upload_id, "id"))
+            parts.append(key)
+            up.received = done
+        elif offset < up.size:
+            await self.store.delete(key)
+        if up.received < up.size:
+            if hasher is not None and blocks.count:
+                self._keep_hash(up.id, up.received, hasher)
+            return up
+        # Complete: joined here. A PUT of nothing at the end finishes an upload whose replica
+        # stopped between recording the last part and joining.
+        return await self._finish(up, parts, hasher)
 
-    async def _finish(self, up: Upload) -> Upload:
-        part = self._part(up.id)
-        up.sha256 = await asyncio.to_thread(_hash_file, part)
+    @staticmethod
+    def _elsewhere(up: Upload) -> Conflict:
+        return Conflict(
+            f"upload {up.id} stands at byte {up.received}: resume from there",
+            field="offset",
+            offset=up.received,
+        )
+
+    def _keep_hash(self, upload_id: str, offset: int, hasher: Any) -> None:
+        self._hashes[(upload_id, offset)] = hasher
+        while len(self._hashes) > _HASHES_KEPT:
+            self._hashes.popitem(last=False)
+
+    async def _finish(self, up: Upload, parts: list[str], hasher: Any | None) -> Upload:
+        key = self.data_key(up.id)
+        kept = await self.store.stat(key)
+        if kept is None or kept.size != up.size:  # else joined before a restart
+            if up.size == 0:
+                await self.store.put_bytes(key, b"")
+            else:
+                await self.store.concat(key, parts)
+        if hasher is None:
+            hasher = hashlib.sha256()
+            async for block in read_chunks(self.store, key, up.size, PART_BYTES):
+                await asyncio.to_thread(hasher.update, block)
+        up.sha256 = hasher.hexdigest()
         up.received = up.size
         up.complete = True
-        await self.store.put_file(self.data_key(up.id), part, move=True)
-        await self.store.put_bytes(self._meta_key(up.id), up.model_dump_json().encode())
-        await asyncio.to_thread(self._pending(up.id).unlink, missing_ok=True)
+        await self.db.execute(
+            "UPDATE uploads SET received = ?, complete = 1, sha256 = ?, parts = '[]' WHERE id = ?",
+            (up.size, up.sha256, up.id),
+        )
         return up

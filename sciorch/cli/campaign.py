@@ -136,23 +136,23 @@ def export(
 ) -> None:
     """Write the campaign's data (one row per evaluation) as CSV, or Parquet if pyarrow is
     installed."""
-    from steering.export import parquet_available
+    from steering.export import PARQUET_EXTRA, parquet_available
 
     suffix = output.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         fail("output: must end in .csv or .parquet", "output")
     if suffix == ".parquet" and not parquet_available():
-        fail("output: Parquet needs pyarrow (pip install pyarrow); write .csv instead", "output")
+        fail(f"output: {PARQUET_EXTRA}; or write .csv", "output")
     res = call(
         ctx, url, token, "export_campaign", {"campaign_id": campaign_id, "max_rows": 100_000}
     )
     if suffix == ".csv":
         output.write_text(res["text"])
     else:
-        from steering.export import write_parquet
+        from steering.export import typed, write_parquet
 
         data = list(csv.DictReader(io.StringIO(res["text"])))
-        write_parquet(output, res["columns"], [{k: v or None for k, v in r.items()} for r in data])
+        write_parquet(output, res["columns"], typed(res["columns"], data))
     cut = " (truncated)" if res["truncated"] else ""
     out.print(f"{res['rows']} rows -> {output}{cut}")
 

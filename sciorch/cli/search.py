@@ -15,7 +15,7 @@ from ground.models import EntryState, Principal
 from orchestrator.engine import Engine
 from sciorch.cli.app import app, build, fail, out, run
 from sciorch.cli.render import cell, fmt_json, fmt_time, result_summary
-from steering.export import parquet_available, to_csv, write_parquet
+from steering.export import PARQUET_EXTRA, parquet_available, to_csv, write_parquet
 from tools.models import ResultPage, SearchResultsInput
 
 
@@ -49,7 +49,7 @@ def search(
 ) -> None:
     """Search finished entries by service, event, campaign, time and parameter/result fields."""
     if parquet_file is not None and not parquet_available():
-        fail("parquet: Parquet needs pyarrow (pip install pyarrow); use --csv instead", "parquet")
+        fail(f"parquet: {PARQUET_EXTRA}; or use --csv", "parquet")
     export = csv_file is not None or parquet_file is not None
     want = limit if limit is not None else (None if export else 50)
     args = dict(

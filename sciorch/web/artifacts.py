@@ -21,6 +21,7 @@ from ground.contract import MAX_ARTIFACT_READ
 from ground.errors import InvalidInput, NotAllowed, NotFound, SciorchError
 from ground.models import Principal
 from orchestrator.engine import Engine
+from orchestrator.storage.artifacts import ReadRange
 from sciorch.web.proxy import find_token
 from tools.models import mime_type_of
 
@@ -102,7 +103,8 @@ class ArtifactDownloads:
             resp.headers["www-authenticate"] = 'Bearer realm="sciorch"'
             return resp
         try:
-            _, head = await self.engine.read_artifact(principal, entry_id, path, 0, 1)
+            _, read = await self.engine.artifact_reader(principal, entry_id)
+            head = await read(path, 0, 1)
         except InvalidInput as exc:
             return _error(400, exc)
         except NotFound as exc:
@@ -128,19 +130,17 @@ class ArtifactDownloads:
             headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers)
-        return StreamingResponse(
-            self._chunks(principal, entry_id, path, start, end), status, headers
-        )
+        return StreamingResponse(self._chunks(read, path, start, end), status, headers)
 
-    async def _chunks(
-        self, principal: Principal, entry_id: str, path: str, start: int, end: int
-    ) -> AsyncIterator[bytes]:
+    @staticmethod
+    async def _chunks(read: ReadRange, path: str, start: int, end: int) -> AsyncIterator[bytes]:
         # The size was fixed when the response began: a file that grows meanwhile is sent as
-        # it was, one that shrinks ends early (the client sees a short body).
+        # it was, one that shrinks ends early (the client sees a short body). Each chunk is
+        # awaited only once the previous one was sent (StreamingResponse awaits the send, which
+        # waits for the transport to drain): a slow reader holds one chunk, not the file.
         offset = start
         while offset < end:
-            limit = min(MAX_ARTIFACT_READ, end - offset)
-            _, chunk = await self.engine.read_artifact(principal, entry_id, path, offset, limit)
+            chunk = await read(path, offset, min(MAX_ARTIFACT_READ, end - offset))
             if not chunk.data:
                 return
             yield chunk.data

@@ -6,7 +6,8 @@
     HEAD /uploads/{id}           `Upload-Offset`: the bytes received so far (resume there)
     GET  /uploads/{id}           the upload as JSON (uri once complete)
 
-Bodies are streamed to disk as they arrive (never held whole). Every request carries a bearer
+Bodies are streamed to the storage layer as they arrive (never held whole), and the upload's
+state is in the store, so each request may reach any replica. Every request carries a bearer
 token /mcp accepts with the submit scope; an upload is its sender's: another principal gets 404.
 A PUT that does not start where the upload stands gets 409 with the right `Upload-Offset`.
 """
