@@ -634,9 +634,18 @@ def test_a_campaign_is_steered_from_its_page_and_a_viewer_may_not(
     wait_for(browser, lambda d: "alice annotate" in text_of(d, "#actions"))
     assert "looks promising near x1=1.5" in text_of(browser, "#actions")
     assert "alice reject" in text_of(browser, "#actions")
+    # a wall time that is no duration: the error beside that field
+    browser.find_element(By.ID, "budget-wall-time").send_keys("soon")
+    browser.find_element(By.ID, "budget-submit").click()
+    error = wait_for(browser, lambda d: d.find_elements(By.ID, "budget-wall-error"))[0]
+    assert "wall_time_s" in error.text and "soon" in error.text, error.text
+    assert not browser.find_elements(By.ID, "budget-error")
     budget = browser.find_element(By.ID, "budget-evaluations")
     budget.clear()
     budget.send_keys("12")
+    wall = browser.find_element(By.ID, "budget-wall-time")
+    wall.clear()
+    wall.send_keys("2h")
     browser.find_element(By.ID, "budget-submit").click()
     wait_for(browser, lambda d: text_of(d, "#c-progress").endswith("/ 12"))
     assert same_page(browser, mark), "the campaign page was reloaded"
@@ -676,6 +685,7 @@ def test_a_campaign_is_steered_from_its_page_and_a_viewer_may_not(
                 assert resp.status_code == status, (who, action, resp.status_code)
     (after,) = mcp_calls(served, "alice", ("get_campaign", {"campaign_id": campaign_id}))
     assert after["progress"]["budget"] == 12 and after["state"] == "running"
+    assert after["progress"]["wall_time_s"] == 7200
     assert not [a for a in after["actions"] if a["principal"] != "alice"]
     sign_in_as_alice(browser, served)
     browser.get(f"{served.base}/hub/campaigns/{campaign_id}")

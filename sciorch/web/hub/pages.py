@@ -626,9 +626,11 @@ class Hub:
             elif action == "annotate":
                 args["text"] = form.get("text", "").strip()
             elif action == "budget":
-                budget = (
+                budget: dict[str, Any] = (
                     {"evaluations": int(form["evaluations"])} if form.get("evaluations") else {}
                 )
+                if form.get("wall_time", "").strip():  # '2h', '90m', '01:30:00' or seconds
+                    budget["wall_time_s"] = form["wall_time"].strip()
                 args |= {"budget": budget, "note": note}
             await self._campaign_call(steer.ACTIONS[action], session.principal, args)
         except ValueError as exc:  # an evaluations field that is no whole number
