@@ -68,9 +68,11 @@ def zdt_spec(evaluations: int, ref: np.ndarray = ZDT_REF) -> Any:
     )
 
 
-def run_ehvi(seed: int, budget: int, ref: np.ndarray = ZDT_REF) -> np.ndarray:
+def run_ehvi(
+    seed: int, budget: int, ref: np.ndarray = ZDT_REF, composite: Any = Composite
+) -> np.ndarray:
     spec = zdt_spec(budget, ref)
-    opt = Composite(spec, seed)
+    opt = composite(spec, seed)
     names = [p.name for p in spec.space]
     design = opt.space.decode(
         opt.space.design(spec.initial_design, spec.design_count, np.random.default_rng(seed))
@@ -144,12 +146,16 @@ def multi_quality(seeds: int, evaluations: int) -> bool:
     refs = (ZDT_REF, ZDT_REF_STANDARD)
     for ref in refs:
         timed(f"steering-ehvi@{ref[0]:g}", run_ehvi, evaluations, ref)
+    before = baseline_composite()
+    if before is not None:  # the code before the fast posterior, at the original reference
+        timed(f"before-ehvi@{ZDT_REF[0]:g}", run_ehvi, evaluations, ZDT_REF, before)
     ok = True
     for ref in refs:
         best = ZDT_BEST[float(ref[0])]
         print(f"  reference ({ref[0]:g}, {ref[1]:g}), best possible {best:.4f}:")
         med: dict[str, float] = {}
-        for name in (f"steering-ehvi@{ref[0]:g}", "random", "nsga2-20x"):
+        names = [f"steering-ehvi@{ref[0]:g}", f"before-ehvi@{ref[0]:g}", "random", "nsga2-20x"]
+        for name in [n for n in names if n in runs]:
             fronts, secs = runs[name]
             vals = [hv(f, ref) for f in fronts]
             med[name] = statistics.median(vals)
