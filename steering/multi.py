@@ -15,6 +15,12 @@ combined here into one acquisition.
 - Cost: a GP of a cost field and/or a movement model from the instrument's last position; the
   score is divided by the expected cost, and a batch is ordered to shorten travel.
 Batches: kriging believer on every model (points in flight told at their posterior mean).
+
+Decisions at large n (steering.posterior): the candidates are a pool drawn when the first
+objective's GP is rebuilt (at training) plus fresh points near the front; every model keeps
+the triangular solve of its GP against the pool and extends it by the told rows, and points
+in flight only lower the variance (no copy of the GP, nothing told). gpCAM's own posterior
+(copies with the fantasies told) where a GP has no dense Cholesky factor.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from steering.optimizer import (
     _distinct_top,
 )
 from steering.pareto import Boxes, expected_improvement, hypervolume, non_dominated
+from steering.posterior import PoolPosterior, usable
 from steering.space import Array, Point, Space, min_distances, unique_rows
 from steering.spec import CampaignSpec
 from steering.views import lookup
@@ -142,6 +149,15 @@ class Composite:
             self._base[:, j] = self.rng.permutation(self._base[:, j])
         self._rejected = np.zeros((0, self.space.dim))
         self.last: dict[str, Any] = {}
+        # the fast posterior (steering.posterior): the pool, the GP it was drawn for, each
+        # model's solve against it, and the points a decision conditions the objectives on
+        self._pool = np.zeros((0, self.space.dim))
+        self._pool_gp: Any = None
+        self._posts: dict[int, PoolPosterior] = {}
+        self._given = np.zeros((0, self.space.dim))
+        self._fast = False
+        self._front_n = 0
+        self._front_idx = np.zeros(0, dtype=np.intp)
 
     @property
     def models(self) -> list[_Model]:
@@ -287,13 +303,24 @@ class Composite:
         return self.objectives[0].opt.hyperparameters_view()
 
     def front(self) -> tuple[NDArray[np.intp], Array]:
-        """Indices of the feasible non-dominated measurements, and the reference point."""
-        good = self._ok & np.all(np.isfinite(self._z), axis=1)
-        idx = np.flatnonzero(good)
-        ref = self.reference()
-        if not len(idx):
-            return idx, ref
-        return idx[non_dominated(self._z[idx])], ref
+        """Indices of the feasible non-dominated measurements, and the reference point.
+        Kept as points are told (they are only ever appended): a new point joins unless a
+        front point dominates or equals it, and removes the front points it dominates."""
+        if self._front_n > len(self._z):
+            self._front_n, self._front_idx = 0, np.zeros(0, dtype=np.intp)
+        idx = self._front_idx
+        for i in range(self._front_n, len(self._z)):
+            z = self._z[i]
+            if not (self._ok[i] and np.all(np.isfinite(z))):
+                continue
+            if len(idx):
+                f = self._z[idx]
+                if np.any(np.all(f <= z, axis=1)):  # dominated by or equal to one of them
+                    continue
+                idx = idx[~(np.all(z <= f, axis=1) & np.any(z < f, axis=1))]
+            idx = np.append(idx, i)
+        self._front_idx, self._front_n = idx, len(self._z)
+        return np.sort(idx), self.reference()
 
     def reference(self, extra: Array | None = None) -> Array:
         z = self._z[np.all(np.isfinite(self._z), axis=1)]
@@ -331,7 +358,13 @@ class Composite:
         self._fit_feasibility(failed)
         gps = {id(m): m.opt._sync() for m in self.models}
         pend = self._encode(pending)
-        if len(pend) or len(failed) or k > 1:
+        # One objective scores with the GP's own gpCAM acquisition, which needs the
+        # fantasies told: the fast posterior serves several.
+        self._fast = self.multi and all(usable(gp) for gp in gps.values())
+        if self._fast:
+            self._follow(gps)
+            self._given = np.vstack([pend, failed[-FANTASY_FAILED:]])
+        elif len(pend) or len(failed) or k > 1:
             # Only the objectives' GPs take fantasies (copied first): the models of
             # constrained fields and cost only weigh the choice, and every told point is a
             # rank-one update in gpCAM, O(n^2) each.
@@ -340,7 +373,7 @@ class Composite:
         fantasy = np.zeros((0, len(self.objectives)))
         if len(pend):
             fantasy = self._fantasise(gps, pend, objectives_only=True)
-        if len(failed):
+        if len(failed) and not self._fast:
             # Failed points are told at the posterior mean too (their uncertainty collapses,
             # so the GP does not chase the hole they leave), but achieve nothing on the front.
             # The latest few only: each is a rank-one update of every objective GP (O(n^2)
@@ -386,9 +419,56 @@ class Composite:
             keep &= min_distances(cands, self._rejected) > REJECT_RADIUS
         return cands[keep]
 
+    def _follow(self, gps: dict[int, Any]) -> None:
+        """The pool and every model's solve against it, in step with the GPs: a new pool when
+        the first objective's GP was rebuilt, a new solve when a model's GP was, otherwise
+        the rows told since appended."""
+        main = gps[id(self.objectives[0])]
+        if main is not self._pool_gp or not len(self._pool):
+            d = self.space.dim
+            count = int(min(1536, max(768, 192 * d))) if self.n <= 300 else 1024
+            self._pool = self.space.sobol_feasible(count, self.rng)
+            self._pool_gp = main
+            self._posts = {}
+        for model in self.models:
+            gp = gps[id(model)]
+            post = self._posts.get(id(model))
+            if post is not None and post.fits(gp):
+                post.refresh()
+            else:
+                self._posts[id(model)] = PoolPosterior(gp, self._pool)
+
+    def _predict(
+        self, gps: dict[int, Any], model: _Model, x: Array, pooled: NDArray[np.intp] | None = None
+    ) -> tuple[Array, Array]:
+        """Mean and std of a model's field at x, after the decision's fantasies (objectives
+        only); the first len(pooled) rows of x are the pool's rows `pooled`."""
+        if not self._fast:
+            return model.opt.predict(x, gps[id(model)])
+        post = self._posts[id(model)]
+        given = self._given if model in self.objectives else None
+        noise = model.opt.fantasy_noise()
+        parts = []
+        cut = 0 if pooled is None else len(pooled)
+        if cut:
+            parts.append(post.moments(index=pooled, given=given, noise=noise))
+        if cut < len(x):
+            parts.append(post.moments(x[cut:], given=given, noise=noise))
+        m = np.concatenate([p[0] for p in parts])
+        v = np.concatenate([p[1] for p in parts])
+        return model.opt.result_units(m, v)
+
     def _fantasise(self, gps: dict[int, Any], x: Array, objectives_only: bool = False) -> Array:
-        """Tell every model its own posterior mean at x; the objectives' means (minimised)."""
+        """Tell every model its own posterior mean at x; the objectives' means (minimised).
+        With the fast posterior nothing is told: x joins the points the objectives'
+        variances are conditioned on."""
         z = np.zeros((len(x), len(self.objectives)))
+        if self._fast:
+            for j, model in enumerate(self.objectives):
+                if model.opt.n >= 2:
+                    z[:, j] = model.minimise_sign * self._predict(gps, model, x)[0]
+            self._given = np.vstack([self._given, x])
+            return z
         for model in self.objectives if objectives_only else self.models:
             gp = gps[id(model)]
             if model.opt.n >= 2:
@@ -400,12 +480,14 @@ class Composite:
 
     # ---------------------------------------------------------------- scores
 
-    def _feasibility(self, gps: dict[int, Any], x: Array) -> Array:
+    def _feasibility(
+        self, gps: dict[int, Any], x: Array, pooled: NDArray[np.intp] | None = None
+    ) -> Array:
         p = np.ones(len(x))
         for c, model in self.outcome:
             if model.opt.n < 2:
                 continue
-            mean, std = model.opt.predict(x, gps[id(model)])
+            mean, std = self._predict(gps, model, x, pooled)
             assert c.bound is not None
             gap = (c.bound - mean) if c.upper else (mean - c.bound)
             p *= norm.cdf(gap / np.maximum(std, 1e-9))
@@ -464,7 +546,13 @@ class Composite:
         x: Array = self._encode([self.position])[0]
         return x
 
-    def _cost(self, gps: dict[int, Any], x: Array, at: Array | None) -> Array | None:
+    def _cost(
+        self,
+        gps: dict[int, Any],
+        x: Array,
+        at: Array | None,
+        pooled: NDArray[np.intp] | None = None,
+    ) -> Array | None:
         cost = self.spec.cost
         if cost is None:
             return None
@@ -477,13 +565,15 @@ class Composite:
             )
             total += moves.max(axis=1) if cost.simultaneous else moves.sum(axis=1)
         if self.cost_model is not None and self.cost_model.opt.n >= 2:
-            mean, _ = self.cost_model.opt.predict(x, gps[id(self.cost_model)])
+            mean, _ = self._predict(gps, self.cost_model, x, pooled)
             total += np.maximum(mean, 0.0)
         floor = COST_FLOOR * float(np.median(total)) if len(total) else 0.0
         out: Array = np.maximum(total, max(floor, 1e-12))
         return out
 
-    def _improvement(self, gps: dict[int, Any], x: Array, fantasy: Array) -> Array:
+    def _improvement(
+        self, gps: dict[int, Any], x: Array, fantasy: Array, pooled: NDArray[np.intp] | None = None
+    ) -> Array:
         """Expected hypervolume improvement (several objectives) or the objective GP's
         acquisition (one)."""
         if not self.multi:
@@ -495,7 +585,7 @@ class Composite:
             return np.where(finite, acq, 0.0)
         means, stds = [], []
         for m in self.objectives:
-            mean, std = m.opt.predict(x, gps[id(m)])
+            mean, std = self._predict(gps, m, x, pooled)
             means.append(m.minimise_sign * mean)
             stds.append(std)
         mu, sd = np.stack(means, axis=1), np.stack(stds, axis=1)
@@ -521,17 +611,35 @@ class Composite:
         out[top] += expected_improvement(boxes, mu[top], sd[top], base)
         return np.asarray(out, dtype=float)
 
-    def _scores(self, gps: dict[int, Any], x: Array, fantasy: Array, at: Array | None) -> Array:
-        a = self._improvement(gps, x, fantasy) * self._feasibility(gps, x)
-        cost = self._cost(gps, x, at)
+    def _scores(
+        self,
+        gps: dict[int, Any],
+        x: Array,
+        fantasy: Array,
+        at: Array | None,
+        pooled: NDArray[np.intp] | None = None,
+    ) -> Array:
+        a = self._improvement(gps, x, fantasy, pooled) * self._feasibility(gps, x, pooled)
+        cost = self._cost(gps, x, at, pooled)
         return a if cost is None else a / cost
 
-    def _candidates(self, taken: Array) -> Array:
+    def _candidates(self, taken: Array) -> tuple[Array, NDArray[np.intp] | None]:
+        """Candidates, and which pool rows come first (the fast posterior) or None."""
         d = self.space.dim
         main = self.objectives[0].opt
-        # Large data make every posterior dearer: fewer global candidates then (as Optimizer)
-        count = int(min(1536, max(768, 192 * d))) if self.n <= 300 else 768
-        parts = [self.space.sobol_feasible(count, self.rng)]
+        pooled: NDArray[np.intp] | None = None
+        parts: list[Array] = []
+        if self._fast:
+            keep = min_distances(self._pool, taken) > DUPLICATE_TOL
+            if len(self._rejected):
+                keep &= min_distances(self._pool, self._rejected) > REJECT_RADIUS
+            pooled = np.flatnonzero(keep)
+        else:
+            # Large data make every posterior dearer: fewer global candidates (as Optimizer)
+            count = int(min(1536, max(768, 192 * d))) if self.n <= 300 else 768
+            parts.append(self.space.sobol_feasible(count, self.rng))
+        # fresh candidates near the front cost a full solve each: fewer at large n
+        near, clipped = (24, 16) if self.n <= 300 else (12, 8)
         if self.multi:
             idx, _ = self.front()
             centres = self._x[idx][-16:] if len(idx) else self._x[-4:]
@@ -539,22 +647,29 @@ class Composite:
             g = main.sign * main._y
             centres = main._x[np.argsort(-g)[: min(5, main.n)]]
         if len(centres):
-            parts.append(main._perturb(centres, 24, 0.1))
-            parts.append(main._perturb(centres, 24, 0.3))
+            parts.append(main._perturb(centres, near, 0.1))
+            parts.append(main._perturb(centres, near, 0.3))
             # the same steps clipped rather than reflected: optima on a wall (Pareto sets
             # often lie on one) are reached exactly; the acquisition judges them with the rest
-            reps = np.repeat(centres, 16, axis=0)
+            reps = np.repeat(centres, clipped, axis=0)
             steps = main._steps(0.2) * self.rng.normal(0.0, 1.0, reps.shape)
             parts.append(self.space.snap(np.clip(reps + steps, 0.0, 1.0)))
-        return self._free(unique_rows(np.vstack(parts)), taken)
+        fresh = (
+            self._free(unique_rows(np.vstack(parts)), taken)
+            if parts
+            else np.zeros((0, self.space.dim))
+        )
+        if pooled is None:
+            return fresh, None
+        return np.vstack([self._pool[pooled], fresh]), pooled
 
     def _maximise(
         self, gps: dict[int, Any], taken: Array, fantasy: Array, at: Array | None
     ) -> tuple[Array, float] | None:
-        cands = self._candidates(taken)
+        cands, pooled = self._candidates(taken)
         if len(cands) == 0:
             return None
-        vals = self._scores(gps, cands, fantasy, at)
+        vals = self._scores(gps, cands, fantasy, at, pooled)
         main = self.objectives[0].opt
         for scale in (0.1, 0.02) if self.n <= 300 else (0.05,):
             centres = _distinct_top(cands, vals, 4, 0.05)

@@ -469,9 +469,23 @@ class Optimizer:
             v = np.asarray(
                 gp.posterior_covariance(chunk, variance_only=True)["v(x)"], dtype=float
             ).reshape(-1)
-            mean[i : i + CHUNK] = self.sign * self._frame.inverse(m)
-            std[i : i + CHUNK] = np.sqrt(np.maximum(v, 0.0)) * self._frame.slope(m)
+            mean[i : i + CHUNK], std[i : i + CHUNK] = self.result_units(m, v)
         return mean, std
+
+    def result_units(self, m: Array, v: Array) -> tuple[Array, Array]:
+        """Posterior mean and variance in the GP's frame -> mean and std in result units."""
+        mean = self.sign * self._frame.inverse(m)
+        std = np.sqrt(np.maximum(v, 0.0)) * self._frame.slope(m)
+        return mean, std
+
+    def fantasy_noise(self) -> float:
+        """The noise variance (GP frame) at which a point in flight is told (kriging
+        believer, `_fantasise`)."""
+        noise = self._typical_noise()
+        if noise is not None:
+            return float(noise[0])
+        h = self.hyperparameters
+        return float(h[-1]) if h is not None else NOISE_FLOOR
 
     def summary(self) -> dict[str, Any] | None:
         """Posterior summary over a fixed Sobol set of 512 points (cached until the next tell)."""
