@@ -10,18 +10,26 @@ the default; the default is the newest stable version (the newest dev one if the
 from __future__ import annotations
 
 import copy
+import sys
 import tomllib
 from collections.abc import Iterable
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 from pydantic import ValidationError
 
 from ground.errors import InvalidInput, InvalidParameters, UnknownService, invalid_input
 from ground.models import Resources, Service, ServiceSummary
+
+# jsonschema imports rfc3987_syntax when it is installed (the jupyter extra brings it) only for
+# the `iri` formats, and that builds a Lark grammar: over 1 s at the start of every process
+# (each CLI command, each server). The catalogue validates parameters without a format checker,
+# so those checkers are never used; a None entry makes that import fail, as if not installed.
+sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+
+import jsonschema  # noqa: E402
 
 
 def _pieces(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -166,9 +174,7 @@ def resources_for(service: Service, params: dict[str, Any]) -> Resources:
         if params.get(name) is None:
             continue
         try:
-            resources = Resources.model_validate(
-                {**resources.model_dump(), field: params[name]}
-            )
+            resources = Resources.model_validate({**resources.model_dump(), field: params[name]})
         except ValidationError as exc:
             why = exc.errors()[0]["msg"]
             raise InvalidParameters(
