@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -156,7 +156,10 @@ def shot(driver: WebDriver, name: str) -> None:
 
 def wait_for(driver: WebDriver, what: Callable[[WebDriver], Any], timeout: float = 60) -> Any:
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(what)
+        # A live update may replace an element between finding it and reading it: try again.
+        return WebDriverWait(
+            driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+        ).until(what)
     except TimeoutException:
         shot(driver, "timeout")
         where = f"{driver.current_url}: {driver.page_source[:3000]}"

@@ -493,7 +493,8 @@ async def test_revoking_a_share_silences_an_open_listen_stream(
             {
                 "service": "sim-instrument",
                 "event_id": event["id"],
-                "parameters": {"duration_s": 2.5, "records": 10},
+                # long enough to be still running after the revoke on a loaded machine
+                "parameters": {"duration_s": 6, "records": 12},
             },
         )
     )
