@@ -196,6 +196,12 @@ class ProgressView(BaseModel):
     wall_time_s: float | None
 
 
+class PosteriorPoint(BaseModel):
+    n: int = Field(description="measurements the GP was conditioned on")
+    mean: float = Field(description="posterior mean at the predicted best")
+    std: float = Field(description="posterior std there")
+
+
 class PosteriorView(BaseModel):
     n: int = Field(description="measurements the GP is conditioned on")
     max_std: float = Field(description="largest posterior std over the space (result units)")
@@ -210,6 +216,10 @@ class PosteriorView(BaseModel):
     training: bool = Field(description="a hyperparameter training is running in the background")
     noise: str
     output_warp: str | None = None
+    trace: list[PosteriorPoint] = Field(
+        default_factory=list,
+        description="the predicted best after each summary, oldest first (at most 500)",
+    )
 
 
 class CampaignView(BaseModel):

@@ -48,6 +48,7 @@ log = logging.getLogger("sciorch.steering")
 
 WAIT_SLICE_S = 3600.0  # one wait_entry call; a longer job is simply waited for again
 SUMMARY_EVERY_S = 1.0
+TRACE_MAX = 500  # posterior summaries kept for the campaign page's chart
 
 
 class CampaignError(SciorchError):
@@ -773,8 +774,25 @@ class CampaignRunner:
     async def _store_summary(self, summary: dict[str, Any] | None) -> None:
         self._summary_at = time.monotonic()
         if summary is not None:
+            summary = {**summary, "trace": self._traced(summary)}
             await self.store.update_campaign(self.id, posterior=summary)
             self._notify()
+
+    def _traced(self, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """The predicted best (posterior mean and std there) after each summary, by the number
+        of measurements: what the campaign page charts beside the values. Kept with the
+        posterior, so a resumed campaign goes on with it; the newest TRACE_MAX only."""
+        trace: list[dict[str, Any]] = list((self.rec.posterior or {}).get("trace") or [])
+        best = summary.get("predicted_best")
+        if best is not None:
+            point = {"n": summary["n"], "mean": best["mean"], "std": best["std"]}
+            if trace and trace[-1]["n"] == point["n"]:
+                trace[-1] = point
+            else:
+                trace.append(point)
+        trace = trace[-TRACE_MAX:]
+        self.rec.posterior = {**summary, "trace": trace}
+        return trace
 
     async def _end(self, state: CampaignState, reason: str, cancel: bool) -> None:
         """Finish: cancel (and record) or await what is in flight, then summary and plots."""

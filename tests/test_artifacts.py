@@ -191,7 +191,12 @@ async def test_paths_cannot_leave_the_output_dir(http: HttpServer, job: dict[str
 
 
 async def test_another_principal_reads_nothing(http: HttpServer, job: dict[str, Any]) -> None:
-    entry_id = job["id"]
+    await assert_bob_reads_nothing(http, job["id"])
+
+
+async def assert_bob_reads_nothing(http: HttpServer, entry_id: str) -> None:
+    """Bob (nothing shared) gets not_found from the tools and the resource, 404 over HTTP;
+    no token or a forged one gets 401."""
     async with sdk_client(http.mcp_url, http.token("bob"), mode=CURRENT) as client:
         res = await client.call_tool("read_artifact", {"entry_id": entry_id, "path": "data.csv"})
         assert_tool_error(res, "not_found", "entry_id")

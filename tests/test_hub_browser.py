@@ -431,21 +431,29 @@ def test_a_job_shows_its_result_and_its_image_when_it_ends_without_reloading(
 # ------------------------------------------------------------------ campaigns
 
 
-def test_a_campaign_started_in_the_hub_gains_points_on_its_chart_without_reloading(
-    served: Served, browser: WebDriver
-) -> None:
+def start_campaign_as_alice(browser: WebDriver, served: Served, evaluations: int) -> str:
+    """Start the campaign page's example campaign with this budget; returns its id (the
+    browser is left on its page)."""
     sign_in_as_alice(browser, served)
     browser.get(served.base + "/hub/campaigns")
     spec = browser.find_element(By.ID, "spec")
     text = spec.get_attribute("value") or ""
+    assert "evaluations = 10" in text
     spec.clear()
-    spec.send_keys(text.replace("evaluations = 10", "evaluations = 6"))
+    spec.send_keys(text.replace("evaluations = 10", f"evaluations = {evaluations}"))
     browser.find_element(By.ID, "start-campaign").click()
     wait_for(browser, lambda d: "/hub/campaigns/cmp-" in d.current_url)
+    return str(browser.current_url.rsplit("/", 1)[-1])
+
+
+def test_a_campaign_started_in_the_hub_gains_points_on_its_chart_without_reloading(
+    served: Served, browser: WebDriver
+) -> None:
+    campaign_id = start_campaign_as_alice(browser, served, evaluations=6)
     mark = mark_page(browser)
 
-    def points() -> int:
-        found = browser.execute_script("return document.getElementById('chart').dataset.points;")
+    def points(what: str = "points") -> int:
+        found = browser.execute_script(f"return document.getElementById('chart').dataset.{what};")
         return int(found or 0)
 
     first = points()
@@ -453,12 +461,18 @@ def test_a_campaign_started_in_the_hub_gains_points_on_its_chart_without_reloadi
     seen = points()
     assert browser.find_elements(By.CSS_SELECTOR, "#chart canvas")  # uPlot drew it
     wait_for(browser, lambda d: points() > seen or points() >= 6, timeout=240)
+    # the GP's summaries reach the chart too: its predicted best, mean and spread
+    wait_for(browser, lambda d: points("posterior") >= 1, timeout=240)
     assert same_page(browser, mark), "the chart grew by reloading the page"
     rows = browser.find_elements(By.CSS_SELECTOR, "#points tbody tr")
     assert len(rows) >= points()
     shot(browser, "11-campaign-live")
     browser.find_element(By.ID, "c-stop").click()
     wait_for(browser, lambda d: text_of(d, "#c-state").split()[0] in ("stopped", "finished"))
+    (view,) = mcp_calls(served, "alice", ("get_campaign", {"campaign_id": campaign_id}))
+    trace = view["posterior"]["trace"]
+    assert trace and [t["n"] for t in trace] == sorted({t["n"] for t in trace}), trace
+    assert all(t["std"] >= 0 and t["n"] <= view["progress"]["succeeded"] for t in trace), trace
     browser.get(served.base + "/hub/campaigns")
     shot(browser, "12-campaigns")
 
@@ -575,15 +589,7 @@ def test_entries_join_the_list_live_only_for_those_who_may_see_them(
 def test_a_campaign_is_steered_from_its_page_and_a_viewer_may_not(
     served: Served, browser: WebDriver
 ) -> None:
-    sign_in_as_alice(browser, served)
-    browser.get(served.base + "/hub/campaigns")
-    spec = browser.find_element(By.ID, "spec")
-    text = spec.get_attribute("value") or ""
-    spec.clear()
-    spec.send_keys(text.replace("evaluations = 10", "evaluations = 40"))
-    browser.find_element(By.ID, "start-campaign").click()
-    wait_for(browser, lambda d: "/hub/campaigns/cmp-" in d.current_url)
-    campaign_id = browser.current_url.rsplit("/", 1)[-1]
+    campaign_id = start_campaign_as_alice(browser, served, evaluations=40)
     mark = mark_page(browser)
     browser.find_element(By.ID, "c-pause").click()
     wait_for(browser, lambda d: "(paused)" in text_of(d, "#c-state"))

@@ -32,7 +32,6 @@ from ground.contract import OutputUpload
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import (
     HttpServer,
-    assert_tool_error,
     free_socket,
     run_http_server,
     sdk_client,
@@ -40,7 +39,7 @@ from tests.mcp_helpers import (
     text_of,
 )
 from tests.s3_helpers import BUCKET, S3Server, moto_s3
-from tests.test_artifacts import CSV, PNG_SIGNATURE, catalogue
+from tests.test_artifacts import CSV, PNG_SIGNATURE, assert_bob_reads_nothing, catalogue
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -157,18 +156,7 @@ async def test_an_agent_sees_the_pods_png_as_an_image_and_reads_its_csv(
 
 
 async def test_another_principal_reads_none_of_them(http: HttpServer, job: dict[str, Any]) -> None:
-    entry_id = job["id"]
-    async with sdk_client(http.mcp_url, http.token("bob"), mode=CURRENT) as client:
-        res = await client.call_tool("read_artifact", {"entry_id": entry_id, "path": "data.csv"})
-        assert_tool_error(res, "not_found", "entry_id")
-        res = await client.call_tool("read_results", {"entry_id": entry_id})
-        assert_tool_error(res, "not_found", "entry_id")
-        with pytest.raises(Exception, match="not_found"):
-            await client.read_resource(f"sciorch://entries/{entry_id}/artifacts/data.csv")
-    url = f"{http.base}/entries/{entry_id}/artifacts/data.csv"
-    async with httpx.AsyncClient() as c:
-        bob = await c.get(url, headers={"Authorization": f"Bearer {http.token('bob')}"})
-        assert bob.status_code == 404 and CSV not in bob.text
+    await assert_bob_reads_nothing(http, job["id"])
 
 
 def s3_allows(fields: dict[str, str], bucket: str, key: str, size: int, at: float) -> bool:

@@ -1,4 +1,5 @@
-// The campaign page: each evaluation's value and the best so far, drawn with uPlot (vendored,
+// The campaign page: each evaluation's value, the best so far and the posterior at its
+// predicted best (mean and 2 std either side, after each summary), drawn with uPlot (vendored,
 // MIT) and redrawn as the server pushes the campaign's changes (/hub/live/campaigns/{id}).
 (function () {
   "use strict";
@@ -7,15 +8,23 @@
   var tbody = document.querySelector("#points tbody");
   var plot = null;
   function size() { return { width: Math.max(280, chartEl.clientWidth || 600), height: 300 }; }
-  function draw(points) {
+  // x: the evaluation's seq; the posterior after n measurements is drawn at x = n - 1, beside
+  // the measurement that made it. uPlot wants one x array, so both are merged, null-padded.
+  function draw(points, posterior) {
     var done = points.filter(function (p) { return p.value !== null; });
-    var data = [
-      done.map(function (p) { return p.seq; }),
-      done.map(function (p) { return p.value; }),
-      done.map(function (p) { return p.best; })
-    ];
+    var trace = (posterior && posterior.trace) || [];
+    var rows = {};
+    function row(x) { return rows[x] || (rows[x] = { value: null, best: null, mean: null, lo: null, hi: null }); }
+    done.forEach(function (p) { var r = row(p.seq); r.value = p.value; r.best = p.best; });
+    trace.forEach(function (t) {
+      var r = row(t.n - 1); r.mean = t.mean; r.lo = t.mean - 2 * t.std; r.hi = t.mean + 2 * t.std;
+    });
+    var xs = Object.keys(rows).map(Number).sort(function (a, b) { return a - b; });
+    function col(k) { return xs.map(function (x) { return rows[x][k]; }); }
+    var data = [xs, col("value"), col("best"), col("mean"), col("lo"), col("hi")];
     if (!plot) {
       var s = size();
+      var band = { stroke: "#9333ea", width: 1, dash: [4, 4], spanGaps: true };
       plot = new uPlot({
         width: s.width, height: s.height,
         scales: { x: { time: false } },
@@ -23,7 +32,10 @@
         series: [
           { label: "evaluation" },
           { label: "value", stroke: "#2563eb", width: 0, points: { show: true, size: 7, fill: "#2563eb" } },
-          { label: "best so far", stroke: "#16a34a", width: 2 }
+          { label: "best so far", stroke: "#16a34a", width: 2, spanGaps: true },
+          { label: "posterior at its best (mean)", stroke: "#9333ea", width: 2, spanGaps: true },
+          Object.assign({ label: "mean - 2 std" }, band),
+          Object.assign({ label: "mean + 2 std" }, band)
         ]
       }, data, chartEl);
       window.addEventListener("resize", function () { plot.setSize(size()); });
@@ -31,6 +43,7 @@
       plot.setData(data);
     }
     chartEl.dataset.points = String(done.length);
+    chartEl.dataset.posterior = String(trace.length);
   }
   function table(points) {
     tbody.textContent = "";
@@ -61,7 +74,7 @@
     document.getElementById("c-progress").textContent = c.progress.done + " / " + c.progress.budget;
     document.getElementById("c-best").textContent = c.best ? c.best.value.toPrecision(6) : "none yet";
     document.getElementById("c-std").textContent = c.posterior ? c.posterior.max_std.toPrecision(4) : "";
-    draw(c.points);
+    draw(c.points, c.posterior);
     table(c.points);
     pending(c.points);
     actions(c.actions);
