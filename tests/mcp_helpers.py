@@ -159,6 +159,26 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
+def json_receiver(got: list[dict[str, Any]]) -> Any:
+    """An ASGI app that keeps the JSON body of each POST in `got` and answers 200: the far end
+    of a webhook, served with serve_asgi."""
+
+    async def receive_json(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        got.append(json.loads(body or b"{}"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    return receive_json
+
+
 @contextlib.asynccontextmanager
 async def serve_asgi(app: Any, sock: socket.socket) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on an already bound socket in this event loop; yields the

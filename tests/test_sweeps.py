@@ -25,6 +25,7 @@ from tests.conftest import ALICE, BOB, BOTH_STORES, make_settings, shutdown
 from tests.mcp_helpers import (
     assert_tool_error,
     free_socket,
+    json_receiver,
     run_http_server,
     script_catalogue,
     sdk_client,
@@ -303,15 +304,7 @@ async def test_a_listening_client_hears_the_walltime_warning(home: Path, catalog
 async def test_an_events_ttl_warning_is_posted_to_its_webhook(home: Path, catalogue: Path) -> None:
     got: list[dict[str, Any]] = []
 
-    async def receiver(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        msg = await receive()
-        got.append(json.loads(msg.get("body", b"{}")))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async with serve_asgi(receiver, free_socket()) as url:
+    async with serve_asgi(json_receiver(got), free_socket()) as url:
         eng = await open_engine(home, catalogue, warning_lead_s=120)
         try:
             event = await eng.create_event(ALICE, "short", ttl_s=60, webhook_url=url)

@@ -26,10 +26,10 @@ from tests.mcp_helpers import (
     sdk_client,
     structured,
 )
-from tests.processes import cli_env
 from tests.s3_helpers import moto_s3
 from tests.test_inputs import PAYLOAD
-from tests.test_steering import ROOT, SERVE, _healthy, _kill_9
+from tests.test_replicas import _start
+from tests.test_steering import _healthy, _kill_9
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,17 +54,6 @@ def _home(path: Path, catalogue: Path, storage: dict[str, str]) -> Path:
         f"catalogue_dirs = [{json.dumps(str(catalogue))}]\n\n[storage]\n{table}\n"
     )
     return path
-
-
-def _start(home: Path, port: int, store: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*SERVE, "--port", str(port)],
-        env=cli_env(home, "alice", SCIORCH_STORE=store),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 @pytest.mark.timeout(300)

@@ -5,13 +5,12 @@ takes the lease over."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 from orchestrator.engine import Engine
 from tests.conftest import ALICE, make_settings, shutdown
-from tests.mcp_helpers import free_socket, serve_asgi
+from tests.mcp_helpers import free_socket, json_receiver, serve_asgi
 from tests.test_replicas import pg_url
 
 __all__ = ["pg_url"]  # the fixture, used by name
@@ -30,17 +29,9 @@ async def test_two_replicas_post_a_ttl_warning_once_even_across_a_takeover(
 ) -> None:
     got: list[dict[str, Any]] = []
 
-    async def receiver(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        msg = await receive()
-        got.append(json.loads(msg.get("body", b"{}")))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
     home = tmp_path / "home"
     settings = {"warning_lead_s": 60, "lease_ttl_s": 3}
-    async with serve_asgi(receiver, free_socket()) as url:
+    async with serve_asgi(json_receiver(got), free_socket()) as url:
         a = await Engine.open(make_settings(home, **settings))
         b = await Engine.open(make_settings(home, **settings))
         engines = [a, b]
