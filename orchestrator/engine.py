@@ -420,10 +420,13 @@ class Engine:
         if backend is None:
             return
         try:
-            raw = await self.store.get_spec(entry.id)
-            if raw and raw.get("outputs"):  # the job uploaded them itself (LaunchSpec.outputs)
-                await self.archive.keep_uploaded(entry.id, entry.event_id)
-                return
+            # Only a site whose jobs upload their own outputs was given an OutputUpload; the
+            # stored spec is read for those alone (every job ends here).
+            if getattr(backend, "uploads_outputs", False):
+                raw = await self.store.get_spec(entry.id)
+                if raw.get("outputs"):  # the job uploaded them itself (LaunchSpec.outputs)
+                    await self.archive.keep_uploaded(entry.id, entry.event_id)
+                    return
             stats = await backend.list_artifacts(entry.id, handle)
 
             async def read(path: str, offset: int, limit: int) -> ArtifactChunk:
