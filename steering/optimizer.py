@@ -18,6 +18,10 @@
   flight is never asked again. Candidates closer than 1e-3 (unit box) to a measured, pending or
   failed point are dropped, so nothing is asked twice. Set criteria (total correlation,
   relative information entropy) pick the batch jointly through gpCAM's candidate-list `ask`.
+- Covariance: a trend (anisotropic Matern-3/2) plus fine ripples (isotropic Matern-3/2), see
+  steering.kernels; on a smooth landscape the ripples' variance trains down to nothing. Where
+  it does not (a rugged landscape), every other pick is upper-confidence rather than expected
+  improvement (`_portfolio`).
 - Training (gpCAM `train`, local, with restarts) follows a schedule: every new point while
   n < 20, then whenever n has grown by a quarter (n < 100, in the caller's thread) or by half
   (n >= 100, in a child process while the loop keeps deciding with the previous
@@ -38,6 +42,17 @@ from typing import Any
 import numpy as np
 
 from steering.frame import Frame
+from steering.kernels import (
+    FINE_LENGTH,
+    FINE_SIGNAL,
+    KERNELS,
+    LENGTH_BOUNDS,
+    PLAIN,
+    TRAINED,
+    TREND_LENGTH_BOUNDS,
+    TWO_SCALE,
+    extra_hps,
+)
 from steering.space import Array, Point, Space, min_distances, unique_rows
 from steering.spec import SET_ACQUISITIONS, CampaignSpec
 from steering.training import NOISE_FLOOR, Trained, TrainJob, make_gp, train
@@ -60,11 +75,8 @@ CHUNK = 256
 SYNC_TRAIN_BELOW = 100
 WARP_FACTOR = 1.0  # c = median gap below the best (steering.frame)
 EVERY_POINT_BELOW = 50
-# Unit box: a length scale of 3 is already all but linear across the space; longer ones only
-# make the GP overconfident far from the data (measured: Hartmann-3 runs stuck in its local
-# minimum at -3.09 with the bound at 10, none with 3).
-LENGTH_BOUNDS = (0.01, 3.0)
 RUGGED_LENGTH = 0.1
+RUGGED_SHARE = 0.2  # two-scale: the ripples' signal variance against the trend's
 SIGNAL_BOUNDS = (0.01, 100.0)
 NOISE_BOUNDS = (1e-6, 1.0)
 
@@ -111,6 +123,9 @@ class Optimizer:
         self.warp: float | None = self.warps[-1]
         self._frame = Frame(np.zeros(0), None)
         self._learn = False
+        # The covariance structure (steering.kernels). A campaign saved before there was a
+        # choice resumes with the plain kernel and moves to two-scale at its next training.
+        self.kernel = TWO_SCALE
         self.hyperparameters: Array | None = None
         self.trained_n = 0
         self.training: TrainJob | None = None  # in flight in a child process
@@ -150,7 +165,11 @@ class Optimizer:
         """Hyperparameters and output warp saved by `state()` (an earlier run of this
         campaign), so a resumed campaign decides well before its first training."""
         hps = state.get("hyperparameters")
-        if hps and len(hps) == self._n_hps(bool(state.get("learn"))):
+        kernel = state.get("kernel", PLAIN)  # saved before there was a choice: plain
+        if kernel not in KERNELS:
+            return
+        if hps and len(hps) == self._n_hps(bool(state.get("learn")), kernel):
+            self.kernel = kernel
             self.hyperparameters = np.asarray(hps, dtype=float)
             self._learn = bool(state.get("learn"))
             self.trained_n = int(state.get("trained_n", 0))
@@ -164,14 +183,15 @@ class Optimizer:
             if self.hyperparameters is None
             else [float(h) for h in self.hyperparameters],
             "learn": self._learn,
+            "kernel": self.kernel,
             "trained_n": self.trained_n,
             "warp": self.warp,
         }
 
     # ================================================================ the GP
 
-    def _n_hps(self, learn: bool) -> int:
-        return 1 + self.space.dim + (1 if learn else 0)
+    def _n_hps(self, learn: bool, kernel: str | None = None) -> int:
+        return 1 + self.space.dim + extra_hps(kernel or self.kernel) + (1 if learn else 0)
 
     def _noise_learned(self) -> bool:
         if self.learn_noise:
@@ -193,15 +213,44 @@ class Optimizer:
     def _noise_std(self, v: Array, y: Array) -> Array:
         return np.maximum(self._frame.noise(self.sign * y, v), NOISE_FLOOR)
 
-    def _bounds(self, learn: bool) -> Array:
-        rows = [SIGNAL_BOUNDS] + [LENGTH_BOUNDS] * self.space.dim
+    def _bounds(self, learn: bool, kernel: str | None = None) -> Array:
+        if (kernel or self.kernel) == TWO_SCALE:
+            rows = [
+                SIGNAL_BOUNDS,
+                *[TREND_LENGTH_BOUNDS] * self.space.dim,
+                FINE_SIGNAL,
+                FINE_LENGTH,
+            ]
+        else:
+            rows = [SIGNAL_BOUNDS] + [LENGTH_BOUNDS] * self.space.dim
         if learn:
             rows.append(NOISE_BOUNDS)
         return np.asarray(rows, dtype=float)
 
-    def _default_hps(self, learn: bool) -> Array:
-        hps = [1.0] + [0.3] * self.space.dim + ([1e-2] if learn else [])
+    def _default_hps(self, learn: bool, kernel: str | None = None) -> Array:
+        fine = [0.1, 0.05] if (kernel or self.kernel) == TWO_SCALE else []
+        hps = [1.0] + [0.3] * self.space.dim + fine + ([1e-2] if learn else [])
         return np.asarray(hps, dtype=float)
+
+    def _start(self, kernel: str) -> Array:
+        """Where training of a structure starts: the current hyperparameters carried over
+        (signal, trend length scales and noise are shared), the defaults for the rest."""
+        learn = self._learn
+        h = self.hyperparameters
+        if h is None:
+            return self._default_hps(learn, kernel)
+        if kernel == self.kernel:
+            return np.asarray(h, dtype=float)
+        d = self.space.dim
+        fine = list(h[d + 1 : d + 3]) if self.kernel == TWO_SCALE else [0.1 * float(h[0]), 0.05]
+        shared = list(h[: 1 + d])
+        start = np.asarray(
+            shared + (fine if kernel == TWO_SCALE else []) + ([float(h[-1])] if learn else []),
+            dtype=float,
+        )
+        b = self._bounds(learn, kernel)
+        out: Array = np.clip(start, b[:, 0], b[:, 1])
+        return out
 
     def _build(self, hps: Array | None = None) -> None:
         """A fresh GP over all observations, in a new standardisation frame."""
@@ -214,7 +263,7 @@ class Optimizer:
         self._frame = Frame(self.sign * self._y, self.warp)
         self._learn = learn
         noise = None if learn else self._noise_std(self._noise_orig(), self._y)
-        self._gp = make_gp(self._x, self._g(self._y), noise, hps)
+        self._gp = make_gp(self._x, self._g(self._y), noise, hps, self.kernel)
         self._gp_n = self.n
         self.hyperparameters = np.asarray(hps, dtype=float)
 
@@ -258,8 +307,8 @@ class Optimizer:
             x=self._x.tolist(),
             h=(self.sign * self._y).tolist(),
             var=None if learn else self._noise_orig().tolist(),
-            init=[float(h) for h in self.hyperparameters],
-            bounds=self._bounds(learn).tolist(),
+            init={k: [float(h) for h in self._start(k)] for k in TRAINED},
+            bounds={k: self._bounds(learn, k).tolist() for k in TRAINED},
             restarts=4 if n < 50 else 2,
             max_iter=200 if n < SYNC_TRAIN_BELOW else 100,
             seed=self.seed * 7919 + n,
@@ -276,10 +325,13 @@ class Optimizer:
         job's snapshot plus what arrived while it trained)."""
         self.training = None
         h = np.asarray(trained.hyperparameters, dtype=float)
-        if len(h) != self._n_hps(job.var is None) or not np.all(np.isfinite(h)):
+        if trained.kernel not in KERNELS:
+            return
+        if len(h) != self._n_hps(job.var is None, trained.kernel) or not np.all(np.isfinite(h)):
             return
         if trained.warp in self.warps:
             self.warp = trained.warp
+        self.kernel = trained.kernel
         self.last_training = trained
         self.hyperparameters = h
         self._build(h)
@@ -403,12 +455,16 @@ class Optimizer:
         return self._free(unique_rows(np.vstack(parts)), taken)
 
     def _rugged(self) -> bool:
-        """The GP resolves structure much finer than the space (median length scale below
-        RUGGED_LENGTH of the unit box): a landscape of many local optima."""
+        """A landscape of many local optima: the two-scale kernel gives its ripples a real
+        share of the signal (RUGGED_SHARE), or the plain one resolves structure much finer
+        than the space (median length scale below RUGGED_LENGTH of the unit box)."""
         h = self.hyperparameters
         if h is None or self.trained_n < 15:
             return False
-        return bool(np.median(h[1 : 1 + self.space.dim]) < RUGGED_LENGTH)
+        d = self.space.dim
+        if self.kernel == TWO_SCALE:
+            return bool(h[d + 1] > RUGGED_SHARE * h[0])
+        return bool(np.median(h[1 : 1 + d]) < RUGGED_LENGTH)
 
     def _portfolio(self) -> str | None:
         """On a rugged landscape expected improvement commits to the first good basin: every
@@ -535,11 +591,17 @@ class Optimizer:
         # Without a warp the GP's frame is a plain standardisation: report in result units.
         scale = 1.0 if self._frame.warp else self._frame.sd**2
         out: dict[str, Any] = {
+            "kernel": self.kernel,
             "signal_variance": float(h[0]) * scale,
             "length_scales": lengths,
             "units": "GP frame (log-warped)" if self._frame.warp else "result units",
         }
-        if self._learn and len(h) == 2 + self.space.dim:
+        d = self.space.dim
+        if self.kernel == TWO_SCALE:
+            # isotropic in the unit box: a fraction of every parameter's range
+            out["fine_signal_variance"] = float(h[d + 1]) * scale
+            out["fine_length_fraction"] = float(h[d + 2])
+        if self._learn and len(h) == self._n_hps(True):
             out["noise_variance"] = float(h[-1]) * scale
         return out
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from steering.frame import Array, Frame
+from steering.kernels import PLAIN, TWO_SCALE, extra_hps, two_scale, two_scale_grad
 
 _quiet = False
 
@@ -47,15 +48,16 @@ NOISE_FLOOR = 1e-6  # standardised units: Cholesky never sees a zero
 @dataclass
 class TrainJob:
     """A snapshot of the data: encoded points, goal-frame values h (to maximise), their noise
-    variances (None: learn one level as the last hyperparameter), and the output warps to
-    choose from (None: no warp; a number: the warp factor, see steering.frame)."""
+    variances (None: learn one level as the last hyperparameter), the covariance structures to
+    choose from (steering.kernels: each one's starting hyperparameters and bounds) and the
+    output warps (None: no warp; a number: the warp factor, see steering.frame)."""
 
     n: int
     x: list[list[float]]
     h: list[float]
     var: list[float] | None
-    init: list[float]
-    bounds: list[list[float]]
+    init: dict[str, list[float]]
+    bounds: dict[str, list[list[float]]]
     restarts: int
     max_iter: int
     seed: int
@@ -74,6 +76,7 @@ class Trained:
     hyperparameters: list[float]
     warp: float | None
     scores: dict[str, float]
+    kernel: str = PLAIN
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,11 +97,14 @@ def learned_noise_grad(x: Array, hps: Array, *args: Any) -> Array:
     return grad
 
 
-def make_gp(x: Array, y: Array, noise: Array | None, hps: Array) -> Any:
-    """A gpCAM GPOptimizer over the data with these hyperparameters (default Matern-3/2 ARD
-    kernel: hps[0] signal variance, hps[1:d+1] length scales; hps[d+1] noise when learned)."""
+def make_gp(x: Array, y: Array, noise: Array | None, hps: Array, kernel: str = PLAIN) -> Any:
+    """A gpCAM GPOptimizer over the data with these hyperparameters: gpCAM's default
+    Matern-3/2 ARD kernel (hps[0] signal variance, hps[1:d+1] length scales) or the two-scale
+    one (steering.kernels); a learned noise level last."""
     GPOptimizer = _import_gpcam().GPOptimizer
-
+    structure: dict[str, Any] = {}
+    if kernel == TWO_SCALE:
+        structure = {"kernel_function": two_scale, "kernel_function_grad": two_scale_grad}
     if noise is None:
         return GPOptimizer(
             x,
@@ -106,8 +112,9 @@ def make_gp(x: Array, y: Array, noise: Array | None, hps: Array) -> Any:
             init_hyperparameters=hps,
             noise_function=learned_noise,
             noise_function_grad=learned_noise_grad,
+            **structure,
         )
-    return GPOptimizer(x, y, init_hyperparameters=hps, noise_variances=noise)
+    return GPOptimizer(x, y, init_hyperparameters=hps, noise_variances=noise, **structure)
 
 
 def gp_data(job: TrainJob, frame: Frame) -> tuple[Array, Array, Array | None]:
@@ -121,41 +128,48 @@ def gp_data(job: TrainJob, frame: Frame) -> tuple[Array, Array, Array | None]:
 
 def train(job: TrainJob) -> Trained:
     """gpCAM's local training (L-BFGS-B from the current hyperparameters plus random restarts)
-    in each candidate output frame; the frame whose Jacobian-corrected marginal likelihood is
-    highest wins. The starting point is kept if training fails."""
-    init = np.asarray(job.init, dtype=float)
+    for each covariance structure in each candidate output frame. The winner has the highest
+    Jacobian-corrected marginal likelihood, less a BIC penalty (half the log of n per extra
+    hyperparameter) so that the two-scale kernel must earn its two extra hyperparameters. If
+    every training fails, the plain structure's starting point is kept."""
     h = np.asarray(job.h, dtype=float)
     best: Trained | None = None
     best_score = -math.inf
     scores: dict[str, float] = {}
-    for warp in job.warps:
-        np.random.seed((job.seed + (0 if warp is None else int(1000 * warp))) % 2**32)
-        frame = Frame(h, warp)
-        try:
-            x, y, noise = gp_data(job, frame)
-            gp = make_gp(x, y, noise, init)
-            hps = np.asarray(
-                gp.train(
-                    hyperparameter_bounds=np.asarray(job.bounds, dtype=float),
-                    method="local",
-                    n_restarts=job.restarts,
-                    max_iter=job.max_iter,
-                ),
-                dtype=float,
-            )
-            if hps.shape != init.shape or not np.all(np.isfinite(hps)):
+    for kernel, start in job.init.items():
+        init = np.asarray(start, dtype=float)
+        penalty = 0.5 * extra_hps(kernel) * math.log(max(job.n, 2))
+        for warp in job.warps:
+            salt = (0 if warp is None else int(1000 * warp)) + 7 * extra_hps(kernel)
+            np.random.seed((job.seed + salt) % 2**32)
+            frame = Frame(h, warp)
+            try:
+                x, y, noise = gp_data(job, frame)
+                gp = make_gp(x, y, noise, init, kernel)
+                hps = np.asarray(
+                    gp.train(
+                        hyperparameter_bounds=np.asarray(job.bounds[kernel], dtype=float),
+                        method="local",
+                        n_restarts=job.restarts,
+                        max_iter=job.max_iter,
+                    ),
+                    dtype=float,
+                )
+                if hps.shape != init.shape or not np.all(np.isfinite(hps)):
+                    continue
+                score = float(gp.log_likelihood()) + frame.log_jacobian(h) - penalty
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError, ArithmeticError):
                 continue
-            score = float(gp.log_likelihood()) + frame.log_jacobian(h)
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError, ArithmeticError):
-            continue
-        if not math.isfinite(score):
-            continue
-        scores["none" if warp is None else f"log/{warp:g}"] = score
-        if score > best_score:
-            best_score = score
-            best = Trained([float(v) for v in hps], warp, scores)
+            if not math.isfinite(score):
+                continue
+            label = "none" if warp is None else f"log/{warp:g}"
+            scores[label if kernel == PLAIN else f"{kernel} {label}"] = score
+            if score > best_score:
+                best_score = score
+                best = Trained([float(v) for v in hps], warp, scores, kernel)
     if best is None:
-        return Trained(job.init, job.warps[0] if job.warps else None, scores)
+        first = next(iter(job.init))
+        return Trained(job.init[first], job.warps[0] if job.warps else None, scores, first)
     best.scores = scores
     return best
 

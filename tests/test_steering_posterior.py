@@ -9,18 +9,21 @@ import copy
 import numpy as np
 import pytest
 
+from steering.kernels import PLAIN, TWO_SCALE
 from steering.multi import Composite
 from steering.pareto import non_dominated
 from steering.posterior import PoolPosterior, usable
 from steering.spec import parse_spec
 from steering.training import make_gp
 
+KERNELS = {PLAIN: [1.5, 0.3, 0.2, 0.4], TWO_SCALE: [1.5, 0.3, 0.2, 0.4, 0.3, 0.05]}
 
-def _gp(n: int, seed: int) -> tuple[object, np.random.Generator]:
+
+def _gp(n: int, seed: int, kernel: str = PLAIN) -> tuple[object, np.random.Generator]:
     rng = np.random.default_rng(seed)
     x = rng.random((n, 3))
-    y = np.sin(4 * x).sum(axis=1)
-    gp = make_gp(x, y, np.full(n, 1e-3), np.array([1.5, 0.3, 0.2, 0.4]))
+    y = np.sin(4 * x).sum(axis=1) + 0.2 * np.cos(40 * x).sum(axis=1)
+    gp = make_gp(x, y, np.full(n, 1e-3), np.array(KERNELS[kernel]), kernel)
     return gp, rng
 
 
@@ -32,8 +35,9 @@ def _gpcam(gp: object, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m, v
 
 
-def test_the_pool_follows_told_points_and_matches_gpcam() -> None:
-    gp, rng = _gp(60, 1)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_the_pool_follows_told_points_and_matches_gpcam(kernel: str) -> None:
+    gp, rng = _gp(60, 1, kernel)
     assert usable(gp)
     pool = rng.random((200, 3))
     post = PoolPosterior(gp, pool)
@@ -55,8 +59,9 @@ def test_the_pool_follows_told_points_and_matches_gpcam() -> None:
     np.testing.assert_allclose(var, v, atol=1e-8)
 
 
-def test_points_in_flight_lower_the_variance_as_if_told_at_their_mean() -> None:
-    gp, rng = _gp(80, 2)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_points_in_flight_lower_the_variance_as_if_told_at_their_mean(kernel: str) -> None:
+    gp, rng = _gp(80, 2, kernel)
     pool = rng.random((150, 3))
     post = PoolPosterior(gp, pool)
     given = rng.random((5, 3))

@@ -98,6 +98,14 @@ def ackley(x: Sequence[float]) -> float:
     return -20 * math.exp(-0.2 * math.sqrt(s1)) - math.exp(s2) + 20 + math.e
 
 
+def rastrigin(x: Sequence[float]) -> float:
+    return 10.0 * len(x) + sum(v * v - 10.0 * math.cos(2 * math.pi * v) for v in x)
+
+
+def schwefel(x: Sequence[float]) -> float:
+    return 418.9829 * len(x) - sum(v * math.sin(math.sqrt(abs(v))) for v in x)
+
+
 def himmelblau(x: Sequence[float]) -> float:
     x1, x2 = x
     return (x1**2 + x2 - 11) ** 2 + (x1 + x2**2 - 7) ** 2
@@ -176,6 +184,26 @@ SURFACES: dict[str, Surface] = {
             ((0.0, 0.0),),
             ackley,
             "Ackley, 2-D, [-32.768, 32.768]^2; minimum 0 at the origin",
+        ),
+        Surface(
+            "rastrigin",
+            3,
+            ((-5.12, 5.12),) * 3,
+            0.0,
+            ((0.0, 0.0, 0.0),),
+            rastrigin,
+            "Rastrigin, 3-D, [-5.12, 5.12]^3 (a bowl under about 1000 ripples); minimum 0 at "
+            "the origin",
+        ),
+        Surface(
+            "schwefel",
+            2,
+            ((-500.0, 500.0),) * 2,
+            0.0,
+            ((420.9687, 420.9687),),
+            schwefel,
+            "Schwefel, 2-D, [-500, 500]^2 (the best basin far from the next best); minimum 0 "
+            "at (420.9687, 420.9687)",
         ),
         Surface(
             "himmelblau",
