@@ -392,7 +392,9 @@ def _failures(feasibility: str, seed: int) -> int:
 
 
 def test_learned_feasibility_keeps_the_choice_out_of_where_it_fails() -> None:
-    learned = [_failures("learn", s) for s in (0, 1)]
-    ignored = [_failures("off", s) for s in (0, 1)]
-    assert sum(learned) < sum(ignored), (learned, ignored)
-    assert sum(learned) <= 4, learned
+    # Over 4 seeds the classifier cuts failed proposals by at least a quarter (measured: 8
+    # against 12 with the two-scale kernel, 7 against 11 with the plain one); any one seed is
+    # within one proposal either way.
+    learned = [_failures("learn", s) for s in range(4)]
+    ignored = [_failures("off", s) for s in range(4)]
+    assert sum(learned) <= 0.75 * sum(ignored), (learned, ignored)
