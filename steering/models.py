@@ -210,7 +210,10 @@ class PosteriorView(BaseModel):
         None, description="where the posterior mean is best: point, mean, std"
     )
     hyperparameters: dict[str, Any] | None = Field(
-        None, description="signal variance (GP units), length scales (parameter units)"
+        None,
+        description="kernel (two-scale: a trend plus fine ripples), signal variance (GP "
+        "units), length scales (parameter units), fine_signal_variance and "
+        "fine_length_fraction (of each parameter's range) for the ripples",
     )
     trained_at_n: int
     training: bool = Field(description="a hyperparameter training is running in the background")
