@@ -101,10 +101,7 @@ def spec_for(surface: Surface, evaluations: int, batch: int = 1) -> CampaignSpec
     return parse_spec(
         {
             "objective": {"service": "sim-instrument", "parameters": {"surface": surface.name}},
-            "space": [
-                {"name": f"x{i + 1}", "low": lo, "high": hi}
-                for i, (lo, hi) in enumerate(surface.bounds)
-            ],
+            "space": surface.space(),
             "budget": {"evaluations": evaluations},
             "batch_size": batch,
         }

@@ -48,7 +48,6 @@ from steering.kernels import (
     KERNELS,
     LENGTH_BOUNDS,
     PLAIN,
-    TRAINED,
     TREND_LENGTH_BOUNDS,
     TWO_SCALE,
     extra_hps,
@@ -123,8 +122,8 @@ class Optimizer:
         self.warp: float | None = self.warps[-1]
         self._frame = Frame(np.zeros(0), None)
         self._learn = False
-        # The covariance structure (steering.kernels). A campaign saved before there was a
-        # choice resumes with the plain kernel and moves to two-scale at its next training.
+        # The covariance structure (steering.kernels). A campaign saved before the two-scale
+        # kernel resumes with the plain one and moves to two-scale at its next training.
         self.kernel = TWO_SCALE
         self.hyperparameters: Array | None = None
         self.trained_n = 0
@@ -232,23 +231,20 @@ class Optimizer:
         hps = [1.0] + [0.3] * self.space.dim + fine + ([1e-2] if learn else [])
         return np.asarray(hps, dtype=float)
 
-    def _start(self, kernel: str) -> Array:
-        """Where training of a structure starts: the current hyperparameters carried over
-        (signal, trend length scales and noise are shared), the defaults for the rest."""
+    def _start(self) -> Array:
+        """Where training starts: the current hyperparameters. A campaign resumed with the
+        plain kernel carries its signal, length scales and noise over, the ripples at their
+        defaults."""
         learn = self._learn
         h = self.hyperparameters
         if h is None:
-            return self._default_hps(learn, kernel)
-        if kernel == self.kernel:
+            return self._default_hps(learn, TWO_SCALE)
+        if self.kernel == TWO_SCALE:
             return np.asarray(h, dtype=float)
         d = self.space.dim
-        fine = list(h[d + 1 : d + 3]) if self.kernel == TWO_SCALE else [0.1 * float(h[0]), 0.05]
-        shared = list(h[: 1 + d])
-        start = np.asarray(
-            shared + (fine if kernel == TWO_SCALE else []) + ([float(h[-1])] if learn else []),
-            dtype=float,
-        )
-        b = self._bounds(learn, kernel)
+        fine = self._default_hps(False, TWO_SCALE)[d + 1 :]
+        start = np.concatenate([h[: 1 + d], fine, h[-1:] if learn else []])
+        b = self._bounds(learn, TWO_SCALE)
         out: Array = np.clip(start, b[:, 0], b[:, 1])
         return out
 
@@ -307,8 +303,9 @@ class Optimizer:
             x=self._x.tolist(),
             h=(self.sign * self._y).tolist(),
             var=None if learn else self._noise_orig().tolist(),
-            init={k: [float(h) for h in self._start(k)] for k in TRAINED},
-            bounds={k: self._bounds(learn, k).tolist() for k in TRAINED},
+            kernel=TWO_SCALE,
+            init=[float(h) for h in self._start()],
+            bounds=self._bounds(learn, TWO_SCALE).tolist(),
             restarts=4 if n < 50 else 2,
             max_iter=200 if n < SYNC_TRAIN_BELOW else 100,
             seed=self.seed * 7919 + n,

@@ -48,16 +48,17 @@ NOISE_FLOOR = 1e-6  # standardised units: Cholesky never sees a zero
 @dataclass
 class TrainJob:
     """A snapshot of the data: encoded points, goal-frame values h (to maximise), their noise
-    variances (None: learn one level as the last hyperparameter), the covariance structures to
-    choose from (steering.kernels: each one's starting hyperparameters and bounds) and the
-    output warps (None: no warp; a number: the warp factor, see steering.frame)."""
+    variances (None: learn one level as the last hyperparameter), the covariance structure
+    (steering.kernels) with its starting hyperparameters and bounds, and the output warps to
+    choose from (None: no warp; a number: the warp factor, see steering.frame)."""
 
     n: int
     x: list[list[float]]
     h: list[float]
     var: list[float] | None
-    init: dict[str, list[float]]
-    bounds: dict[str, list[list[float]]]
+    kernel: str
+    init: list[float]
+    bounds: list[list[float]]
     restarts: int
     max_iter: int
     seed: int
@@ -76,7 +77,7 @@ class Trained:
     hyperparameters: list[float]
     warp: float | None
     scores: dict[str, float]
-    kernel: str = PLAIN
+    kernel: str
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -128,48 +129,43 @@ def gp_data(job: TrainJob, frame: Frame) -> tuple[Array, Array, Array | None]:
 
 def train(job: TrainJob) -> Trained:
     """gpCAM's local training (L-BFGS-B from the current hyperparameters plus random restarts)
-    for each covariance structure in each candidate output frame. The winner has the highest
-    Jacobian-corrected marginal likelihood, less a BIC penalty (half the log of n per extra
-    hyperparameter) so that the two-scale kernel must earn its two extra hyperparameters. If
-    every training fails, the plain structure's starting point is kept."""
+    in each candidate output frame; the frame whose Jacobian-corrected marginal likelihood is
+    highest wins. The starting point is kept if training fails."""
+    init = np.asarray(job.init, dtype=float)
     h = np.asarray(job.h, dtype=float)
     best: Trained | None = None
     best_score = -math.inf
     scores: dict[str, float] = {}
-    for kernel, start in job.init.items():
-        init = np.asarray(start, dtype=float)
-        penalty = 0.5 * extra_hps(kernel) * math.log(max(job.n, 2))
-        for warp in job.warps:
-            salt = (0 if warp is None else int(1000 * warp)) + 7 * extra_hps(kernel)
-            np.random.seed((job.seed + salt) % 2**32)
-            frame = Frame(h, warp)
-            try:
-                x, y, noise = gp_data(job, frame)
-                gp = make_gp(x, y, noise, init, kernel)
-                hps = np.asarray(
-                    gp.train(
-                        hyperparameter_bounds=np.asarray(job.bounds[kernel], dtype=float),
-                        method="local",
-                        n_restarts=job.restarts,
-                        max_iter=job.max_iter,
-                    ),
-                    dtype=float,
-                )
-                if hps.shape != init.shape or not np.all(np.isfinite(hps)):
-                    continue
-                score = float(gp.log_likelihood()) + frame.log_jacobian(h) - penalty
-            except (np.linalg.LinAlgError, ValueError, FloatingPointError, ArithmeticError):
+    for warp in job.warps:
+        # each frame and structure its own restarts
+        salt = (0 if warp is None else int(1000 * warp)) + 7 * extra_hps(job.kernel)
+        np.random.seed((job.seed + salt) % 2**32)
+        frame = Frame(h, warp)
+        try:
+            x, y, noise = gp_data(job, frame)
+            gp = make_gp(x, y, noise, init, job.kernel)
+            hps = np.asarray(
+                gp.train(
+                    hyperparameter_bounds=np.asarray(job.bounds, dtype=float),
+                    method="local",
+                    n_restarts=job.restarts,
+                    max_iter=job.max_iter,
+                ),
+                dtype=float,
+            )
+            if hps.shape != init.shape or not np.all(np.isfinite(hps)):
                 continue
-            if not math.isfinite(score):
-                continue
-            label = "none" if warp is None else f"log/{warp:g}"
-            scores[label if kernel == PLAIN else f"{kernel} {label}"] = score
-            if score > best_score:
-                best_score = score
-                best = Trained([float(v) for v in hps], warp, scores, kernel)
+            score = float(gp.log_likelihood()) + frame.log_jacobian(h)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError, ArithmeticError):
+            continue
+        if not math.isfinite(score):
+            continue
+        scores["none" if warp is None else f"log/{warp:g}"] = score
+        if score > best_score:
+            best_score = score
+            best = Trained([float(v) for v in hps], warp, scores, job.kernel)
     if best is None:
-        first = next(iter(job.init))
-        return Trained(job.init[first], job.warps[0] if job.warps else None, scores, first)
+        return Trained(job.init, job.warps[0] if job.warps else None, scores, job.kernel)
     best.scores = scores
     return best
 

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from sciorch.web.app import create_http_app
 from tests.conftest import make_settings, shutdown
 
 os.environ.setdefault("FASTMCP_CHECK_FOR_UPDATES", "off")
+
+CURRENT = "2026-07-28"  # the MCP protocol version current clients negotiate
 
 # The error codes tool errors start with ("code: message [field: x]").
 ERROR_CODES = (
@@ -159,11 +161,11 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
-def json_receiver(got: list[dict[str, Any]]) -> Any:
-    """An ASGI app that keeps the JSON body of each POST in `got` and answers 200: the far end
-    of a webhook, served with serve_asgi."""
+def webhook_receiver(answer: Callable[[bytes, dict[bytes, bytes]], int]) -> Any:
+    """An ASGI app, the far end of a webhook (served with serve_asgi): each request's whole
+    body and headers go to `answer`, whose return value is the status sent back."""
 
-    async def receive_json(scope: Any, receive: Any, send: Any) -> None:
+    async def receive_post(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         body = b""
@@ -172,11 +174,21 @@ def json_receiver(got: list[dict[str, Any]]) -> Any:
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
-        got.append(json.loads(body or b"{}"))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        status = answer(body, dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    return receive_json
+    return receive_post
+
+
+def json_receiver(got: list[dict[str, Any]]) -> Any:
+    """A webhook receiver that keeps the JSON body of each POST in `got` and answers 200."""
+
+    def keep(body: bytes, headers: dict[bytes, bytes]) -> int:
+        got.append(json.loads(body or b"{}"))
+        return 200
+
+    return webhook_receiver(keep)
 
 
 @contextlib.asynccontextmanager
@@ -209,9 +221,7 @@ async def serve_asgi(app: Any, sock: socket.socket) -> AsyncIterator[str]:
         sock.close()
 
 
-def script_catalogue(
-    root: Path, name: str, script: str, properties: dict[str, Any]
-) -> Path:
+def script_catalogue(root: Path, name: str, script: str, properties: dict[str, Any]) -> Path:
     """root/catalogue, holding one job template, `name`: the Python `script` run with a closed
     set of parameters, `properties` (a JSON schema's)."""
     cat = root / "catalogue"

@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 
 from ground.contract import MAX_ARTIFACT_READ
 from tests.mcp_helpers import (
+    CURRENT,
     HttpServer,
     assert_tool_error,
     run_http_server,
@@ -35,12 +36,11 @@ from tests.mcp_helpers import (
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CURRENT = "2026-07-28"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSV = "x,y\n1,2.5\n2,3.5\n3,\u00e9t\u00e9\n"
 BIG = 3 * MAX_ARTIFACT_READ // 2
 
-PAYLOAD = '''\
+PAYLOAD = """\
 import json, os, struct, sys, time, zlib
 p = json.load(open(os.environ["SCIORCH_PARAMS"]))
 out = os.environ["SCIORCH_OUTPUT_DIR"]
@@ -64,7 +64,8 @@ with open(os.environ["SCIORCH_STREAM"], "a") as f:
 sys.stdout.flush()
 time.sleep(p.get("hold_s", 0))
 open(os.environ["SCIORCH_RESULT"], "w").write(json.dumps({"ok": True}))
-'''.replace("%(csv)r", repr(CSV)).replace("%(big)d", str(BIG))
+""".replace("%(csv)r", repr(CSV)).replace("%(big)d", str(BIG))
+
 
 def catalogue(root: Path) -> Path:
     return script_catalogue(
@@ -296,4 +297,3 @@ async def test_sciorch_fetch_writes_the_files(tmp_path: Path) -> None:
     one = tmp_path / "one"
     await sciorch("fetch", entry_id, "plots/red.png", "-o", str(one))
     assert [p.name for p in one.rglob("*") if p.is_file()] == ["red.png"]
-

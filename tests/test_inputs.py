@@ -25,6 +25,7 @@ from ground.models import Resources
 from orchestrator.engine import Engine
 from tests.conftest import ALICE, make_settings, shutdown
 from tests.mcp_helpers import (
+    CURRENT,
     HttpServer,
     assert_tool_error,
     run_http_server,
@@ -36,7 +37,6 @@ from tests.s3_helpers import BUCKET, S3Server, moto_s3
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CURRENT = "2026-07-28"
 LIMIT = 1 << 20
 
 PAYLOAD = """

@@ -31,6 +31,7 @@ from backends.kube_manifests import JOB_WRAPPER
 from ground.contract import OutputUpload
 from tests.fakes.kube_emulator import KubeEmulator
 from tests.mcp_helpers import (
+    CURRENT,
     HttpServer,
     free_socket,
     run_http_server,
@@ -43,7 +44,6 @@ from tests.test_artifacts import CSV, PNG_SIGNATURE, assert_bob_reads_nothing, c
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CURRENT = "2026-07-28"
 SECRETS: dict[str, dict[str, Any]] = {}  # each entry's upload Secret, as its pod saw it
 
 

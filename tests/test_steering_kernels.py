@@ -1,41 +1,31 @@
 """The two-scale kernel (steering.kernels) with the real gpCAM: its gradient, what training
 makes of smooth and of rugged surfaces, a campaign saved with the plain kernel resuming, and
-a rugged campaign through the MCP tools."""
+a rugged campaign through the MCP tools over streamable HTTP (the current protocol), which a
+second principal cannot read."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from fastmcp import Client
 
-from orchestrator.engine import Engine
 from orchestrator.payloads.surfaces import SURFACES, Surface
 from steering.kernels import PLAIN, TWO_SCALE, two_scale, two_scale_grad
 from steering.optimizer import RUGGED_SHARE, Optimizer
 from steering.spec import parse_spec
-from tests.test_steering import alice, eng, finished, server, structured
-
-__all__ = ["alice", "eng", "server"]  # fixtures
-
-
-def _spec(surface: Surface, evaluations: int = 100) -> Any:
-    return parse_spec(
-        {
-            "objective": {"service": "sim-instrument", "parameters": {"surface": surface.name}},
-            "space": [
-                {"name": f"x{i + 1}", "low": lo, "high": hi}
-                for i, (lo, hi) in enumerate(surface.bounds)
-            ],
-            "budget": {"evaluations": evaluations},
-        }
-    )
+from tests.mcp_helpers import CURRENT, assert_tool_error, run_http_server, sdk_client, structured
 
 
 def _told(surface: Surface, n: int) -> Optimizer:
-    opt = Optimizer(_spec(surface), 0)
+    spec = {
+        "objective": {"service": "sim-instrument", "parameters": {"surface": surface.name}},
+        "space": surface.space(),
+        "budget": {"evaluations": 100},
+    }
+    opt = Optimizer(parse_spec(spec), 0)
     points = opt.space.decode(opt.space.sobol(n, np.random.default_rng(1)))
     values = [surface([p[f"x{i + 1}"] for i in range(surface.dim)]) for p in points]
     opt.tell(points, values, [1e-4] * n)
@@ -68,7 +58,7 @@ def test_the_gradient_is_the_kernels_derivative() -> None:
 def test_on_a_smooth_surface_the_ripples_train_down_to_nothing(name: str) -> None:
     opt = _told(SURFACES[name], 30)
     job = opt.training_due()
-    assert job is not None and list(job.init) == [TWO_SCALE]
+    assert job is not None and job.kernel == TWO_SCALE
     opt.train_now(job)
     assert opt.kernel == TWO_SCALE
     assert _share(opt) < 1e-3
@@ -106,7 +96,7 @@ def test_a_campaign_saved_with_the_plain_kernel_resumes_then_trains_two_scale() 
     job = opt.training_due()
     assert job is not None
     # training starts from the plain hyperparameters, the ripples at their defaults
-    assert job.init[TWO_SCALE][:3] == [1.0, 0.4, 0.5]
+    assert job.kernel == TWO_SCALE and job.init[:3] == [1.0, 0.4, 0.5] and len(job.init) == 5
     opt.train_now(job)
     assert opt.kernel == TWO_SCALE and opt.state()["kernel"] == TWO_SCALE
     assert len(opt.state()["hyperparameters"]) == 5
@@ -117,24 +107,35 @@ def test_a_campaign_saved_with_the_plain_kernel_resumes_then_trains_two_scale() 
     assert fresh.kernel == TWO_SCALE and fresh.hyperparameters is None
 
 
-async def test_a_rugged_campaign_reports_its_ripples_over_mcp(
-    eng: Engine, alice: Client[Any], home: Path
-) -> None:
+async def test_a_rugged_campaign_reports_its_ripples_over_streamable_http(tmp_path: Path) -> None:
     spec = {
         "objective": {
             "service": "sim-instrument",
             "parameters": {"surface": "rastrigin", "duration_s": 0.01, "records": 1},
             "goal": "minimise",
         },
-        "space": [{"name": f"x{i}", "low": -5.12, "high": 5.12} for i in (1, 2, 3)],
+        "space": SURFACES["rastrigin"].space(),
         "budget": {"evaluations": 24},
         "batch_size": 3,
         "seed": 1,
     }
-    cid = structured(await alice.call_tool("start_campaign", spec))["id"]
-    view = await finished(alice, cid)
-    assert view["state"] == "completed" and view["progress"]["succeeded"] == 24, view
-    hp = view["posterior"]["hyperparameters"]
-    assert hp["kernel"] == TWO_SCALE
-    assert hp["fine_signal_variance"] > RUGGED_SHARE * hp["signal_variance"], hp
-    assert 0.005 <= hp["fine_length_fraction"] <= 0.15
+    async with run_http_server(tmp_path / "home") as srv:
+        async with sdk_client(srv.mcp_url, srv.token("alice"), mode=CURRENT) as alice:
+            assert alice.protocol_version == CURRENT
+            cid = structured(await alice.call_tool("start_campaign", spec))["id"]
+            deadline = time.monotonic() + 180
+            while True:
+                view = structured(await alice.call_tool("get_campaign", {"campaign_id": cid}))
+                if (view["state"] != "running" and not view["active"]) or (
+                    time.monotonic() > deadline
+                ):
+                    break
+                await asyncio.sleep(0.3)
+        assert view["state"] == "completed" and view["progress"]["succeeded"] == 24, view
+        hp = view["posterior"]["hyperparameters"]
+        assert hp["kernel"] == TWO_SCALE
+        assert hp["fine_signal_variance"] > RUGGED_SHARE * hp["signal_variance"], hp
+        assert 0.005 <= hp["fine_length_fraction"] <= 0.15
+        async with sdk_client(srv.mcp_url, srv.token("bob"), mode=CURRENT) as bob:
+            res = await bob.call_tool("get_campaign", {"campaign_id": cid})
+            assert_tool_error(res, "not_found", "campaign_id")

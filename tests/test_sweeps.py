@@ -31,6 +31,7 @@ from tests.mcp_helpers import (
     sdk_client,
     serve_asgi,
     structured,
+    webhook_receiver,
 )
 from tests.test_steering import branin_spec
 
@@ -169,23 +170,12 @@ async def test_a_walltime_warning_reaches_the_bus_and_a_signed_webhook(
 ) -> None:
     got: list[tuple[bytes, str]] = []
 
-    async def receiver(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        sig = dict(scope["headers"]).get(b"x-sciorch-signature", b"").decode()
-        got.append((body, sig))
-        status = 503 if len(got) == 1 else 204  # the first delivery fails: it is retried
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    def answer(body: bytes, headers: dict[bytes, bytes]) -> int:
+        got.append((body, headers.get(b"x-sciorch-signature", b"").decode()))
+        return 503 if len(got) == 1 else 204  # the first delivery fails: it is retried
 
     secret = "s3cret-s3cret-s3cret"
-    async with serve_asgi(receiver, free_socket()) as url:
+    async with serve_asgi(webhook_receiver(answer), free_socket()) as url:
         eng = await open_engine(home, catalogue, warning_lead_s=30)
         try:
             event = await eng.create_event(ALICE, "beam", webhook_url=url + "/hook")

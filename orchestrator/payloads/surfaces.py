@@ -30,6 +30,13 @@ class Surface:
             raise ValueError(f"{self.name} takes {self.dim} coordinates, got {len(x)}")
         return float(self.fn(x))
 
+    def space(self) -> list[dict[str, float | str]]:
+        """A campaign's space over this surface's domain, named as the simulated instrument
+        names its coordinates (x1, x2, ...)."""
+        return [
+            {"name": f"x{i + 1}", "low": lo, "high": hi} for i, (lo, hi) in enumerate(self.bounds)
+        ]
+
     def contains(self, x: Sequence[float]) -> bool:
         if len(x) != self.dim:
             return False
